@@ -1,0 +1,239 @@
+//! `hands doctor`: the kernel features hands relies on, whether this host has
+//! them, and what the worker does about each; then a live probe that opens a
+//! session and runs `/bin/true` in it. Exits non-zero when a required feature is
+//! missing or the probe fails.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use crate::sandbox::cgroup::{CgroupVersion, Cgroups};
+use crate::sandbox::landlock::{LandlockFeature, FULL_ABI};
+use crate::sandbox::{seccomp, sys};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip the live session probe.
+    #[arg(long)]
+    no_probe: bool,
+}
+
+/// One row of the report.
+pub struct Check {
+    pub feature: &'static str,
+    pub ok: bool,
+    pub required: bool,
+    pub status: String,
+    pub action: String,
+}
+
+/// The checks, without printing (tests use them to decide what the kernel has).
+pub fn checks() -> Vec<Check> {
+    let mut out = Vec::new();
+    let root = nix::unistd::geteuid().is_root();
+    out.push(Check {
+        feature: "root",
+        ok: root,
+        required: true,
+        status: if root { "euid 0".into() } else { format!("euid {}", nix::unistd::geteuid()) },
+        action: "the worker builds namespaces, mounts and cgroups for each session, then drops every session to its own unprivileged uid".into(),
+    });
+
+    let (ok, status, action) = match sys::landlock_abi() {
+        Ok(abi) => {
+            let missing = LandlockFeature::missing_at(abi);
+            let names: Vec<&str> = missing.iter().map(|f| f.name()).collect();
+            (
+                true,
+                format!("ABI {abi}"),
+                if missing.is_empty() {
+                    format!("every session is landlocked with all ABI {abi} rights (fs, refer, truncate, TCP, ioctl, signal/socket scopes{})", if abi >= 7 { ", audit of exec'd programs" } else { "" })
+                } else {
+                    format!("sessions refuse to start unless their policy allows: {} (full enforcement needs ABI {FULL_ABI})", names.join(", "))
+                },
+            )
+        }
+        Err(e) => (
+            false,
+            format!("unavailable: {e}"),
+            "no environment is offered: sessions fail closed".into(),
+        ),
+    };
+    out.push(Check {
+        feature: "landlock",
+        ok,
+        required: true,
+        status,
+        action,
+    });
+
+    let seccomp_ok = Path::new("/proc/self/status").exists()
+        && std::fs::read_to_string("/proc/self/status")
+            .map(|s| s.contains("Seccomp:"))
+            .unwrap_or(false)
+        && seccomp::programs().is_ok();
+    out.push(Check {
+        feature: "seccomp",
+        ok: seccomp_ok,
+        required: true,
+        status: if seccomp_ok {
+            "filter mode".into()
+        } else {
+            "unavailable".into()
+        },
+        action: format!(
+            "{} deny rules (EPERM) installed in every session, plus no_new_privs",
+            seccomp::denied_count()
+        ),
+    });
+
+    for (ns, why) in [
+        (
+            "mnt",
+            "private root: only the policy's read-only paths, /workspace, private /tmp",
+        ),
+        (
+            "pid",
+            "session processes see only each other; closing kills them all",
+        ),
+        ("net", "only loopback; nothing outside is routable"),
+        ("ipc", "no shared SysV IPC with the host"),
+        ("uts", "own hostname"),
+        (
+            "user",
+            "describes the idmapped workspace mount (no process runs in it)",
+        ),
+    ] {
+        let ok = Path::new("/proc/self/ns").join(ns).exists();
+        out.push(Check {
+            feature: match ns {
+                "mnt" => "mount namespace",
+                "pid" => "pid namespace",
+                "net" => "network namespace",
+                "ipc" => "ipc namespace",
+                "uts" => "uts namespace",
+                _ => "user namespace",
+            },
+            ok,
+            required: true,
+            status: if ok {
+                "available".into()
+            } else {
+                "missing".into()
+            },
+            action: why.into(),
+        });
+    }
+
+    match Cgroups::detect() {
+        Ok(c) => out.push(Check {
+            feature: "cgroups",
+            ok: true,
+            required: true,
+            status: match c.version() {
+                CgroupVersion::V1 => "v1: memory, pids, cpu, freezer".into(),
+                CgroupVersion::V2 => "v2: memory, pids, cpu".into(),
+            },
+            action: "per-session memory, pids and CPU limits; the whole tree is killed at timeout and close".into(),
+        }),
+        Err(e) => out.push(Check {
+            feature: "cgroups",
+            ok: false,
+            required: true,
+            status: e.to_string(),
+            action: "no environment is offered".into(),
+        }),
+    }
+
+    let openat2 = nix::fcntl::openat2(
+        nix::fcntl::AT_FDCWD,
+        "/",
+        nix::fcntl::OpenHow::new().flags(nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC),
+    )
+    .is_ok();
+    out.push(Check {
+        feature: "openat2",
+        ok: openat2,
+        required: true,
+        status: if openat2 {
+            "available".into()
+        } else {
+            "missing (kernel < 5.6)".into()
+        },
+        action:
+            "file tools never re-follow a symlink after resolving a path (no check-then-use race)"
+                .into(),
+    });
+    let pidfd = sys::pidfd_open(std::process::id() as i32).is_ok();
+    out.push(Check {
+        feature: "pidfd",
+        ok: pidfd,
+        required: true,
+        status: if pidfd {
+            "available".into()
+        } else {
+            "missing (kernel < 5.3)".into()
+        },
+        action: "session helpers are signalled without pid-reuse races".into(),
+    });
+    out
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let checks = checks();
+    let mut failed = false;
+    println!(
+        "{:<18} {:<6} {:<34} what hands does",
+        "feature", "", "status"
+    );
+    for c in &checks {
+        let mark = if c.ok {
+            "ok"
+        } else if c.required {
+            "FAIL"
+        } else {
+            "warn"
+        };
+        failed |= !c.ok && c.required;
+        println!(
+            "{:<18} {:<6} {:<34} {}",
+            c.feature, mark, c.status, c.action
+        );
+    }
+    if !args.no_probe && !failed {
+        let rt = super::runtime()?;
+        let probe = rt.block_on(async {
+            let t = Instant::now();
+            let s = super::open_session("default", &super::policy_dirs(&[]), None).await?;
+            let opened = t.elapsed();
+            let r = s
+                .call("bash", &serde_json::json!({"command": "/bin/true"}))
+                .await;
+            let report = s.confinement().clone();
+            s.close().await?;
+            anyhow::ensure!(!r.is_error, "bash /bin/true failed: {}", r.text_content());
+            Ok::<_, anyhow::Error>((opened, report))
+        });
+        match probe {
+            Ok((opened, report)) => println!(
+                "{:<18} {:<6} {:<34} opened in {:.1} ms as uid {}, landlock ABI {}, caps {:#x}",
+                "session probe",
+                "ok",
+                "default environment",
+                opened.as_secs_f64() * 1000.0,
+                report.uid,
+                report.landlock.abi,
+                report.effective_caps
+            ),
+            Err(e) => {
+                failed = true;
+                println!("{:<18} {:<6} {:#}", "session probe", "FAIL", e);
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,81 @@
+//! `hands exec --env NAME [--workspace DIR] -- CMD…`: run a command (no shell) in
+//! a fresh session, relay its stdin, stdout and stderr, and exit with its status.
+//! Output is relayed through pipes, never by handing the sandbox our terminal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::pipe;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Environment (policy) to run in.
+    #[arg(long, default_value = "default")]
+    env: String,
+    /// Host directory mounted at /workspace (default: a fresh empty one).
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+    /// Kill the command and everything it started after this many seconds
+    /// (exit status 124). Default: the environment's call timeout.
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// The command and its arguments.
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
+}
+
+fn pipe_pair() -> anyhow::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")
+}
+
+pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let rt = super::runtime()?;
+    let code = rt.block_on(async {
+        let session = super::open_session(&args.env, dirs, args.workspace).await?;
+        let timeout = match args.timeout {
+            Some(s) if s > 0.0 => Duration::from_secs_f64(s),
+            _ => session.policy().limits.call_timeout,
+        };
+        let (in_r, in_w) = pipe_pair()?;
+        let (out_r, out_w) = pipe_pair()?;
+        let (err_r, err_w) = pipe_pair()?;
+        let run = session.exec(args.command.clone(), [in_r, out_w, err_w], Some(timeout));
+        let mut out = pipe::Receiver::from_owned_fd(out_r)?;
+        let mut err = pipe::Receiver::from_owned_fd(err_r)?;
+        let mut stdin_w = pipe::Sender::from_owned_fd(in_w)?;
+        let relay_out = async {
+            let mut o = tokio::io::stdout();
+            let _ = tokio::io::copy(&mut out, &mut o).await;
+            let _ = o.flush().await;
+        };
+        let relay_err = async {
+            let mut e = tokio::io::stderr();
+            let _ = tokio::io::copy(&mut err, &mut e).await;
+            let _ = e.flush().await;
+        };
+        // stdin is relayed on a detached task: a command that never reads it must
+        // not keep us waiting.
+        tokio::spawn(async move {
+            let mut i = tokio::io::stdin();
+            let _ = tokio::io::copy(&mut i, &mut stdin_w).await;
+        });
+        let (status, (), ()) = tokio::join!(run, relay_out, relay_err);
+        let status = status?;
+        session.close().await.context("closing the session")?;
+        Ok::<_, anyhow::Error>(match status {
+            Some(code) => code,
+            None => {
+                eprintln!(
+                    "hands: command timed out after {:?}; killed it and everything it started",
+                    timeout
+                );
+                124
+            }
+        })
+    })?;
+    // Exit now: the stdin relay may still block on a terminal read.
+    std::process::exit(code.clamp(0, 255));
+}

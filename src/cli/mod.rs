@@ -1,0 +1,65 @@
+//! One module per subcommand. `anyhow` lives here, at the binary's edge.
+
+pub mod doctor;
+pub mod exec;
+pub mod policy;
+pub mod tool;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::policy::Policy;
+use crate::sandbox::SandboxConfig;
+use crate::session::{Session, SessionOptions};
+
+/// Logs to stderr, filtered by `HANDS_LOG` (default `warn`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HANDS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Where policies are looked up: flags, `$HANDS_POLICY_DIR`, `/etc/hands/policies`
+/// (the built-in policies come last, inside `policy::find`).
+pub fn policy_dirs(flags: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs = flags.to_vec();
+    if let Some(d) = std::env::var_os("HANDS_POLICY_DIR") {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.push(PathBuf::from("/etc/hands/policies"));
+    dirs
+}
+
+/// A runtime for one-shot commands.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Opens a session of environment `env` on `workspace` (or a fresh one).
+pub async fn open_session(
+    env: &str,
+    dirs: &[PathBuf],
+    workspace: Option<PathBuf>,
+) -> anyhow::Result<Session> {
+    let policy: Policy =
+        crate::policy::find(env, dirs).with_context(|| format!("environment {env:?}"))?;
+    let cfg = SandboxConfig::from_env().context("sandbox configuration")?;
+    Session::open(
+        &cfg,
+        SessionOptions {
+            policy: Arc::new(policy),
+            workspace,
+        },
+    )
+    .await
+    .with_context(|| format!("opening a session in environment {env:?}"))
+}

@@ -1,0 +1,40 @@
+//! `hands tool --env NAME [--workspace DIR] TOOL 'JSON'`: one tool call in a fresh
+//! session, the result printed as JSON (`{"content": [...], "is_error": bool}`).
+//! Exit status: 0 for a successful result, 1 for a result with `is_error`, 2 when
+//! the call could not be made at all.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Environment (policy) to run in.
+    #[arg(long, default_value = "default")]
+    env: String,
+    /// Host directory mounted at /workspace (default: a fresh empty one).
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+    /// bash, read, write, edit, glob or grep.
+    tool: String,
+    /// The tool's input, as the JSON object of a `tool_use` block.
+    input: String,
+}
+
+pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let input: serde_json::Value =
+        serde_json::from_str(&args.input).context("the tool input is not valid JSON")?;
+    let rt = super::runtime()?;
+    rt.block_on(async {
+        let session = super::open_session(&args.env, dirs, args.workspace).await?;
+        let result = session.call(&args.tool, &input).await;
+        session.close().await.context("closing the session")?;
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        Ok(if result.is_error {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        })
+    })
+}

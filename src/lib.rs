@@ -1,0 +1,11 @@
+//! hands: the self-hosted hands of an AI agent.
+//!
+//! Data flows one way: connector → sessions → sandbox → tools, results back up
+//! the same path. The crate's only `unsafe` lives in [`sandbox::sys`].
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod policy;
+pub mod sandbox;
+pub mod session;
+pub mod tools;

@@ -1,0 +1,71 @@
+//! The `hands` binary: command-line parsing and dispatch only.
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "hands",
+    version,
+    about = "The self-hosted hands of an AI agent: every tool call confined"
+)]
+struct Cli {
+    /// Directory of environment policies (<name>.toml); repeatable. Also
+    /// $HANDS_POLICY_DIR, then /etc/hands/policies, then the built-in policies.
+    #[arg(long, global = true)]
+    policy_dir: Vec<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a command in a fresh session of an environment, stream its output,
+    /// exit with its status.
+    Exec(hands::cli::exec::Args),
+    /// Run one tool call in a fresh session and print the result as JSON.
+    Tool(hands::cli::tool::Args),
+    /// Show the kernel features hands relies on and what it does about each.
+    Doctor(hands::cli::doctor::Args),
+    /// Environment policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files; exits non-zero if any is invalid.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    // The session helper stage is selected before any parsing: it must start
+    // fast and must not depend on argv beyond this marker.
+    if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(hands::sandbox::helper::ARG)) {
+        hands::sandbox::helper::main();
+    }
+    hands::cli::init_logging();
+    let cli = Cli::parse();
+    let dirs = hands::cli::policy_dirs(&cli.policy_dir);
+    let result = match cli.command {
+        Command::Exec(args) => hands::cli::exec::run(args, &dirs),
+        Command::Tool(args) => hands::cli::tool::run(args, &dirs),
+        Command::Doctor(args) => hands::cli::doctor::run(args),
+        Command::Policy(PolicyCommand::Check { files }) => {
+            hands::cli::policy::check(&files).map(|()| ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hands: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,1075 @@
+//! Environment policies: `policies/<name>.toml` parsed, validated once, and trusted.
+//!
+//! An *environment* is what a brain chooses when it opens a session; its policy is the
+//! local authority on what a session in it may see and use, and a brain can never
+//! widen it. Each environment is one file, `<name>.toml`, and the file stem is the
+//! environment name (`[a-z0-9][a-z0-9_-]*`, at most 64 characters, because it ends
+//! up in cgroup and directory names). Nothing but this module reads policy TOML: a file
+//! goes into the serde types of [`raw`] (unknown keys rejected at every level), then
+//! [`Policy::from_toml_str`] checks every value once and the rest of the crate trusts
+//! the resulting [`Policy`].
+//!
+//! Lookup ([`find`]): `<dir>/<name>.toml` in each configured directory in order, then
+//! the policies compiled into the binary (`default`, `strict`, `build`, the files of
+//! `policies/`), so `hands exec --env default` works on a fresh machine. A local file
+//! that exists but is invalid is an error, never a silent fall-back to the built-in.
+//!
+//! # Schema
+//!
+//! Every key is required unless marked optional. Sizes are a TOML integer (bytes) or a
+//! string with a binary unit: `"512KiB"`, `"256MiB"`, `"1GiB"`, `"1TiB"`; decimal
+//! units (`KB`, `MB`, `GB`) are rejected as ambiguous (see [`units`]). Durations are
+//! strings with `ms`, `s` or `m`: `"500ms"`, `"120s"`, `"5m"`.
+//!
+//! ```toml
+//! description = "..."        # optional, free text shown by `hands policy check`
+//!
+//! [filesystem]
+//! read_only = ["/usr", "/etc"]  # host paths visible read-only (and executable)
+//! tmp_size = "256MiB"           # size of the session's private tmpfs at /tmp, >= 1 MiB
+//!
+//! [network]
+//! mode = "loopback"          # "none" | "loopback"
+//!
+//! [limits]
+//! memory = "1GiB"            # cgroup memory limit of the whole session, >= 16 MiB
+//! pids = 512                 # cgroup pids limit of the whole session, >= 16
+//! cpu = 1.0                  # CPU cores as a CFS quota, > 0 and <= 1024
+//! output_bytes = 102400      # bash output kept per call, and grep output; 1 KiB..=64 MiB
+//! file_bytes = 262144        # text cap of read and edit; 1 KiB..=64 MiB
+//! bash_timeout = "120s"      # bash timeout when the call gives no timeout_ms, > 0
+//! call_timeout = "150s"      # hard cap of any tool call, > bash_timeout
+//!
+//! [tools]
+//! enabled = ["bash", "read", "write", "edit", "glob", "grep"]  # non-empty, no duplicates
+//!
+//! [env]                      # optional: NAME = "value" for processes in the sandbox
+//! LANG = "C.UTF-8"
+//!
+//! [sandbox]                  # optional
+//! allow_degraded = []        # kernel features the operator accepts running without
+//! ```
+//!
+//! Rules that are not obvious from the table:
+//!
+//! - `filesystem.read_only`: absolute, written in normal form (no `.`, `..`, `//` or
+//!   trailing `/`; the error shows the normal form), no duplicates, not `/`, and not
+//!   equal to, inside or above a path the sandbox mounts itself: `/proc`, `/sys`,
+//!   `/dev`, `/tmp` and the workspace mount point `/workspace`. Validation is lexical:
+//!   policies are checked on machines other than the one that runs them, so a path
+//!   need not exist (`/lib64` is absent on arm64). Host symlinks such as Debian's
+//!   `/bin -> usr/bin` are listed as-is; the sandbox recreates them.
+//! - `network.mode`: `"none"` — no network namespace interface at all and landlock
+//!   denies every TCP bind and connect; `"loopback"` — the session's own network
+//!   namespace with only `lo` up, so a process may serve and reach itself, nothing
+//!   else. Egress through the allowlist proxy (DESIGN §4) will be a third mode.
+//! - `limits.call_timeout` must be strictly greater than `limits.bash_timeout`: with
+//!   equal deadlines the two race and the model sees either bash's own
+//!   `bash command timed out` or the runner's `tool 'bash' timed out` (the SDK keeps
+//!   the same 30 s margin, 120 s vs 150 s, for the same reason).
+//! - `limits.output_bytes` and `limits.file_bytes` have an upper bound because the
+//!   worker buffers that much per call; without one a policy could defeat the flat
+//!   worker memory DESIGN §2 promises.
+//! - `env`: names match `[A-Za-z_][A-Za-z0-9_]*`; values contain no NUL. Reserved (the
+//!   worker sets them and a policy must not override them): `PS1`, `PS2`, `TERM` (the
+//!   bash tool's output framing depends on them), the proxy variables `HTTP_PROXY`,
+//!   `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY` in either case (owned by the egress layer),
+//!   and every `ANTHROPIC_*` name (the SDK worker never lets those reach a tool
+//!   process; credentials belong in the vault, not in a policy). `PATH` and `HOME`
+//!   are allowed and replace the sandbox's defaults.
+//! - `sandbox.allow_degraded`: names from [`Degradation`]; unknown names are
+//!   rejected. Empty (the default) means fail closed: an environment whose
+//!   confinement the kernel cannot fully enforce is not offered.
+
+mod raw;
+pub mod units;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::tools::Tool;
+use raw::{RawDuration, RawLimits, RawPolicy, RawSize};
+
+/// A validated environment policy. Every field has passed the checks of the module
+/// doc; consumers use the values as they are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// The environment name (the file stem).
+    pub name: String,
+    pub description: Option<String>,
+    pub filesystem: Filesystem,
+    pub network: Network,
+    pub limits: Limits,
+    pub tools: BTreeSet<Tool>,
+    /// Extra variables for processes in the sandbox, applied over the defaults.
+    pub env: BTreeMap<String, String>,
+    pub allow_degraded: BTreeSet<Degradation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filesystem {
+    /// Absolute, normalised host paths exposed read-only and executable, in file order.
+    pub read_only: Vec<PathBuf>,
+    /// Size of the private tmpfs at `/tmp`, in bytes.
+    pub tmp_size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    pub mode: NetworkMode,
+}
+
+/// How much network a session has. Deserialised directly: serde's "unknown variant,
+/// expected `none` or `loopback`" already says everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// No TCP bind or connect at all (landlock), and no interface but a down `lo`.
+    None,
+    /// A private network namespace with only `lo` up.
+    Loopback,
+}
+
+impl NetworkMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            NetworkMode::None => "none",
+            NetworkMode::Loopback => "loopback",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// cgroup memory limit of the whole session (tmpfs pages included: they are charged
+    /// to the cgroup of the process that writes them).
+    pub memory_bytes: u64,
+    /// cgroup pids limit of the whole session.
+    pub pids: u64,
+    /// CPU cores, as a CFS quota over the period.
+    pub cpu: f64,
+    /// bash output kept per call (the tail) and grep output.
+    pub output_bytes: usize,
+    /// Text cap of read and edit.
+    pub file_bytes: u64,
+    /// bash timeout when a call gives no `timeout_ms`.
+    pub bash_timeout: Duration,
+    /// Hard cap of any tool call; always greater than `bash_timeout`.
+    pub call_timeout: Duration,
+}
+
+/// A confinement feature the operator accepts losing when the kernel lacks it. Each
+/// names one landlock ABI step; what still holds without it is on the variant. The
+/// vocabulary is deliberately small: a missing namespace, cgroup controller or
+/// landlock itself cannot be waived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Degradation {
+    /// Landlock ABI < 3: truncation is not a separate right, so a file the session
+    /// can open for writing by DAC but not by landlock could still be truncated.
+    LandlockTruncate,
+    /// Landlock ABI < 4: no TCP bind/connect rules. The network namespace still
+    /// confines: with `mode = "none"` or `"loopback"` nothing outside is routable.
+    LandlockNet,
+    /// Landlock ABI < 5: ioctls on device files are not restricted. Only `/dev`
+    /// nodes the sandbox itself creates are reachable.
+    LandlockIoctl,
+    /// Landlock ABI < 6: no scoping of abstract unix sockets and signals. The pid
+    /// namespace and distinct uids still keep sessions from signalling each other.
+    LandlockScope,
+}
+
+impl Degradation {
+    pub const ALL: [Degradation; 4] = [
+        Degradation::LandlockTruncate,
+        Degradation::LandlockNet,
+        Degradation::LandlockIoctl,
+        Degradation::LandlockScope,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Degradation::LandlockTruncate => "landlock-truncate",
+            Degradation::LandlockNet => "landlock-net",
+            Degradation::LandlockIoctl => "landlock-ioctl",
+            Degradation::LandlockScope => "landlock-scope",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Degradation> {
+        Degradation::ALL.into_iter().find(|d| d.name() == name)
+    }
+}
+
+impl fmt::Display for Degradation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a policy could not be loaded. Every variant about a file carries its path; a
+/// bad value also carries the dotted key (`limits.memory`, `filesystem.read_only[2]`).
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// TOML syntax, a missing or unknown key, or a value of the wrong type; toml's
+    /// message carries the line, column and key.
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{}: {key}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("{}environment name `{name}` is invalid: it must match [a-z0-9][a-z0-9_-]* and be at most {MAX_NAME_LEN} characters", path_prefix(.path.as_deref()))]
+    Name { path: Option<PathBuf>, name: String },
+    #[error("{}: a policy file must be named <environment>.toml", path.display())]
+    FileName { path: PathBuf },
+    #[error("no policy for environment `{name}`: no {name}.toml in {} and no built-in policy of that name (built in: {})", display_dirs(searched), BUILTIN.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "))]
+    NotFound {
+        name: String,
+        searched: Vec<PathBuf>,
+    },
+}
+
+fn path_prefix(path: Option<&Path>) -> String {
+    path.map(|p| format!("{}: ", p.display()))
+        .unwrap_or_default()
+}
+
+fn display_dirs(dirs: &[PathBuf]) -> String {
+    if dirs.is_empty() {
+        return "(no policy directories)".to_string();
+    }
+    dirs.iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+type Result<T, E = PolicyError> = std::result::Result<T, E>;
+
+const MAX_NAME_LEN: usize = 64;
+
+/// The policies compiled into the binary, so a fresh machine has working environments.
+const BUILTIN: [(&str, &str); 3] = [
+    ("default", include_str!("../../policies/default.toml")),
+    ("strict", include_str!("../../policies/strict.toml")),
+    ("build", include_str!("../../policies/build.toml")),
+];
+
+/// Paths the sandbox mounts itself; a read-only host path on, in or above one of them
+/// would shadow or expose what the sandbox puts there.
+const RESERVED_PATHS: [&str; 5] = ["/proc", "/sys", "/dev", "/tmp", "/workspace"];
+
+const MIN_MEMORY: u64 = 16 << 20;
+const MIN_TMP: u64 = 1 << 20;
+const MIN_PIDS: u64 = 16;
+const MAX_CPU: f64 = 1024.0;
+const MIN_BUFFER: u64 = 1 << 10;
+const MAX_BUFFER: u64 = 64 << 20;
+
+/// Names the worker sets itself (see the module doc for why each is reserved).
+const RESERVED_ENV: [&str; 11] = [
+    "PS1",
+    "PS2",
+    "TERM",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+];
+
+/// True when `name` is a valid environment name; path separators, dots and upper case
+/// are excluded so a name can never walk out of a policy directory.
+pub fn is_valid_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'0'..=b'9'))
+        && name.len() <= MAX_NAME_LEN
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+}
+
+impl Policy {
+    /// Parses and validates the policy of environment `name` from `text`; `path` is
+    /// only used in error messages.
+    pub fn from_toml_str(name: &str, text: &str, path: &Path) -> Result<Policy> {
+        if !is_valid_name(name) {
+            return Err(PolicyError::Name {
+                path: Some(path.to_path_buf()),
+                name: name.to_string(),
+            });
+        }
+        let raw: RawPolicy = toml::from_str(text).map_err(|source| PolicyError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        Validator { path }.policy(name, raw)
+    }
+
+    /// Loads `<dir>/<name>.toml`; the environment name is the file stem.
+    pub fn load(path: &Path) -> Result<Policy> {
+        let name = match (path.file_stem(), path.extension()) {
+            (Some(stem), Some(ext)) if ext == "toml" => stem.to_string_lossy(),
+            _ => {
+                return Err(PolicyError::FileName {
+                    path: path.to_path_buf(),
+                })
+            }
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Policy::from_toml_str(&name, &text, path)
+    }
+}
+
+/// The environments of one directory (or the built-in ones), by name.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    policies: BTreeMap<String, Policy>,
+}
+
+impl PolicySet {
+    /// Loads every `*.toml` file of `dir` (not recursive), skipping hidden files
+    /// (editor locks such as `.#default.toml`). Any other invalid file fails the whole
+    /// load: an environment silently missing is worse than a worker that refuses to
+    /// start with a clear message. Files are validated in name order so the error
+    /// reported is deterministic.
+    pub fn load_dir(dir: &Path) -> Result<PolicySet> {
+        let read_dir_error = |source| PolicyError::Read {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut paths = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(read_dir_error)? {
+            let path = entry.map_err(read_dir_error)?.path();
+            let hidden = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if !hidden && path.extension().is_some_and(|e| e == "toml") {
+                paths.push(path);
+            }
+        }
+        paths.sort();
+        let mut set = PolicySet::default();
+        for path in paths {
+            let policy = Policy::load(&path)?;
+            set.policies.insert(policy.name.clone(), policy);
+        }
+        Ok(set)
+    }
+
+    /// The policies compiled into the binary.
+    pub fn builtin() -> PolicySet {
+        let policies = BUILTIN
+            .iter()
+            .map(|(name, _)| {
+                // Every built-in policy is parsed by the unit tests, so this cannot fail
+                // in a tested build.
+                let policy = builtin(name)
+                    .and_then(Result::ok)
+                    .expect("built-in policy is valid");
+                (policy.name.clone(), policy)
+            })
+            .collect();
+        PolicySet { policies }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Policy> {
+        self.policies.get(name)
+    }
+
+    /// The policies in name order.
+    pub fn iter(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+}
+
+/// The policy of environment `name`: the first `<dir>/<name>.toml` among `dirs`,
+/// else the built-in policy of that name.
+pub fn find(name: &str, dirs: &[PathBuf]) -> Result<Policy> {
+    // Checked before any path is built from it: `../x` or `/etc/x` must never reach
+    // the filesystem.
+    if !is_valid_name(name) {
+        return Err(PolicyError::Name {
+            path: None,
+            name: name.to_string(),
+        });
+    }
+    for dir in dirs {
+        let path = dir.join(format!("{name}.toml"));
+        match std::fs::read_to_string(&path) {
+            Ok(text) => return Policy::from_toml_str(name, &text, &path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(PolicyError::Read { path, source }),
+        }
+    }
+    builtin(name).unwrap_or_else(|| {
+        Err(PolicyError::NotFound {
+            name: name.to_string(),
+            searched: dirs.to_vec(),
+        })
+    })
+}
+
+/// The built-in policy `name`, if there is one.
+fn builtin(name: &str) -> Option<Result<Policy>> {
+    let (_, text) = BUILTIN.iter().find(|(n, _)| *n == name)?;
+    let path = PathBuf::from(format!("(built in) policies/{name}.toml"));
+    Some(Policy::from_toml_str(name, text, &path))
+}
+
+/// Turns raw values into validated ones; carries the file path for every error.
+struct Validator<'a> {
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn error(&self, key: impl Into<String>, message: impl Into<String>) -> PolicyError {
+        PolicyError::Invalid {
+            path: self.path.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Validates in the order the keys appear in a file, so the first error reported
+    /// is the first one a reader meets.
+    fn policy(&self, name: &str, raw: RawPolicy) -> Result<Policy> {
+        let filesystem = Filesystem {
+            read_only: self.read_only(&raw.filesystem.read_only)?,
+            tmp_size: self.size(
+                "filesystem.tmp_size",
+                &raw.filesystem.tmp_size,
+                MIN_TMP,
+                u64::MAX,
+            )?,
+        };
+        Ok(Policy {
+            name: name.to_string(),
+            description: raw.description,
+            filesystem,
+            network: Network {
+                mode: raw.network.mode,
+            },
+            limits: self.limits(&raw.limits)?,
+            tools: self.tools(&raw.tools.enabled)?,
+            env: self.env(raw.env)?,
+            allow_degraded: self.degradations(&raw.sandbox.allow_degraded)?,
+        })
+    }
+
+    fn limits(&self, raw: &RawLimits) -> Result<Limits> {
+        let memory_bytes = self.size("limits.memory", &raw.memory, MIN_MEMORY, u64::MAX)?;
+        if raw.pids < MIN_PIDS {
+            return Err(self.error("limits.pids", format!("must be at least {MIN_PIDS}")));
+        }
+        // Written so that NaN fails too (every comparison with NaN is false).
+        if !(raw.cpu > 0.0 && raw.cpu <= MAX_CPU) {
+            return Err(self.error(
+                "limits.cpu",
+                format!("must be greater than 0 and at most {MAX_CPU}"),
+            ));
+        }
+        let output_bytes = self.size(
+            "limits.output_bytes",
+            &raw.output_bytes,
+            MIN_BUFFER,
+            MAX_BUFFER,
+        )?;
+        let file_bytes = self.size("limits.file_bytes", &raw.file_bytes, MIN_BUFFER, MAX_BUFFER)?;
+        let bash_timeout = self.duration("limits.bash_timeout", &raw.bash_timeout)?;
+        let call_timeout = self.duration("limits.call_timeout", &raw.call_timeout)?;
+        if call_timeout <= bash_timeout {
+            return Err(self.error(
+                "limits.call_timeout",
+                format!(
+                    "must be greater than limits.bash_timeout ({}), or the two deadlines race",
+                    raw.bash_timeout.0.trim()
+                ),
+            ));
+        }
+        Ok(Limits {
+            memory_bytes,
+            pids: raw.pids,
+            cpu: raw.cpu,
+            // MAX_BUFFER (64 MiB) fits the usize of every target hands builds for.
+            output_bytes: usize::try_from(output_bytes).expect("bounded by MAX_BUFFER"),
+            file_bytes,
+            bash_timeout,
+            call_timeout,
+        })
+    }
+
+    fn size(&self, key: &str, raw: &RawSize, min: u64, max: u64) -> Result<u64> {
+        let bytes = match raw {
+            RawSize::Bytes(n) => {
+                u64::try_from(*n).map_err(|_| self.error(key, "must not be negative"))?
+            }
+            RawSize::Text(text) => units::parse_size(text).map_err(|m| self.error(key, m))?,
+        };
+        if bytes < min {
+            return Err(self.error(key, format!("must be at least {}", units::format_size(min))));
+        }
+        if bytes > max {
+            return Err(self.error(key, format!("must be at most {}", units::format_size(max))));
+        }
+        Ok(bytes)
+    }
+
+    fn duration(&self, key: &str, raw: &RawDuration) -> Result<Duration> {
+        let duration = units::parse_duration(&raw.0).map_err(|m| self.error(key, m))?;
+        if duration.is_zero() {
+            return Err(self.error(key, "must be greater than zero"));
+        }
+        Ok(duration)
+    }
+
+    fn read_only(&self, raw: &[String]) -> Result<Vec<PathBuf>> {
+        let mut paths: Vec<PathBuf> = Vec::with_capacity(raw.len());
+        for (i, text) in raw.iter().enumerate() {
+            let key = format!("filesystem.read_only[{i}]");
+            let path = read_only_path(text).map_err(|m| self.error(&key, m))?;
+            if paths.contains(&path) {
+                return Err(self.error(&key, format!("`{text}` is listed twice")));
+            }
+            paths.push(path);
+        }
+        Ok(paths)
+    }
+
+    fn tools(&self, raw: &[String]) -> Result<BTreeSet<Tool>> {
+        if raw.is_empty() {
+            return Err(self.error("tools.enabled", "must enable at least one tool"));
+        }
+        let mut tools = BTreeSet::new();
+        for (i, name) in raw.iter().enumerate() {
+            let key = format!("tools.enabled[{i}]");
+            let tool = Tool::from_name(name).ok_or_else(|| {
+                let known: Vec<_> = Tool::ALL.iter().map(|t| t.name()).collect();
+                self.error(
+                    &key,
+                    format!("unknown tool `{name}` (known: {})", known.join(", ")),
+                )
+            })?;
+            if !tools.insert(tool) {
+                return Err(self.error(&key, format!("`{name}` is listed twice")));
+            }
+        }
+        Ok(tools)
+    }
+
+    fn env(&self, raw: BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
+        for (name, value) in &raw {
+            let key = format!("env.{name}");
+            let mut bytes = name.bytes();
+            let well_formed = matches!(bytes.next(), Some(b'A'..=b'Z' | b'a'..=b'z' | b'_'))
+                && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !well_formed {
+                return Err(self.error(&key, "names must match [A-Za-z_][A-Za-z0-9_]*"));
+            }
+            if RESERVED_ENV.contains(&name.as_str()) || name.starts_with("ANTHROPIC_") {
+                return Err(self.error(&key, "is reserved: the worker sets it itself"));
+            }
+            if value.contains('\0') {
+                return Err(self.error(&key, "values must not contain NUL"));
+            }
+        }
+        Ok(raw)
+    }
+
+    fn degradations(&self, raw: &[String]) -> Result<BTreeSet<Degradation>> {
+        let mut set = BTreeSet::new();
+        for (i, name) in raw.iter().enumerate() {
+            let key = format!("sandbox.allow_degraded[{i}]");
+            let degradation = Degradation::from_name(name).ok_or_else(|| {
+                let known: Vec<_> = Degradation::ALL.iter().map(|d| d.name()).collect();
+                self.error(
+                    &key,
+                    format!("unknown degradation `{name}` (known: {})", known.join(", ")),
+                )
+            })?;
+            if !set.insert(degradation) {
+                return Err(self.error(&key, format!("`{name}` is listed twice")));
+            }
+        }
+        Ok(set)
+    }
+}
+
+/// Checks one `filesystem.read_only` entry; the message is for the caller to wrap.
+fn read_only_path(text: &str) -> Result<PathBuf, String> {
+    if text.contains('\0') {
+        return Err("must not contain NUL".to_string());
+    }
+    let path = Path::new(text);
+    if !path.is_absolute() {
+        return Err(format!("`{text}` is not an absolute path"));
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("`{text}` must not contain `..`"));
+    }
+    // `components()` drops `.`, repeated and trailing slashes: what it yields is the
+    // normal form. Requiring the file to spell it means every reader of the policy
+    // sees the same path the sandbox uses.
+    let normal: PathBuf = path.components().collect();
+    if normal.as_os_str() != path.as_os_str() {
+        return Err(format!(
+            "`{text}` is not in normal form; write it as `{}`",
+            normal.display()
+        ));
+    }
+    if normal == Path::new("/") {
+        return Err("must not be `/`: that would expose the whole host".to_string());
+    }
+    if let Some(reserved) = RESERVED_PATHS
+        .iter()
+        .map(Path::new)
+        .find(|r| normal.starts_with(r) || r.starts_with(&normal))
+    {
+        return Err(format!(
+            "`{text}` overlaps `{}`, which the sandbox mounts itself",
+            reserved.display()
+        ));
+    }
+    Ok(normal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid policy; tests replace one line of it to break exactly one thing.
+    const VALID: &str = r#"
+description = "test"
+[filesystem]
+read_only = ["/usr", "/etc"]
+tmp_size = "256MiB"
+[network]
+mode = "loopback"
+[limits]
+memory = "1GiB"
+pids = 512
+cpu = 1.0
+output_bytes = 102400
+file_bytes = 262144
+bash_timeout = "120s"
+call_timeout = "150s"
+[tools]
+enabled = ["bash", "read", "write", "edit", "glob", "grep"]
+"#;
+
+    const PATH: &str = "policies/x.toml";
+
+    fn parse(text: &str) -> Result<Policy> {
+        Policy::from_toml_str("x", text, Path::new(PATH))
+    }
+
+    /// `VALID` with the line starting with `prefix` replaced by `line`.
+    fn with_line(prefix: &str, line: &str) -> String {
+        let mut replaced = false;
+        let text = VALID
+            .lines()
+            .map(|l| {
+                if l.starts_with(prefix) && !replaced {
+                    replaced = true;
+                    line
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(replaced, "no line starts with {prefix:?}");
+        text
+    }
+
+    /// Asserts that `text` fails on `key` and that the message names file and key.
+    fn rejected(text: &str, key: &str, needle: &str) {
+        let error = parse(text).expect_err("policy should be rejected");
+        match &error {
+            PolicyError::Invalid { path, key: k, .. } => {
+                assert_eq!(path, Path::new(PATH));
+                assert_eq!(k, key, "{error}");
+            }
+            other => panic!("expected an Invalid error on {key}, got {other:?}"),
+        }
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!("{PATH}: {key}: ")),
+            "{message}"
+        );
+        assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+    }
+
+    /// Asserts a toml-level (syntax, unknown key, type) error naming the file and
+    /// containing `needle`.
+    fn parse_error(text: &str, needle: &str) {
+        let error = parse(text).expect_err("policy should be rejected");
+        assert!(matches!(error, PolicyError::Parse { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(message.starts_with(&format!("{PATH}: ")), "{message}");
+        assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+    }
+
+    #[test]
+    fn valid_policy() {
+        let policy = parse(VALID).unwrap();
+        assert_eq!(policy.name, "x");
+        assert_eq!(policy.description.as_deref(), Some("test"));
+        assert_eq!(
+            policy.filesystem.read_only,
+            [PathBuf::from("/usr"), PathBuf::from("/etc")]
+        );
+        assert_eq!(policy.filesystem.tmp_size, 256 << 20);
+        assert_eq!(policy.network.mode, NetworkMode::Loopback);
+        assert_eq!(
+            policy.limits,
+            Limits {
+                memory_bytes: 1 << 30,
+                pids: 512,
+                cpu: 1.0,
+                output_bytes: 102400,
+                file_bytes: 262144,
+                bash_timeout: Duration::from_secs(120),
+                call_timeout: Duration::from_secs(150),
+            }
+        );
+        assert_eq!(policy.tools, Tool::ALL.into_iter().collect());
+        assert!(policy.env.is_empty());
+        assert!(policy.allow_degraded.is_empty());
+    }
+
+    #[test]
+    fn optional_tables() {
+        let text = format!(
+            "{VALID}\n[env]\nLANG = \"C.UTF-8\"\n_x1 = \"\"\n[sandbox]\nallow_degraded = [\"landlock-net\", \"landlock-scope\"]\n"
+        );
+        let policy = parse(&text).unwrap();
+        assert_eq!(policy.env["LANG"], "C.UTF-8");
+        assert_eq!(policy.env["_x1"], "");
+        assert_eq!(
+            policy.allow_degraded,
+            [Degradation::LandlockNet, Degradation::LandlockScope].into()
+        );
+        // An integer cpu and integer sizes are fine.
+        let policy = parse(&with_line("cpu", "cpu = 2")).unwrap();
+        assert_eq!(policy.limits.cpu, 2.0);
+    }
+
+    #[test]
+    fn shipped_policies_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let set = PolicySet::load_dir(&dir).unwrap();
+        for (name, _) in BUILTIN {
+            assert!(set.get(name).is_some(), "policies/{name}.toml is missing");
+        }
+        let builtin = PolicySet::builtin();
+        assert_eq!(builtin.len(), BUILTIN.len());
+        for policy in builtin.iter() {
+            assert_eq!(Some(policy), set.get(&policy.name));
+        }
+        let strict = set.get("strict").unwrap();
+        assert_eq!(strict.network.mode, NetworkMode::None);
+        assert!(strict.limits.memory_bytes < set.get("default").unwrap().limits.memory_bytes);
+    }
+
+    #[test]
+    fn unknown_keys() {
+        parse_error(
+            &format!("colour = \"red\"\n{VALID}"),
+            "unknown field `colour`",
+        );
+        parse_error(&with_line("pids", "pid = 512"), "unknown field `pid`");
+        parse_error(
+            &format!("{VALID}\n[sandbox]\nallow_degraded = []\nstrict = true\n"),
+            "unknown field `strict`",
+        );
+        parse_error(&with_line("memory", "memory = 1GiB"), "line 9");
+        parse_error(&with_line("pids", ""), "missing field `pids`");
+        parse_error(
+            &with_line("mode", "mode = \"host\""),
+            "unknown variant `host`",
+        );
+        parse_error(
+            &with_line("bash_timeout", "bash_timeout = 120"),
+            r#"expected a duration string such as "120s""#,
+        );
+        parse_error(&with_line("memory", "memory = true"), "expected a size");
+    }
+
+    #[test]
+    fn bad_sizes() {
+        rejected(
+            &with_line("memory", "memory = \"1GB\""),
+            "limits.memory",
+            "ambiguous",
+        );
+        rejected(
+            &with_line("memory", "memory = \"8MiB\""),
+            "limits.memory",
+            "at least 16 MiB",
+        );
+        rejected(
+            &with_line("memory", "memory = -1"),
+            "limits.memory",
+            "negative",
+        );
+        rejected(
+            &with_line("tmp_size", "tmp_size = \"lots\""),
+            "filesystem.tmp_size",
+            "whole number",
+        );
+        rejected(
+            &with_line("output_bytes", "output_bytes = 100"),
+            "limits.output_bytes",
+            "at least 1 KiB",
+        );
+        rejected(
+            &with_line("file_bytes", "file_bytes = \"1GiB\""),
+            "limits.file_bytes",
+            "at most 64 MiB",
+        );
+        rejected(&with_line("pids", "pids = 4"), "limits.pids", "at least 16");
+        rejected(
+            &with_line("cpu", "cpu = 0.0"),
+            "limits.cpu",
+            "greater than 0",
+        );
+        rejected(
+            &with_line("cpu", "cpu = nan"),
+            "limits.cpu",
+            "greater than 0",
+        );
+        rejected(
+            &with_line("cpu", "cpu = 2000.0"),
+            "limits.cpu",
+            "at most 1024",
+        );
+    }
+
+    #[test]
+    fn bad_durations() {
+        rejected(
+            &with_line("bash_timeout", "bash_timeout = \"2h\""),
+            "limits.bash_timeout",
+            "unknown duration unit",
+        );
+        rejected(
+            &with_line("bash_timeout", "bash_timeout = \"0s\""),
+            "limits.bash_timeout",
+            "greater than zero",
+        );
+        rejected(
+            &with_line("call_timeout", "call_timeout = \"100s\""),
+            "limits.call_timeout",
+            "greater than limits.bash_timeout (120s)",
+        );
+        rejected(
+            &with_line("call_timeout", "call_timeout = \"2m\""),
+            "limits.call_timeout",
+            "race",
+        );
+    }
+
+    #[test]
+    fn bad_paths() {
+        let cases = [
+            // TOML string literals, as they appear in the file.
+            (r#""usr""#, "not an absolute path"),
+            (r#""""#, "not an absolute path"),
+            (r#""/usr/../etc""#, "must not contain `..`"),
+            (r#""/usr/""#, "write it as `/usr`"),
+            (r#""/usr//lib""#, "write it as `/usr/lib`"),
+            (r#""/usr/./lib""#, "write it as `/usr/lib`"),
+            (r#""/""#, "whole host"),
+            (r#""/proc""#, "overlaps `/proc`"),
+            (r#""/proc/self""#, "overlaps `/proc`"),
+            (r#""/sys/fs/cgroup""#, "overlaps `/sys`"),
+            (r#""/dev""#, "overlaps `/dev`"),
+            (r#""/tmp""#, "overlaps `/tmp`"),
+            (r#""/workspace/src""#, "overlaps `/workspace`"),
+            (r#""/usr\u0000""#, "NUL"),
+        ];
+        for (path, needle) in cases {
+            let line = format!("read_only = [\"/etc\", {path}]");
+            rejected(
+                &with_line("read_only", &line),
+                "filesystem.read_only[1]",
+                needle,
+            );
+        }
+        rejected(
+            &with_line("read_only", "read_only = [\"/usr\", \"/usr\"]"),
+            "filesystem.read_only[1]",
+            "listed twice",
+        );
+        // Lexical prefixes are not overlaps: /tmpfiles is not under /tmp.
+        let policy = parse(&with_line(
+            "read_only",
+            "read_only = [\"/tmpfiles\", \"/devtools\"]",
+        ));
+        assert!(policy.is_ok(), "{policy:?}");
+    }
+
+    #[test]
+    fn bad_tools() {
+        rejected(
+            &with_line("enabled", "enabled = [\"bash\", \"python\"]"),
+            "tools.enabled[1]",
+            "unknown tool `python` (known: bash, read, write, edit, glob, grep)",
+        );
+        rejected(
+            &with_line("enabled", "enabled = [\"read\", \"read\"]"),
+            "tools.enabled[1]",
+            "listed twice",
+        );
+        rejected(
+            &with_line("enabled", "enabled = []"),
+            "tools.enabled",
+            "at least one",
+        );
+        let policy = parse(&with_line("enabled", "enabled = [\"read\", \"grep\"]")).unwrap();
+        assert_eq!(policy.tools, [Tool::Read, Tool::Grep].into());
+    }
+
+    #[test]
+    fn bad_env() {
+        for (name, needle) in [
+            ("\"1X\"", "must match"),
+            ("\"A-B\"", "must match"),
+            ("\"\"", "must match"),
+            ("PS1", "reserved"),
+            ("https_proxy", "reserved"),
+            ("ANTHROPIC_API_KEY", "reserved"),
+        ] {
+            let text = format!("{VALID}\n[env]\n{name} = \"v\"\n");
+            let key = format!("env.{}", name.trim_matches('"'));
+            rejected(&text, &key, needle);
+        }
+        rejected(
+            &format!("{VALID}\n[env]\nX = \"a\\u0000b\"\n"),
+            "env.X",
+            "NUL",
+        );
+        parse_error(&format!("{VALID}\n[env]\nX = 1\n"), "invalid type");
+    }
+
+    #[test]
+    fn bad_degradation() {
+        rejected(
+            &format!("{VALID}\n[sandbox]\nallow_degraded = [\"seccomp\"]\n"),
+            "sandbox.allow_degraded[0]",
+            "unknown degradation `seccomp` (known: landlock-truncate, landlock-net",
+        );
+    }
+
+    #[test]
+    fn names() {
+        for good in ["default", "a", "0", "build-2", "ci_fast"] {
+            assert!(is_valid_name(good), "{good}");
+        }
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        for bad in [
+            "",
+            "Default",
+            "-x",
+            "_x",
+            "../x",
+            "a/b",
+            "a.b",
+            "x.toml",
+            long.as_str(),
+        ] {
+            assert!(!is_valid_name(bad), "{bad}");
+            let error = find(bad, &[]).unwrap_err();
+            assert!(
+                matches!(error, PolicyError::Name { path: None, .. }),
+                "{error:?}"
+            );
+        }
+        let error = Policy::from_toml_str("Bad", VALID, Path::new("p/Bad.toml")).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("p/Bad.toml: environment name `Bad` is invalid"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn load_and_find() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("default.toml");
+        std::fs::write(&local, with_line("pids", "pids = 64")).unwrap();
+        std::fs::write(dir.path().join("other.toml"), VALID).unwrap();
+        std::fs::write(dir.path().join(".#lock.toml"), "garbage").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "garbage").unwrap();
+        let empty = tempfile::tempdir().unwrap();
+        let dirs = [empty.path().to_path_buf(), dir.path().to_path_buf()];
+
+        // A local file wins over the built-in of the same name.
+        assert_eq!(find("default", &dirs).unwrap().limits.pids, 64);
+        // Names with no local file fall back to the built-ins.
+        assert_eq!(
+            find("strict", &dirs).unwrap().network.mode,
+            NetworkMode::None
+        );
+        assert_eq!(find("build", &[]).unwrap().name, "build");
+        let error = find("nope", &dirs).unwrap_err();
+        assert!(matches!(error, PolicyError::NotFound { .. }), "{error:?}");
+        assert!(
+            error
+                .to_string()
+                .contains("built in: default, strict, build"),
+            "{error}"
+        );
+
+        let set = PolicySet::load_dir(dir.path()).unwrap();
+        assert_eq!(
+            set.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["default", "other"]
+        );
+
+        // A broken local file is an error, never a silent fall-back to the built-in.
+        std::fs::write(&local, "[filesystem]\n").unwrap();
+        let error = find("default", &dirs).unwrap_err();
+        assert!(
+            matches!(error, PolicyError::Parse { ref path, .. } if *path == local),
+            "{error:?}"
+        );
+        assert!(PolicySet::load_dir(dir.path()).is_err());
+
+        let error = Policy::load(&dir.path().join("notes.txt")).unwrap_err();
+        assert!(matches!(error, PolicyError::FileName { .. }), "{error:?}");
+        let error = Policy::load(&dir.path().join("missing.toml")).unwrap_err();
+        assert!(matches!(error, PolicyError::Read { .. }), "{error:?}");
+    }
+}

@@ -1,0 +1,418 @@
+//! The worker's handle on one session helper: starts it in fresh namespaces and
+//! the session's cgroup, performs the setup handshake, then multiplexes requests
+//! (file tools, spawns, kills) over the channel and routes the helper's answers
+//! and exit reports back to their callers.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, Interest};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::oneshot;
+
+use super::cgroup::{CgroupError, SessionCgroup};
+use super::proto::{self, ConfinementReport, Request, Response, Setup};
+use super::{helper, sys, SandboxConfig};
+use crate::tools::{Tool, ToolResult};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{what}: {source}")]
+    Host {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("session helper setup failed at {stage}: {error}")]
+    Setup { stage: String, error: String },
+    #[error("session helper died{0}")]
+    HelperDied(String),
+    #[error("session helper sent an invalid frame: {0}")]
+    Protocol(String),
+    #[error("session helper did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> SandboxError {
+    move |source| SandboxError::Host { what, source }
+}
+
+enum ExitSlot {
+    Done(i32),
+    Waiting(oneshot::Sender<i32>),
+}
+
+#[derive(Default)]
+struct Routes {
+    /// Callers waiting for the answer to request `id`.
+    pending: HashMap<u64, oneshot::Sender<Response>>,
+    /// Exit status of spawned pids, or the caller waiting for it.
+    exits: HashMap<i32, ExitSlot>,
+}
+
+/// A running session helper.
+pub struct HelperClient {
+    pid: i32,
+    pidfd: OwnedFd,
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    /// Shared with the reader task, which is the only one removing routes.
+    routes: Arc<Mutex<Routes>>,
+    next_id: AtomicU64,
+    /// Set by the reader task when the channel closed.
+    dead: Arc<AtomicBool>,
+    report: ConfinementReport,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl HelperClient {
+    /// Starts the helper for `setup` inside `cgroup`:
+    /// 1. socketpair; clone the helper into new mount, pid, network, ipc and uts
+    ///    namespaces, exec'ing `cfg.helper_exe __sandbox-helper` with an empty
+    ///    environment and the socket as fd 3;
+    /// 2. move it into the session cgroup before it does anything (it blocks on
+    ///    the setup frame);
+    /// 3. send the setup, wait for `Ready` (or the stage that failed);
+    /// 4. start the reader task that routes answers.
+    pub async fn start(
+        cfg: &SandboxConfig,
+        setup: &Setup,
+        cgroup: &SessionCgroup,
+    ) -> Result<HelperClient, SandboxError> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(host("socketpair"))?;
+        let exe = CString::new(cfg.helper_exe.as_os_str().as_bytes())
+            .map_err(|e| host("helper path")(std::io::Error::other(e)))?;
+        let argv = [exe.clone(), CString::from(c"__sandbox-helper")];
+        debug_assert_eq!(argv[1].to_str().ok(), Some(helper::ARG));
+        let flags = libc::CLONE_NEWNS
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS;
+        let pid = sys::clone_exec_helper(flags, &exe, &argv, theirs.as_fd())
+            .map_err(host("cloning the session helper"))?;
+        drop(theirs);
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+                return Err(host("pidfd_open")(e));
+            }
+        };
+        let kill_and_reap = |pidfd: &OwnedFd| {
+            let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        };
+        if let Err(e) = cgroup.add_process(pid as u32) {
+            kill_and_reap(&pidfd);
+            return Err(e.into());
+        }
+
+        ours.set_nonblocking(true).map_err(host("socket"))?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(host("socket"))?;
+        let (mut read_half, write_half) = stream.into_split();
+        let writer = Arc::new(tokio::sync::Mutex::new(write_half));
+        let handshake = async {
+            write_frame(
+                &writer,
+                &proto::encode_frame(setup).map_err(host("encode"))?,
+                &[],
+            )
+            .await?;
+            read_response(&mut read_half).await
+        };
+        let first = match tokio::time::timeout(SETUP_TIMEOUT, handshake).await {
+            Ok(r) => r,
+            Err(_) => Err(SandboxError::Timeout(SETUP_TIMEOUT)),
+        };
+        let report = match first {
+            Ok(Some(Response::Ready { report })) => report,
+            Ok(Some(Response::SetupFailed { stage, error })) => {
+                kill_and_reap(&pidfd);
+                return Err(SandboxError::Setup { stage, error });
+            }
+            Ok(Some(other)) => {
+                kill_and_reap(&pidfd);
+                return Err(SandboxError::Protocol(format!(
+                    "expected Ready, got {other:?}"
+                )));
+            }
+            Ok(None) => {
+                let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+                return Err(SandboxError::HelperDied(format!(
+                    " during setup ({status:?})"
+                )));
+            }
+            Err(e) => {
+                kill_and_reap(&pidfd);
+                return Err(e);
+            }
+        };
+
+        let routes: Arc<Mutex<Routes>> = Arc::default();
+        let dead = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(route_forever(read_half, routes.clone(), dead.clone()));
+        Ok(HelperClient {
+            pid,
+            pidfd,
+            writer,
+            routes,
+            next_id: AtomicU64::new(1),
+            dead,
+            report,
+            reader,
+        })
+    }
+
+    /// What the helper enforced.
+    pub fn report(&self) -> &ConfinementReport {
+        &self.report
+    }
+
+    /// Host pid of the helper (pid 1 of the session's pid namespace).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Relaxed)
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn request(
+        &self,
+        id: u64,
+        req: &Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<Response, SandboxError> {
+        if self.is_dead() {
+            return Err(SandboxError::HelperDied(String::new()));
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.routes).pending.insert(id, tx);
+        let frame = proto::encode_frame(req).map_err(host("encode"))?;
+        if let Err(e) = write_frame(&self.writer, &frame, fds).await {
+            lock(&self.routes).pending.remove(&id);
+            return Err(e);
+        }
+        rx.await
+            .map_err(|_| SandboxError::HelperDied(String::new()))
+    }
+
+    /// Runs a file tool in the helper. Dropping the future raises the tool's
+    /// cancel flag.
+    pub async fn tool(&self, tool: Tool, input: Value) -> Result<ToolResult, SandboxError> {
+        let id = self.next_id();
+        let guard = CancelOnDrop {
+            client: self,
+            id,
+            armed: true,
+        };
+        let resp = self
+            .request(id, &Request::Tool { id, tool, input }, &[])
+            .await;
+        let mut guard = guard;
+        guard.armed = false;
+        match resp? {
+            Response::ToolDone { result, .. } => Ok(result),
+            other => Err(SandboxError::Protocol(format!(
+                "expected ToolDone, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Starts `argv` in the session with the given stdio; returns its pid inside
+    /// the session and a receiver of its exit status.
+    pub async fn spawn(
+        &self,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: std::path::PathBuf,
+        stdio: [&OwnedFd; 3],
+        kill_all_on_exit: bool,
+    ) -> Result<(i32, oneshot::Receiver<i32>), SandboxError> {
+        let id = self.next_id();
+        let req = Request::Spawn {
+            id,
+            argv,
+            env,
+            cwd,
+            kill_all_on_exit,
+        };
+        let fds = [stdio[0].as_fd(), stdio[1].as_fd(), stdio[2].as_fd()];
+        match self.request(id, &req, &fds).await? {
+            Response::Spawned { pid, .. } => {
+                let (tx, rx) = oneshot::channel();
+                let mut routes = lock(&self.routes);
+                match routes.exits.remove(&pid) {
+                    Some(ExitSlot::Done(status)) => {
+                        let _ = tx.send(status);
+                    }
+                    _ => {
+                        routes.exits.insert(pid, ExitSlot::Waiting(tx));
+                    }
+                }
+                Ok((pid, rx))
+            }
+            Response::SpawnFailed { error, .. } => Err(SandboxError::Host {
+                what: "starting the command in the sandbox",
+                source: std::io::Error::other(error),
+            }),
+            other => Err(SandboxError::Protocol(format!(
+                "expected Spawned, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Kills every process of the session but the helper; true when none is left.
+    pub async fn kill_all(&self) -> Result<bool, SandboxError> {
+        let id = self.next_id();
+        match self.request(id, &Request::KillAll { id }, &[]).await? {
+            Response::Killed { ok, .. } => Ok(ok),
+            other => Err(SandboxError::Protocol(format!(
+                "expected Killed, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Kills the helper — and with it, as the pid namespace's init, every process
+    /// of the session — and reaps it.
+    pub async fn shutdown(&self) {
+        let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
+        self.reader.abort();
+        let pid = self.pid;
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        })
+        .await;
+    }
+
+    /// Synchronous variant for Drop paths.
+    pub fn kill_now(&self) {
+        let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
+        self.reader.abort();
+    }
+}
+
+struct CancelOnDrop<'a> {
+    client: &'a HelperClient,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        lock(&self.client.routes).pending.remove(&self.id);
+        if let Ok(frame) = proto::encode_frame(&Request::Cancel { id: self.id }) {
+            let writer = self.client.writer.clone();
+            tokio::spawn(async move {
+                let _ = write_frame(&writer, &frame, &[]).await;
+            });
+        }
+    }
+}
+
+async fn write_frame(
+    writer: &tokio::sync::Mutex<OwnedWriteHalf>,
+    frame: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<(), SandboxError> {
+    let w = writer.lock().await;
+    let stream: &tokio::net::UnixStream = w.as_ref();
+    let mut off = 0;
+    while off < frame.len() {
+        stream.writable().await.map_err(host("helper channel"))?;
+        let attach: &[std::os::fd::BorrowedFd<'_>] = if off == 0 { fds } else { &[] };
+        match stream.try_io(Interest::WRITABLE, || {
+            sys::send_with_fds(stream_fd(stream), &frame[off..], attach)
+        }) {
+            Ok(n) => off += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(SandboxError::HelperDied(format!(": {e}"))),
+        }
+    }
+    Ok(())
+}
+
+fn stream_fd(s: &tokio::net::UnixStream) -> std::os::fd::BorrowedFd<'_> {
+    s.as_fd()
+}
+
+async fn read_response(r: &mut OwnedReadHalf) -> Result<Option<Response>, SandboxError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(SandboxError::HelperDied(format!(": {e}"))),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > proto::MAX_FRAME {
+        return Err(SandboxError::Protocol(format!("frame of {len} bytes")));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)
+        .await
+        .map_err(|e| SandboxError::HelperDied(format!(": {e}")))?;
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| SandboxError::Protocol(e.to_string()))
+}
+
+async fn route_forever(mut r: OwnedReadHalf, routes: Arc<Mutex<Routes>>, dead: Arc<AtomicBool>) {
+    loop {
+        let resp = match read_response(&mut r).await {
+            Ok(Some(resp)) => resp,
+            Ok(None) | Err(_) => break,
+        };
+        let mut routes = lock(&routes);
+        match resp {
+            Response::ToolDone { id, .. }
+            | Response::Spawned { id, .. }
+            | Response::SpawnFailed { id, .. }
+            | Response::Killed { id, .. } => {
+                if let Some(tx) = routes.pending.remove(&id) {
+                    let _ = tx.send(resp);
+                }
+            }
+            Response::Exited { pid, status } => match routes.exits.remove(&pid) {
+                Some(ExitSlot::Waiting(tx)) => {
+                    let _ = tx.send(status);
+                }
+                _ => {
+                    routes.exits.insert(pid, ExitSlot::Done(status));
+                }
+            },
+            // Setup answers after setup are a protocol violation; end the session.
+            Response::Ready { .. } | Response::SetupFailed { .. } => break,
+        }
+    }
+    dead.store(true, Ordering::Relaxed);
+    let mut routes = lock(&routes);
+    routes.pending.clear();
+    routes.exits.clear();
+}

@@ -1,0 +1,376 @@
+//! The session helper: the process a session's tools run in. It starts as root in
+//! fresh namespaces (the worker cloned it), builds the session's filesystem view,
+//! drops to the session's uid with no capabilities, confines itself with
+//! no_new_privs, landlock and seccomp, and then serves: file tools run on its own
+//! threads, processes (the shell, `hands exec` commands) are its children.
+//!
+//! It is pid 1 of the session's pid namespace, so when it dies the kernel kills
+//! every process of the session, setsid'ed and double-forked daemons included.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{Gid, Pid, Uid};
+
+use super::landlock;
+use super::mounts;
+use super::proto::{self, ConfinementReport, Request, Response, Setup};
+use super::seccomp;
+use super::sys;
+use crate::tools::fs::FsContext;
+
+/// Hidden subcommand that selects the helper stage.
+pub const ARG: &str = "__sandbox-helper";
+
+/// Reads frames from the socket, collecting fds that arrive with them.
+struct FdReader {
+    sock: OwnedFd,
+    buf: Vec<u8>,
+    pos: usize,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Read for FdReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.buf.len() {
+            self.buf.resize(64 * 1024, 0);
+            let (n, fds) = sys::recv_with_fds(self.sock.as_fd(), &mut self.buf)?;
+            self.buf.truncate(n);
+            self.pos = 0;
+            self.fds.extend(fds);
+            if n == 0 {
+                return Ok(0);
+            }
+        }
+        let n = (self.buf.len() - self.pos).min(out.len());
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+type Writer = Arc<Mutex<UnixStream>>;
+
+fn send(w: &Writer, msg: &Response) {
+    // A failed write means the worker is gone; the read side notices and exits.
+    let mut guard = match w.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let _ = proto::write_frame(&mut *guard, msg);
+}
+
+/// Entry point of `hands __sandbox-helper`. Never returns.
+pub fn main() -> ! {
+    let code = match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("hands sandbox helper: {e}");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+fn run() -> io::Result<()> {
+    let sock = sys::take_inherited_fd(3)?;
+    let writer: Writer = Arc::new(Mutex::new(UnixStream::from(sock.try_clone()?)));
+    let mut reader = FdReader {
+        sock,
+        buf: Vec::new(),
+        pos: 0,
+        fds: VecDeque::new(),
+    };
+    let setup: Setup = proto::read_frame(&mut reader)?
+        .ok_or_else(|| io::Error::other("worker closed the channel before setup"))?;
+    let report = match confine(&setup) {
+        Ok(r) => r,
+        Err((stage, e)) => {
+            send(
+                &writer,
+                &Response::SetupFailed {
+                    stage: stage.to_string(),
+                    error: e,
+                },
+            );
+            return Err(io::Error::other(format!("setup failed at {stage}")));
+        }
+    };
+    send(&writer, &Response::Ready { report });
+    serve(setup, reader, writer)
+}
+
+type StageResult<T> = Result<T, (&'static str, String)>;
+
+fn stage<T, E: std::fmt::Display>(name: &'static str, r: Result<T, E>) -> StageResult<T> {
+    r.map_err(|e| (name, e.to_string()))
+}
+
+/// Confines the helper, in this order (each step needs the privileges that the
+/// next ones remove):
+/// 1. build the filesystem view and pivot into it (needs CAP_SYS_ADMIN);
+/// 2. set the hostname and bring `lo` up in the session's network namespace;
+/// 3. lock securebits so root can never regain capabilities by exec, and empty
+///    the capability bounding set (needs CAP_SETPCAP);
+/// 4. drop supplementary groups, then gid, then uid to the session's ids — the
+///    uid switch clears every capability; verify CapEff is 0;
+/// 5. no core dumps, not dumpable (its memory and /proc entries stay closed to
+///    the processes it starts), umask 022, cwd /workspace;
+/// 6. no_new_privs;
+/// 7. landlock (fails closed unless the policy accepts each missing feature);
+/// 8. seccomp deny list (after landlock: landlock's syscalls are on it).
+fn confine(setup: &Setup) -> StageResult<ConfinementReport> {
+    let idmapped = stage("mounts", mounts::build(setup))?;
+
+    stage("hostname", nix::unistd::sethostname("hands"))?;
+    stage("loopback", sys::loopback_up())?;
+
+    stage(
+        "securebits",
+        sys::set_securebits(
+            sys::SECBIT_NOROOT
+                | sys::SECBIT_NOROOT_LOCKED
+                | sys::SECBIT_NO_SETUID_FIXUP_LOCKED
+                | sys::SECBIT_KEEP_CAPS_LOCKED
+                | sys::SECBIT_NO_CAP_AMBIENT_RAISE
+                | sys::SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED,
+        ),
+    )?;
+    stage("bounding set", sys::drop_bounding_set())?;
+    stage("ambient caps", sys::clear_ambient_caps())?;
+    stage("setgroups", nix::unistd::setgroups(&[]))?;
+    let gid = Gid::from_raw(setup.gid);
+    let uid = Uid::from_raw(setup.uid);
+    stage("setresgid", nix::unistd::setresgid(gid, gid, gid))?;
+    stage("setresuid", nix::unistd::setresuid(uid, uid, uid))?;
+    let caps = stage("read caps", sys::effective_caps())?;
+    if caps != 0 {
+        return Err(("drop caps", format!("capabilities remain: {caps:#x}")));
+    }
+
+    stage("rlimit core", sys::disable_core_dumps())?;
+    stage("dumpable", nix::sys::prctl::set_dumpable(false))?;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    stage("chdir", nix::unistd::chdir(mounts::WORKSPACE))?;
+
+    stage("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
+    let ll = stage(
+        "landlock",
+        landlock::enforce_on_current_thread(&mounts::landlock_rules(setup), &setup.allow_degraded),
+    )?;
+    stage("seccomp", seccomp::install_on_current_thread())?;
+
+    Ok(ConfinementReport {
+        landlock: ll,
+        seccomp: true,
+        no_new_privs: true,
+        uid: setup.uid,
+        effective_caps: caps,
+        idmapped_workspace: idmapped,
+    })
+}
+
+/// Processes the helper started, by pid.
+struct Children {
+    procs: Mutex<HashMap<i32, bool /* kill_all_on_exit */>>,
+    spawned: Condvar,
+}
+
+fn serve(setup: Setup, mut reader: FdReader, writer: Writer) -> io::Result<()> {
+    let children = Arc::new(Children {
+        procs: Mutex::new(HashMap::new()),
+        spawned: Condvar::new(),
+    });
+    {
+        let children = children.clone();
+        let writer = writer.clone();
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || reap_forever(&children, &writer))?;
+    }
+    let cancels: Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>> = Arc::default();
+    let mut base = FsContext::new(mounts::WORKSPACE.into());
+    base.max_file_bytes = setup.max_file_bytes;
+    base.output_limit = setup.output_limit;
+
+    while let Some(req) = proto::read_frame::<_, Request>(&mut reader)? {
+        match req {
+            Request::Tool { id, tool, input } => {
+                let mut ctx = base.clone();
+                ctx.cancel = Arc::new(AtomicBool::new(false));
+                lock(&cancels).insert(id, ctx.cancel.clone());
+                let writer = writer.clone();
+                let cancels = cancels.clone();
+                std::thread::spawn(move || {
+                    let result = crate::tools::fs::run(tool, &input, &ctx);
+                    lock(&cancels).remove(&id);
+                    send(&writer, &Response::ToolDone { id, result });
+                });
+            }
+            Request::Cancel { id } => {
+                if let Some(flag) = lock(&cancels).get(&id) {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Request::Spawn {
+                id,
+                argv,
+                env,
+                cwd,
+                kill_all_on_exit,
+            } => {
+                let stdio: Vec<OwnedFd> = reader.fds.drain(..).collect();
+                // Hold the writer while spawning so the reaper cannot report the
+                // exit before the worker has learnt the pid.
+                let mut w = match writer.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                let msg = match spawn(&argv, &env, &cwd, stdio) {
+                    Ok(pid) => {
+                        lock(&children.procs).insert(pid, kill_all_on_exit);
+                        children.spawned.notify_all();
+                        Response::Spawned { id, pid }
+                    }
+                    Err(e) => Response::SpawnFailed {
+                        id,
+                        error: e.to_string(),
+                    },
+                };
+                let _ = proto::write_frame(&mut *w, &msg);
+            }
+            Request::KillAll { id } => {
+                let ok = kill_all(Duration::from_secs(5));
+                send(&writer, &Response::Killed { id, ok });
+            }
+        }
+    }
+    // The worker closed the channel: end the session. Exiting as pid 1 makes the
+    // kernel kill everything left in the namespace.
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn spawn(
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: &std::path::Path,
+    stdio: Vec<OwnedFd>,
+) -> io::Result<i32> {
+    let (prog, args) = argv
+        .split_first()
+        .ok_or_else(|| io::Error::other("empty argv"))?;
+    let mut fds = stdio.into_iter();
+    let mut next = || -> Stdio { fds.next().map(Stdio::from).unwrap_or_else(Stdio::null) };
+    let (stdin, stdout, stderr) = (next(), next(), next());
+    let child = Command::new(prog)
+        .args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(cwd)
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr)
+        // Its own process group, so a job-control signal sent by the agent to its
+        // group never reaches the helper.
+        .process_group(0)
+        .spawn()?;
+    // std resets SIGPIPE to the default in the child; the Child handle is dropped
+    // without waiting because the reaper thread collects every exit.
+    Ok(child.id() as i32)
+}
+
+/// Reaps every child (the helper is the namespace's init, so orphans land here
+/// too) and reports the exits of processes it spawned.
+fn reap_forever(children: &Children, writer: &Writer) {
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(status) => {
+                let (pid, code) = match status {
+                    WaitStatus::Exited(pid, code) => (pid, code),
+                    WaitStatus::Signaled(pid, sig, _) => (pid, 128 + sig as i32),
+                    _ => continue,
+                };
+                let flag = lock(&children.procs).remove(&pid.as_raw());
+                if let Some(kill_rest) = flag {
+                    if kill_rest {
+                        kill_all(Duration::from_secs(5));
+                    }
+                    send(
+                        writer,
+                        &Response::Exited {
+                            pid: pid.as_raw(),
+                            status: code,
+                        },
+                    );
+                }
+            }
+            Err(nix::errno::Errno::ECHILD) => {
+                // Nothing to reap until the next spawn.
+                let guard = lock(&children.procs);
+                let _ = children
+                    .spawned
+                    .wait_timeout(guard, Duration::from_millis(200));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// Live (not zombie) processes of the namespace other than the helper.
+fn live_processes() -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == 1 {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the parenthesised command name.
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.trim_start().chars().next());
+        if !matches!(state, Some('Z') | Some('X') | None) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// SIGKILLs every process of the session except the helper until none is left.
+/// kill(-1) from the namespace's init reaches every process in it; repeating it
+/// catches children forked while the previous pass ran.
+fn kill_all(wait: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+        if live_processes().is_empty() {
+            return true;
+        }
+        if start.elapsed() > wait {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

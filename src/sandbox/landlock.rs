@@ -1,0 +1,276 @@
+//! Landlock rules of a session: what the confined helper and everything it starts
+//! may touch in the filesystem, on TCP, and across its own domain (signals,
+//! abstract unix sockets).
+//!
+//! The ruleset uses every access right the running kernel knows (ABI 1–7). Rights
+//! of a newer ABI than the kernel's are named degradations: the session refuses to
+//! start unless the policy accepts each one explicitly (fail closed).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{open, OFlag};
+use nix::sys::stat::Mode;
+use serde::{Deserialize, Serialize};
+
+use super::sys;
+
+// Filesystem access rights (include/uapi/linux/landlock.h).
+pub const FS_EXECUTE: u64 = 1 << 0;
+pub const FS_WRITE_FILE: u64 = 1 << 1;
+pub const FS_READ_FILE: u64 = 1 << 2;
+pub const FS_READ_DIR: u64 = 1 << 3;
+pub const FS_REMOVE_DIR: u64 = 1 << 4;
+pub const FS_REMOVE_FILE: u64 = 1 << 5;
+pub const FS_MAKE_CHAR: u64 = 1 << 6;
+pub const FS_MAKE_DIR: u64 = 1 << 7;
+pub const FS_MAKE_REG: u64 = 1 << 8;
+pub const FS_MAKE_SOCK: u64 = 1 << 9;
+pub const FS_MAKE_FIFO: u64 = 1 << 10;
+pub const FS_MAKE_BLOCK: u64 = 1 << 11;
+pub const FS_MAKE_SYM: u64 = 1 << 12;
+/// ABI 2: link or rename across directories.
+pub const FS_REFER: u64 = 1 << 13;
+/// ABI 3: truncate.
+pub const FS_TRUNCATE: u64 = 1 << 14;
+/// ABI 5: ioctl on device files.
+pub const FS_IOCTL_DEV: u64 = 1 << 15;
+// Network (ABI 4).
+pub const NET_BIND_TCP: u64 = 1 << 0;
+pub const NET_CONNECT_TCP: u64 = 1 << 1;
+// Scopes (ABI 6).
+pub const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
+pub const SCOPE_SIGNAL: u64 = 1 << 1;
+// restrict_self flags (ABI 7): audit denials of programs the session execs too.
+pub const RESTRICT_SELF_LOG_NEW_EXEC_ON: u32 = 1 << 1;
+
+/// The ABI that enforces everything hands asks of landlock.
+pub const FULL_ABI: u32 = 6;
+
+/// All filesystem rights known to `abi`.
+pub fn fs_rights(abi: u32) -> u64 {
+    let mut r = (1 << 13) - 1; // ABI 1: EXECUTE ..= MAKE_SYM
+    if abi >= 2 {
+        r |= FS_REFER;
+    }
+    if abi >= 3 {
+        r |= FS_TRUNCATE;
+    }
+    if abi >= 5 {
+        r |= FS_IOCTL_DEV;
+    }
+    r
+}
+
+const READ_ONLY: u64 = FS_READ_FILE | FS_READ_DIR | FS_EXECUTE;
+
+/// A landlock feature that the kernel may lack; the policy can accept its absence
+/// by name (`sandbox.allow_degraded`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LandlockFeature {
+    /// Landlock itself (ABI 1).
+    Landlock,
+    /// ABI 2: cross-directory link/rename control.
+    LandlockRefer,
+    /// ABI 3: truncate control.
+    LandlockTruncate,
+    /// ABI 4: TCP bind/connect control.
+    LandlockNet,
+    /// ABI 5: device ioctl control.
+    LandlockIoctl,
+    /// ABI 6: signal and abstract-socket scoping.
+    LandlockScope,
+}
+
+impl LandlockFeature {
+    pub fn name(self) -> &'static str {
+        match self {
+            LandlockFeature::Landlock => "landlock",
+            LandlockFeature::LandlockRefer => "landlock-refer",
+            LandlockFeature::LandlockTruncate => "landlock-truncate",
+            LandlockFeature::LandlockNet => "landlock-net",
+            LandlockFeature::LandlockIoctl => "landlock-ioctl",
+            LandlockFeature::LandlockScope => "landlock-scope",
+        }
+    }
+
+    fn abi(self) -> u32 {
+        match self {
+            LandlockFeature::Landlock => 1,
+            LandlockFeature::LandlockRefer => 2,
+            LandlockFeature::LandlockTruncate => 3,
+            LandlockFeature::LandlockNet => 4,
+            LandlockFeature::LandlockIoctl => 5,
+            LandlockFeature::LandlockScope => 6,
+        }
+    }
+
+    pub const ALL: [LandlockFeature; 6] = [
+        LandlockFeature::Landlock,
+        LandlockFeature::LandlockRefer,
+        LandlockFeature::LandlockTruncate,
+        LandlockFeature::LandlockNet,
+        LandlockFeature::LandlockIoctl,
+        LandlockFeature::LandlockScope,
+    ];
+
+    /// Features the kernel at `abi` lacks (abi 0: no landlock at all).
+    pub fn missing_at(abi: u32) -> Vec<LandlockFeature> {
+        LandlockFeature::ALL
+            .into_iter()
+            .filter(|f| f.abi() > abi)
+            .collect()
+    }
+}
+
+/// What to allow, in sandbox paths (after pivot_root).
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Read, write, create, remove, execute.
+    pub read_write: Vec<PathBuf>,
+    /// Read and execute.
+    pub read_only: Vec<PathBuf>,
+    /// Device files: read, write, truncate (for `> /dev/null`).
+    pub devices: Vec<PathBuf>,
+    /// Directories that may be listed but not read beneath (the root).
+    pub list_only: Vec<PathBuf>,
+    /// Deny every TCP bind and connect.
+    pub deny_tcp: bool,
+}
+
+/// What was enforced, for `Ready`, doctor and logs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LandlockReport {
+    pub abi: u32,
+    pub missing: Vec<LandlockFeature>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LandlockError {
+    #[error("landlock is unavailable ({0}); the session cannot be confined")]
+    Unavailable(std::io::Error),
+    #[error("kernel landlock ABI {abi} lacks {missing:?} and the policy does not allow that degradation")]
+    NotFullyEnforced {
+        abi: u32,
+        missing: Vec<&'static str>,
+    },
+    #[error("landlock {op} {path:?}: {source}")]
+    Rule {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("landlock {op}: {source}")]
+    Syscall {
+        op: &'static str,
+        source: std::io::Error,
+    },
+}
+
+fn open_path(p: &Path) -> Result<OwnedFd, LandlockError> {
+    open(p, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| LandlockError::Rule {
+        op: "open",
+        path: p.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+/// Builds and enforces the ruleset on the calling thread, in order:
+/// 1. read the kernel ABI; refuse unless every missing feature is allowed;
+/// 2. create a ruleset handling every fs right of that ABI, TCP when asked and
+///    available, and both scopes when available;
+/// 3. add the path rules (each path opened O_PATH; a missing path is skipped,
+///    since nothing can be reached through it);
+/// 4. restrict_self, asking for audit records of exec'd programs on ABI ≥ 7.
+///
+/// no_new_privs must already be set.
+pub fn enforce_on_current_thread(
+    rules: &Rules,
+    allowed_missing: &[LandlockFeature],
+) -> Result<LandlockReport, LandlockError> {
+    let abi = sys::landlock_abi().map_err(LandlockError::Unavailable)?;
+    let missing = LandlockFeature::missing_at(abi);
+    let refused: Vec<&'static str> = missing
+        .iter()
+        .filter(|f| !allowed_missing.contains(f))
+        .map(|f| f.name())
+        .collect();
+    if !refused.is_empty() {
+        return Err(LandlockError::NotFullyEnforced {
+            abi,
+            missing: refused,
+        });
+    }
+
+    let handled_fs = fs_rights(abi);
+    let handled_net = if rules.deny_tcp && abi >= 4 {
+        NET_BIND_TCP | NET_CONNECT_TCP
+    } else {
+        0
+    };
+    let scoped = if abi >= 6 {
+        SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
+    } else {
+        0
+    };
+    let ruleset =
+        sys::landlock_create_ruleset(handled_fs, handled_net, scoped, abi).map_err(|source| {
+            LandlockError::Syscall {
+                op: "create_ruleset",
+                source,
+            }
+        })?;
+
+    // Device nodes are never created, and ioctls on devices are never needed by
+    // the tools; everything else is allowed beneath the writable roots.
+    let rw = handled_fs & !(FS_MAKE_CHAR | FS_MAKE_BLOCK | FS_IOCTL_DEV);
+    let groups: [(&[PathBuf], u64); 4] = [
+        (&rules.read_write, rw),
+        (&rules.read_only, READ_ONLY & handled_fs),
+        (
+            &rules.devices,
+            (FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE) & handled_fs,
+        ),
+        (&rules.list_only, FS_READ_DIR),
+    ];
+    for (paths, access) in groups {
+        for p in paths {
+            let fd = match open_path(p) {
+                Ok(fd) => fd,
+                Err(LandlockError::Rule { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            let mut access = access;
+            // Rights that only make sense on directories are refused by the kernel
+            // on files (EINVAL); keep the file-applicable subset.
+            if !p.is_dir() {
+                access &= FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV;
+            }
+            sys::landlock_add_path_rule(ruleset.as_fd(), fd.as_fd(), access).map_err(|source| {
+                LandlockError::Rule {
+                    op: "add_rule",
+                    path: p.clone(),
+                    source,
+                }
+            })?;
+        }
+    }
+
+    let flags = if abi >= 7 {
+        RESTRICT_SELF_LOG_NEW_EXEC_ON
+    } else {
+        0
+    };
+    sys::landlock_restrict_self(ruleset.as_fd(), flags).map_err(|source| {
+        LandlockError::Syscall {
+            op: "restrict_self",
+            source,
+        }
+    })?;
+    Ok(LandlockReport { abi, missing })
+}

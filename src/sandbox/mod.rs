@@ -1,0 +1,61 @@
+//! Confinement of a session: namespaces, cgroup, idmapped workspace, uid switch,
+//! no_new_privs, landlock and seccomp, applied by the session helper (a hidden
+//! stage of the `hands` binary), and the worker-side client that talks to it.
+//!
+//! Namespaces and cgroups belong to the session, not the call: they are made once
+//! at session open, and every tool call runs inside them.
+
+pub mod cgroup;
+pub mod client;
+pub mod helper;
+pub mod landlock;
+pub mod mounts;
+pub mod proto;
+pub mod seccomp;
+pub mod sys;
+
+use std::path::PathBuf;
+
+pub use client::{HelperClient, SandboxError};
+
+/// Host-side settings of the sandbox (not per environment).
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Runtime state: slot locks, the mount point of session roots.
+    pub state_dir: PathBuf,
+    /// The executable re-run as the session helper (the `hands` binary).
+    pub helper_exe: PathBuf,
+    /// Session slot n runs as uid/gid `uid_base + n`.
+    pub uid_base: u32,
+    /// Number of slots: the most sessions that can be open on this host at once.
+    pub slots: u32,
+    pub cgroups: cgroup::Cgroups,
+}
+
+/// Default first session uid: far above any distribution's user ranges and the
+/// usual subuid ranges of rootless containers (100000–165535).
+pub const DEFAULT_UID_BASE: u32 = 2_100_000_000;
+
+impl SandboxConfig {
+    /// Defaults, overridable by `HANDS_STATE_DIR` and `HANDS_HELPER_EXE`.
+    pub fn from_env() -> Result<SandboxConfig, SandboxError> {
+        let state_dir = std::env::var_os("HANDS_STATE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/hands"));
+        let helper_exe = match std::env::var_os("HANDS_HELPER_EXE") {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_exe().map_err(|e| SandboxError::Host {
+                what: "locating the hands executable",
+                source: e,
+            })?,
+        };
+        let cgroups = cgroup::Cgroups::detect()?;
+        Ok(SandboxConfig {
+            state_dir,
+            helper_exe,
+            uid_base: DEFAULT_UID_BASE,
+            slots: 4096,
+            cgroups,
+        })
+    }
+}

@@ -1,0 +1,166 @@
+//! The channel between the worker and a session's helper: length-prefixed JSON
+//! frames over a unix stream socketpair, with pipe fds passed by SCM_RIGHTS.
+//!
+//! The helper is confined but runs code the agent can influence, so the worker
+//! treats every frame from it as untrusted input: bounded size, strict parse, and
+//! a malformed frame ends the session rather than the worker.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::landlock::{LandlockFeature, LandlockReport};
+use crate::tools::{Tool, ToolResult};
+
+/// Largest frame either side accepts (a 20 MiB PDF read is ~27 MiB of base64).
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// Network shape of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetMode {
+    /// Own network namespace with `lo` up; landlock leaves TCP alone.
+    Loopback,
+    /// Own network namespace, `lo` up, and landlock refuses every TCP bind/connect.
+    None,
+}
+
+/// Everything the helper needs to build and confine the session, sent as the
+/// first frame.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Setup {
+    pub session_id: String,
+    /// Host directory (empty, root-owned) on which the new root is assembled.
+    pub root_dir: PathBuf,
+    /// Host path of the workspace, mounted at `/workspace`.
+    pub workspace: PathBuf,
+    /// Owner of the workspace on the host; seen as the session uid inside through
+    /// an idmapped mount.
+    pub workspace_uid: u32,
+    pub workspace_gid: u32,
+    /// The session's unprivileged uid/gid.
+    pub uid: u32,
+    pub gid: u32,
+    /// Host paths made visible read-only at the same place.
+    pub read_only: Vec<PathBuf>,
+    pub tmp_size: u64,
+    pub net: NetMode,
+    pub allow_degraded: Vec<LandlockFeature>,
+    pub max_file_bytes: u64,
+    pub output_limit: usize,
+}
+
+/// Worker → helper.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Run a file tool.
+    Tool { id: u64, tool: Tool, input: Value },
+    /// Raise the cancel flag of a running file tool.
+    Cancel { id: u64 },
+    /// Start a process. Three fds travel with this frame: stdin, stdout, stderr.
+    /// With `kill_all_on_exit`, when it exits every other process of the session
+    /// is killed too (the shell's background jobs die with the shell).
+    Spawn {
+        id: u64,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: PathBuf,
+        kill_all_on_exit: bool,
+    },
+    /// Kill every process of the session except the helper, and wait until they
+    /// are gone.
+    KillAll { id: u64 },
+}
+
+/// Helper → worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Response {
+    /// Setup done; the helper is confined.
+    Ready {
+        report: ConfinementReport,
+    },
+    /// Setup failed at `stage`; the helper exits after sending this.
+    SetupFailed {
+        stage: String,
+        error: String,
+    },
+    ToolDone {
+        id: u64,
+        result: ToolResult,
+    },
+    Spawned {
+        id: u64,
+        pid: i32,
+    },
+    SpawnFailed {
+        id: u64,
+        error: String,
+    },
+    /// A spawned process ended: exit code, or 128 + signal number.
+    Exited {
+        pid: i32,
+        status: i32,
+    },
+    Killed {
+        id: u64,
+        ok: bool,
+    },
+}
+
+/// What the helper enforced, reported once at setup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConfinementReport {
+    pub landlock: LandlockReport,
+    pub seccomp: bool,
+    pub no_new_privs: bool,
+    pub uid: u32,
+    pub effective_caps: u64,
+    pub idmapped_workspace: bool,
+}
+
+/// Writes one frame (blocking).
+pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
+    let body = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    if body.len() > MAX_FRAME {
+        return Err(io::Error::other(format!(
+            "frame of {} bytes exceeds {MAX_FRAME}",
+            body.len()
+        )));
+    }
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf)
+}
+
+/// Encodes one frame into bytes (for async writers).
+pub fn encode_frame<T: Serialize>(msg: &T) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    write_frame(&mut buf, msg)?;
+    Ok(buf)
+}
+
+/// Reads one frame (blocking); `Ok(None)` on a clean EOF between frames.
+pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::other(format!(
+            "frame of {len} bytes exceeds {MAX_FRAME}"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}

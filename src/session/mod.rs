@@ -1,0 +1,382 @@
+//! Sessions: a workspace plus a confined execution context (its helper, cgroup,
+//! uid slot and shell), and the one entry point every connector uses to run a
+//! tool call in it.
+//!
+//! Lifecycle: [`Session::open`] → any number of [`Session::call`] /
+//! [`Session::exec`] → [`Session::close`] (or drop, which kills everything too).
+//! Closing kills every process the session started, double-forked daemons
+//! included: the helper is the pid namespace's init, and the cgroup is emptied
+//! before it is removed.
+
+pub mod slot;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::Mutex;
+use tracing::Instrument;
+
+use crate::policy::{Degradation, NetworkMode, Policy};
+use crate::sandbox::cgroup::{CgroupLimits, SessionCgroup};
+use crate::sandbox::landlock::LandlockFeature;
+use crate::sandbox::proto::{ConfinementReport, NetMode, Setup};
+use crate::sandbox::{HelperClient, SandboxConfig, SandboxError};
+use crate::tools::bash::{BashLimits, BashSession};
+use crate::tools::{timed_out, Tool, ToolResult};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Slot(#[from] slot::SlotError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::sandbox::cgroup::CgroupError),
+    #[error("workspace {path}: {source}")]
+    Workspace {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How to open a session.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub policy: Arc<Policy>,
+    /// The host directory to mount at `/workspace`; `None` creates an empty one
+    /// under the state directory, removed at close.
+    pub workspace: Option<PathBuf>,
+}
+
+/// An open session.
+pub struct Session {
+    id: String,
+    policy: Arc<Policy>,
+    workspace: PathBuf,
+    owns_workspace: bool,
+    helper: HelperClient,
+    /// Taken by close or drop, which empty and remove it.
+    cgroup: Option<SessionCgroup>,
+    _slot: slot::Slot,
+    /// One shell per session; bash calls run one at a time, like the SDK's.
+    bash: Mutex<BashSession>,
+    env: Vec<(String, String)>,
+    closed: bool,
+}
+
+fn degradations(policy: &Policy) -> Vec<LandlockFeature> {
+    policy
+        .allow_degraded
+        .iter()
+        .map(|d| match d {
+            Degradation::LandlockTruncate => LandlockFeature::LandlockTruncate,
+            Degradation::LandlockNet => LandlockFeature::LandlockNet,
+            Degradation::LandlockIoctl => LandlockFeature::LandlockIoctl,
+            Degradation::LandlockScope => LandlockFeature::LandlockScope,
+        })
+        .collect()
+}
+
+/// The environment of every process in the sandbox: nothing of the worker's.
+fn sandbox_env(policy: &Policy) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        (
+            "PATH",
+            "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
+        ),
+        ("HOME", "/tmp"),
+        ("TMPDIR", "/tmp"),
+        ("LANG", "C.UTF-8"),
+        ("USER", "agent"),
+        ("TERM", "dumb"),
+        ("PS1", ""),
+        ("PS2", ""),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in &policy.env {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    format!(
+        "s-{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
+}
+
+impl Session {
+    /// Opens a session:
+    /// 1. take a slot (uid, cgroup name) and clean any group a dead worker left;
+    /// 2. prepare the workspace (created when not given);
+    /// 3. create the cgroup with the policy's limits;
+    /// 4. start the helper in it, which confines itself and reports `Ready`.
+    pub async fn open(cfg: &SandboxConfig, opts: SessionOptions) -> Result<Session, SessionError> {
+        let id = new_id();
+        let slot = slot::acquire(&cfg.state_dir, cfg.slots)?;
+        let cg_name = format!("s{}", slot.n);
+        let stale = cfg.cgroups.open(&cg_name);
+        if !stale.procs().is_empty() || cfg.cgroups.existing().contains(&cg_name) {
+            let _ = stale.kill_all(Duration::from_secs(5));
+            let _ = stale.delete();
+        }
+
+        let (workspace, owns_workspace) = match opts.workspace {
+            Some(p) => (p, false),
+            None => {
+                let p = cfg.state_dir.join("workspaces").join(&id);
+                std::fs::create_dir_all(&p).map_err(|source| SessionError::Workspace {
+                    path: p.clone(),
+                    source,
+                })?;
+                (p, true)
+            }
+        };
+        let workspace =
+            std::fs::canonicalize(&workspace).map_err(|source| SessionError::Workspace {
+                path: workspace.clone(),
+                source,
+            })?;
+        let meta = std::fs::metadata(&workspace).map_err(|source| SessionError::Workspace {
+            path: workspace.clone(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(SessionError::Workspace {
+                path: workspace,
+                source: std::io::Error::other("not a directory"),
+            });
+        }
+        let root_dir = cfg.state_dir.join("root");
+        std::fs::create_dir_all(&root_dir).map_err(|source| SessionError::Workspace {
+            path: root_dir.clone(),
+            source,
+        })?;
+
+        let policy = opts.policy;
+        let limits = &policy.limits;
+        let cgroup = cfg.cgroups.create(
+            &cg_name,
+            CgroupLimits {
+                memory_bytes: limits.memory_bytes,
+                pids: limits.pids,
+                cpu: limits.cpu,
+            },
+        )?;
+        let uid = cfg.uid_base + slot.n;
+        use std::os::unix::fs::MetadataExt;
+        let setup = Setup {
+            session_id: id.clone(),
+            root_dir,
+            workspace: workspace.clone(),
+            workspace_uid: meta.uid(),
+            workspace_gid: meta.gid(),
+            uid,
+            gid: uid,
+            read_only: policy.filesystem.read_only.clone(),
+            tmp_size: policy.filesystem.tmp_size,
+            net: match policy.network.mode {
+                NetworkMode::None => NetMode::None,
+                NetworkMode::Loopback => NetMode::Loopback,
+            },
+            allow_degraded: degradations(&policy),
+            max_file_bytes: limits.file_bytes,
+            output_limit: limits.output_bytes,
+        };
+        let helper = match HelperClient::start(cfg, &setup, &cgroup).await {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = cgroup.kill_all(Duration::from_secs(5));
+                let _ = cgroup.delete();
+                if owns_workspace {
+                    let _ = std::fs::remove_dir_all(&workspace);
+                }
+                return Err(e.into());
+            }
+        };
+        tracing::debug!(session_id = %id, env = %policy.name, uid, slot = slot.n, "session open");
+        let env = sandbox_env(&policy);
+        Ok(Session {
+            id,
+            policy,
+            workspace,
+            owns_workspace,
+            helper,
+            cgroup: Some(cgroup),
+            _slot: slot,
+            bash: Mutex::new(BashSession::default()),
+            env,
+            closed: false,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Host path of the workspace.
+    pub fn workspace(&self) -> &Path {
+        &self.workspace
+    }
+
+    /// What the helper enforced.
+    pub fn confinement(&self) -> &ConfinementReport {
+        self.helper.report()
+    }
+
+    /// The session's cgroup (for metrics and tests).
+    pub fn cgroup(&self) -> Option<&SessionCgroup> {
+        self.cgroup.as_ref()
+    }
+
+    /// Host pid of the session's helper.
+    pub fn helper_pid(&self) -> i32 {
+        self.helper.pid()
+    }
+
+    /// Runs one tool call. Never fails: every problem is a result with
+    /// `is_error`, in the contract's words where it has them.
+    pub async fn call(&self, name: &str, input: &Value) -> ToolResult {
+        self.call_traced(name, input, "")
+            .instrument(tracing::info_span!("tool", session_id = %self.id, tool = name))
+            .await
+    }
+
+    /// As [`Session::call`], with a call id for the tracing span.
+    pub async fn call_traced(&self, name: &str, input: &Value, call_id: &str) -> ToolResult {
+        let Some(tool) = Tool::from_name(name) else {
+            return ToolResult::err(format!(
+                "unknown tool {}",
+                crate::tools::path::py_repr(name)
+            ));
+        };
+        if !self.policy.tools.contains(&tool) {
+            return ToolResult::err(format!(
+                "{name}: tool is not enabled in environment {}",
+                self.policy.name
+            ));
+        }
+        tracing::debug!(call_id, "call");
+        let limits = &self.policy.limits;
+        match tool {
+            Tool::Bash => {
+                let bash_limits = BashLimits {
+                    output_bytes: limits.output_bytes,
+                    default_timeout: limits.bash_timeout,
+                    call_timeout: limits.call_timeout,
+                };
+                let mut bash = self.bash.lock().await;
+                bash.call(&self.helper, input, &bash_limits, &self.env)
+                    .await
+            }
+            file_tool => {
+                // `[]` is the SDK's `{}`; other non-objects are refused by the
+                // tool's own validation with the contract's text.
+                let input = match input {
+                    Value::Array(a) if a.is_empty() => Value::Object(Default::default()),
+                    other => other.clone(),
+                };
+                match tokio::time::timeout(limits.call_timeout, self.helper.tool(file_tool, input))
+                    .await
+                {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(e)) => ToolResult::err(format!("{name}: sandbox error: {e}")),
+                    Err(_) => timed_out(name),
+                }
+            }
+        }
+    }
+
+    /// Runs `argv` directly (no shell) in the session with the given stdio fds
+    /// (consumed: closed once the child has them);
+    /// returns its exit status (128 + signal when killed). With a timeout, the
+    /// command and everything it started are killed when it expires
+    /// (`Ok(None)`).
+    pub async fn exec(
+        &self,
+        argv: Vec<String>,
+        stdio: [std::os::fd::OwnedFd; 3],
+        timeout: Option<Duration>,
+    ) -> Result<Option<i32>, SessionError> {
+        let [i, o, e] = &stdio;
+        let (_pid, exit) = self
+            .helper
+            .spawn(
+                argv,
+                self.env.clone(),
+                crate::sandbox::mounts::WORKSPACE.into(),
+                [i, o, e],
+                true,
+            )
+            .await?;
+        // The child has its own copies; ours must close so the reader sees EOF.
+        drop(stdio);
+        let wait = async {
+            exit.await
+                .map_err(|_| SandboxError::HelperDied(String::new()))
+        };
+        match timeout {
+            None => Ok(Some(wait.await?)),
+            Some(t) => match tokio::time::timeout(t, wait).await {
+                Ok(r) => Ok(Some(r?)),
+                Err(_) => {
+                    let _ = self.helper.kill_all().await;
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    /// Closes the session: kills the helper (and so every process of the
+    /// session), empties and removes the cgroup, removes a workspace it created.
+    pub async fn close(mut self) -> Result<(), SessionError> {
+        self.closed = true;
+        self.helper.shutdown().await;
+        let cg = self.cgroup.take();
+        let ws = self.owns_workspace.then(|| self.workspace.clone());
+        tokio::task::spawn_blocking(move || cleanup(cg, ws))
+            .await
+            .map_err(|e| SandboxError::HelperDied(format!(": cleanup task: {e}")))??;
+        Ok(())
+    }
+}
+
+fn cleanup(cg: Option<SessionCgroup>, workspace: Option<PathBuf>) -> Result<(), SandboxError> {
+    if let Some(cg) = cg {
+        cg.kill_all(Duration::from_secs(10))?;
+        cg.delete()?;
+    }
+    if let Some(ws) = workspace {
+        let _ = std::fs::remove_dir_all(ws);
+    }
+    Ok(())
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        // Not closed: kill everything now; finish the cleanup off-thread.
+        self.helper.kill_now();
+        let pid = self.helper.pid();
+        let cg = self.cgroup.take();
+        let ws = self.owns_workspace.then(|| self.workspace.clone());
+        std::thread::spawn(move || {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            let _ = cleanup(cg, ws);
+        });
+    }
+}

@@ -1,0 +1,55 @@
+//! Session slots: a host-wide numbering of open sessions that decides each
+//! session's uid and cgroup name. A slot is held by an exclusive `flock` on
+//! `<state_dir>/slots/<n>.lock`, so it is safe across worker processes and is
+//! released by the kernel when a worker dies; a group left behind by a dead
+//! worker is cleaned when its slot is next taken.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// A held slot; dropping it releases the lock.
+#[derive(Debug)]
+pub struct Slot {
+    pub n: u32,
+    _lock: Flock<File>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error("creating {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("all {0} session slots are in use on this host")]
+    Exhausted(u32),
+}
+
+/// Takes the lowest free slot below `max`. The search starts at a point derived
+/// from the pid so that concurrent workers rarely contend on the same lock file.
+pub fn acquire(state_dir: &Path, max: u32) -> Result<Slot, SlotError> {
+    let dir = state_dir.join("slots");
+    std::fs::create_dir_all(&dir).map_err(|source| SlotError::Dir {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let start = (std::process::id() * 7) % max.max(1);
+    for i in 0..max {
+        let n = (start + i) % max;
+        let path = dir.join(format!("{n}.lock"));
+        let Ok(file) = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+        else {
+            continue;
+        };
+        if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            return Ok(Slot { n, _lock: lock });
+        }
+    }
+    Err(SlotError::Exhausted(max))
+}

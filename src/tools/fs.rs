@@ -1,0 +1,62 @@
+//! Dispatch of the five file tools inside the session helper.
+//!
+//! [`FsContext`] is what a file tool knows about its session: the canonical
+//! workspace root as the sandbox sees it (`/workspace`), the caps from the policy,
+//! and a cancellation flag the worker can raise. Every function here runs in the
+//! confined helper; it never runs in the worker.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::{Tool, ToolResult};
+
+/// Limits and roots of one session's file tools.
+#[derive(Debug, Clone)]
+pub struct FsContext {
+    /// Canonical workspace root inside the sandbox (normally `/workspace`).
+    pub workdir: PathBuf,
+    /// Text cap for read (whole file) and edit; contract default 262144.
+    pub max_file_bytes: u64,
+    /// Cap on the base64 size of an image read; contract default 5 MiB.
+    pub max_image_base64_bytes: u64,
+    /// Cap on the raw size of a PDF read; contract default 20 MiB.
+    pub max_pdf_bytes: u64,
+    /// Output cap of grep, in characters; contract default 102400.
+    pub output_limit: usize,
+    /// Raised by the worker when the call is cancelled or timed out; long walks
+    /// (glob, grep) check it and stop early.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl FsContext {
+    pub fn new(workdir: PathBuf) -> FsContext {
+        FsContext {
+            workdir,
+            max_file_bytes: 262_144,
+            max_image_base64_bytes: 5 * 1024 * 1024,
+            max_pdf_bytes: 20 * 1024 * 1024,
+            output_limit: 102_400,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// Run one file tool call. `input` is the raw `tool_use.input` JSON; validation
+/// failures become the contract's `ValueError('Invalid arguments for function <name>')`.
+pub fn run(tool: Tool, input: &Value, ctx: &FsContext) -> ToolResult {
+    match tool {
+        Tool::Read => super::read::run(input, ctx),
+        Tool::Write => super::write::run(input, ctx),
+        Tool::Edit => super::edit::run(input, ctx),
+        Tool::Glob => super::glob::run(input, ctx),
+        Tool::Grep => super::grep::run(input, ctx),
+        Tool::Bash => ToolResult::err("bash is not a file tool"),
+    }
+}
