@@ -5,7 +5,7 @@
 //! widen it. Each environment is one file, `<name>.toml`, and the file stem is the
 //! environment name (`[a-z0-9][a-z0-9_-]*`, at most 64 characters, because it ends
 //! up in cgroup and directory names). Nothing but this module reads policy TOML: a file
-//! goes into the serde types of [`raw`] (unknown keys rejected at every level), then
+//! goes into the serde types of `raw` (unknown keys rejected at every level), then
 //! [`Policy::from_toml_str`] checks every value once and the rest of the crate trusts
 //! the resulting [`Policy`].
 //!
@@ -36,7 +36,7 @@
 //! pids = 512                 # cgroup pids limit of the whole session, >= 16
 //! cpu = 1.0                  # CPU cores as a CFS quota, > 0 and <= 1024
 //! output_bytes = 102400      # bash output kept per call, and grep output; 1 KiB..=64 MiB
-//! file_bytes = 262144        # text cap of read and edit; 1 KiB..=64 MiB
+//! file_bytes = 262144        # read/edit text cap (the SDK's max_file_bytes); 1 KiB..=64 MiB
 //! bash_timeout = "120s"      # bash timeout when the call gives no timeout_ms, > 0
 //! call_timeout = "150s"      # hard cap of any tool call, > bash_timeout
 //!
@@ -59,10 +59,11 @@
 //!   policies are checked on machines other than the one that runs them, so a path
 //!   need not exist (`/lib64` is absent on arm64). Host symlinks such as Debian's
 //!   `/bin -> usr/bin` are listed as-is; the sandbox recreates them.
-//! - `network.mode`: `"none"` — no network namespace interface at all and landlock
-//!   denies every TCP bind and connect; `"loopback"` — the session's own network
-//!   namespace with only `lo` up, so a process may serve and reach itself, nothing
-//!   else. Egress through the allowlist proxy (DESIGN §4) will be a third mode.
+//! - `network.mode`: both give the session a network namespace of its own. `"none"`:
+//!   no interface up, not even `lo`, and landlock denies every TCP bind and connect as
+//!   a second wall. `"loopback"`: only `lo` up, so a process may serve and reach
+//!   itself, nothing else. Egress through the allowlist proxy (DESIGN §4) will be a
+//!   third mode.
 //! - `limits.call_timeout` must be strictly greater than `limits.bash_timeout`: with
 //!   equal deadlines the two race and the model sees either bash's own
 //!   `bash command timed out` or the runner's `tool 'bash' timed out` (the SDK keeps
@@ -77,7 +78,8 @@
 //!   and every `ANTHROPIC_*` name (the SDK worker never lets those reach a tool
 //!   process; credentials belong in the vault, not in a policy). `PATH` and `HOME`
 //!   are allowed and replace the sandbox's defaults.
-//! - `sandbox.allow_degraded`: names from [`Degradation`]; unknown names are
+//! - `sandbox.allow_degraded`: `landlock-truncate`, `landlock-net`, `landlock-ioctl`,
+//!   `landlock-scope` (see [`Degradation`] for what each gives up); anything else is
 //!   rejected. Empty (the default) means fail closed: an environment whose
 //!   confinement the kernel cannot fully enforce is not offered.
 
@@ -92,6 +94,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::sandbox::mounts;
 use crate::tools::Tool;
 use raw::{RawDuration, RawLimits, RawPolicy, RawSize};
 
@@ -129,7 +132,7 @@ pub struct Network {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
-    /// No TCP bind or connect at all (landlock), and no interface but a down `lo`.
+    /// A network namespace with no interface up, and no TCP bind or connect (landlock).
     None,
     /// A private network namespace with only `lo` up.
     Loopback,
@@ -223,7 +226,7 @@ pub enum PolicyError {
     },
     /// TOML syntax, a missing or unknown key, or a value of the wrong type; toml's
     /// message carries the line, column and key.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {}", path.display(), source.to_string().trim_end())]
     Parse {
         path: PathBuf,
         #[source]
@@ -235,11 +238,11 @@ pub enum PolicyError {
         key: String,
         message: String,
     },
-    #[error("{}environment name `{name}` is invalid: it must match [a-z0-9][a-z0-9_-]* and be at most {MAX_NAME_LEN} characters", path_prefix(.path.as_deref()))]
+    #[error("{}environment name `{name}` is invalid: {NAME_RULE}", path_prefix(.path.as_deref()))]
     Name { path: Option<PathBuf>, name: String },
     #[error("{}: a policy file must be named <environment>.toml", path.display())]
     FileName { path: PathBuf },
-    #[error("no policy for environment `{name}`: no {name}.toml in {} and no built-in policy of that name (built in: {})", display_dirs(searched), BUILTIN.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "))]
+    #[error("no policy for environment `{name}`: {}", not_found(name, searched))]
     NotFound {
         name: String,
         searched: Vec<PathBuf>,
@@ -251,19 +254,25 @@ fn path_prefix(path: Option<&Path>) -> String {
         .unwrap_or_default()
 }
 
-fn display_dirs(dirs: &[PathBuf]) -> String {
-    if dirs.is_empty() {
-        return "(no policy directories)".to_string();
-    }
-    dirs.iter()
-        .map(|d| d.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+fn not_found(name: &str, searched: &[PathBuf]) -> String {
+    let dirs = if searched.is_empty() {
+        "(no policy directories)".to_string()
+    } else {
+        let dirs: Vec<_> = searched.iter().map(|d| d.display().to_string()).collect();
+        dirs.join(", ")
+    };
+    let builtin: Vec<_> = BUILTIN.iter().map(|(n, _)| *n).collect();
+    format!(
+        "no {name}.toml in {dirs}, and no built-in policy of that name (built in: {})",
+        builtin.join(", ")
+    )
 }
 
 type Result<T, E = PolicyError> = std::result::Result<T, E>;
 
 const MAX_NAME_LEN: usize = 64;
+// Spells out MAX_NAME_LEN: a const string cannot be formatted.
+const NAME_RULE: &str = "it must match [a-z0-9][a-z0-9_-]* and be at most 64 characters";
 
 /// The policies compiled into the binary, so a fresh machine has working environments.
 const BUILTIN: [(&str, &str); 3] = [
@@ -274,7 +283,7 @@ const BUILTIN: [(&str, &str); 3] = [
 
 /// Paths the sandbox mounts itself; a read-only host path on, in or above one of them
 /// would shadow or expose what the sandbox puts there.
-const RESERVED_PATHS: [&str; 5] = ["/proc", "/sys", "/dev", "/tmp", "/workspace"];
+const RESERVED_PATHS: [&str; 5] = ["/proc", "/sys", "/dev", "/tmp", mounts::WORKSPACE];
 
 const MIN_MEMORY: u64 = 16 << 20;
 const MIN_TMP: u64 = 1 << 20;
@@ -324,7 +333,7 @@ impl Policy {
         Validator { path }.policy(name, raw)
     }
 
-    /// Loads `<dir>/<name>.toml`; the environment name is the file stem.
+    /// Loads a policy file, `<name>.toml`; the environment name is the file stem.
     pub fn load(path: &Path) -> Result<Policy> {
         let name = match (path.file_stem(), path.extension()) {
             (Some(stem), Some(ext)) if ext == "toml" => stem.to_string_lossy(),
@@ -770,7 +779,13 @@ enabled = ["bash", "read", "write", "edit", "glob", "grep"]
     #[test]
     fn optional_tables() {
         let text = format!(
-            "{VALID}\n[env]\nLANG = \"C.UTF-8\"\n_x1 = \"\"\n[sandbox]\nallow_degraded = [\"landlock-net\", \"landlock-scope\"]\n"
+            r#"{VALID}
+[env]
+LANG = "C.UTF-8"
+_x1 = ""
+[sandbox]
+allow_degraded = ["landlock-net", "landlock-scope"]
+"#
         );
         let policy = parse(&text).unwrap();
         assert_eq!(policy.env["LANG"], "C.UTF-8");

@@ -93,10 +93,11 @@ pub fn format_size(bytes: u64) -> String {
         .unwrap_or_else(|| format!("{bytes} B"))
 }
 
-/// Formats a duration in the policy's own units (`120s`, `5m`, `1500ms`).
+/// Formats a duration in the policy's own units: minutes from ten minutes up when
+/// whole (`30m`), else seconds when whole (`120s`, `540s`), else milliseconds.
 pub fn format_duration(duration: Duration) -> String {
     let millis = duration.as_millis();
-    if millis != 0 && millis % 60_000 == 0 {
+    if millis >= 600_000 && millis % 60_000 == 0 {
         format!("{}m", millis / 60_000)
     } else if millis % 1000 == 0 {
         format!("{}s", millis / 1000)
@@ -153,11 +154,12 @@ mod tests {
         }
         assert_eq!(format_size(GIB), "1 GiB");
         assert_eq!(format_size(1536 * MIB), "1536 MiB");
-        for ms in [0, 1500, 120_000, 300_000] {
+        for ms in [0, 1500, 120_000, 300_000, 1_800_000] {
             let d = Duration::from_millis(ms);
             assert_eq!(parse_duration(&format_duration(d)), Ok(d));
         }
         assert_eq!(format_duration(Duration::from_secs(150)), "150s");
+        assert_eq!(format_duration(Duration::from_secs(120)), "120s");
         assert_eq!(format_duration(Duration::from_secs(600)), "10m");
     }
 }

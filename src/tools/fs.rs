@@ -5,12 +5,15 @@
 //! and a cancellation flag the worker can raise. Every function here runs in the
 //! confined helper; it never runs in the worker.
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use nix::errno::Errno;
 use serde_json::Value;
 
+use super::path::{fs_reason, PathError};
 use super::{Tool, ToolResult};
 
 /// Limits and roots of one session's file tools.
@@ -58,5 +61,58 @@ pub fn run(tool: Tool, input: &Value, ctx: &FsContext) -> ToolResult {
         Tool::Glob => super::glob::run(input, ctx),
         Tool::Grep => super::grep::run(input, ctx),
         Tool::Bash => ToolResult::err("bash is not a file tool"),
+    }
+}
+
+/// `<tool>: <fp>: <reason>`, the SDK's text for a failed file operation.
+pub(crate) fn os_error(tool: &str, fp: &str, errno: Errno) -> ToolResult {
+    ToolResult::err(format!("{tool}: {fp}: {}", fs_reason(errno)))
+}
+
+/// `<tool>: <path error>`, the SDK's text for a refused or unresolvable path.
+pub(crate) fn path_error(tool: &str, fp: &str, err: PathError) -> ToolResult {
+    ToolResult::err(format!("{tool}: {}", err.message(fp)))
+}
+
+/// The errno behind an I/O error (`EIO` when there is none).
+pub(crate) fn errno_of(err: &std::io::Error) -> Errno {
+    Errno::from_raw(err.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// Read at most `cap + 1` bytes: enough to see that a file grew past a cap checked on
+/// its stat without ever holding more than the cap allows.
+pub(crate) fn read_capped(file: &mut std::fs::File, cap: u64) -> std::io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    file.take(cap.saturating_add(1)).read_to_end(&mut data)?;
+    Ok(data)
+}
+
+#[cfg(test)]
+mod diff_harness_tmp {
+    #[test]
+    #[ignore]
+    fn differential_dump() {
+        let wd = std::env::var("HANDS_DIFF_WORKDIR").expect("wd");
+        let cases = std::fs::read_to_string(std::env::var("HANDS_DIFF_CASES").expect("cases"))
+            .expect("read");
+        let ctx = super::FsContext::new(std::path::PathBuf::from(wd));
+        let mut out = String::new();
+        for line in cases.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).expect("json");
+            let tool = super::Tool::from_name(v[0].as_str().expect("name")).expect("tool");
+            let r = super::run(tool, &v[1], &ctx);
+            let content = match &r.content[..] {
+                [super::super::ContentBlock::Text { text }] => {
+                    serde_json::Value::String(text.clone())
+                }
+                other => serde_json::to_value(other).expect("ser"),
+            };
+            out.push_str(
+                &serde_json::json!([v[0], v[1], {"is_error": r.is_error, "content": content}])
+                    .to_string(),
+            );
+            out.push('\n');
+        }
+        std::fs::write(std::env::var("HANDS_DIFF_OUT").expect("out"), out).expect("write out");
     }
 }

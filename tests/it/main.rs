@@ -1,1 +1,11 @@
+//! The integration suite: one binary, run as root on a kernel with landlock,
+//! seccomp, cgroups and namespaces. Under `CI=true` a missing kernel feature is a
+//! failure, never a skip.
 
+mod cli;
+mod differential;
+mod escapes;
+mod isolation;
+mod limits;
+mod netpeer;
+mod util;

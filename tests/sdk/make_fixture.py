@@ -4,8 +4,9 @@
 The tree is byte-for-byte and mtime-for-mtime identical on every run, so the SDK side
 and the hands side each start from their own fresh copy of the same state. It holds
 one file for every path the six tools treat differently: text with several lines,
-repeated strings for edit, nested and unicode names, a dotfile and a `.gitignore`
-(rg, and so hands' grep, honour it), binary and invalid UTF-8 content, a PNG, a PDF
+repeated strings for edit, nested and unicode names, a dotfile, a `.gitignore` and
+an `.ignore` (rg, and so hands' grep, honours the first only in a git repository and
+the second always), binary and invalid UTF-8 content, a PNG, a PDF
 and a text file with an image extension, a file over the 262144-byte text cap and a
 single line over it, an empty file, symlinks (inside, outside, dangling, to a
 directory) and a FIFO.
@@ -76,7 +77,10 @@ FILES: dict[str, bytes] = {
     # read chooses image handling by extension alone (case-insensitive).
     "photo.JPG": b"this is text, not a JPEG\n",
     ".hidden": b"a dotfile\nneedle in a dotfile\n",
-    ".gitignore": b"ignored.txt\nbuild/\n",
+    # rg honours .gitignore only inside a git repository (this tree is none, so build/
+    # is searched) but .ignore everywhere (so ignored.txt is not).
+    ".gitignore": b"build/\n",
+    ".ignore": b"ignored.txt\n",
     "ignored.txt": b"needle in an ignored file\n",
     "build/out.txt": b"needle in build output\n",
     "src/main.py": b'import sys\n\n\ndef main():\n    print("needle in main")\n    return 0\n\n\nsys.exit(main())\n',

@@ -40,6 +40,7 @@ import anyio
 
 SDK_VERSION = "2.10.0"
 PLACEHOLDER = "@WORKDIR@"
+PAUSE_BETWEEN_CALLS = 0.01
 ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -94,6 +95,11 @@ async def run(workdir: str, cases: list[dict[str, Any]]) -> list[dict[str, Any]]
             input_ = dict(substitute(case["input"], workdir))
             content, is_error = await call_tool(by_name[case["tool"]], case["tool"], input_)
             results.append({"name": case["name"], "content": content, "is_error": is_error})
+            # The runner posts each result before it takes the next call. This pause
+            # stands in for that round trip; without it the next bash call can come
+            # before asyncio has recorded that a shell died (`exit`), and the SDK
+            # reads EOF as `(no output)` instead of `bash session terminated`.
+            await anyio.sleep(PAUSE_BETWEEN_CALLS)
     finally:
         # The runner's teardown, then the worker's: each tool's cleanup hook (this is
         # what kills the bash tool's shell), then the context's exit. Shielded as in

@@ -1,0 +1,735 @@
+//! The escape suite: each test is one named attack from inside a session, from
+//! bash and, where it applies, from the file tools. Every one must be denied, and
+//! each asserts the specific effect the attack would have had, so it fails if the
+//! confinement that stops it is removed.
+
+use std::os::unix::fs::PermissionsExt;
+
+use serde_json::json;
+
+use crate::require_sandbox;
+use crate::util::*;
+
+// ---------------------------------------------------------------------------
+// Filesystem: reading and writing outside the workspace.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_outside_direct_host_path() {
+    require_sandbox!();
+    let fx = HostFixture::new();
+    let s = open(Some(&fx.ws())).await;
+    let host_path = fx.secret_path().display().to_string();
+    let r = bash(&s, &format!("cat {host_path}")).await;
+    assert!(
+        r.is_error && !r.text_content().contains(&fx.secret),
+        "{r:?}"
+    );
+    let r = tool(&s, "read", json!({ "file_path": host_path })).await;
+    assert!(
+        r.is_error && !r.text_content().contains(&fx.secret),
+        "{r:?}"
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_outside_via_dotdot() {
+    require_sandbox!();
+    let fx = HostFixture::new();
+    let s = open(Some(&fx.ws())).await;
+    // On the host, ws/../secret.txt is the secret; inside, /workspace/.. is the
+    // sandbox's own root.
+    let r = bash(
+        &s,
+        "cat /workspace/../secret.txt; cat ../secret.txt; cat ../../../../secret.txt",
+    )
+    .await;
+    assert!(
+        r.is_error && !r.text_content().contains(&fx.secret),
+        "{r:?}"
+    );
+    let r = tool(&s, "read", json!({ "file_path": "../secret.txt" })).await;
+    assert!(r.is_error, "{r:?}");
+    assert!(
+        r.text_content()
+            .contains("is outside the session's working directory"),
+        "{r:?}"
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_outside_via_planted_symlink() {
+    require_sandbox!();
+    let fx = HostFixture::new();
+    // Planted on the host before the session: absolute and relative links to the
+    // secret.
+    std::os::unix::fs::symlink(fx.secret_path(), fx.ws().join("abs")).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", fx.ws().join("rel")).unwrap();
+    let s = open(Some(&fx.ws())).await;
+    let r = bash(&s, "cat abs; cat rel").await;
+    assert!(
+        r.is_error && !r.text_content().contains(&fx.secret),
+        "{r:?}"
+    );
+    for link in ["abs", "rel"] {
+        let r = tool(&s, "read", json!({ "file_path": link })).await;
+        assert!(
+            r.is_error && !r.text_content().contains(&fx.secret),
+            "{link}: {r:?}"
+        );
+        let r = tool(
+            &s,
+            "grep",
+            json!({ "pattern": "host-secret", "path": link }),
+        )
+        .await;
+        assert!(!r.text_content().contains(&fx.secret), "{link}: {r:?}");
+    }
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn write_outside_via_planted_symlink() {
+    require_sandbox!();
+    let fx = HostFixture::new();
+    let target = fx.root().join("planted-target.txt");
+    std::os::unix::fs::symlink(&target, fx.ws().join("out")).unwrap();
+    std::os::unix::fs::symlink(fx.secret_path(), fx.ws().join("sec")).unwrap();
+    let s = open(Some(&fx.ws())).await;
+    let _ = bash(
+        &s,
+        "echo pwned > out; echo pwned >> sec; echo pwned > ../planted-target.txt",
+    )
+    .await;
+    let _ = tool(
+        &s,
+        "write",
+        json!({ "file_path": "out", "content": "pwned" }),
+    )
+    .await;
+    let _ = tool(
+        &s,
+        "edit",
+        json!({ "file_path": "sec", "old_string": "host", "new_string": "pwned" }),
+    )
+    .await;
+    assert!(
+        !target.exists(),
+        "a write reached the host through the symlink"
+    );
+    assert_eq!(
+        std::fs::read_to_string(fx.secret_path()).unwrap(),
+        fx.secret
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hardlink_to_file_outside_workspace() {
+    require_sandbox!();
+    let fx = HostFixture::new();
+    // From inside: linking a visible file from another mount into the workspace.
+    let s = open(Some(&fx.ws())).await;
+    let r = bash(&s, "ln /etc/passwd /workspace/pw && echo LINKED").await;
+    assert!(r.is_error && !r.text_content().contains("LINKED"), "{r:?}");
+    let r = bash(&s, "ln /etc/shadow /workspace/sh && echo LINKED").await;
+    assert!(r.is_error && !r.text_content().contains("LINKED"), "{r:?}");
+    s.close().await.unwrap();
+
+    // Planted from outside: a hardlink to another user's private file stays that
+    // user's file, unreadable and unwritable through the workspace.
+    let private = fx.root().join("private.txt");
+    std::fs::write(&private, &fx.secret).unwrap();
+    std::os::unix::fs::chown(&private, Some(12345), Some(12345)).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::hard_link(&private, fx.ws().join("hl")).unwrap();
+    let s = open(Some(&fx.ws())).await;
+    let r = bash(&s, "cat hl").await;
+    assert!(
+        r.is_error && r.text_content().contains("Permission denied"),
+        "{r:?}"
+    );
+    let r = tool(&s, "read", json!({ "file_path": "hl" })).await;
+    assert!(
+        r.is_error && !r.text_content().contains(&fx.secret),
+        "{r:?}"
+    );
+    let r = bash(&s, "echo pwned > hl").await;
+    assert!(r.is_error, "{r:?}");
+    assert_eq!(std::fs::read_to_string(&private).unwrap(), fx.secret);
+    s.close().await.unwrap();
+}
+
+/// A background process keeps swapping a directory for a symlink to a directory
+/// outside the workspace while the file tools read and write through it: no
+/// read may return the outside file, no write may land in it.
+#[tokio::test(flavor = "multi_thread")]
+async fn symlink_swapped_in_during_file_tool() {
+    require_sandbox!();
+    let s = open(None).await;
+    let token = format!("OUTSIDE-{}", rand_hex());
+    sh(
+        &s,
+        &format!(
+            "mkdir -p real /tmp/other && echo inside > real/f && echo {token} > /tmp/other/f && \
+             (while :; do ln -sfn real d; ln -sfn /tmp/other d; done) >/dev/null 2>&1 &"
+        ),
+    )
+    .await;
+    let mut inside = 0;
+    for _ in 0..300 {
+        let r = tool(&s, "read", json!({ "file_path": "d/f" })).await;
+        assert!(
+            !r.text_content().contains(&token),
+            "read followed the raced symlink: {r:?}"
+        );
+        if !r.is_error {
+            assert_eq!(r.text_content(), "inside\n");
+            inside += 1;
+        }
+        let _ = tool(
+            &s,
+            "write",
+            json!({ "file_path": "d/f", "content": "inside\n" }),
+        )
+        .await;
+        let _ = tool(
+            &s,
+            "edit",
+            json!({ "file_path": "d/f", "old_string": "inside", "new_string": "inside" }),
+        )
+        .await;
+    }
+    let outside = sh(&s, "cat /tmp/other/f").await;
+    assert_eq!(outside, token, "a write went through the raced symlink");
+    eprintln!("{inside} of 300 reads resolved inside the workspace");
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proc_self_root_does_not_reach_the_host() {
+    require_sandbox!();
+    let fx = HostFixture::new();
+    let s = open(Some(&fx.ws())).await;
+    let secret = fx.secret_path().display().to_string();
+    let r = bash(
+        &s,
+        &format!("cat /proc/self/root{secret}; cat /proc/1/root{secret}; ls /proc/self/root/"),
+    )
+    .await;
+    let text = r.text_content();
+    assert!(!text.contains(&fx.secret), "{text}");
+    // /proc/self/root is the sandbox's own root, not the host's.
+    assert!(text.contains("workspace") && !text.contains("home"), "{text}");
+    let r = tool(
+        &s,
+        "read",
+        json!({ "file_path": format!("/proc/self/root{secret}") }),
+    )
+    .await;
+    assert!(
+        r.is_error && !r.text_content().contains(&fx.secret),
+        "{r:?}"
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proc_pid_cwd_does_not_reach_the_host() {
+    require_sandbox!();
+    let fx = HostFixture::new();
+    let s = open(Some(&fx.ws())).await;
+    // Every process visible inside, through its cwd and root links.
+    let r = bash(
+        &s,
+        "for p in /proc/[0-9]*; do cat $p/cwd/../secret.txt $p/root/../secret.txt 2>/dev/null; done; echo done",
+    )
+    .await;
+    assert!(!r.text_content().contains(&fx.secret), "{r:?}");
+    // The worker (this test process) is not even visible.
+    let me = std::process::id();
+    let r = bash(&s, &format!("ls /proc/{me}/cwd/")).await;
+    assert!(r.is_error, "worker pid {me} visible inside: {r:?}");
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_etc_shadow() {
+    require_sandbox!();
+    let s = open(None).await;
+    let r = bash(&s, "cat /etc/shadow").await;
+    assert!(
+        r.is_error && r.text_content().contains("Permission denied"),
+        "{r:?}"
+    );
+    let r = tool(&s, "read", json!({ "file_path": "/etc/shadow" })).await;
+    assert!(r.is_error && !r.text_content().contains("root:"), "{r:?}");
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn write_to_read_only_system_paths() {
+    require_sandbox!();
+    let s = open(None).await;
+    let marker = format!("/usr/hands-escape-{}", rand_hex());
+    let r = bash(
+        &s,
+        &format!("touch {marker} /etc/hands-escape; echo x > /bin/hands-escape"),
+    )
+    .await;
+    assert!(r.is_error, "{r:?}");
+    assert!(!std::path::Path::new(&marker).exists());
+    assert!(!std::path::Path::new("/etc/hands-escape").exists());
+    s.close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// The worker's environment and memory.
+
+#[test]
+fn worker_environment_is_not_readable() {
+    require_sandbox!();
+    let token = format!("worker-token-{}", rand_hex());
+    // The worker is launched with the secret in its environment, like an
+    // ANTHROPIC_* key; nothing inside may see it.
+    let out = std::process::Command::new(hands_bin())
+        .env("ANTHROPIC_ENVIRONMENT_KEY", &token)
+        .env("HANDS_TEST_SECRET", &token)
+        .args(["exec", "--env", "default", "--", "/bin/sh", "-c"])
+        .arg("env; for f in /proc/[0-9]*/environ; do cat $f 2>&1; echo; done; cat /proc/$PPID/environ; tr '\\0' '\\n' < /proc/1/environ")
+        .output()
+        .expect("run hands exec");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.code().is_some(), "{all}");
+    assert!(
+        !all.contains(&token),
+        "the worker's environment leaked: {all}"
+    );
+    assert!(
+        all.contains("PATH=/usr/local/bin"),
+        "the probe did not run: {all}"
+    );
+}
+
+/// This test process is the worker: its memory, maps and environment must be out
+/// of reach, by host pid and through every process visible inside (the helper,
+/// pid 1, is not dumpable).
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_memory_is_not_readable() {
+    require_sandbox!();
+    let s = open(None).await;
+    let me = std::process::id();
+    let r = bash(
+        &s,
+        &format!(
+            "for p in {me} 1 $PPID; do cat /proc/$p/maps; head -c 64 /proc/$p/mem; cat /proc/$p/environ; done 2>&1; echo END"
+        ),
+    )
+    .await;
+    let text = r.text_content();
+    assert!(text.contains("END"), "{text}");
+    assert!(
+        !text.contains("r-xp") && !text.contains("rw-p"),
+        "a memory map leaked: {text}"
+    );
+    assert!(
+        text.contains("No such file or directory"),
+        "worker pid {me} visible: {text}"
+    );
+    assert!(
+        text.contains("Permission denied"),
+        "the helper's memory is open: {text}"
+    );
+    s.close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Other processes.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ptrace_another_process() {
+    require_sandbox!();
+    let s = open(None).await;
+    sh(&s, "sleep 300 >/dev/null 2>&1 &").await;
+    let (_, out) = py(
+        &s,
+        &syscall_probe(
+            "import subprocess\n\
+             pid = int(subprocess.check_output(['pgrep', '-n', 'sleep']).strip())\n\
+             report(libc.syscall(101, 16, pid, 0, 0))  # PTRACE_ATTACH\n\
+             report(libc.syscall(101, 0, 0, 0, 0))     # PTRACE_TRACEME",
+        ),
+    )
+    .await;
+    assert_eq!(out.matches("DENIED EPERM").count(), 2, "{out}");
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn process_vm_readv_another_process() {
+    require_sandbox!();
+    let s = open(None).await;
+    sh(&s, "sleep 300 >/dev/null 2>&1 &").await;
+    let (_, out) = py(
+        &s,
+        &syscall_probe(
+            "import subprocess\n\
+             pid = int(subprocess.check_output(['pgrep', '-n', 'sleep']).strip())\n\
+             buf = ctypes.create_string_buffer(16)\n\
+             class iov(ctypes.Structure):\n    _fields_ = [('b', ctypes.c_void_p), ('l', ctypes.c_size_t)]\n\
+             local = iov(ctypes.addressof(buf), 16)\n\
+             remote = iov(0x400000, 16)\n\
+             report(libc.syscall(310, pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))\n\
+             report(libc.syscall(311, pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))",
+        ),
+    )
+    .await;
+    assert_eq!(out.matches("DENIED EPERM").count(), 2, "{out}");
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn see_processes_outside_the_session() {
+    require_sandbox!();
+    let mut host = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    let s = open(None).await;
+    let pids = sh(&s, "ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '").await;
+    let visible: Vec<u32> = pids
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert!(
+        !visible.contains(&host.id()),
+        "host pid {} visible: {pids}",
+        host.id()
+    );
+    // The helper (1), the shell and the pipeline: a handful of small pids.
+    assert!(
+        visible.len() <= 10 && visible.iter().all(|p| *p < 100),
+        "{pids}"
+    );
+    let ps = sh(&s, "ps -eo comm | tail -n +2 | sort | tr '\\n' ' '").await;
+    assert!(!ps.contains("sleep"), "host sleep visible: {ps}");
+    host.kill().unwrap();
+    let _ = host.wait();
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signal_a_process_outside_the_session() {
+    require_sandbox!();
+    let mut host = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    let s = open(None).await;
+    let r = bash(&s, &format!("kill -9 {}", host.id())).await;
+    assert!(r.is_error, "{r:?}");
+    let r = bash(&s, "kill -9 -1; echo survived").await;
+    let _ = r;
+    assert!(
+        pid_alive(host.id()),
+        "the host process was killed from inside"
+    );
+    host.kill().unwrap();
+    let _ = host.wait();
+    s.close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Kernel interfaces denied by seccomp (EPERM, not a kill).
+
+async fn denied(probe: &str, expect: &str, count: usize) {
+    let s = open(None).await;
+    let (_, out) = py(&s, &syscall_probe(probe)).await;
+    assert_eq!(out.matches(expect).count(), count, "probe output: {out}");
+    assert!(!out.contains("ALLOWED"), "probe output: {out}");
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mount_a_filesystem() {
+    require_sandbox!();
+    denied(
+        "report(libc.mount(b'none', b'/tmp', b'tmpfs', 0, None))\n\
+         report(libc.syscall(428, -100, b'/tmp', 1))  # open_tree\n\
+         report(libc.syscall(430, b'tmpfs', 0))       # fsopen",
+        "DENIED EPERM",
+        3,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unshare_namespaces() {
+    require_sandbox!();
+    denied(
+        "for flag in (0x10000000, 0x00020000, 0x40000000, 0x20000000, 0x08000000, 0x04000000, 0x02000000):\n    report(libc.unshare(flag))",
+        "DENIED EPERM",
+        7,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn setns_into_another_namespace() {
+    require_sandbox!();
+    denied(
+        "fd = os.open('/proc/self/ns/net', os.O_RDONLY)\n\
+         report(libc.setns(fd, 0))\n\
+         report(libc.syscall(308, fd, 0x40000000))",
+        "DENIED EPERM",
+        2,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_a_user_namespace() {
+    require_sandbox!();
+    // unshare(CLONE_NEWUSER), clone(CLONE_NEWUSER), and clone3 (ENOSYS, so libc
+    // falls back to clone where the flags are checked).
+    denied(
+        "report(libc.unshare(0x10000000))\n\
+         report(libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0))",
+        "DENIED EPERM",
+        2,
+    )
+    .await;
+    let s = open(None).await;
+    let r = bash(&s, "unshare --user --map-root-user id").await;
+    assert!(r.is_error && !r.text_content().contains("uid=0"), "{r:?}");
+    let (_, out) = py(
+        &s,
+        &syscall_probe(
+            "args = (ctypes.c_uint64 * 11)(0x10000000)\nreport(libc.syscall(435, args, 88))",
+        ),
+    )
+    .await;
+    assert!(out.contains("DENIED ENOSYS"), "{out}");
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bpf() {
+    require_sandbox!();
+    denied("report(libc.syscall(321, 0, 0, 0))", "DENIED EPERM", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keyctl() {
+    require_sandbox!();
+    denied(
+        "report(libc.syscall(250, 0, -3, 0, 0))   # keyctl GET_KEYRING_ID\n\
+         report(libc.syscall(248, b'user', b'k', b'v', 1, -3))  # add_key",
+        "DENIED EPERM",
+        2,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn io_uring() {
+    require_sandbox!();
+    denied(
+        "params = ctypes.create_string_buffer(120)\nreport(libc.syscall(425, 8, params))",
+        "DENIED EPERM",
+        1,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn perf_event_open() {
+    require_sandbox!();
+    denied(
+        "attr = ctypes.create_string_buffer(128)\nreport(libc.syscall(298, attr, 0, -1, -1, 0))",
+        "DENIED EPERM",
+        1,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_and_packet_sockets() {
+    require_sandbox!();
+    denied(
+        "report(libc.socket(2, 3, 1))     # AF_INET SOCK_RAW ICMP\n\
+         report(libc.socket(10, 3, 58))   # AF_INET6 SOCK_RAW ICMPv6\n\
+         report(libc.socket(17, 3, 0))    # AF_PACKET SOCK_RAW\n\
+         report(libc.socket(17, 2, 0))    # AF_PACKET SOCK_DGRAM\n\
+         report(libc.socket(2, 10, 0))    # SOCK_PACKET",
+        "DENIED EPERM",
+        5,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vsock_socket() {
+    require_sandbox!();
+    denied(
+        "report(libc.socket(40, 1, 0))   # AF_VSOCK stream\n\
+         report(libc.socket(40, 2, 0))   # AF_VSOCK dgram",
+        "DENIED EPERM",
+        2,
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// Network.
+
+/// A peer that the host itself can reach (a test host in a network namespace
+/// made for this test), and the session cannot.
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_to_a_non_loopback_address() {
+    require_sandbox!();
+    let peer = crate::netpeer::Peer::start().expect("test peer");
+    assert!(
+        peer.host_can_connect(),
+        "the peer must be reachable from the host"
+    );
+    let s = open(None).await;
+    let (_, out) = py(
+        &s,
+        &format!(
+            "import socket\ns = socket.socket()\ns.settimeout(3)\n\
+             try:\n    s.connect(('{}', {}))\n    print('CONNECTED')\n\
+             except OSError as e:\n    print('DENIED', e.errno)",
+            peer.addr, peer.port
+        ),
+    )
+    .await;
+    assert!(out.contains("DENIED"), "{out}");
+    assert_eq!(
+        peer.accepted(),
+        1,
+        "only the host's own check may have connected"
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_to_the_hosts_loopback() {
+    require_sandbox!();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = open(None).await;
+    let (_, out) = py(
+        &s,
+        &format!(
+            "import socket\ns = socket.socket()\ns.settimeout(3)\n\
+             try:\n    s.connect(('127.0.0.1', {port}))\n    print('CONNECTED')\n\
+             except OSError as e:\n    print('DENIED', e.errno)"
+        ),
+    )
+    .await;
+    assert!(
+        out.contains("DENIED 111"),
+        "expected ECONNREFUSED from the session's own lo: {out}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the host listener got a connection"
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn network_none_denies_tcp_even_on_loopback() {
+    require_sandbox!();
+    let s = open_with(policy("strict"), None).await;
+    let (_, out) = py(
+        &s,
+        "import socket\ns = socket.socket()\n\
+         try:\n    s.bind(('127.0.0.1', 8080))\n    print('BOUND')\n\
+         except OSError as e:\n    print('DENIED', e.errno)\n\
+         c = socket.socket()\n\
+         try:\n    c.connect(('127.0.0.1', 22))\n    print('CONNECTED')\n\
+         except OSError as e:\n    print('DENIED', e.errno)",
+    )
+    .await;
+    assert_eq!(
+        out.matches("DENIED 13").count(),
+        2,
+        "landlock should refuse TCP: {out}"
+    );
+    s.close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Privileges.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn write_into_sys_fs_cgroup() {
+    require_sandbox!();
+    let s = open(None).await;
+    let r = bash(
+        &s,
+        "echo 0 > /sys/fs/cgroup/pids/hands/cgroup.procs; echo max > /sys/fs/cgroup/memory/memory.limit_in_bytes; \
+         mkdir -p /tmp/cg && mount -t cgroup -o pids none /tmp/cg && echo MOUNTED",
+    )
+    .await;
+    assert!(r.is_error && !r.text_content().contains("MOUNTED"), "{r:?}");
+    // The session's limits on the host are untouched.
+    let cg = s.cgroup().unwrap();
+    assert!(!cg.procs().is_empty());
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn change_uid() {
+    require_sandbox!();
+    denied(
+        "report(libc.setuid(0))\nreport(libc.setresuid(0, 0, 0))\nreport(libc.setgid(0))\nreport(libc.setgroups(0, None))",
+        "DENIED EPERM",
+        4,
+    )
+    .await;
+}
+
+/// A setuid-root binary visible in the sandbox must not grant root or any
+/// capability: the read-only mounts are nosuid, no_new_privs is set, and the
+/// bounding set is empty.
+#[tokio::test(flavor = "multi_thread")]
+async fn gain_capability_through_setuid_binary() {
+    require_sandbox!();
+    // Outside /tmp: the sandbox's private /tmp would cover it.
+    let dir = tempfile::Builder::new().tempdir_in("/var/tmp").unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for prog in ["cat", "id"] {
+        let dst = bin.join(format!("suid{prog}"));
+        std::fs::copy(format!("/usr/bin/{prog}"), &dst).unwrap();
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    }
+    let mut p = policy("default");
+    p.filesystem.read_only.push(bin.clone());
+    let s = open_with(p, None).await;
+    let b = bin.display();
+    let r = bash(&s, &format!("{b}/suidid; {b}/suidcat /etc/shadow")).await;
+    let text = r.text_content();
+    assert!(
+        !text.contains("euid=0") && !text.contains("uid=0("),
+        "{text}"
+    );
+    assert!(r.is_error && text.contains("Permission denied"), "{text}");
+    let r = bash(&s, "grep -E 'Cap(Prm|Eff|Bnd|Amb)' /proc/self/status").await;
+    assert_eq!(
+        r.text_content().matches("0000000000000000").count(),
+        4,
+        "{r:?}"
+    );
+    s.close().await.unwrap();
+}

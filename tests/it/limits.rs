@@ -1,0 +1,257 @@
+//! Resource attacks: each one is held by the session's limits while the worker
+//! (this process) and other sessions keep working.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::require_sandbox;
+use crate::util::*;
+
+/// Processes of the session as the host sees them, minus the helper.
+fn session_procs(s: &hands::session::Session) -> Vec<u32> {
+    let helper = s.helper_pid() as u32;
+    s.cgroup()
+        .expect("cgroup")
+        .procs()
+        .into_iter()
+        .filter(|p| *p != helper && pid_alive(*p))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fork_bomb_is_held_by_the_pids_limit() {
+    require_sandbox!();
+    let mut p = policy("default");
+    p.limits.pids = 64;
+    let s = open_with(p, None).await;
+    let r = s
+        .call(
+            "bash",
+            &json!({"command": "bomb() { bomb | bomb & }; bomb; sleep 5", "timeout_ms": 3000}),
+        )
+        .await;
+    assert!(r.is_error, "{r:?}");
+    // The bomb never grew past the limit, and the timeout killed all of it.
+    assert!(
+        session_procs(&s).is_empty(),
+        "left: {:?}",
+        session_procs(&s)
+    );
+    let r = s.call("bash", &json!({"restart": true})).await;
+    assert!(!r.is_error, "{r:?}");
+    assert_eq!(sh(&s, "echo alive").await, "alive");
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fork_bomb_cannot_exceed_pids_max() {
+    require_sandbox!();
+    let mut p = policy("default");
+    p.limits.pids = 32;
+    let s = open_with(p, None).await;
+    // Fork up to 100 sleepers, stopping at the first refused fork, then count
+    // the session's processes.
+    let (_, out) = py(
+        &s,
+        "import os, time\nn = 0\nfor i in range(100):\n    try:\n        pid = os.fork()\n    except OSError:\n        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    n += 1\n\
+         print(n, len([p for p in os.listdir('/proc') if p.isdigit()]))",
+    )
+    .await;
+    let mut it = out.split_whitespace().map(|x| x.parse::<u32>().unwrap_or(999));
+    let (forked, out) = (it.next().unwrap_or(0), it.next().unwrap_or(999).to_string());
+    assert!(forked >= 16, "the probe could not fork at all: {forked}");
+    let live: u32 = out.trim().parse().unwrap_or(999);
+    assert!(live <= 32, "{live} processes in a session limited to 32");
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_bomb_is_killed_inside_its_cgroup() {
+    require_sandbox!();
+    let mut p = policy("default");
+    p.limits.memory_bytes = 96 << 20;
+    let bomb = open_with(p, None).await;
+    let other = open(None).await;
+    let before = rss_kib();
+    let r = bomb
+        .call(
+            "bash",
+            &json!({"command": "python3 -c 'b = bytearray(1 << 30); print(len(b))'; echo status=$?"}),
+        )
+        .await;
+    let text = r.text_content();
+    assert!(
+        text.contains("status=137"),
+        "the bomb was not OOM-killed: {text}"
+    );
+    assert!(!text.contains("1073741824"), "{text}");
+    assert!(
+        bomb.cgroup().unwrap().oom_kills() >= 1,
+        "no OOM kill recorded in the session cgroup"
+    );
+    // The worker and another session are unaffected; the bombed session still works.
+    assert_eq!(sh(&other, "echo fine").await, "fine");
+    assert_eq!(sh(&bomb, "echo still-here").await, "still-here");
+    assert!(
+        rss_kib() < before + 32 * 1024,
+        "worker RSS grew from {before} KiB to {} KiB",
+        rss_kib()
+    );
+    bomb.close().await.unwrap();
+    other.close().await.unwrap();
+}
+
+/// Peak RSS (KiB) of a `hands tool` worker process running one call, polled
+/// from /proc while it runs (VmHWM only grows).
+fn worker_peak_rss_kib(tool: &str, input: &str) -> (u64, String) {
+    let child = std::process::Command::new(hands_bin())
+        .args(["tool", tool, input])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn hands tool");
+    let pid = child.id();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let p = peak.clone();
+    let poller = std::thread::spawn(move || loop {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            break;
+        };
+        if let Some(v) = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            p.fetch_max(v, std::sync::atomic::Ordering::Relaxed);
+        }
+        if !pid_alive(pid) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    });
+    let out = child.wait_with_output().expect("hands tool");
+    let _ = poller.join();
+    (
+        peak.load(std::sync::atomic::Ordering::Relaxed),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn one_gib_of_output_is_capped_and_the_worker_stays_flat() {
+    require_sandbox!();
+    let (small, _) = worker_peak_rss_kib("bash", r#"{"command": "echo small"}"#);
+    let (big, out) = worker_peak_rss_kib(
+        "bash",
+        r#"{"command": "head -c 1073741824 /dev/zero | tr '\\0' 'a'; echo; echo tail-marker", "timeout_ms": 120000}"#,
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("result JSON");
+    let text = v["content"][0]["text"].as_str().unwrap_or_default();
+    assert_eq!(v["is_error"], false, "{}", &text[..text.len().min(200)]);
+    assert!(text.starts_with("[output truncated]\n"), "{}", &text[..text.len().min(40)]);
+    assert!(text.ends_with("tail-marker"));
+    assert!(text.len() <= 102_400, "{} bytes returned", text.len());
+    assert!(
+        big < small + 16 * 1024,
+        "worker peak RSS {big} KiB for 1 GiB of output vs {small} KiB for one line"
+    );
+    eprintln!("worker peak RSS: {small} KiB (one line), {big} KiB (1 GiB of output)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grep_output_is_capped() {
+    require_sandbox!();
+    let s = open(None).await;
+    sh(&s, "seq 1 200000 | sed 's/^/line /' > big.txt").await;
+    let g = tool(&s, "grep", json!({"pattern": "line", "path": "big.txt"})).await;
+    let text = g.text_content();
+    assert!(text.ends_with("\n[output truncated at 102400 bytes]"), "grep uncapped");
+    assert_eq!(text.len(), 102_400 + "\n[output truncated at 102400 bytes]".len());
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn infinite_loop_is_killed_at_its_timeout_with_nothing_left() {
+    require_sandbox!();
+    let s = open(None).await;
+    let r = s
+        .call(
+            "bash",
+            &json!({"command": "(while :; do :; done) & while :; do :; done", "timeout_ms": 700}),
+        )
+        .await;
+    assert!(r.is_error);
+    assert_eq!(r.text_content(), "bash: bash command timed out after 0.7s");
+    let left = session_procs(&s);
+    assert!(left.is_empty(), "processes left in the session: {left:?}");
+    let r = s.call("bash", &json!({"command": "echo x"})).await;
+    assert_eq!(
+        r.text_content(),
+        "bash: bash session terminated; restart required"
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn setsid_nohup_daemon_is_gone_after_close() {
+    require_sandbox!();
+    let s = open(None).await;
+    sh(&s, "setsid nohup sleep 1000 >/dev/null 2>&1 & (setsid sh -c 'sleep 1001 & exit' &) ; sleep 0.2").await;
+    let daemons = session_procs(&s);
+    assert!(
+        daemons.len() >= 3,
+        "expected the shell and two daemons: {daemons:?}"
+    );
+    let cg_path = s.cgroup().unwrap().path().to_string();
+    s.close().await.unwrap();
+    for pid in &daemons {
+        assert!(!pid_alive(*pid), "pid {pid} outlived the session");
+    }
+    // The cgroup is gone too.
+    let cgroups = hands::sandbox::cgroup::Cgroups::detect().unwrap();
+    let name = cg_path.trim_start_matches("hands/");
+    // A later session may reuse the slot; only an empty or absent group is fine.
+    let g = cgroups.open(name);
+    assert!(g.procs().iter().all(|p| !daemons.contains(p)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_kills_background_jobs() {
+    require_sandbox!();
+    let s = open(None).await;
+    sh(
+        &s,
+        "sleep 1000 & disown; nohup sleep 1001 >/dev/null 2>&1 &",
+    )
+    .await;
+    let before = session_procs(&s);
+    assert!(before.len() >= 3, "{before:?}");
+    let r = s.call("bash", &json!({"restart": true})).await;
+    assert_eq!(r.text_content(), "bash session restarted");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for pid in before {
+        assert!(!pid_alive(pid), "pid {pid} survived the restart");
+    }
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropped_session_kills_everything() {
+    require_sandbox!();
+    let s = open(None).await;
+    sh(&s, "setsid sleep 1000 >/dev/null 2>&1 &").await;
+    let procs = session_procs(&s);
+    let helper = s.helper_pid() as u32;
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline
+        && (pid_alive(helper) || procs.iter().any(|p| pid_alive(*p)))
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!pid_alive(helper));
+    for p in procs {
+        assert!(!pid_alive(p), "pid {p} outlived a dropped session");
+    }
+}
