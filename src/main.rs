@@ -30,6 +30,8 @@ enum Command {
     Tool(hands::cli::tool::Args),
     /// Show the kernel features hands relies on and what it does about each.
     Doctor(hands::cli::doctor::Args),
+    /// Measure sandboxed calls against baselines in one run (ratios).
+    Bench(hands::cli::bench::Args),
     /// Environment policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Exec(args) => hands::cli::exec::run(args, &dirs),
         Command::Tool(args) => hands::cli::tool::run(args, &dirs),
         Command::Doctor(args) => hands::cli::doctor::run(args),
+        Command::Bench(args) => hands::cli::bench::run(args, &dirs),
         Command::Policy(PolicyCommand::Check { files }) => {
             hands::cli::policy::check(&files).map(|()| ExitCode::SUCCESS)
         }

@@ -1,5 +1,6 @@
 //! One module per subcommand. `anyhow` lives here, at the binary's edge.
 
+pub mod bench;
 pub mod doctor;
 pub mod exec;
 pub mod policy;
@@ -35,10 +36,10 @@ pub fn policy_dirs(flags: &[PathBuf]) -> Vec<PathBuf> {
     dirs
 }
 
-/// A runtime for one-shot commands.
+/// A runtime for one-shot commands: one thread, since a single caller gains
+/// nothing from cross-thread wakeups (the daemon uses a multi-threaded one).
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")

@@ -161,7 +161,7 @@ const ALLOWED_FAMILIES: &[(u64, &str)] = &[
 /// ioctl requests refused on any fd.
 const DENIED_IOCTLS: &[(u64, &str)] = &[
     (libc::TIOCSTI, "inject input into a terminal"),
-    (libc::TIOCLINUX as u64, "virtual console control"),
+    (libc::TIOCLINUX, "virtual console control"),
 ];
 
 fn cond(arg: u8, op: SeccompCmpOp, val: u64) -> Result<SeccompCondition, SeccompError> {

@@ -113,22 +113,21 @@ fn worker_peak_rss_kib(tool: &str, input: &str) -> (u64, String) {
     let pid = child.id();
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let p = peak.clone();
-    let poller = std::thread::spawn(move || loop {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-            break;
-        };
-        if let Some(v) = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            p.fetch_max(v, std::sync::atomic::Ordering::Relaxed);
+    let poller = std::thread::spawn(move || {
+        while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(v) = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                p.fetch_max(v, std::sync::atomic::Ordering::Relaxed);
+            }
+            if !pid_alive(pid) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        if !pid_alive(pid) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     });
     let out = child.wait_with_output().expect("hands tool");
     let _ = poller.join();

@@ -1,0 +1,420 @@
+//! `hands bench`: the foundation's figures, each against a baseline measured in
+//! the same run, reported as ratios. Not a test: nothing here asserts a time.
+//!
+//! - a sandboxed `bash` call running `/bin/true` vs a bare fork/exec of
+//!   `/bin/true`, vs `bwrap --unshare-net … true`, vs the official SDK's bash tool
+//!   in process (unconfined);
+//! - a `read` of a 20 KiB file vs the same read tool in process without the
+//!   sandbox, vs `std::fs::read`, vs the SDK's read tool;
+//! - session open and close, p50/p99;
+//! - grep (a literal and an alternation) over a generated tree vs `rg`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use serde_json::json;
+
+use crate::policy::Policy;
+use crate::sandbox::SandboxConfig;
+use crate::session::{Session, SessionOptions};
+use crate::tools::fs::FsContext;
+use crate::tools::Tool;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Calls per measured operation.
+    #[arg(long, default_value_t = 300)]
+    iterations: usize,
+    /// Session opens to measure.
+    #[arg(long, default_value_t = 100)]
+    opens: usize,
+    /// Files in the generated grep tree (about 24 KiB each).
+    #[arg(long, default_value_t = 8000)]
+    grep_files: usize,
+    /// Python with the official SDK (anthropic 2.10.0) for the SDK baselines;
+    /// they are skipped when it cannot be imported.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Print the figures as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    name: String,
+    p50_ms: f64,
+    p99_ms: f64,
+    baseline: Option<String>,
+    ratio_p50: Option<f64>,
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+struct Series {
+    name: String,
+    samples: Vec<Duration>,
+}
+
+impl Series {
+    fn new(name: &str, mut samples: Vec<Duration>) -> Series {
+        samples.sort();
+        Series {
+            name: name.to_string(),
+            samples,
+        }
+    }
+    fn p50(&self) -> f64 {
+        pct(&self.samples, 0.5)
+    }
+    fn row(&self, baseline: Option<&Series>) -> Row {
+        Row {
+            name: self.name.clone(),
+            p50_ms: self.p50(),
+            p99_ms: pct(&self.samples, 0.99),
+            baseline: baseline.map(|b| b.name.clone()),
+            ratio_p50: baseline.map(|b| self.p50() / b.p50()),
+        }
+    }
+}
+
+fn time_n(n: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Vec<Duration>> {
+    for _ in 0..(n / 10).max(3) {
+        f()?;
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f()?;
+        out.push(t.elapsed());
+    }
+    Ok(out)
+}
+
+async fn time_n_async<F, Fut>(n: usize, mut f: F) -> anyhow::Result<Vec<Duration>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    for _ in 0..(n / 10).max(3) {
+        f().await?;
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f().await?;
+        out.push(t.elapsed());
+    }
+    Ok(out)
+}
+
+fn run_status(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    ensure!(st.success(), "{cmd:?} failed: {st}");
+    Ok(())
+}
+
+/// Deterministic pseudo-random text: ~24 KiB a file, needles in 1 file of 100.
+fn generate_tree(root: &Path, files: usize) -> anyhow::Result<()> {
+    const WORDS: [&str; 16] = [
+        "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+        "juliet", "kilo", "lima", "mike", "november", "oscar", "papa",
+    ];
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..files {
+        let dir = root.join(format!("d{:03}", i / 100));
+        std::fs::create_dir_all(&dir)?;
+        let mut text = String::with_capacity(25_000);
+        let mut line = 0;
+        while text.len() < 24_000 {
+            for _ in 0..10 {
+                text.push_str(WORDS[(next() % 16) as usize]);
+                text.push('_');
+                text.push_str(&(next() % 1000).to_string());
+                text.push(' ');
+            }
+            if i % 100 == 7 && line % 50 == 0 {
+                text.push_str("hands_needle_literal needle_red");
+            }
+            text.push('\n');
+            line += 1;
+        }
+        std::fs::write(dir.join(format!("f{i:05}.txt")), text)?;
+    }
+    Ok(())
+}
+
+fn count_lines(s: &str) -> usize {
+    s.lines()
+        .filter(|l| !l.starts_with("[output truncated"))
+        .count()
+}
+
+pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let policy: Policy = crate::policy::find("default", dirs)?;
+    let policy = Arc::new(policy);
+    let cfg = SandboxConfig::from_env()?;
+    let rt = super::runtime()?;
+    let n = args.iterations;
+    let mut rows = Vec::new();
+    let scratch = tempfile::tempdir().context("scratch directory")?;
+    let ws = scratch.path().join("ws");
+    std::fs::create_dir(&ws)?;
+    let line = "the quick brown fox jumps over the lazy dog, 0123456789\n";
+    let text: String = line.repeat(20 * 1024 / line.len() + 1)[..20 * 1024].to_string();
+    std::fs::write(ws.join("file20k.txt"), &text)?;
+
+    // Session open/close.
+    let (opens, closes) = rt.block_on(async {
+        let mut opens = Vec::new();
+        let mut closes = Vec::new();
+        for i in 0..args.opens + 5 {
+            let t = Instant::now();
+            let s = Session::open(
+                &cfg,
+                SessionOptions {
+                    policy: policy.clone(),
+                    workspace: Some(ws.clone()),
+                },
+            )
+            .await?;
+            let opened = t.elapsed();
+            let t = Instant::now();
+            s.close().await?;
+            if i >= 5 {
+                opens.push(opened);
+                closes.push(t.elapsed());
+            }
+        }
+        Ok::<_, anyhow::Error>((opens, closes))
+    })?;
+    let open_s = Series::new("session open (namespaces + cgroup + confined helper)", opens);
+    let close_s = Series::new("session close (kill tree, remove cgroup)", closes);
+
+    // Tool calls in one session.
+    let (bash_s, read_s) = rt.block_on(async {
+        let s = Session::open(
+            &cfg,
+            SessionOptions {
+                policy: policy.clone(),
+                workspace: Some(ws.clone()),
+            },
+        )
+        .await?;
+        let bash_in = json!({"command": "/bin/true"});
+        let bash = time_n_async(n, || async {
+            let r = s.call("bash", &bash_in).await;
+            ensure!(!r.is_error, "bash failed: {}", r.text_content());
+            Ok(())
+        })
+        .await?;
+        let read_in = json!({"file_path": "file20k.txt"});
+        let read = time_n_async(n, || async {
+            let r = s.call("read", &read_in).await;
+            ensure!(!r.is_error && r.text_content().len() == 20 * 1024, "read failed");
+            Ok(())
+        })
+        .await?;
+        s.close().await?;
+        Ok::<_, anyhow::Error>((bash, read))
+    })?;
+    let bash_s = Series::new("bash /bin/true, sandboxed call", bash_s);
+    let read_s = Series::new("read 20 KiB, sandboxed call", read_s);
+
+    let bare = Series::new(
+        "bare fork/exec /bin/true",
+        time_n(n, || run_status(&mut Command::new("/bin/true")))?,
+    );
+    let bwrap = which("bwrap").map(|b| {
+        time_n(n, || {
+            run_status(Command::new(&b).args([
+                "--unshare-net", "--unshare-pid", "--die-with-parent",
+                "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
+                "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "/bin/true",
+            ]))
+        })
+        .map(|v| Series::new("bwrap --unshare-net --unshare-pid … /bin/true", v))
+    });
+    let bwrap = match bwrap {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            eprintln!("bench: bwrap baseline skipped: {e:#}");
+            None
+        }
+        None => None,
+    };
+
+    let ctx = FsContext::new(std::fs::canonicalize(&ws)?);
+    let read_in = json!({"file_path": "file20k.txt"});
+    let inproc = Series::new(
+        "read 20 KiB, same read tool in process (no sandbox)",
+        time_n(n, || {
+            let r = crate::tools::fs::run(Tool::Read, &read_in, &ctx);
+            ensure!(!r.is_error, "in-process read failed");
+            Ok(())
+        })?,
+    );
+    let raw_read = Series::new(
+        "read 20 KiB, std::fs::read_to_string",
+        time_n(n, || {
+            std::fs::read_to_string(ws.join("file20k.txt"))?;
+            Ok(())
+        })?,
+    );
+
+    let sdk = sdk_baselines(&args.python, &ws, n);
+    let (sdk_bash, sdk_read) = match sdk {
+        Ok((b, r)) => (
+            Some(Series::new("SDK bash tool /bin/true, in process (unconfined)", b)),
+            Some(Series::new("SDK read tool 20 KiB, in process", r)),
+        ),
+        Err(e) => {
+            eprintln!("bench: SDK baselines skipped: {e:#}");
+            (None, None)
+        }
+    };
+
+    rows.push(bash_s.row(Some(&bare)));
+    rows.push(bare.row(None));
+    if let Some(b) = &bwrap {
+        rows.push(b.row(Some(&bare)));
+        rows.push(bash_s.row(Some(b)));
+    }
+    if let Some(b) = &sdk_bash {
+        rows.push(b.row(Some(&bare)));
+        rows.push(bash_s.row(Some(b)));
+    }
+    rows.push(read_s.row(Some(&inproc)));
+    rows.push(inproc.row(Some(&raw_read)));
+    rows.push(raw_read.row(None));
+    if let Some(r) = &sdk_read {
+        rows.push(r.row(Some(&inproc)));
+        rows.push(read_s.row(Some(r)));
+    }
+    rows.push(open_s.row(None));
+    rows.push(close_s.row(None));
+
+    // grep over a generated tree vs rg.
+    let tree = scratch.path().join("tree");
+    generate_tree(&tree, args.grep_files)?;
+    match which("rg") {
+        None => eprintln!("bench: rg not found; grep comparison skipped"),
+        Some(rg) => {
+            for (label, pattern) in [
+                ("literal", "hands_needle_literal"),
+                ("alternation", "needle_(red|blue)|zulu_[0-9]+|hands_(haystack|needle_alternate)"),
+            ] {
+                let rg_out = Command::new(&rg)
+                    .args(["--no-config", "-n", "--no-heading", "-e", pattern, "--"])
+                    .arg(&tree)
+                    .output()?;
+                let rg_lines = count_lines(&String::from_utf8_lossy(&rg_out.stdout));
+                let rg_s = time_n(10, || {
+                    run_status(
+                        Command::new(&rg)
+                            .args(["--no-config", "-n", "--no-heading", "-e", pattern, "--"])
+                            .arg(&tree),
+                    )
+                })?;
+                let (hands_s, hands_lines) = rt.block_on(async {
+                    let s = Session::open(
+                        &cfg,
+                        SessionOptions {
+                            policy: policy.clone(),
+                            workspace: Some(tree.clone()),
+                        },
+                    )
+                    .await?;
+                    let input = json!({ "pattern": pattern });
+                    let first = s.call("grep", &input).await;
+                    let lines = count_lines(&first.text_content());
+                    let samples = time_n_async(10, || async {
+                        let r = s.call("grep", &input).await;
+                        ensure!(!r.is_error, "grep failed: {}", r.text_content());
+                        Ok(())
+                    })
+                    .await?;
+                    s.close().await?;
+                    Ok::<_, anyhow::Error>((samples, lines))
+                })?;
+                if hands_lines != rg_lines {
+                    eprintln!("bench: grep {label}: hands found {hands_lines} lines, rg {rg_lines} (the output cap may apply)");
+                }
+                let rg_series = Series::new(&format!("rg, {label} ({rg_lines} lines, {} files)", args.grep_files), rg_s);
+                let hands_series = Series::new(&format!("grep tool, {label}, sandboxed call"), hands_s);
+                rows.push(hands_series.row(Some(&rg_series)));
+                rows.push(rg_series.row(None));
+            }
+        }
+    }
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print_table(&rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(rows: &[Row]) {
+    let uname = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    println!("hands bench: kernel {uname}, {cores} cores, {} build", if cfg!(debug_assertions) { "debug" } else { "release" });
+    println!("{:<58} {:>9} {:>9}  {}", "operation", "p50 ms", "p99 ms", "ratio (p50)");
+    for r in rows {
+        let ratio = match (&r.baseline, r.ratio_p50) {
+            (Some(b), Some(x)) => format!("{x:.2}x  {b}"),
+            _ => String::new(),
+        };
+        println!("{:<58} {:>9.3} {:>9.3}  {}", r.name, r.p50_ms, r.p99_ms, ratio);
+    }
+}
+
+fn which(prog: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(prog))
+        .find(|p| p.is_file())
+}
+
+fn sdk_baselines(python: &str, ws: &Path, n: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/sdk_tools.py");
+    ensure!(script.is_file(), "{} not found (run from a source checkout)", script.display());
+    let sdk_ws = tempfile::tempdir()?;
+    let sdk_ws_path = std::fs::canonicalize(sdk_ws.path())?;
+    std::fs::copy(ws.join("file20k.txt"), sdk_ws_path.join("file20k.txt"))?;
+    let out = Command::new(python)
+        .arg(&script)
+        .arg("--workdir")
+        .arg(&sdk_ws_path)
+        .args(["--file", "file20k.txt", "--iterations", &n.to_string()])
+        .output()
+        .with_context(|| format!("running {python}"))?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let series = |k: &str| -> Vec<Duration> {
+        v[k].as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).map(Duration::from_secs_f64).collect())
+            .unwrap_or_default()
+    };
+    Ok((series("bash_true"), series("read")))
+}
