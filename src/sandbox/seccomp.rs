@@ -201,25 +201,23 @@ pub fn programs() -> Result<[BpfProgram; 2], SeccompError> {
     rules.insert(libc::SYS_clone, clone_rules);
 
     // socket(domain, type, protocol) / socketpair(domain, type, protocol, sv):
-    // refuse a family outside the allowed list, and raw or packet sockets of any
-    // family.
+    // refuse a family outside the allowed list, raw IP sockets (inet and inet6
+    // with SOCK_RAW; netlink is SOCK_RAW by design and stays allowed), and the
+    // obsolete SOCK_PACKET type (10, by number since libc deprecates the name).
     for nr in [libc::SYS_socket, libc::SYS_socketpair] {
         let not_allowed: Vec<SeccompCondition> = ALLOWED_FAMILIES
             .iter()
             .map(|(fam, _)| cond(0, SeccompCmpOp::Ne, *fam))
             .collect::<Result<_, _>>()?;
-        let raw = vec![cond(1, SeccompCmpOp::MaskedEq(0xf), libc::SOCK_RAW as u64)?];
-        // SOCK_PACKET (10): the obsolete packet-socket type, by number because
-        // libc deprecates the constant.
-        let packet = vec![cond(1, SeccompCmpOp::MaskedEq(0xf), 10)?];
-        rules.insert(
-            nr,
-            vec![
-                SeccompRule::new(not_allowed)?,
-                SeccompRule::new(raw)?,
-                SeccompRule::new(packet)?,
-            ],
-        );
+        let mut socket_rules = vec![SeccompRule::new(not_allowed)?];
+        for fam in [libc::AF_INET as u64, libc::AF_INET6 as u64] {
+            socket_rules.push(SeccompRule::new(vec![
+                cond(0, SeccompCmpOp::Eq, fam)?,
+                cond(1, SeccompCmpOp::MaskedEq(0xf), libc::SOCK_RAW as u64)?,
+            ])?);
+        }
+        socket_rules.push(SeccompRule::new(vec![cond(1, SeccompCmpOp::MaskedEq(0xf), 10)?])?);
+        rules.insert(nr, socket_rules);
     }
     let mut ioctl_rules = Vec::new();
     for (req, _why) in DENIED_IOCTLS {

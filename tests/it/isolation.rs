@@ -83,3 +83,24 @@ async fn workspace_files_belong_to_the_workspace_owner_on_the_host() {
     );
     s.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_session_network_has_only_loopback() {
+    require_sandbox!();
+    let s = open(None).await;
+    // netlink works (ip, getaddrinfo), and shows a single interface: lo, up.
+    let out = sh(&s, "ip -brief address").await;
+    let ifaces: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(ifaces, ["lo"], "{out}");
+    assert!(out.contains("127.0.0.1/8"), "{out}");
+    // A server and its client inside the session talk over that loopback.
+    let (_, out) = py(
+        &s,
+        "import socket, threading\nsrv = socket.socket()\nsrv.bind(('127.0.0.1', 0))\nsrv.listen()\n\
+         port = srv.getsockname()[1]\nthreading.Thread(target=lambda: srv.accept()[0].sendall(b'pong')).start()\n\
+         c = socket.create_connection(('127.0.0.1', port))\nprint(c.recv(4).decode())",
+    )
+    .await;
+    assert_eq!(out.trim(), "pong");
+    s.close().await.unwrap();
+}
