@@ -203,7 +203,10 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
         }
         Ok::<_, anyhow::Error>((opens, closes))
     })?;
-    let open_s = Series::new("session open (namespaces + cgroup + confined helper)", opens);
+    let open_s = Series::new(
+        "session open (namespaces + cgroup + confined helper)",
+        opens,
+    );
     let close_s = Series::new("session close (kill tree, remove cgroup)", closes);
 
     // Tool calls in one session.
@@ -226,7 +229,10 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
         let read_in = json!({"file_path": "file20k.txt"});
         let read = time_n_async(n, || async {
             let r = s.call("read", &read_in).await;
-            ensure!(!r.is_error && r.text_content().len() == 20 * 1024, "read failed");
+            ensure!(
+                !r.is_error && r.text_content().len() == 20 * 1024,
+                "read failed"
+            );
             Ok(())
         })
         .await?;
@@ -243,10 +249,28 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let bwrap = which("bwrap").map(|b| {
         time_n(n, || {
             run_status(Command::new(&b).args([
-                "--unshare-net", "--unshare-pid", "--die-with-parent",
-                "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
-                "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "/bin/true",
+                "--unshare-net",
+                "--unshare-pid",
+                "--die-with-parent",
+                "--ro-bind",
+                "/usr",
+                "/usr",
+                "--symlink",
+                "usr/bin",
+                "/bin",
+                "--symlink",
+                "usr/lib",
+                "/lib",
+                "--symlink",
+                "usr/lib64",
+                "/lib64",
+                "--proc",
+                "/proc",
+                "--dev",
+                "/dev",
+                "--tmpfs",
+                "/tmp",
+                "/bin/true",
             ]))
         })
         .map(|v| Series::new("bwrap --unshare-net --unshare-pid … /bin/true", v))
@@ -281,7 +305,10 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let sdk = sdk_baselines(&args.python, &ws, n);
     let (sdk_bash, sdk_read) = match sdk {
         Ok((b, r)) => (
-            Some(Series::new("SDK bash tool /bin/true, in process (unconfined)", b)),
+            Some(Series::new(
+                "SDK bash tool /bin/true, in process (unconfined)",
+                b,
+            )),
             Some(Series::new("SDK read tool 20 KiB, in process", r)),
         ),
         Err(e) => {
@@ -318,7 +345,10 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
         Some(rg) => {
             for (label, pattern) in [
                 ("literal", "hands_needle_literal"),
-                ("alternation", "needle_(red|blue)|zulu_[0-9]+|hands_(haystack|needle_alternate)"),
+                (
+                    "alternation",
+                    "needle_(red|blue)|zulu_[0-9]+|hands_(haystack|needle_alternate)",
+                ),
             ] {
                 let rg_out = Command::new(&rg)
                     .args(["--no-config", "-n", "--no-heading", "-e", pattern, "--"])
@@ -356,8 +386,12 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
                 if hands_lines != rg_lines {
                     eprintln!("bench: grep {label}: hands found {hands_lines} lines, rg {rg_lines} (the output cap may apply)");
                 }
-                let rg_series = Series::new(&format!("rg, {label} ({rg_lines} lines, {} files)", args.grep_files), rg_s);
-                let hands_series = Series::new(&format!("grep tool, {label}, sandboxed call"), hands_s);
+                let rg_series = Series::new(
+                    &format!("rg, {label} ({rg_lines} lines, {} files)", args.grep_files),
+                    rg_s,
+                );
+                let hands_series =
+                    Series::new(&format!("grep tool, {label}, sandboxed call"), hands_s);
                 rows.push(hands_series.row(Some(&rg_series)));
                 rows.push(rg_series.row(None));
             }
@@ -376,15 +410,30 @@ fn print_table(rows: &[Row]) {
     let uname = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    println!("hands bench: kernel {uname}, {cores} cores, {} build", if cfg!(debug_assertions) { "debug" } else { "release" });
-    println!("{:<58} {:>9} {:>9}  {}", "operation", "p50 ms", "p99 ms", "ratio (p50)");
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!(
+        "hands bench: kernel {uname}, {cores} cores, {} build",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    println!(
+        "{:<58} {:>9} {:>9}  ratio (p50)",
+        "operation", "p50 ms", "p99 ms"
+    );
     for r in rows {
         let ratio = match (&r.baseline, r.ratio_p50) {
             (Some(b), Some(x)) => format!("{x:.2}x  {b}"),
             _ => String::new(),
         };
-        println!("{:<58} {:>9.3} {:>9.3}  {}", r.name, r.p50_ms, r.p99_ms, ratio);
+        println!(
+            "{:<58} {:>9.3} {:>9.3}  {}",
+            r.name, r.p50_ms, r.p99_ms, ratio
+        );
     }
 }
 
@@ -396,9 +445,17 @@ fn which(prog: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn sdk_baselines(python: &str, ws: &Path, n: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+fn sdk_baselines(
+    python: &str,
+    ws: &Path,
+    n: usize,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/sdk_tools.py");
-    ensure!(script.is_file(), "{} not found (run from a source checkout)", script.display());
+    ensure!(
+        script.is_file(),
+        "{} not found (run from a source checkout)",
+        script.display()
+    );
     let sdk_ws = tempfile::tempdir()?;
     let sdk_ws_path = std::fs::canonicalize(sdk_ws.path())?;
     std::fs::copy(ws.join("file20k.txt"), sdk_ws_path.join("file20k.txt"))?;
@@ -409,11 +466,20 @@ fn sdk_baselines(python: &str, ws: &Path, n: usize) -> anyhow::Result<(Vec<Durat
         .args(["--file", "file20k.txt", "--iterations", &n.to_string()])
         .output()
         .with_context(|| format!("running {python}"))?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let series = |k: &str| -> Vec<Duration> {
         v[k].as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_f64()).map(Duration::from_secs_f64).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_f64())
+                    .map(Duration::from_secs_f64)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     Ok((series("bash_true"), series("read")))

@@ -191,28 +191,24 @@ impl Cgroups {
     /// name (left by a worker that died) is emptied and reused.
     pub fn create(&self, name: &str, limits: CgroupLimits) -> Result<SessionCgroup, CgroupError> {
         let rel = format!("{PARENT}/{name}");
-        if self.version == CgroupVersion::V2 {
-            // Delegate the controllers down to our parent group; cgroups-rs only
-            // does this against the real /sys/fs/cgroup.
-            let enable = V2_CONTROLLERS.map(|c| format!("+{c}")).join(" ");
-            for dir in [self.v2_root.clone(), self.v2_root.join(PARENT)] {
-                std::fs::create_dir_all(&dir).map_err(|source| CgroupError::Io {
-                    path: dir.display().to_string(),
-                    op: "mkdir",
-                    source,
-                })?;
-                let ctl = dir.join("cgroup.subtree_control");
-                // Best effort: a controller the host does not delegate simply
-                // leaves its limit file absent, which apply() then reports.
-                let _ = std::fs::write(&ctl, &enable);
-            }
-        }
         let cg = self.load(&rel);
         cg.create().map_err(|source| CgroupError::Op {
             path: rel.clone(),
             op: "create",
             source,
         })?;
+        if self.version == CgroupVersion::V2 {
+            // Delegate the controllers down to the session group: cgroups-rs only
+            // does this against the real /sys/fs/cgroup, and only for controllers
+            // listed there.
+            let enable = V2_CONTROLLERS.map(|c| format!("+{c}")).join(" ");
+            for dir in [self.v2_root.clone(), self.v2_root.join(PARENT)] {
+                let ctl = dir.join("cgroup.subtree_control");
+                // A controller the host does not delegate leaves its limit file
+                // absent, which apply() then reports with the file's name.
+                let _ = std::fs::write(&ctl, &enable);
+            }
+        }
         let session = SessionCgroup {
             cg,
             rel,
@@ -366,15 +362,28 @@ mod tests {
 
     /// The v2 code path against a fake cgroupfs: limits land in the v2 files with
     /// the v2 syntax, processes are written to cgroup.procs.
+    /// What the kernel puts in a new v2 group directory (the fake cgroupfs has no
+    /// kernel behind it, so the test lays the files down as mkdir would).
+    fn fake_v2_group(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        for (f, v) in [
+            ("cgroup.controllers", "cpuset cpu io memory pids\n"),
+            ("cgroup.subtree_control", ""),
+            ("cgroup.type", "domain\n"),
+            ("cgroup.procs", ""),
+            ("memory.max", "max\n"),
+            ("pids.max", "max\n"),
+            ("cpu.max", "max 100000\n"),
+        ] {
+            std::fs::write(dir.join(f), v).unwrap();
+        }
+    }
+
     #[test]
     fn v2_limits_on_fake_cgroupfs() {
         let root = tempfile::tempdir().unwrap();
-        std::fs::write(
-            root.path().join("cgroup.controllers"),
-            "cpuset cpu io memory pids\n",
-        )
-        .unwrap();
-        std::fs::write(root.path().join("cgroup.subtree_control"), "").unwrap();
+        fake_v2_group(root.path());
+        fake_v2_group(&root.path().join("hands/s7"));
         let cgs = Cgroups::v2_at(root.path());
         let cg = cgs
             .create(

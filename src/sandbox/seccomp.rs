@@ -216,7 +216,11 @@ pub fn programs() -> Result<[BpfProgram; 2], SeccompError> {
                 cond(1, SeccompCmpOp::MaskedEq(0xf), libc::SOCK_RAW as u64)?,
             ])?);
         }
-        socket_rules.push(SeccompRule::new(vec![cond(1, SeccompCmpOp::MaskedEq(0xf), 10)?])?);
+        socket_rules.push(SeccompRule::new(vec![cond(
+            1,
+            SeccompCmpOp::MaskedEq(0xf),
+            10,
+        )?])?);
         rules.insert(nr, socket_rules);
     }
     let mut ioctl_rules = Vec::new();

@@ -86,33 +86,3 @@ pub(crate) fn read_capped(file: &mut std::fs::File, cap: u64) -> std::io::Result
     file.take(cap.saturating_add(1)).read_to_end(&mut data)?;
     Ok(data)
 }
-
-#[cfg(test)]
-mod diff_harness_tmp {
-    #[test]
-    #[ignore]
-    fn differential_dump() {
-        let wd = std::env::var("HANDS_DIFF_WORKDIR").expect("wd");
-        let cases = std::fs::read_to_string(std::env::var("HANDS_DIFF_CASES").expect("cases"))
-            .expect("read");
-        let ctx = super::FsContext::new(std::path::PathBuf::from(wd));
-        let mut out = String::new();
-        for line in cases.lines().filter(|l| !l.trim().is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(line).expect("json");
-            let tool = super::Tool::from_name(v[0].as_str().expect("name")).expect("tool");
-            let r = super::run(tool, &v[1], &ctx);
-            let content = match &r.content[..] {
-                [super::super::ContentBlock::Text { text }] => {
-                    serde_json::Value::String(text.clone())
-                }
-                other => serde_json::to_value(other).expect("ser"),
-            };
-            out.push_str(
-                &serde_json::json!([v[0], v[1], {"is_error": r.is_error, "content": content}])
-                    .to_string(),
-            );
-            out.push('\n');
-        }
-        std::fs::write(std::env::var("HANDS_DIFF_OUT").expect("out"), out).expect("write out");
-    }
-}

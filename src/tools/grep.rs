@@ -12,8 +12,9 @@
 //!   repository, `.ignore` and `.rgignore` everywhere, parent directories' files too;
 //!   symlinks are not followed while walking;
 //! - a walked file stops at the first NUL byte (after a match rg adds its `WARNING:
-//!   stopped searching binary file` line); an explicit file with a NUL prints `binary
-//!   file matches (...)` once a match is found;
+//!   stopped searching binary file` line); a file target is searched as rg 13 does
+//!   through its memory map (NUL looked for in the first 64 KiB and in matched
+//!   lines) and prints `binary file matches (...)` once a match meets one;
 //! - rg's failures become `grep: rg failed: <stderr>` with rg's stderr text: a regex
 //!   error, a missing target, and any file or directory that could not be read (rg
 //!   then exits 2 and the SDK drops the matches it printed);
@@ -55,8 +56,11 @@ use super::{timed_out, ToolResult};
 
 /// grep-regex's (and ripgrep's) compiled-size cap.
 const REGEX_SIZE_LIMIT: usize = 100 * (1 << 20);
-/// Files per unit of work handed to a searcher thread.
-const BATCH_FILES: usize = 256;
+/// Files per unit of work handed to a searcher thread: the first batches are small
+/// so that a small tree still spreads over all searchers, later ones large so that
+/// a big tree costs few hand-overs (each one can wake a thread).
+const FIRST_BATCH_FILES: usize = 8;
+const MAX_BATCH_FILES: usize = 256;
 /// Batches the walker may run ahead of the searchers. Generous, so that the walker
 /// (a third of the work on a big tree) finishes early and never starves them; a
 /// batch is a few KiB of paths.
@@ -91,15 +95,17 @@ pub fn run(input: &Value, ctx: &FsContext) -> ToolResult {
         Err(message) => return rg_failed(&message),
     };
     let options = Options::new(&input, ctx);
+    // Like rg, flag errors (an unknown type, a bad glob) before looking at the target.
+    let walker = match walk_builder(&input, &target) {
+        Ok(walker) => walker,
+        Err(message) => return rg_failed(&message),
+    };
     let meta = match std::fs::metadata(&target) {
         Ok(meta) => meta,
         Err(err) => return rg_failed(&format!("{}: {err}", target.display())),
     };
     let outcome = if meta.is_dir() {
-        match search_tree(ctx, &input, &options, &matcher, &target) {
-            Ok(outcome) => outcome,
-            Err(message) => return rg_failed(&message),
-        }
+        search_tree(ctx, &options, &matcher, &walker)
     } else if meta.is_file() {
         search_single(&options, &matcher, &target)
     } else {
@@ -464,7 +470,10 @@ fn search_single(options: &Options, matcher: &RegexMatcher, target: &Path) -> Ou
     // A file target prints no path, except as the whole line of `-l`.
     let mut result = search_file(&mut searcher, matcher, options, target, None, budget);
     if options.mode == OutputMode::FilesWithMatches && !result.text.is_empty() {
-        result.text = format!("{}\n", path::py_fsdecode(target.as_os_str().as_bytes()));
+        result.text = format!(
+            "{}\n",
+            String::from_utf8_lossy(target.as_os_str().as_bytes())
+        );
     }
     Outcome {
         output: result.text,
@@ -543,12 +552,10 @@ fn walk_builder(input: &GrepInput, root: &Path) -> Result<WalkBuilder, String> {
 
 fn search_tree(
     ctx: &FsContext,
-    input: &GrepInput,
     options: &Options,
     matcher: &RegexMatcher,
-    root: &Path,
-) -> Result<Outcome, String> {
-    let builder = walk_builder(input, root)?;
+    builder: &WalkBuilder,
+) -> Outcome {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, MAX_THREADS);
@@ -566,21 +573,22 @@ fn search_tree(
 
     std::thread::scope(|scope| {
         let shared = &shared;
-        scope.spawn(move || walk(shared, &builder, &batch_tx));
+        scope.spawn(move || walk(shared, builder, &batch_tx));
         for _ in 0..threads {
             let done_tx = done_tx.clone();
             let batch_rx = &batch_rx;
             scope.spawn(move || search_batches(shared, batch_rx, &done_tx));
         }
         drop(done_tx);
-        Ok(collect(shared, &done_rx))
+        collect(shared, &done_rx)
     })
 }
 
 /// The walker thread: sorted walk, files and errors in batches.
 fn walk(shared: &Shared<'_>, builder: &WalkBuilder, batches: &mpsc::SyncSender<Batch>) {
     let mut seq = 0;
-    let mut items = Vec::with_capacity(BATCH_FILES);
+    let mut batch_size = FIRST_BATCH_FILES;
+    let mut items = Vec::with_capacity(batch_size);
     for entry in builder.build() {
         if shared.stopped() {
             return;
@@ -591,12 +599,13 @@ fn walk(shared: &Shared<'_>, builder: &WalkBuilder, batches: &mpsc::SyncSender<B
                     items.push(Item::File(entry.into_path()));
                 }
             }
-            Err(err) => items.push(Item::Error(format!("{err}\n"))),
+            Err(err) => items.push(Item::Error(walk_error_text(&err))),
         }
-        if items.len() >= BATCH_FILES {
+        if items.len() >= batch_size {
+            batch_size = (batch_size * 2).min(MAX_BATCH_FILES);
             let batch = Batch {
                 seq,
-                items: std::mem::replace(&mut items, Vec::with_capacity(BATCH_FILES)),
+                items: std::mem::replace(&mut items, Vec::with_capacity(batch_size)),
             };
             if batches.send(batch).is_err() {
                 return;
@@ -609,6 +618,41 @@ fn walk(shared: &Shared<'_>, builder: &WalkBuilder, batches: &mpsc::SyncSender<B
     }
 }
 
+/// rg's stderr line for a walk error: `<path>: <OS error>`. The walker wraps the OS
+/// error in its own text (which names the path again); rg 13 printed only the OS part.
+fn walk_error_text(err: &ignore::Error) -> String {
+    match err {
+        ignore::Error::WithDepth { err, .. } => walk_error_text(err),
+        ignore::Error::WithPath { path, err } => match err.io_error().and_then(os_code) {
+            Some(code) => format!(
+                "{}: {}\n",
+                path.display(),
+                io::Error::from_raw_os_error(code)
+            ),
+            None => format!("{}: {err}\n", path.display()),
+        },
+        other => format!("{other}\n"),
+    }
+}
+
+/// The OS error code at the bottom of a chain of wrapped errors.
+fn os_code(err: &io::Error) -> Option<i32> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = current {
+        if let Some(code) = e
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+        {
+            return Some(code);
+        }
+        current = match e.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
+            Some(inner) => Some(inner),
+            None => e.source(),
+        };
+    }
+    None
+}
+
 /// A searcher thread: takes batches until the walker is done, discarding them once
 /// the search stopped (so a walker blocked on a full queue can always finish).
 fn search_batches(
@@ -618,10 +662,12 @@ fn search_batches(
 ) {
     let mut searcher = shared.options.searcher(false);
     loop {
-        let next = match batches.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
-        };
+        // A searcher that panicked must not stop the others from draining the
+        // queue, or the walker would block on it forever.
+        let next = batches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .recv();
         let Ok(batch) = next else { return };
         let mut outputs = Vec::with_capacity(batch.items.len());
         for item in batch.items {
@@ -633,17 +679,14 @@ fn search_batches(
                     text: String::new(),
                     error: Some(message),
                 },
-                Item::File(path) => {
-                    let display = path.as_os_str().as_bytes().to_vec();
-                    search_file(
-                        &mut searcher,
-                        shared.matcher,
-                        shared.options,
-                        &path,
-                        Some(&display),
-                        shared.budget(),
-                    )
-                }
+                Item::File(path) => search_file(
+                    &mut searcher,
+                    shared.matcher,
+                    shared.options,
+                    &path,
+                    Some(path.as_os_str().as_bytes()),
+                    shared.budget(),
+                ),
             });
         }
         if done.send((batch.seq, outputs)).is_err() {
@@ -978,6 +1021,23 @@ mod tests {
         assert_eq!(
             g(json!({"pattern": "x", "-o": true})).1,
             "ValueError('Invalid arguments for function grep')"
+        );
+    }
+
+    #[test]
+    fn walk_errors_read_like_rg() {
+        // The walker's I/O error wraps the OS error in a text naming the path again.
+        let wrapped = io::Error::other(io::Error::from_raw_os_error(13));
+        let err = ignore::Error::WithDepth {
+            depth: 1,
+            err: Box::new(ignore::Error::WithPath {
+                path: PathBuf::from("/w/locked"),
+                err: Box::new(ignore::Error::Io(wrapped)),
+            }),
+        };
+        assert_eq!(
+            walk_error_text(&err),
+            "/w/locked: Permission denied (os error 13)\n"
         );
     }
 

@@ -221,7 +221,10 @@ async fn proc_self_root_does_not_reach_the_host() {
     let text = r.text_content();
     assert!(!text.contains(&fx.secret), "{text}");
     // /proc/self/root is the sandbox's own root, not the host's.
-    assert!(text.contains("workspace") && !text.contains("home"), "{text}");
+    assert!(
+        text.contains("workspace") && !text.contains("home"),
+        "{text}"
+    );
     let r = tool(
         &s,
         "read",
@@ -281,6 +284,25 @@ async fn write_to_read_only_system_paths() {
     assert!(r.is_error, "{r:?}");
     assert!(!std::path::Path::new(&marker).exists());
     assert!(!std::path::Path::new("/etc/hands-escape").exists());
+    s.close().await.unwrap();
+}
+
+/// /proc is read-only to the session by landlock alone: DAC lets a process write
+/// its own oom_score_adj (upwards), comm, clear_refs and loginuid-style files.
+#[tokio::test(flavor = "multi_thread")]
+async fn tamper_with_proc_files() {
+    require_sandbox!();
+    let s = open(None).await;
+    let r = bash(
+        &s,
+        "for f in oom_score_adj comm clear_refs; do \
+           (echo 1000 > /proc/self/$f) 2>&1 && echo WROTE-$f; done; cat /proc/self/oom_score_adj",
+    )
+    .await;
+    let text = r.text_content();
+    assert!(!text.contains("WROTE"), "{text}");
+    assert_eq!(text.matches("Permission denied").count(), 3, "{text}");
+    assert!(text.ends_with("\n0") || text.ends_with('0'), "{text}");
     s.close().await.unwrap();
 }
 

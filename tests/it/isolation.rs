@@ -90,7 +90,10 @@ async fn the_session_network_has_only_loopback() {
     let s = open(None).await;
     // netlink works (ip, getaddrinfo), and shows a single interface: lo, up.
     let out = sh(&s, "ip -brief address").await;
-    let ifaces: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    let ifaces: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
     assert_eq!(ifaces, ["lo"], "{out}");
     assert!(out.contains("127.0.0.1/8"), "{out}");
     // A server and its client inside the session talk over that loopback.

@@ -58,7 +58,9 @@ async fn fork_bomb_cannot_exceed_pids_max() {
          print(n, len([p for p in os.listdir('/proc') if p.isdigit()]))",
     )
     .await;
-    let mut it = out.split_whitespace().map(|x| x.parse::<u32>().unwrap_or(999));
+    let mut it = out
+        .split_whitespace()
+        .map(|x| x.parse::<u32>().unwrap_or(999));
     let (forked, out) = (it.next().unwrap_or(0), it.next().unwrap_or(999).to_string());
     assert!(forked >= 16, "the probe could not fork at all: {forked}");
     let live: u32 = out.trim().parse().unwrap_or(999);
@@ -148,7 +150,11 @@ fn one_gib_of_output_is_capped_and_the_worker_stays_flat() {
     let v: serde_json::Value = serde_json::from_str(&out).expect("result JSON");
     let text = v["content"][0]["text"].as_str().unwrap_or_default();
     assert_eq!(v["is_error"], false, "{}", &text[..text.len().min(200)]);
-    assert!(text.starts_with("[output truncated]\n"), "{}", &text[..text.len().min(40)]);
+    assert!(
+        text.starts_with("[output truncated]\n"),
+        "{}",
+        &text[..text.len().min(40)]
+    );
     assert!(text.ends_with("tail-marker"));
     assert!(text.len() <= 102_400, "{} bytes returned", text.len());
     assert!(
@@ -165,8 +171,14 @@ async fn grep_output_is_capped() {
     sh(&s, "seq 1 200000 | sed 's/^/line /' > big.txt").await;
     let g = tool(&s, "grep", json!({"pattern": "line", "path": "big.txt"})).await;
     let text = g.text_content();
-    assert!(text.ends_with("\n[output truncated at 102400 bytes]"), "grep uncapped");
-    assert_eq!(text.len(), 102_400 + "\n[output truncated at 102400 bytes]".len());
+    assert!(
+        text.ends_with("\n[output truncated at 102400 bytes]"),
+        "grep uncapped"
+    );
+    assert_eq!(
+        text.len(),
+        102_400 + "\n[output truncated at 102400 bytes]".len()
+    );
     s.close().await.unwrap();
 }
 
