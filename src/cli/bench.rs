@@ -179,38 +179,12 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let text: String = line.repeat(20 * 1024 / line.len() + 1)[..20 * 1024].to_string();
     std::fs::write(ws.join("file20k.txt"), &text)?;
 
-    // Session open/close.
-    let (opens, closes) = rt.block_on(async {
-        let mut opens = Vec::new();
-        let mut closes = Vec::new();
-        for i in 0..args.opens + 5 {
-            let t = Instant::now();
-            let s = Session::open(
-                &cfg,
-                SessionOptions {
-                    policy: policy.clone(),
-                    workspace: Some(ws.clone()),
-                },
-            )
-            .await?;
-            let opened = t.elapsed();
-            let t = Instant::now();
-            s.close().await?;
-            if i >= 5 {
-                opens.push(opened);
-                closes.push(t.elapsed());
-            }
-        }
-        Ok::<_, anyhow::Error>((opens, closes))
-    })?;
-    let open_s = Series::new(
-        "session open (namespaces + cgroup + confined helper)",
-        opens,
-    );
-    let close_s = Series::new("session close (kill tree, remove cgroup)", closes);
-
     // Tool calls in one session.
-    let (bash_s, read_s) = rt.block_on(async {
+    // The compared operations run interleaved, one of each per round, so that
+    // drift on a shared machine lands on all of them alike.
+    let ctx = FsContext::new(std::fs::canonicalize(&ws)?);
+    let read_in = json!({"file_path": "file20k.txt"});
+    let [bash_s, bare, shell_proto, read_s, inproc, raw_read] = rt.block_on(async {
         let s = Session::open(
             &cfg,
             SessionOptions {
@@ -219,33 +193,58 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
             },
         )
         .await?;
+        let mut host = HostShell::start()?;
         let bash_in = json!({"command": "/bin/true"});
-        let bash = time_n_async(n, || async {
+        let mut v: [Vec<Duration>; 6] = Default::default();
+        let warm = (n / 10).max(3);
+        for round in 0..warm + n {
+            let keep = round >= warm;
+            let t = Instant::now();
             let r = s.call("bash", &bash_in).await;
             ensure!(!r.is_error, "bash failed: {}", r.text_content());
-            Ok(())
-        })
-        .await?;
-        let read_in = json!({"file_path": "file20k.txt"});
-        let read = time_n_async(n, || async {
+            let d0 = t.elapsed();
+            let t = Instant::now();
+            run_status(&mut Command::new("/bin/true"))?;
+            let d1 = t.elapsed();
+            let t = Instant::now();
+            host.once().await?;
+            let d2 = t.elapsed();
+            let t = Instant::now();
             let r = s.call("read", &read_in).await;
             ensure!(
                 !r.is_error && r.text_content().len() == 20 * 1024,
                 "read failed"
             );
-            Ok(())
-        })
-        .await?;
+            let d3 = t.elapsed();
+            let t = Instant::now();
+            let r = crate::tools::fs::run(Tool::Read, &read_in, &ctx);
+            ensure!(!r.is_error, "in-process read failed");
+            let d4 = t.elapsed();
+            let t = Instant::now();
+            std::fs::read_to_string(ws.join("file20k.txt"))?;
+            let d5 = t.elapsed();
+            if keep {
+                for (series, d) in v.iter_mut().zip([d0, d1, d2, d3, d4, d5]) {
+                    series.push(d);
+                }
+            }
+        }
         s.close().await?;
-        Ok::<_, anyhow::Error>((bash, read))
+        Ok::<_, anyhow::Error>(v)
     })?;
     let bash_s = Series::new("bash /bin/true, sandboxed call", bash_s);
-    let read_s = Series::new("read 20 KiB, sandboxed call", read_s);
-
-    let bare = Series::new(
-        "bare fork/exec /bin/true",
-        time_n(n, || run_status(&mut Command::new("/bin/true")))?,
+    let bare = Series::new("bare fork/exec /bin/true", bare);
+    let shell_proto = Series::new(
+        "same shell protocol, unconfined bash on the host",
+        shell_proto,
     );
+    let read_s = Series::new("read 20 KiB, sandboxed call", read_s);
+    let inproc = Series::new(
+        "read 20 KiB, same read tool in process (no sandbox)",
+        inproc,
+    );
+    let raw_read = Series::new("read 20 KiB, std::fs::read_to_string", raw_read);
+
     let bwrap = which("bwrap").map(|b| {
         time_n(n, || {
             run_status(Command::new(&b).args([
@@ -284,24 +283,6 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
-    let ctx = FsContext::new(std::fs::canonicalize(&ws)?);
-    let read_in = json!({"file_path": "file20k.txt"});
-    let inproc = Series::new(
-        "read 20 KiB, same read tool in process (no sandbox)",
-        time_n(n, || {
-            let r = crate::tools::fs::run(Tool::Read, &read_in, &ctx);
-            ensure!(!r.is_error, "in-process read failed");
-            Ok(())
-        })?,
-    );
-    let raw_read = Series::new(
-        "read 20 KiB, std::fs::read_to_string",
-        time_n(n, || {
-            std::fs::read_to_string(ws.join("file20k.txt"))?;
-            Ok(())
-        })?,
-    );
-
     let sdk = sdk_baselines(&args.python, &ws, n);
     let (sdk_bash, sdk_read) = match sdk {
         Ok((b, r)) => (
@@ -319,6 +300,8 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
 
     rows.push(bash_s.row(Some(&bare)));
     rows.push(bare.row(None));
+    rows.push(shell_proto.row(Some(&bare)));
+    rows.push(bash_s.row(Some(&shell_proto)));
     if let Some(b) = &bwrap {
         rows.push(b.row(Some(&bare)));
         rows.push(bash_s.row(Some(b)));
@@ -334,12 +317,52 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
         rows.push(r.row(Some(&inproc)));
         rows.push(read_s.row(Some(r)));
     }
+
+    // Session open/close, after the per-call figures: the kernel tears down each
+    // closed session's network namespace asynchronously, and that work must not
+    // land in the other measurements.
+    let (opens, closes) = rt.block_on(async {
+        let mut opens = Vec::new();
+        let mut closes = Vec::new();
+        for i in 0..args.opens + 5 {
+            let t = Instant::now();
+            let s = Session::open(
+                &cfg,
+                SessionOptions {
+                    policy: policy.clone(),
+                    workspace: Some(ws.clone()),
+                },
+            )
+            .await?;
+            let opened = t.elapsed();
+            let t = Instant::now();
+            s.close().await?;
+            if i >= 5 {
+                opens.push(opened);
+                closes.push(t.elapsed());
+            }
+        }
+        Ok::<_, anyhow::Error>((opens, closes))
+    })?;
+    let open_s = Series::new(
+        "session open (namespaces + cgroup + confined helper)",
+        opens,
+    );
+    let close_s = Series::new("session close (kill tree, remove cgroup)", closes);
     rows.push(open_s.row(None));
     rows.push(close_s.row(None));
 
     // grep over a generated tree vs rg.
     let tree = scratch.path().join("tree");
     generate_tree(&tree, args.grep_files)?;
+    // rg may use every core; so may the session here (the default policy's
+    // 1-CPU quota would halve grep's parallelism and measure the policy, not grep).
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut gp = (*policy).clone();
+    gp.limits.cpu = cores as f64;
+    let grep_policy = Arc::new(gp);
     match which("rg") {
         None => eprintln!("bench: rg not found; grep comparison skipped"),
         Some(rg) => {
@@ -366,7 +389,7 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
                     let s = Session::open(
                         &cfg,
                         SessionOptions {
-                            policy: policy.clone(),
+                            policy: grep_policy.clone(),
                             workspace: Some(tree.clone()),
                         },
                     )
@@ -434,6 +457,52 @@ fn print_table(rows: &[Row]) {
             "{:<58} {:>9.3} {:>9.3}  {}",
             r.name, r.p50_ms, r.p99_ms, ratio
         );
+    }
+}
+
+/// The bash tool's wire protocol (same wrapper, sentinel and reader) against an
+/// unconfined `/bin/bash` on the host: separates what confinement costs from what
+/// a persistent shell costs.
+struct HostShell {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::process::ChildStdout,
+    chunk: Vec<u8>,
+}
+
+impl HostShell {
+    fn start() -> anyhow::Result<HostShell> {
+        let mut child = tokio::process::Command::new("/bin/bash")
+            .args(["--noprofile", "--norc"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(HostShell {
+            stdin: child.stdin.take().context("stdin")?,
+            stdout: child.stdout.take().context("stdout")?,
+            _child: child,
+            chunk: vec![0u8; 64 * 1024],
+        })
+    }
+
+    async fn once(&mut self) -> anyhow::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (wrapped, sentinel) = crate::tools::bash::wrap("/bin/true");
+        self.stdin.write_all(wrapped.as_bytes()).await?;
+        let mut buf = Vec::new();
+        loop {
+            let k = self.stdout.read(&mut self.chunk).await?;
+            ensure!(k > 0, "shell exited");
+            buf.extend_from_slice(&self.chunk[..k]);
+            if memchr::memmem::find(&buf, sentinel.as_bytes()).is_some() && buf.ends_with(b"\n") {
+                break;
+            }
+        }
+        let (_, code) = crate::tools::bash::parse_output(&buf, &sentinel, false);
+        ensure!(code == 0, "exit {code}");
+        Ok(())
     }
 }
 

@@ -54,6 +54,7 @@ pub async fn open_session(
     let policy: Policy =
         crate::policy::find(env, dirs).with_context(|| format!("environment {env:?}"))?;
     let cfg = SandboxConfig::from_env().context("sandbox configuration")?;
+    crate::session::sweep_orphans(&cfg);
     Session::open(
         &cfg,
         SessionOptions {

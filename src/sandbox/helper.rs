@@ -198,6 +198,7 @@ fn serve(setup: Setup, mut reader: FdReader, writer: Writer) -> io::Result<()> {
             .spawn(move || reap_forever(&children, &writer))?;
     }
     let cancels: Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>> = Arc::default();
+    let pool = Pool::new();
     let mut base = FsContext::new(mounts::WORKSPACE.into());
     base.max_file_bytes = setup.max_file_bytes;
     base.output_limit = setup.output_limit;
@@ -210,11 +211,11 @@ fn serve(setup: Setup, mut reader: FdReader, writer: Writer) -> io::Result<()> {
                 lock(&cancels).insert(id, ctx.cancel.clone());
                 let writer = writer.clone();
                 let cancels = cancels.clone();
-                std::thread::spawn(move || {
+                pool.run(Box::new(move || {
                     let result = crate::tools::fs::run(tool, &input, &ctx);
                     lock(&cancels).remove(&id);
                     send(&writer, &Response::ToolDone { id, result });
-                });
+                }));
             }
             Request::Cancel { id } => {
                 if let Some(flag) = lock(&cancels).get(&id) {
@@ -257,6 +258,65 @@ fn serve(setup: Setup, mut reader: FdReader, writer: Writer) -> io::Result<()> {
     // The worker closed the channel: end the session. Exiting as pid 1 makes the
     // kernel kill everything left in the namespace.
     Ok(())
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads for file tool calls: idle threads are reused (a thread per call would
+/// cost more than a small read), and a call that finds none idle gets a new one,
+/// so a long grep never delays another call.
+struct Pool {
+    jobs: std::sync::mpsc::Sender<Job>,
+    queue: Arc<Mutex<std::sync::mpsc::Receiver<Job>>>,
+    idle: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Idle threads kept beyond this many exit after their call.
+const POOL_KEEP: usize = 4;
+
+impl Pool {
+    fn new() -> Pool {
+        let (jobs, rx) = std::sync::mpsc::channel();
+        Pool {
+            jobs,
+            queue: Arc::new(Mutex::new(rx)),
+            idle: Arc::default(),
+        }
+    }
+
+    fn run(&self, job: Job) {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Claim an idle thread, or start one; either way the job is queued and
+        // some thread is free to take it.
+        let claimed = self
+            .idle
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if !claimed {
+            let queue = self.queue.clone();
+            let idle = self.idle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("tool".into())
+                .spawn(move || loop {
+                    let job = match lock(&queue).recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    };
+                    job();
+                    if idle.load(SeqCst) >= POOL_KEEP {
+                        return;
+                    }
+                    idle.fetch_add(1, SeqCst);
+                });
+            if spawned.is_err() {
+                // Out of threads (the session's pids limit): run it here rather
+                // than queue it for a thread that does not exist.
+                job();
+                return;
+            }
+        }
+        let _ = self.jobs.send(job);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -132,7 +132,10 @@ impl Session {
         let (workspace, owns_workspace) = match opts.workspace {
             Some(p) => (p, false),
             None => {
-                let p = cfg.state_dir.join("workspaces").join(&id);
+                // Named by slot, so whatever a dead worker left here is reclaimed
+                // with the slot.
+                let p = cfg.state_dir.join("workspaces").join(&cg_name);
+                let _ = std::fs::remove_dir_all(&p);
                 std::fs::create_dir_all(&p).map_err(|source| SessionError::Workspace {
                     path: p.clone(),
                     source,
@@ -353,6 +356,29 @@ impl Session {
     }
 }
 
+/// Removes what dead workers left behind: every session group (and auto-created
+/// workspace) whose slot no live worker holds. Returns how many were removed.
+/// Workers call it at start; slots are also reclaimed one by one as they are
+/// taken.
+pub fn sweep_orphans(cfg: &SandboxConfig) -> usize {
+    let mut swept = 0;
+    for name in cfg.cgroups.existing() {
+        let Some(n) = name.strip_prefix('s').and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Some(_slot) = slot::try_acquire(&cfg.state_dir, n) else {
+            continue; // held: a live session
+        };
+        let cg = cfg.cgroups.open(&name);
+        let ws = cfg.state_dir.join("workspaces").join(&name);
+        match cleanup(Some(cg), ws.exists().then_some(ws)) {
+            Ok(()) => swept += 1,
+            Err(e) => tracing::warn!(group = %name, "removing an orphaned session group: {e}"),
+        }
+    }
+    swept
+}
+
 fn cleanup(cg: Option<SessionCgroup>, workspace: Option<PathBuf>) -> Result<(), SandboxError> {
     if let Some(cg) = cg {
         cg.kill_all(Duration::from_secs(10))?;
@@ -365,18 +391,18 @@ fn cleanup(cg: Option<SessionCgroup>, workspace: Option<PathBuf>) -> Result<(), 
 }
 
 impl Drop for Session {
+    /// Not closed: kill everything and clean up now. This blocks for the few
+    /// milliseconds the kernel takes to tear the session down; done on a thread
+    /// instead, it would be lost when the process exits right after the drop.
     fn drop(&mut self) {
         if self.closed {
             return;
         }
-        // Not closed: kill everything now; finish the cleanup off-thread.
         self.helper.kill_now();
-        let pid = self.helper.pid();
-        let cg = self.cgroup.take();
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.helper.pid()), None);
         let ws = self.owns_workspace.then(|| self.workspace.clone());
-        std::thread::spawn(move || {
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-            let _ = cleanup(cg, ws);
-        });
+        if let Err(e) = cleanup(self.cgroup.take(), ws) {
+            tracing::warn!(session_id = %self.id, "cleanup after drop: {e}");
+        }
     }
 }

@@ -27,6 +27,20 @@ pub enum SlotError {
     Exhausted(u32),
 }
 
+/// Takes slot `n` if no one holds it.
+pub fn try_acquire(state_dir: &Path, n: u32) -> Option<Slot> {
+    let path = state_dir.join("slots").join(format!("{n}.lock"));
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ok()?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .ok()
+        .map(|lock| Slot { n, _lock: lock })
+}
+
 /// Takes the lowest free slot below `max`. The search starts at a point derived
 /// from the pid so that concurrent workers rarely contend on the same lock file.
 pub fn acquire(state_dir: &Path, max: u32) -> Result<Slot, SlotError> {

@@ -42,6 +42,8 @@ struct Shell {
 #[derive(Default)]
 pub struct BashSession {
     shell: Option<Shell>,
+    /// Read buffer reused across calls.
+    chunk: Vec<u8>,
     /// Set when the shell died (timeout, `exit`, crash); cleared by restart.
     dead: bool,
 }
@@ -133,11 +135,12 @@ async fn read_until(
     limit: usize,
     buf: &mut Vec<u8>,
     truncated: &mut bool,
+    chunk: &mut Vec<u8>,
 ) -> std::io::Result<ReadEnd> {
     let finder = memchr::memmem::Finder::new(sentinel);
-    let mut chunk = vec![0u8; 64 * 1024];
+    chunk.resize(64 * 1024, 0);
     loop {
-        let n = stdout.read(&mut chunk).await?;
+        let n = stdout.read(chunk).await?;
         if n == 0 {
             return Ok(ReadEnd::Eof);
         }
@@ -283,6 +286,7 @@ impl BashSession {
             limit,
             &mut buf,
             &mut truncated,
+            &mut self.chunk,
         )
         .await;
         let (out, code) = match end {

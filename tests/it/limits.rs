@@ -266,3 +266,50 @@ async fn dropped_session_kills_everything() {
         assert!(!pid_alive(p), "pid {p} outlived a dropped session");
     }
 }
+
+/// A group left by a worker that died (its slot lock released) is swept; a live
+/// session's group is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn orphaned_groups_are_swept_and_live_ones_kept() {
+    require_sandbox!();
+    let cfg = config();
+    let live = open(None).await;
+    let live_group = live
+        .cgroup()
+        .unwrap()
+        .path()
+        .trim_start_matches("hands/")
+        .to_string();
+    // An orphan: a group for a slot nobody holds, with a process in it.
+    let orphan_slot = hands::session::slot::acquire(&cfg.state_dir, cfg.slots).unwrap();
+    let name = format!("s{}", orphan_slot.n);
+    drop(orphan_slot);
+    let cg = cfg
+        .cgroups
+        .create(
+            &name,
+            hands::sandbox::cgroup::CgroupLimits {
+                memory_bytes: 64 << 20,
+                pids: 16,
+                cpu: 1.0,
+            },
+        )
+        .unwrap();
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    cg.add_process(sleeper.id()).unwrap();
+    assert!(hands::session::sweep_orphans(&cfg) >= 1);
+    assert!(
+        !cfg.cgroups.existing().contains(&name),
+        "orphan {name} kept"
+    );
+    assert!(
+        cfg.cgroups.existing().contains(&live_group),
+        "live group {live_group} swept"
+    );
+    let _ = sleeper.wait();
+    assert_eq!(sh(&live, "echo alive").await, "alive");
+    live.close().await.unwrap();
+}
