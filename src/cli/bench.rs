@@ -117,6 +117,17 @@ where
     Ok(out)
 }
 
+async fn open(cfg: &SandboxConfig, policy: &Arc<Policy>, ws: &Path) -> anyhow::Result<Session> {
+    Ok(Session::open(
+        cfg,
+        SessionOptions {
+            policy: policy.clone(),
+            workspace: Some(ws.to_path_buf()),
+        },
+    )
+    .await?)
+}
+
 fn run_status(cmd: &mut Command) -> anyhow::Result<()> {
     let st = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status()?;
     ensure!(st.success(), "{cmd:?} failed: {st}");
@@ -185,14 +196,7 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let ctx = FsContext::new(std::fs::canonicalize(&ws)?);
     let read_in = json!({"file_path": "file20k.txt"});
     let [bash_s, bare, shell_proto, read_s, inproc, raw_read] = rt.block_on(async {
-        let s = Session::open(
-            &cfg,
-            SessionOptions {
-                policy: policy.clone(),
-                workspace: Some(ws.clone()),
-            },
-        )
-        .await?;
+        let s = open(&cfg, &policy, &ws).await?;
         let mut host = HostShell::start()?;
         let bash_in = json!({"command": "/bin/true"});
         let mut v: [Vec<Duration>; 6] = Default::default();
@@ -326,14 +330,7 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
         let mut closes = Vec::new();
         for i in 0..args.opens + 5 {
             let t = Instant::now();
-            let s = Session::open(
-                &cfg,
-                SessionOptions {
-                    policy: policy.clone(),
-                    workspace: Some(ws.clone()),
-                },
-            )
-            .await?;
+            let s = open(&cfg, &policy, &ws).await?;
             let opened = t.elapsed();
             let t = Instant::now();
             s.close().await?;
@@ -386,14 +383,7 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
                     )
                 })?;
                 let (hands_s, hands_lines) = rt.block_on(async {
-                    let s = Session::open(
-                        &cfg,
-                        SessionOptions {
-                            policy: grep_policy.clone(),
-                            workspace: Some(tree.clone()),
-                        },
-                    )
-                    .await?;
+                    let s = open(&cfg, &grep_policy, &tree).await?;
                     let input = json!({ "pattern": pattern });
                     let first = s.call("grep", &input).await;
                     let lines = count_lines(&first.text_content());

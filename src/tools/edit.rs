@@ -122,19 +122,14 @@ fn edit_resolved(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tools::{fs, Tool};
+    use crate::tools::Tool;
     use serde_json::json;
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 
-    fn setup() -> (tempfile::TempDir, FsContext) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().canonicalize().expect("canonical");
-        (dir, FsContext::new(root))
-    }
+    use crate::tools::fs::testutil::setup;
 
     fn edit(ctx: &FsContext, input: Value) -> (bool, String) {
-        let r = fs::run(Tool::Edit, &input, ctx);
-        (r.is_error, r.text_content())
+        crate::tools::fs::testutil::call(Tool::Edit, ctx, input)
     }
 
     fn content(ctx: &FsContext, rel: &str) -> String {

@@ -86,3 +86,24 @@ pub(crate) fn read_capped(file: &mut std::fs::File, cap: u64) -> std::io::Result
     file.take(cap.saturating_add(1)).read_to_end(&mut data)?;
     Ok(data)
 }
+
+/// Shared helpers of the tools' unit tests (they run unconfined, on a temp dir).
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::FsContext;
+    use crate::tools::Tool;
+    use serde_json::Value;
+
+    /// A fresh canonical workspace and a context rooted in it.
+    pub fn setup() -> (tempfile::TempDir, FsContext) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonical");
+        (dir, FsContext::new(root))
+    }
+
+    /// One call, as (is_error, text).
+    pub fn call(tool: Tool, ctx: &FsContext, input: Value) -> (bool, String) {
+        let r = super::run(tool, &input, ctx);
+        (r.is_error, r.text_content())
+    }
+}

@@ -602,20 +602,15 @@ fn parse_class(pat: &[char], start: usize) -> Option<(Token, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tools::{fs, Tool};
+    use crate::tools::Tool;
     use serde_json::json;
     use std::os::unix::fs::symlink;
     use std::time::{Duration, SystemTime};
 
-    fn setup() -> (tempfile::TempDir, FsContext) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().canonicalize().expect("canonical");
-        (dir, FsContext::new(root))
-    }
+    use crate::tools::fs::testutil::setup;
 
     fn glob(ctx: &FsContext, input: Value) -> (bool, String) {
-        let r = fs::run(Tool::Glob, &input, ctx);
-        (r.is_error, r.text_content())
+        crate::tools::fs::testutil::call(Tool::Glob, ctx, input)
     }
 
     /// Set mtimes so that the order is known: later in `paths` = older.

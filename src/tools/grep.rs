@@ -743,15 +743,11 @@ fn collect(shared: &Shared<'_>, done: &mpsc::Receiver<(usize, Vec<FileOutput>)>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tools::{fs, Tool};
+    use crate::tools::Tool;
     use serde_json::json;
     use std::os::unix::fs::symlink;
 
-    fn setup() -> (tempfile::TempDir, FsContext) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().canonicalize().expect("canonical");
-        (dir, FsContext::new(root))
-    }
+    use crate::tools::fs::testutil::setup;
 
     fn put(ctx: &FsContext, rel: &str, data: impl AsRef<[u8]>) {
         let p = ctx.workdir.join(rel);
@@ -762,8 +758,7 @@ mod tests {
     }
 
     fn grep(ctx: &FsContext, input: Value) -> (bool, String) {
-        let r = fs::run(Tool::Grep, &input, ctx);
-        (r.is_error, r.text_content())
+        crate::tools::fs::testutil::call(Tool::Grep, ctx, input)
     }
 
     /// The output with the workspace path replaced by `W`.

@@ -353,15 +353,10 @@ mod tests {
     use serde_json::json;
     use std::os::unix::fs::symlink;
 
-    fn setup() -> (tempfile::TempDir, FsContext) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().canonicalize().expect("canonical");
-        (dir, FsContext::new(root))
-    }
+    use crate::tools::fs::testutil::setup;
 
     fn read(ctx: &FsContext, input: Value) -> (bool, String) {
-        let r = fs::run(Tool::Read, &input, ctx);
-        (r.is_error, r.text_content())
+        crate::tools::fs::testutil::call(Tool::Read, ctx, input)
     }
 
     fn put(ctx: &FsContext, rel: &str, data: impl AsRef<[u8]>) {

@@ -204,11 +204,7 @@ mod tests {
     use serde_json::json;
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 
-    fn setup() -> (tempfile::TempDir, FsContext) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().canonicalize().expect("canonical");
-        (dir, FsContext::new(root))
-    }
+    use crate::tools::fs::testutil::setup;
 
     fn write(ctx: &FsContext, fp: &str, content: &str) -> (bool, String) {
         let r = fs::run(
