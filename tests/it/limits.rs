@@ -313,3 +313,53 @@ async fn orphaned_groups_are_swept_and_live_ones_kept() {
     assert_eq!(sh(&live, "echo alive").await, "alive");
     live.close().await.unwrap();
 }
+
+/// The policy's memory, pids and CPU limits are what the kernel enforces for the
+/// session (read back from the cgroup files on the host).
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_limits_land_in_the_session_cgroup() {
+    require_sandbox!();
+    let mut p = policy("default");
+    p.limits.memory_bytes = 200 << 20;
+    p.limits.pids = 77;
+    p.limits.cpu = 0.5;
+    let s = open_with(p, None).await;
+    let rel = s.cgroup().unwrap().path().to_string();
+    let read = |f: &str| std::fs::read_to_string(f).map(|s| s.trim().to_string());
+    match s.cgroup().unwrap().version() {
+        hands::sandbox::cgroup::CgroupVersion::V1 => {
+            let root = "/sys/fs/cgroup";
+            assert_eq!(
+                read(&format!("{root}/memory/{rel}/memory.limit_in_bytes")).unwrap(),
+                (200u64 << 20).to_string()
+            );
+            assert_eq!(read(&format!("{root}/pids/{rel}/pids.max")).unwrap(), "77");
+            assert_eq!(
+                read(&format!("{root}/cpu/{rel}/cpu.cfs_quota_us")).unwrap(),
+                "50000"
+            );
+            assert_eq!(
+                read(&format!("{root}/cpu/{rel}/cpu.cfs_period_us")).unwrap(),
+                "100000"
+            );
+        }
+        hands::sandbox::cgroup::CgroupVersion::V2 => {
+            let dir = format!("/sys/fs/cgroup/{rel}");
+            assert_eq!(
+                read(&format!("{dir}/memory.max")).unwrap(),
+                (200u64 << 20).to_string()
+            );
+            assert_eq!(read(&format!("{dir}/pids.max")).unwrap(), "77");
+            assert_eq!(read(&format!("{dir}/cpu.max")).unwrap(), "50000 100000");
+        }
+    }
+    // Every process of the session is in it, the helper included.
+    sh(&s, "sleep 100 >/dev/null 2>&1 &").await;
+    assert!(s
+        .cgroup()
+        .unwrap()
+        .procs()
+        .contains(&(s.helper_pid() as u32)));
+    assert!(s.cgroup().unwrap().procs().len() >= 3);
+    s.close().await.unwrap();
+}
