@@ -28,8 +28,11 @@ fn cvt_int(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// Clones the calling process into new namespaces (`flags`, CLONE_NEW*) and execs
-/// `exe` with `argv` and an empty environment in the child, with `sock` as fd 3.
-/// Returns the child's pid as seen from the caller.
+/// `exe` with `argv` and an empty environment in the child, with `sock` as fd 3,
+/// stdin and stdout on /dev/null, stderr kept (the helper's diagnostics), and
+/// every other fd closed: nothing the worker holds, or inherited without
+/// close-on-exec, reaches the session. Returns the child's pid as seen from the
+/// caller.
 ///
 /// The child runs only async-signal-safe calls (dup2, fcntl, execve, _exit) between
 /// clone and exec: the caller may be multi-threaded and another thread may hold the
@@ -47,6 +50,7 @@ pub fn clone_exec_helper(
     let sock_fd = sock.as_raw_fd();
     let argv_ptr = argv_ptrs.as_ptr();
     let env_ptr = envp.as_ptr();
+    let devnull_ptr = c"/dev/null".as_ptr();
 
     let cb = Box::new(move || -> isize {
         // SAFETY: runs in the freshly cloned child, which has its own copy of the
@@ -57,6 +61,13 @@ pub fn clone_exec_helper(
                 let fl = libc::fcntl(3, libc::F_GETFD);
                 libc::fcntl(3, libc::F_SETFD, fl & !libc::FD_CLOEXEC);
             } else if libc::dup2(sock_fd, 3) < 0 {
+                libc::_exit(126);
+            }
+            let null = libc::open(devnull_ptr, libc::O_RDWR);
+            if null < 0 || libc::dup2(null, 0) < 0 || libc::dup2(null, 1) < 0 {
+                libc::_exit(126);
+            }
+            if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) < 0 {
                 libc::_exit(126);
             }
             libc::execve(exe_ptr, argv_ptr, env_ptr);
@@ -444,11 +455,15 @@ pub fn send_with_fds(
     .map_err(io::Error::from)
 }
 
-/// Takes ownership of an fd inherited across exec (the helper's socket, fd 3).
-/// Fails unless `fd` is open.
+/// Takes ownership of an fd inherited across exec (the helper's socket, fd 3)
+/// and marks it close-on-exec. Fails unless `fd` is open.
 pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: F_GETFD only queries the fd table.
     cvt_int(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // The fd had to survive the exec that started us; nothing we start may
+    // inherit it.
+    // SAFETY: F_SETFD on an fd that is open (checked above).
+    cvt_int(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
     // SAFETY: the fd is open (checked above) and, by the helper's calling
     // convention, handed to this process for it alone; it is taken exactly once.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })

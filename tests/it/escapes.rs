@@ -306,6 +306,62 @@ async fn tamper_with_proc_files() {
     s.close().await.unwrap();
 }
 
+/// File descriptors: nothing the worker holds (here a pipe it opened without
+/// close-on-exec) and not the helper's channel to the worker reaches a sandboxed
+/// process; through the channel a process could forge the helper's answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn inherit_the_workers_file_descriptors() {
+    require_sandbox!();
+    // A leaky fd in the worker: no O_CLOEXEC.
+    let (leak_r, leak_w) = nix::unistd::pipe().unwrap();
+    use std::os::fd::AsRawFd;
+    let leaked = std::fs::read_link(format!("/proc/self/fd/{}", leak_w.as_raw_fd()))
+        .unwrap()
+        .display()
+        .to_string();
+    let s = open(None).await;
+    // Listed from a child, so the listing adds no fd to the shell it inspects:
+    // "<fd> <target>" per line.
+    let fds: String = sh(&s, "ls -l /proc/$$/fd")
+        .await
+        .lines()
+        .filter_map(|l| {
+            l.split_once(" -> ")
+                .map(|(a, b)| (a.rsplit(' ').next().unwrap_or(""), b))
+        })
+        .map(|(fd, target)| format!("{fd} {target}\n"))
+        .collect();
+    let exec_fds = {
+        let (_, out) = py(&s, "import os\nfor f in sorted(os.listdir('/proc/self/fd')):\n    print(f, os.readlink('/proc/self/fd/' + f))").await;
+        out
+    };
+    for listing in [&fds, &exec_fds] {
+        assert!(
+            !listing.contains("socket:"),
+            "a socket reached the sandbox:\n{listing}"
+        );
+        assert!(
+            !listing.contains(&leaked),
+            "the worker's fd {leaked} reached the sandbox:\n{listing}"
+        );
+    }
+    // The shell's only pipes are its own stdin and stdout (bash keeps saved
+    // copies of them at fds 10 and up while a command runs with </dev/null).
+    let mut pipes: Vec<&str> = fds
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|t| t.starts_with("pipe:"))
+        .collect();
+    pipes.sort_unstable();
+    pipes.dedup();
+    assert!(
+        pipes.len() <= 2,
+        "pipes beyond the shell's stdio {pipes:?}:\n{fds}"
+    );
+    drop((leak_r, leak_w));
+    s.close().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // The worker's environment and memory.
 
