@@ -6,6 +6,8 @@
 
 pub mod cli;
 pub mod policy;
+pub mod proto;
 pub mod sandbox;
+pub mod service;
 pub mod session;
 pub mod tools;

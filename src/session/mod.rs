@@ -8,6 +8,7 @@
 //! included: the helper is the pid namespace's init, and the cgroup is emptied
 //! before it is removed.
 
+pub mod registry;
 pub mod slot;
 
 use std::path::{Path, PathBuf};
@@ -340,6 +341,12 @@ impl Session {
                 }
             },
         }
+    }
+
+    /// Kills every process of the session now, from a shared reference; the
+    /// sandbox is released when the session is dropped.
+    pub fn terminate(&self) {
+        self.helper.kill_now();
     }
 
     /// Closes the session: kills the helper (and so every process of the

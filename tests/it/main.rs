@@ -8,4 +8,5 @@ mod escapes;
 mod isolation;
 mod limits;
 mod netpeer;
+mod service;
 mod util;
