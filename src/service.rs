@@ -5,18 +5,21 @@
 //! Errors are gRPC statuses with a machine-readable reason in the `hands-reason`
 //! trailer; tool-level failures are normal results with `is_error`.
 //!
-//! Not yet here (issue 4 continues): the call journal behind at-most-once
-//! execution across reconnects (`Attach`, repeated `Call`), `Cancel`, deadlines
-//! that kill the call, and streamed bash output. Those RPCs answer UNIMPLEMENTED.
+//! Calls go through the session's journal (`session::journal`): a call runs on
+//! its own task until it finishes, whoever watches it; each stream is a
+//! forwarder that follows the journal record, so a repeated `Call` or an
+//! `Attach` resumes delivery and never executes again.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
 use crate::proto::v1;
+use crate::session::journal::{Begin, CallRecord, CallState, JournalError, Outcome};
 use crate::session::registry::{valid_id, Registry, RegistryError};
 
 /// The trailer that carries an error's machine-readable reason.
@@ -151,6 +154,7 @@ impl v1::sandbox_server::Sandbox for SandboxService {
     type CallStream = EventStream;
 
     async fn call(&self, req: Request<v1::CallRequest>) -> Result<Response<EventStream>, Status> {
+        let deadline = grpc_timeout(req.metadata());
         let r = req.into_inner();
         if !valid_id(&r.call_id) {
             return Err(RegistryError::InvalidId(r.call_id).into());
@@ -163,45 +167,156 @@ impl v1::sandbox_server::Sandbox for SandboxService {
                 format!("input_json is not JSON: {e}"),
             )
         })?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        // The call runs on its own task: a client that goes away does not stop it.
-        tokio::spawn(async move {
-            let _ = tx
-                .send(Ok(event(v1::call_event::Event::Started(v1::Started {
-                    call_id: r.call_id.clone(),
-                    executed_now: true,
-                }))))
-                .await;
-            let result = session.call_traced(&r.tool, &input, &r.call_id).await;
-            let fin = crate::proto::finished(&result, v1::Outcome::Completed);
-            let _ = tx
-                .send(Ok(event(v1::call_event::Event::Finished(fin))))
-                .await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let (rec, executed_now) = match session.journal().begin(&r.call_id, &r.tool, &r.input_json)
+        {
+            Ok(Begin::New(rec)) => {
+                let (s, run) = (session.clone(), rec.clone());
+                // The call runs on its own task: a client that goes away does not
+                // stop it, and its result waits in the journal.
+                tokio::spawn(async move { s.run_journaled(&run, &input).await });
+                if let Some(d) = deadline {
+                    // A deadline is a cancel of the call this request started.
+                    let rec = rec.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(d).await;
+                        rec.cancel();
+                    });
+                }
+                (rec, true)
+            }
+            Ok(Begin::Existing(rec)) => (rec, false),
+            Err(e) => return Err(journal_status(e)),
+        };
+        Ok(Response::new(forward(
+            rec,
+            executed_now,
+            0,
+            r.stream_output,
+        )))
     }
 
     type AttachStream = EventStream;
 
     async fn attach(
         &self,
-        _req: Request<v1::AttachRequest>,
+        req: Request<v1::AttachRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        Err(status(
-            Code::Unimplemented,
-            "UNIMPLEMENTED",
-            "Attach needs the call journal",
-        ))
+        let r = req.into_inner();
+        let session = self.registry.get(&r.session_id)?;
+        let rec = session.journal().get(&r.call_id).map_err(journal_status)?;
+        rec.read_output(r.from_offset, 0).map_err(journal_status)?;
+        Ok(Response::new(forward(rec, false, r.from_offset, true)))
     }
 
     async fn cancel(
         &self,
-        _req: Request<v1::CancelRequest>,
+        req: Request<v1::CancelRequest>,
     ) -> Result<Response<v1::CancelResponse>, Status> {
-        Err(status(
-            Code::Unimplemented,
-            "UNIMPLEMENTED",
-            "Cancel needs the call journal",
-        ))
+        let r = req.into_inner();
+        let session = self.registry.get(&r.session_id)?;
+        let cancelled = match session.journal().get(&r.call_id) {
+            Ok(rec) => rec.cancel(),
+            Err(_) => false,
+        };
+        Ok(Response::new(v1::CancelResponse { cancelled }))
     }
+}
+
+fn journal_status(e: JournalError) -> Status {
+    let (code, reason) = match &e {
+        JournalError::InputMismatch(_) => (Code::AlreadyExists, "CALL_INPUT_MISMATCH"),
+        JournalError::NotFound(_) => (Code::NotFound, "CALL_NOT_FOUND"),
+        JournalError::OffsetExpired { .. } => (Code::OutOfRange, "OUTPUT_OFFSET_EXPIRED"),
+    };
+    status(code, reason, e.to_string())
+}
+
+/// Largest Output event.
+const OUTPUT_CHUNK: usize = 64 * 1024;
+
+/// A stream that follows one journal record: Started, the output from
+/// `from_offset` (when `output`), then Finished.
+fn forward(
+    rec: Arc<CallRecord>,
+    executed_now: bool,
+    from_offset: u64,
+    output: bool,
+) -> EventStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let started = v1::Started {
+            call_id: rec.call_id.clone(),
+            executed_now,
+        };
+        if tx
+            .send(Ok(event(v1::call_event::Event::Started(started))))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut state = rec.subscribe();
+        let mut offset = from_offset;
+        loop {
+            let snapshot = state.borrow_and_update().clone();
+            if output {
+                while offset < snapshot.output_end() {
+                    let (at, data) = match rec.read_output(offset, OUTPUT_CHUNK) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            let _ = tx.send(Err(journal_status(e))).await;
+                            return;
+                        }
+                    };
+                    if data.is_empty() {
+                        break;
+                    }
+                    offset = at + data.len() as u64;
+                    let out = v1::Output { offset: at, data };
+                    if tx
+                        .send(Ok(event(v1::call_event::Event::Output(out))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            if let CallState::Finished {
+                result, outcome, ..
+            } = &snapshot
+            {
+                let outcome = match outcome {
+                    Outcome::Completed => v1::Outcome::Completed,
+                    Outcome::TimedOut => v1::Outcome::TimedOut,
+                    Outcome::Cancelled => v1::Outcome::Cancelled,
+                };
+                let fin = crate::proto::finished(result, outcome);
+                let _ = tx
+                    .send(Ok(event(v1::call_event::Event::Finished(fin))))
+                    .await;
+                return;
+            }
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+/// The client's deadline (`grpc-timeout`: digits and a unit H M S m u n).
+fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }

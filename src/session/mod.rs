@@ -8,6 +8,7 @@
 //! included: the helper is the pid namespace's init, and the cgroup is emptied
 //! before it is removed.
 
+pub mod journal;
 pub mod registry;
 pub mod slot;
 
@@ -64,8 +65,16 @@ pub struct Session {
     /// One shell per session; bash calls run one at a time, like the SDK's.
     bash: Mutex<BashSession>,
     env: Vec<(String, String)>,
+    /// Calls by id: at-most-once execution, resumable delivery.
+    journal: journal::Journal,
     closed: bool,
 }
+
+/// How long finished calls stay in the journal, how many are kept, and how much
+/// output of each.
+const JOURNAL_RETENTION: Duration = Duration::from_secs(15 * 60);
+const JOURNAL_MAX_FINISHED: usize = 1024;
+const JOURNAL_OUTPUT_BYTES: usize = 1 << 20;
 
 fn degradations(policy: &Policy) -> Vec<LandlockFeature> {
     policy
@@ -218,6 +227,11 @@ impl Session {
             _slot: slot,
             bash: Mutex::new(BashSession::default()),
             env,
+            journal: journal::Journal::new(
+                JOURNAL_RETENTION,
+                JOURNAL_MAX_FINISHED,
+                JOURNAL_OUTPUT_BYTES,
+            ),
             closed: false,
         })
     }
@@ -258,19 +272,59 @@ impl Session {
             .await
     }
 
+    /// The session's call journal.
+    pub fn journal(&self) -> &journal::Journal {
+        &self.journal
+    }
+
+    /// Executes a journaled call to its end: its output goes to the record as it
+    /// is produced, a cancel stops it (for bash: the shell and every process of
+    /// the session are killed, and the shell needs a restart), and the result is
+    /// recorded whoever is watching.
+    pub async fn run_journaled(&self, rec: &journal::CallRecord, input: &Value) {
+        let sink = |bytes: &[u8]| rec.append_output(bytes);
+        let run = self
+            .call_inner(&rec.tool, input, &rec.call_id, Some(&sink))
+            .instrument(tracing::info_span!("tool", session_id = %self.id, call_id = %rec.call_id, tool = %rec.tool));
+        let (result, outcome) = tokio::select! {
+            r = run => r,
+            _ = rec.cancelled() => {
+                if rec.tool == "bash" {
+                    self.bash.lock().await.abort(&self.helper).await;
+                }
+                (
+                    ToolResult::err(format!("tool {} cancelled", crate::tools::path::py_repr(&rec.tool))),
+                    journal::Outcome::Cancelled,
+                )
+            }
+        };
+        rec.finish(result, outcome);
+        self.journal.retire(&rec.call_id);
+    }
+
     /// As [`Session::call`], with a call id for the tracing span.
     pub async fn call_traced(&self, name: &str, input: &Value, call_id: &str) -> ToolResult {
+        self.call_inner(name, input, call_id, None).await.0
+    }
+
+    async fn call_inner(
+        &self,
+        name: &str,
+        input: &Value,
+        call_id: &str,
+        sink: Option<crate::tools::bash::OutputSink<'_>>,
+    ) -> (ToolResult, journal::Outcome) {
+        use journal::Outcome::{Completed, TimedOut};
         let Some(tool) = Tool::from_name(name) else {
-            return ToolResult::err(format!(
-                "unknown tool {}",
-                crate::tools::path::py_repr(name)
-            ));
+            let text = format!("unknown tool {}", crate::tools::path::py_repr(name));
+            return (ToolResult::err(text), Completed);
         };
         if !self.policy.tools.contains(&tool) {
-            return ToolResult::err(format!(
+            let text = format!(
                 "{name}: tool is not enabled in environment {}",
                 self.policy.name
-            ));
+            );
+            return (ToolResult::err(text), Completed);
         }
         tracing::debug!(call_id, "call");
         let limits = &self.policy.limits;
@@ -282,8 +336,15 @@ impl Session {
                     call_timeout: limits.call_timeout,
                 };
                 let mut bash = self.bash.lock().await;
-                bash.call(&self.helper, input, &bash_limits, &self.env)
-                    .await
+                let r = bash
+                    .call(&self.helper, input, &bash_limits, &self.env, sink)
+                    .await;
+                let outcome = if bash.last_timed_out() {
+                    TimedOut
+                } else {
+                    Completed
+                };
+                (r, outcome)
             }
             file_tool => {
                 // `[]` is the SDK's `{}`; other non-objects are refused by the
@@ -295,9 +356,12 @@ impl Session {
                 match tokio::time::timeout(limits.call_timeout, self.helper.tool(file_tool, input))
                     .await
                 {
-                    Ok(Ok(result)) => result,
-                    Ok(Err(e)) => ToolResult::err(format!("{name}: sandbox error: {e}")),
-                    Err(_) => timed_out(name),
+                    Ok(Ok(result)) => (result, Completed),
+                    Ok(Err(e)) => (
+                        ToolResult::err(format!("{name}: sandbox error: {e}")),
+                        Completed,
+                    ),
+                    Err(_) => (timed_out(name), TimedOut),
                 }
             }
         }

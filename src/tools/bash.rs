@@ -32,6 +32,58 @@ pub struct BashLimits {
     pub call_timeout: Duration,
 }
 
+/// Receives a call's raw output as it is produced (stdout and stderr merged,
+/// before post-processing; the framing sentinel never reaches it).
+pub type OutputSink<'a> = &'a (dyn Fn(&[u8]) + Send + Sync);
+
+/// Passes output on to a sink as it arrives, holding back only a tail that
+/// could be the start of the sentinel line (`\n` + sentinel): usually nothing or
+/// one newline, so output streams without delay and the framing never leaks.
+struct Streamer<'a> {
+    sink: OutputSink<'a>,
+    pending: Vec<u8>,
+    /// `\n` + the sentinel.
+    marker: Vec<u8>,
+}
+
+impl Streamer<'_> {
+    fn push(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+        // A complete marker: everything after it is the exit code; `done` sends
+        // what precedes it.
+        if memchr::memmem::find(&self.pending, &self.marker).is_some() {
+            return;
+        }
+        let max = self.marker.len().min(self.pending.len());
+        let hold = (1..=max)
+            .rev()
+            .find(|k| self.pending[self.pending.len() - k..] == self.marker[..*k])
+            .unwrap_or(0);
+        let n = self.pending.len() - hold;
+        if n > 0 {
+            (self.sink)(&self.pending[..n]);
+            self.pending.drain(..n);
+        }
+    }
+
+    /// The sentinel line arrived: pass on what precedes it.
+    fn done(&mut self) {
+        let end = memchr::memmem::rfind(&self.pending, &self.marker).unwrap_or(self.pending.len());
+        if end > 0 {
+            (self.sink)(&self.pending[..end]);
+        }
+        self.pending.clear();
+    }
+
+    /// EOF: the shell died; everything read is output.
+    fn eof(&mut self) {
+        if !self.pending.is_empty() {
+            (self.sink)(&self.pending);
+        }
+        self.pending.clear();
+    }
+}
+
 /// A running shell.
 struct Shell {
     stdin: pipe::Sender,
@@ -46,6 +98,8 @@ pub struct BashSession {
     chunk: Vec<u8>,
     /// Set when the shell died (timeout, `exit`, crash); cleared by restart.
     dead: bool,
+    /// Set when the last call ended by a timeout.
+    timed_out: bool,
 }
 
 /// The ANSI CSI sequences the SDK strips from output.
@@ -136,13 +190,20 @@ async fn read_until(
     buf: &mut Vec<u8>,
     truncated: &mut bool,
     chunk: &mut Vec<u8>,
+    mut stream: Option<&mut Streamer<'_>>,
 ) -> std::io::Result<ReadEnd> {
     let finder = memchr::memmem::Finder::new(sentinel);
     chunk.resize(64 * 1024, 0);
     loop {
         let n = stdout.read(chunk).await?;
         if n == 0 {
+            if let Some(st) = stream.as_deref_mut() {
+                st.eof();
+            }
             return Ok(ReadEnd::Eof);
+        }
+        if let Some(st) = stream.as_deref_mut() {
+            st.push(&chunk[..n]);
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.len() > limit {
@@ -156,6 +217,9 @@ async fn read_until(
         if let Some(pos) = finder.find(&buf[from..]) {
             let after = &buf[from + pos + sentinel.len()..];
             if after.contains(&b'\n') {
+                if let Some(st) = stream.as_deref_mut() {
+                    st.done();
+                }
                 return Ok(ReadEnd::Done);
             }
         }
@@ -193,6 +257,18 @@ impl BashSession {
         Ok(())
     }
 
+    /// Kills the shell and everything the session started, and leaves the
+    /// session needing a restart (a cancelled call, like a timed-out one).
+    pub async fn abort(&mut self, helper: &HelperClient) {
+        self.kill(helper).await;
+        self.dead = true;
+    }
+
+    /// Whether the last call ended by its own timeout or the call timeout.
+    pub fn last_timed_out(&self) -> bool {
+        self.timed_out
+    }
+
     /// Kills the shell and everything the session started.
     pub async fn kill(&mut self, helper: &HelperClient) {
         self.shell = None;
@@ -206,6 +282,7 @@ impl BashSession {
         raw_input: &Value,
         limits: &BashLimits,
         env: &[(String, String)],
+        sink: Option<OutputSink<'_>>,
     ) -> ToolResult {
         let inp = match input::parse_bash(raw_input) {
             Ok(i) => i,
@@ -234,8 +311,9 @@ impl BashSession {
         };
         let deadline = Duration::from_secs_f64(limit_s.max(0.0));
 
-        let run = self.exec(helper, command, limits.output_bytes, env);
+        let run = self.exec(helper, command, limits.output_bytes, env, sink);
         let outcome = tokio::time::timeout(deadline, run).await;
+        self.timed_out = outcome.is_err();
         match outcome {
             Ok(r) => r,
             Err(_) => {
@@ -259,6 +337,7 @@ impl BashSession {
         command: &str,
         limit: usize,
         env: &[(String, String)],
+        sink: Option<OutputSink<'_>>,
     ) -> ToolResult {
         if self.dead {
             return ToolResult::err("bash: bash session terminated; restart required");
@@ -280,6 +359,11 @@ impl BashSession {
         }
         let mut buf = Vec::new();
         let mut truncated = false;
+        let mut streamer = sink.map(|sink| Streamer {
+            sink,
+            pending: Vec::new(),
+            marker: [b"\n".as_slice(), sentinel.as_bytes()].concat(),
+        });
         let end = read_until(
             &mut shell.stdout,
             sentinel.as_bytes(),
@@ -287,6 +371,7 @@ impl BashSession {
             &mut buf,
             &mut truncated,
             &mut self.chunk,
+            streamer.as_mut(),
         )
         .await;
         let (out, code) = match end {
@@ -343,6 +428,27 @@ mod tests {
         );
         let raw = format!("x\n{s}zz\n");
         assert_eq!(parse_output(raw.as_bytes(), s, false).1, -1);
+    }
+
+    #[test]
+    fn streamer_passes_output_on_at_once_and_never_the_sentinel() {
+        let got = std::sync::Mutex::new(Vec::<Vec<u8>>::new());
+        let sink = |b: &[u8]| got.lock().unwrap().push(b.to_vec());
+        let sentinel = "__ANT_CMD_00ff_DONE__";
+        let mut st = Streamer {
+            sink: &sink,
+            pending: Vec::new(),
+            marker: [b"\n".as_slice(), sentinel.as_bytes()].concat(),
+        };
+        st.push(b"line1\n");
+        // The trailing newline could start the marker: held back, the rest sent.
+        assert_eq!(got.lock().unwrap().concat(), b"line1");
+        st.push(b"line2\n");
+        assert_eq!(got.lock().unwrap().concat(), b"line1\nline2");
+        st.push(b"\n__ANT_CM");
+        st.push(b"D_00ff_DONE__0\n");
+        st.done();
+        assert_eq!(got.lock().unwrap().concat(), b"line1\nline2\n");
     }
 
     #[test]

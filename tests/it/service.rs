@@ -224,3 +224,333 @@ async fn capacity_is_enforced_and_freed_by_close() {
         .unwrap();
     }
 }
+
+fn req(session: &str, id: &str, tool: &str, input: &str, stream_output: bool) -> v1::CallRequest {
+    v1::CallRequest {
+        session_id: session.into(),
+        call_id: id.into(),
+        tool: tool.into(),
+        input_json: input.into(),
+        stream_output,
+    }
+}
+
+async fn opened(c: &mut SandboxClient<Channel>, id: &str) {
+    c.open_session(v1::OpenSessionRequest {
+        session_id: id.into(),
+        environment: "default".into(),
+    })
+    .await
+    .unwrap();
+}
+
+async fn collect(mut s: tonic::Streaming<v1::CallEvent>) -> Vec<v1::CallEvent> {
+    let mut out = Vec::new();
+    while let Some(e) = s.message().await.unwrap() {
+        out.push(e);
+    }
+    out
+}
+
+fn last_finished(events: &[v1::CallEvent]) -> &v1::Finished {
+    match events.last().and_then(|e| e.event.as_ref()) {
+        Some(v1::call_event::Event::Finished(f)) => f,
+        other => panic!("not Finished: {other:?}"),
+    }
+}
+
+fn outputs(events: &[v1::CallEvent]) -> Vec<(u64, Vec<u8>)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(v1::call_event::Event::Output(o)) => Some((o.offset, o.data.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The stream is dropped right after Started (a lost connection); the call runs
+/// on, and the repeated Call delivers its result without executing it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_call_resumes_and_never_re_executes() {
+    require_sandbox!();
+    let mut c = serve(4).await;
+    opened(&mut c, "j1").await;
+    let cmd = r#"{"command":"sleep 0.5; echo run >> runs.txt; wc -l < runs.txt"}"#;
+    let mut s = c
+        .call(req("j1", "once", "bash", cmd, false))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.message().await.unwrap().unwrap();
+    assert!(matches!(first.event, Some(v1::call_event::Event::Started(ref st)) if st.executed_now));
+    drop(s);
+    let events = collect(
+        c.call(req("j1", "once", "bash", cmd, false))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert!(
+        matches!(events[0].event, Some(v1::call_event::Event::Started(ref st)) if !st.executed_now)
+    );
+    let f = last_finished(&events);
+    assert_eq!(hands::proto::result_of(f).unwrap().text_content(), "1");
+    // And once more, after it finished: the same result, still one run.
+    let events = collect(
+        c.call(req("j1", "once", "bash", cmd, false))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(
+        hands::proto::result_of(last_finished(&events))
+            .unwrap()
+            .text_content(),
+        "1"
+    );
+    let events = collect(
+        c.call(req(
+            "j1",
+            "check",
+            "bash",
+            r#"{"command":"wc -l < runs.txt"}"#,
+            false,
+        ))
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    assert_eq!(
+        hands::proto::result_of(last_finished(&events))
+            .unwrap()
+            .text_content(),
+        "1"
+    );
+    // The same id with other input is refused.
+    let e = c
+        .call(req("j1", "once", "bash", r#"{"command":"true"}"#, false))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::AlreadyExists, "CALL_INPUT_MISMATCH")
+    );
+    c.close_session(v1::CloseSessionRequest {
+        session_id: "j1".into(),
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bash_output_streams_as_produced_and_attach_replays_from_an_offset() {
+    require_sandbox!();
+    let mut c = serve(4).await;
+    opened(&mut c, "j2").await;
+    let cmd = r#"{"command":"for i in 1 2 3; do echo line$i; sleep 0.3; done"}"#;
+    let events = collect(
+        c.call(req("j2", "s1", "bash", cmd, true))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    let outs = outputs(&events);
+    assert!(
+        outs.len() >= 2,
+        "output arrived in one piece, not as produced: {outs:?}"
+    );
+    let mut next = 0;
+    for (off, data) in &outs {
+        assert_eq!(*off, next, "offsets must be contiguous");
+        next += data.len() as u64;
+    }
+    let all: Vec<u8> = outs.iter().flat_map(|(_, d)| d.clone()).collect();
+    assert_eq!(String::from_utf8_lossy(&all), "line1\nline2\nline3\n");
+    assert_eq!(
+        hands::proto::result_of(last_finished(&events))
+            .unwrap()
+            .text_content(),
+        "line1\nline2\nline3"
+    );
+
+    let replay = collect(
+        c.attach(v1::AttachRequest {
+            session_id: "j2".into(),
+            call_id: "s1".into(),
+            from_offset: 6,
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    let tail: Vec<u8> = outputs(&replay)
+        .iter()
+        .flat_map(|(_, d)| d.clone())
+        .collect();
+    assert_eq!(outputs(&replay)[0].0, 6);
+    assert_eq!(String::from_utf8_lossy(&tail), "line2\nline3\n");
+    assert_eq!(last_finished(&replay).outcome(), v1::Outcome::Completed);
+    let e = c
+        .attach(v1::AttachRequest {
+            session_id: "j2".into(),
+            call_id: "nope".into(),
+            from_offset: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::NotFound, "CALL_NOT_FOUND")
+    );
+    c.close_session(v1::CloseSessionRequest {
+        session_id: "j2".into(),
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_kills_the_call_and_everything_it_started() {
+    require_sandbox!();
+    let mut c = serve(4).await;
+    opened(&mut c, "j3").await;
+    let mut s = c
+        .call(req(
+            "j3",
+            "long",
+            "bash",
+            r#"{"command":"sleep 100 & sleep 100"}"#,
+            false,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    s.message().await.unwrap().unwrap(); // Started
+    let r = c
+        .cancel(v1::CancelRequest {
+            session_id: "j3".into(),
+            call_id: "long".into(),
+        })
+        .await
+        .unwrap();
+    assert!(r.into_inner().cancelled);
+    let rest = collect(s).await;
+    let f = last_finished(&rest);
+    assert_eq!(f.outcome(), v1::Outcome::Cancelled);
+    let res = hands::proto::result_of(f).unwrap();
+    assert!(res.is_error);
+    assert_eq!(res.text_content(), "tool 'bash' cancelled");
+    // The shell is gone with everything it started; a restart brings a clean one.
+    let ev = collect(
+        c.call(req("j3", "after", "bash", r#"{"command":"true"}"#, false))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(
+        hands::proto::result_of(last_finished(&ev))
+            .unwrap()
+            .text_content(),
+        "bash: bash session terminated; restart required"
+    );
+    collect(
+        c.call(req("j3", "restart", "bash", r#"{"restart":true}"#, false))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    let ev = collect(
+        c.call(req(
+            "j3",
+            "ps",
+            "bash",
+            r#"{"command":"pgrep -c sleep || true"}"#,
+            false,
+        ))
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    assert_eq!(
+        hands::proto::result_of(last_finished(&ev))
+            .unwrap()
+            .text_content(),
+        "0"
+    );
+    let r = c
+        .cancel(v1::CancelRequest {
+            session_id: "j3".into(),
+            call_id: "long".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        !r.into_inner().cancelled,
+        "a finished call cannot be cancelled"
+    );
+    c.close_session(v1::CloseSessionRequest {
+        session_id: "j3".into(),
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deadline_kills_the_call() {
+    require_sandbox!();
+    let mut c = serve(4).await;
+    opened(&mut c, "j4").await;
+    let mut r = tonic::Request::new(req(
+        "j4",
+        "slow",
+        "bash",
+        r#"{"command":"sleep 100"}"#,
+        false,
+    ));
+    r.set_timeout(std::time::Duration::from_millis(400));
+    let outcome = match c.call(r).await {
+        Ok(s) => {
+            let mut s = s.into_inner();
+            loop {
+                match s.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            }
+        }
+        Err(e) => Err(e),
+    };
+    // The server kills the call at the deadline; a client that enforces its
+    // deadline sees DEADLINE_EXCEEDED, one that does not (tonic, on a stream)
+    // sees the stream end after the cancellation.
+    if let Err(e) = outcome {
+        assert_eq!(e.code(), Code::DeadlineExceeded);
+    }
+    let ev = collect(
+        c.attach(v1::AttachRequest {
+            session_id: "j4".into(),
+            call_id: "slow".into(),
+            from_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    assert_eq!(last_finished(&ev).outcome(), v1::Outcome::Cancelled);
+    c.close_session(v1::CloseSessionRequest {
+        session_id: "j4".into(),
+    })
+    .await
+    .unwrap();
+}
