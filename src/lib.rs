@@ -11,3 +11,4 @@ pub mod sandbox;
 pub mod service;
 pub mod session;
 pub mod tools;
+pub mod worker;

@@ -23,6 +23,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The daemon: serve sessions to brains (for now on the loopback debug
+    /// listener).
+    Worker(hands::cli::worker::Args),
     /// Run a command in a fresh session of an environment, stream its output,
     /// exit with its status.
     Exec(hands::cli::exec::Args),
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let dirs = hands::cli::policy_dirs(&cli.policy_dir);
     let result = match cli.command {
+        Command::Worker(args) => hands::cli::worker::run(args),
         Command::Exec(args) => hands::cli::exec::run(args, &dirs),
         Command::Tool(args) => hands::cli::tool::run(args, &dirs),
         Command::Doctor(args) => hands::cli::doctor::run(args),

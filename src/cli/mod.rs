@@ -5,6 +5,7 @@ pub mod doctor;
 pub mod exec;
 pub mod policy;
 pub mod tool;
+pub mod worker;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -154,6 +154,14 @@ impl Registry {
             .ok_or_else(|| RegistryError::SessionNotFound(id.to_string()))
     }
 
+    /// Closes every session (worker shutdown).
+    pub fn close_all(&self) {
+        let all: Vec<Entry> = self.map().drain().map(|(_, e)| e).collect();
+        for e in all {
+            e.session.terminate();
+        }
+    }
+
     /// Closes session `id`: its processes are killed now; its sandbox is released
     /// when the last call holding it returns. `false` when it was not open.
     pub fn close(&self, id: &str) -> bool {

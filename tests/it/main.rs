@@ -10,3 +10,4 @@ mod limits;
 mod netpeer;
 mod service;
 mod util;
+mod worker;

@@ -1,0 +1,59 @@
+//! `hands worker --config FILE`: the daemon. Prints `listening on ADDR` on
+//! stdout once the debug listener is bound; SIGTERM or SIGINT stops it, closing
+//! every session (and so killing everything they started).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The worker's configuration (TOML; see `src/worker/config.rs`).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let config = crate::worker::Config::load(&args.config)?;
+    anyhow::ensure!(
+        config.listen.is_some(),
+        "{}: nothing to serve: set `listen` (the tunnel connector comes in a later version)",
+        args.config.display()
+    );
+    let sandbox = crate::sandbox::SandboxConfig::from_env().context("sandbox configuration")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let swept = crate::session::sweep_orphans(&sandbox);
+        if swept > 0 {
+            tracing::info!(swept, "removed session groups left by a worker that died");
+        }
+        let registry = crate::worker::registry(&config, sandbox);
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        crate::worker::serve_debug(
+            &config,
+            registry.clone(),
+            |addr| {
+                println!("listening on {addr}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            },
+            shutdown,
+        )
+        .await?;
+        registry.close_all();
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
