@@ -132,3 +132,42 @@ fn a_non_loopback_debug_listener_is_refused() {
         "{err}"
     );
 }
+
+/// gRPC reflection lists hands.v1.Sandbox, so grpcurl and other generic clients
+/// need no proto file.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_debug_listener_serves_reflection() {
+    require_sandbox!();
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut w = start_worker();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", w.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = responses
+        .message()
+        .await
+        .unwrap()
+        .expect("a reflection response");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection response: {resp:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.iter().any(|n| n == "hands.v1.Sandbox"), "{names:?}");
+    let _ = w.child.kill();
+    let _ = w.child.wait();
+}
