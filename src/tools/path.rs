@@ -435,6 +435,16 @@ pub fn open_beneath(
     open_beneath_by_components(dir, rel, flags, mode)
 }
 
+/// The plain names of a path (what `..`-free canonical relative paths consist of).
+pub(crate) fn normal_components(rel: &Path) -> Vec<&OsStr> {
+    rel.components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(name),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The fallback of [`open_beneath`]: one `openat(O_NOFOLLOW)` per component. The
 /// canonical relative path has no `..`, so staying beneath `dir` follows from never
 /// following a link.
@@ -444,13 +454,7 @@ fn open_beneath_by_components(
     flags: OFlag,
     mode: Mode,
 ) -> Result<OwnedFd, Errno> {
-    let names: Vec<&OsStr> = rel
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(name) => Some(name),
-            _ => None,
-        })
-        .collect();
+    let names = normal_components(rel);
     if rel
         .components()
         .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))

@@ -18,7 +18,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Component, Path};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
@@ -104,13 +104,7 @@ fn write_resolved(
 pub(crate) fn ensure_dir(root: BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd, Errno> {
     let dir_flags = OFlag::O_PATH | OFlag::O_DIRECTORY;
     let mut current = path::open_beneath(root, Path::new(""), dir_flags, Mode::empty())?;
-    let names: Vec<&OsStr> = rel
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(name) => Some(name),
-            _ => None,
-        })
-        .collect();
+    let names = path::normal_components(rel);
     for (i, name) in names.iter().enumerate() {
         let last = i + 1 == names.len();
         let mut attempts = 0;

@@ -244,6 +244,14 @@ async fn opened(c: &mut SandboxClient<Channel>, id: &str) {
     .unwrap();
 }
 
+async fn close(c: &mut SandboxClient<Channel>, id: &str) {
+    c.close_session(v1::CloseSessionRequest {
+        session_id: id.into(),
+    })
+    .await
+    .expect("close session");
+}
+
 async fn collect(mut s: tonic::Streaming<v1::CallEvent>) -> Vec<v1::CallEvent> {
     let mut out = Vec::new();
     while let Some(e) = s.message().await.unwrap() {
@@ -339,11 +347,7 @@ async fn a_repeated_call_resumes_and_never_re_executes() {
         (e.code(), reason(&e).as_str()),
         (Code::AlreadyExists, "CALL_INPUT_MISMATCH")
     );
-    c.close_session(v1::CloseSessionRequest {
-        session_id: "j1".into(),
-    })
-    .await
-    .unwrap();
+    close(&mut c, "j1").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -408,11 +412,7 @@ async fn bash_output_streams_as_produced_and_attach_replays_from_an_offset() {
         (e.code(), reason(&e).as_str()),
         (Code::NotFound, "CALL_NOT_FOUND")
     );
-    c.close_session(v1::CloseSessionRequest {
-        session_id: "j2".into(),
-    })
-    .await
-    .unwrap();
+    close(&mut c, "j2").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -497,11 +497,7 @@ async fn cancel_kills_the_call_and_everything_it_started() {
         !r.into_inner().cancelled,
         "a finished call cannot be cancelled"
     );
-    c.close_session(v1::CloseSessionRequest {
-        session_id: "j3".into(),
-    })
-    .await
-    .unwrap();
+    close(&mut c, "j3").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -548,9 +544,5 @@ async fn a_deadline_kills_the_call() {
     )
     .await;
     assert_eq!(last_finished(&ev).outcome(), v1::Outcome::Cancelled);
-    c.close_session(v1::CloseSessionRequest {
-        session_id: "j4".into(),
-    })
-    .await
-    .unwrap();
+    close(&mut c, "j4").await;
 }

@@ -44,6 +44,14 @@ fn start_worker() -> Worker {
     }
 }
 
+async fn connect(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to the debug listener")
+}
+
 fn python_grpc_available() -> bool {
     let ok = Command::new("python3")
         .args(["-c", "import grpc, grpc_tools"])
@@ -94,11 +102,7 @@ fn an_independent_python_grpc_client_drives_every_tool() {
 async fn the_debug_listener_reports_health() {
     require_sandbox!();
     let mut w = start_worker();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", w.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&w.addr).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let r = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -143,11 +147,7 @@ async fn the_debug_listener_serves_reflection() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut w = start_worker();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", w.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&w.addr).await;
     let mut client = ServerReflectionClient::new(channel);
     let req = ServerReflectionRequest {
         host: String::new(),
