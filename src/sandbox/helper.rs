@@ -231,14 +231,18 @@ fn serve(setup: Setup, mut reader: FdReader, writer: Writer) -> io::Result<()> {
             } => {
                 let stdio: Vec<OwnedFd> = reader.fds.drain(..).collect();
                 // Hold the writer while spawning so the reaper cannot report the
-                // exit before the worker has learnt the pid.
+                // exit before the worker has learnt the pid, and the children
+                // table until the pid is in it: a child that exits at once is
+                // reaped by the reaper thread, which must then find it here, or
+                // its exit would be taken for an orphan's and never reported.
                 let mut w = match writer.lock() {
                     Ok(g) => g,
                     Err(p) => p.into_inner(),
                 };
+                let mut procs = lock(&children.procs);
                 let msg = match spawn(&argv, &env, &cwd, stdio) {
                     Ok(pid) => {
-                        lock(&children.procs).insert(pid, kill_all_on_exit);
+                        procs.insert(pid, kill_all_on_exit);
                         children.spawned.notify_all();
                         Response::Spawned { id, pid }
                     }
@@ -247,6 +251,7 @@ fn serve(setup: Setup, mut reader: FdReader, writer: Writer) -> io::Result<()> {
                         error: e.to_string(),
                     },
                 };
+                drop(procs);
                 let _ = proto::write_frame(&mut *w, &msg);
             }
             Request::KillAll { id } => {
@@ -381,11 +386,14 @@ fn reap_forever(children: &Children, writer: &Writer) {
                 }
             }
             Err(nix::errno::Errno::ECHILD) => {
-                // Nothing to reap until the next spawn.
+                // Nothing to reap until the next spawn; a spawn recorded since
+                // waitpid looked means there is something to wait for now.
                 let guard = lock(&children.procs);
-                let _ = children
-                    .spawned
-                    .wait_timeout(guard, Duration::from_millis(200));
+                if guard.is_empty() {
+                    let _ = children
+                        .spawned
+                        .wait_timeout(guard, Duration::from_millis(200));
+                }
             }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }

@@ -363,3 +363,26 @@ async fn policy_limits_land_in_the_session_cgroup() {
     assert!(s.cgroup().unwrap().procs().len() >= 3);
     s.close().await.unwrap();
 }
+
+/// Commands that exit at once, many times over: every exit must be reported. (A
+/// child reaped before the helper recorded its pid once lost its exit and hung
+/// `exec` under CI's load; the window is microseconds, so this guards the path
+/// rather than reproducing that race on demand.)
+#[tokio::test(flavor = "multi_thread")]
+async fn instantly_exiting_commands_never_lose_their_exit() {
+    require_sandbox!();
+    let s = open(None).await;
+    for i in 0..300 {
+        let null = || std::fs::File::open("/dev/null").unwrap().into();
+        let status = s
+            .exec(
+                vec!["/bin/sh".into(), "-c".into(), format!("exit {}", i % 7)],
+                [null(), null(), null()],
+                Some(Duration::from_secs(10)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, Some(i % 7), "exit {i} lost");
+    }
+    s.close().await.unwrap();
+}
