@@ -229,7 +229,10 @@ fn serve(setup: Setup, mut reader: FdReader, writer: Writer) -> io::Result<()> {
                 cwd,
                 kill_all_on_exit,
             } => {
-                let stdio: Vec<OwnedFd> = reader.fds.drain(..).collect();
+                // A Spawn frame carries exactly its three stdio fds; fds of a
+                // later frame, if already received, stay queued for it.
+                let n = reader.fds.len().min(3);
+                let stdio: Vec<OwnedFd> = reader.fds.drain(..n).collect();
                 // Hold the writer while spawning so the reaper cannot report the
                 // exit before the worker has learnt the pid, and the children
                 // table until the pid is in it: a child that exits at once is
