@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod pki;
 pub mod policy;
 pub mod proto;
 pub mod sandbox;

@@ -38,6 +38,15 @@ enum Command {
     /// Environment policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Development certificates.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a development CA and gateway/worker certificates in DIR.
+    Init(hands::cli::pki::InitArgs),
 }
 
 #[derive(Subcommand)]
@@ -64,6 +73,7 @@ fn main() -> ExitCode {
         Command::Tool(args) => hands::cli::tool::run(args, &dirs),
         Command::Doctor(args) => hands::cli::doctor::run(args),
         Command::Bench(args) => hands::cli::bench::run(args, &dirs),
+        Command::Pki(PkiCommand::Init(args)) => hands::cli::pki::init(args),
         Command::Policy(PolicyCommand::Check { files }) => {
             hands::cli::policy::check(&files).map(|()| ExitCode::SUCCESS)
         }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod doctor;
 pub mod exec;
+pub mod pki;
 pub mod policy;
 pub mod tool;
 pub mod worker;

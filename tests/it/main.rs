@@ -8,6 +8,7 @@ mod escapes;
 mod isolation;
 mod limits;
 mod netpeer;
+mod pki;
 mod service;
 mod util;
 mod worker;
