@@ -22,6 +22,11 @@ use crate::proto::v1;
 use crate::session::journal::{Begin, CallRecord, CallState, JournalError, Outcome};
 use crate::session::registry::{valid_id, Registry, RegistryError};
 
+/// Largest message either way: a `Finished` of a 20 MiB PDF read is ~27 MiB of
+/// base64, and a `write` may carry a large file; the same bound as the channel
+/// to the session helper.
+pub const MAX_MESSAGE: usize = crate::sandbox::proto::MAX_FRAME;
+
 /// The trailer that carries an error's machine-readable reason.
 pub const REASON: &str = "hands-reason";
 
@@ -80,9 +85,11 @@ impl SandboxService {
         }
     }
 
-    /// The tonic server for this service.
+    /// The tonic server for this service, with the protocol's message limits.
     pub fn into_server(self) -> v1::sandbox_server::SandboxServer<SandboxService> {
         v1::sandbox_server::SandboxServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
     }
 }
 

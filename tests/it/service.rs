@@ -546,3 +546,182 @@ async fn a_deadline_kills_the_call() {
     assert_eq!(last_finished(&ev).outcome(), v1::Outcome::Cancelled);
     close(&mut c, "j4").await;
 }
+
+/// 100 calls at once across 10 sessions: every one completes with its own
+/// result.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_concurrent_calls_across_ten_sessions() {
+    require_sandbox!();
+    let c = serve(16).await;
+    let mut cc = c.clone();
+    for s in 0..10 {
+        opened(&mut cc, &format!("m{s}")).await;
+    }
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let session = format!("m{}", i % 10);
+            let (tool, input, want) = if i % 2 == 0 {
+                (
+                    "bash",
+                    format!(r#"{{"command":"echo call-{i}"}}"#),
+                    format!("call-{i}"),
+                )
+            } else {
+                (
+                    "glob",
+                    r#"{"pattern":"*.none"}"#.to_string(),
+                    "no matches".to_string(),
+                )
+            };
+            let events = collect(
+                c.call(req(&session, &format!("k{i}"), tool, &input, false))
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            )
+            .await;
+            let r = hands::proto::result_of(last_finished(&events)).unwrap();
+            assert_eq!(r.text_content(), want, "call {i}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for s in 0..10 {
+        close(&mut cc, &format!("m{s}")).await;
+    }
+}
+
+/// A consumer that stops reading a call streaming a lot of output holds back only
+/// its own stream: other calls, in its session and in others, go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_consumer_does_not_delay_other_calls() {
+    require_sandbox!();
+    let mut c = serve(4).await;
+    opened(&mut c, "slow").await;
+    opened(&mut c, "fast").await;
+    // 200 MiB of output, streamed to a client that never reads it.
+    let stalled = c
+        .call(req(
+            "slow",
+            "flood",
+            "bash",
+            r#"{"command":"head -c 209715200 /dev/zero | tr '\\0' x"}"#,
+            true,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let work = async {
+        for i in 0..20 {
+            let session = if i % 2 == 0 { "fast" } else { "slow" };
+            let tool_input = if session == "slow" {
+                // The slow session's shell is busy flooding: use a file tool there.
+                (
+                    "write",
+                    format!(r#"{{"file_path":"f{i}.txt","content":"x"}}"#),
+                )
+            } else {
+                ("bash", format!(r#"{{"command":"echo {i}"}}"#))
+            };
+            let events = collect(
+                c.call(req(
+                    session,
+                    &format!("w{i}"),
+                    tool_input.0,
+                    &tool_input.1,
+                    false,
+                ))
+                .await
+                .unwrap()
+                .into_inner(),
+            )
+            .await;
+            assert!(
+                !hands::proto::result_of(last_finished(&events))
+                    .unwrap()
+                    .is_error
+            );
+        }
+    };
+    // Generous: a stalled stream would hold these forever, not for seconds.
+    tokio::time::timeout(std::time::Duration::from_secs(60), work)
+        .await
+        .expect("other calls were held up by a stalled consumer");
+    drop(stalled);
+    close(&mut c, "slow").await;
+    close(&mut c, "fast").await;
+}
+
+/// A message over the protocol's 64 MiB limit is refused with a clear status
+/// (by the transport, at the call or in its stream), and the worker serves on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_message_is_refused_and_the_worker_serves_on() {
+    require_sandbox!();
+    let mut c = serve(4).await;
+    opened(&mut c, "big").await;
+    // Under the limit: a 5 MiB write is a normal call.
+    let big = format!(
+        r#"{{"file_path":"big.txt","content":"{}"}}"#,
+        "x".repeat(5 << 20)
+    );
+    let events = collect(
+        c.call(req("big", "five", "write", &big, false))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert!(
+        !hands::proto::result_of(last_finished(&events))
+            .unwrap()
+            .is_error
+    );
+    // Over it.
+    let huge = format!(
+        r#"{{"file_path":"huge.txt","content":"{}"}}"#,
+        "x".repeat(65 << 20)
+    );
+    let refused = match c.call(req("big", "huge", "write", &huge, false)).await {
+        Err(e) => e,
+        Ok(resp) => {
+            let mut stream = resp.into_inner();
+            loop {
+                match stream.message().await {
+                    Err(e) => break e,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("a 65 MiB request was accepted"),
+                }
+            }
+        }
+    };
+    assert!(
+        matches!(
+            refused.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+        ) && refused.message().contains("too large"),
+        "{refused}"
+    );
+    let events = collect(
+        c.call(req(
+            "big",
+            "after",
+            "bash",
+            r#"{"command":"echo still serving"}"#,
+            false,
+        ))
+        .await
+        .unwrap()
+        .into_inner(),
+    )
+    .await;
+    assert_eq!(
+        hands::proto::result_of(last_finished(&events))
+            .unwrap()
+            .text_content(),
+        "still serving"
+    );
+    close(&mut c, "big").await;
+}
