@@ -341,12 +341,6 @@ impl SessionCgroup {
         self.cg.delete().map_err(self.op_err("delete"))
     }
 
-    /// Current memory usage in bytes, when the controller reports it.
-    pub fn memory_usage(&self) -> Option<u64> {
-        let mem: Option<&MemController> = self.cg.controller_of();
-        mem.map(|m| m.memory_stat().usage_in_bytes)
-    }
-
     /// How many times the memory limit was hit and the OOM killer ran (v1
     /// `memory.oom_control` oom_kill / v2 `memory.events` oom_kill).
     pub fn oom_kills(&self) -> u64 {

@@ -97,8 +97,9 @@ impl HelperClient {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(host("socketpair"))?;
         let exe = CString::new(cfg.helper_exe.as_os_str().as_bytes())
             .map_err(|e| host("helper path")(std::io::Error::other(e)))?;
-        let argv = [exe.clone(), CString::from(c"__sandbox-helper")];
-        debug_assert_eq!(argv[1].to_str().ok(), Some(helper::ARG));
+        let stage = CString::new(helper::ARG)
+            .map_err(|e| host("helper stage")(std::io::Error::other(e)))?;
+        let argv = [exe.clone(), stage];
         let flags = libc::CLONE_NEWNS
             | libc::CLONE_NEWPID
             | libc::CLONE_NEWNET

@@ -390,13 +390,6 @@ impl BashSession {
     }
 }
 
-/// Used by session close: whether a shell was ever started and is alive.
-impl BashSession {
-    pub fn is_running(&self) -> bool {
-        self.shell.is_some()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

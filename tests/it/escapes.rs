@@ -511,8 +511,8 @@ async fn signal_a_process_outside_the_session() {
     let s = open(None).await;
     let r = bash(&s, &format!("kill -9 {}", host.id())).await;
     assert!(r.is_error, "{r:?}");
-    let r = bash(&s, "kill -9 -1; echo survived").await;
-    let _ = r;
+    // Signalling everything it can see reaches only the session itself.
+    let _ = bash(&s, "kill -9 -1").await;
     assert!(
         pid_alive(host.id()),
         "the host process was killed from inside"

@@ -49,13 +49,7 @@ async fn call(
     input: &str,
 ) -> Result<Vec<v1::CallEvent>, tonic::Status> {
     let mut stream = c
-        .call(v1::CallRequest {
-            session_id: session.into(),
-            call_id: id.into(),
-            tool: tool.into(),
-            input_json: input.into(),
-            stream_output: false,
-        })
+        .call(req(session, id, tool, input, false))
         .await?
         .into_inner();
     let mut events = Vec::new();
@@ -63,6 +57,21 @@ async fn call(
         events.push(e);
     }
     Ok(events)
+}
+
+/// The result of a call that must be accepted (a tool failure is still a
+/// result).
+async fn run(
+    c: &mut SandboxClient<Channel>,
+    session: &str,
+    id: &str,
+    tool: &str,
+    input: &str,
+) -> hands::tools::ToolResult {
+    let events = call(c, session, id, tool, input)
+        .await
+        .expect("call accepted");
+    hands::proto::result_of(last_finished(&events)).expect("a well-formed result")
 }
 
 fn finished(events: &[v1::CallEvent]) -> hands::tools::ToolResult {
@@ -306,38 +315,19 @@ async fn a_repeated_call_resumes_and_never_re_executes() {
     let f = last_finished(&events);
     assert_eq!(hands::proto::result_of(f).unwrap().text_content(), "1");
     // And once more, after it finished: the same result, still one run.
-    let events = collect(
-        c.call(req("j1", "once", "bash", cmd, false))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await;
     assert_eq!(
-        hands::proto::result_of(last_finished(&events))
-            .unwrap()
-            .text_content(),
+        run(&mut c, "j1", "once", "bash", cmd).await.text_content(),
         "1"
     );
-    let events = collect(
-        c.call(req(
-            "j1",
-            "check",
-            "bash",
-            r#"{"command":"wc -l < runs.txt"}"#,
-            false,
-        ))
-        .await
-        .unwrap()
-        .into_inner(),
+    let check = run(
+        &mut c,
+        "j1",
+        "check",
+        "bash",
+        r#"{"command":"wc -l < runs.txt"}"#,
     )
     .await;
-    assert_eq!(
-        hands::proto::result_of(last_finished(&events))
-            .unwrap()
-            .text_content(),
-        "1"
-    );
+    assert_eq!(check.text_content(), "1");
     // The same id with other input is refused.
     let e = c
         .call(req("j1", "once", "bash", r#"{"command":"true"}"#, false))
@@ -447,45 +437,21 @@ async fn cancel_kills_the_call_and_everything_it_started() {
     assert!(res.is_error);
     assert_eq!(res.text_content(), "tool 'bash' cancelled");
     // The shell is gone with everything it started; a restart brings a clean one.
-    let ev = collect(
-        c.call(req("j3", "after", "bash", r#"{"command":"true"}"#, false))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await;
+    let after = run(&mut c, "j3", "after", "bash", r#"{"command":"true"}"#).await;
     assert_eq!(
-        hands::proto::result_of(last_finished(&ev))
-            .unwrap()
-            .text_content(),
+        after.text_content(),
         "bash: bash session terminated; restart required"
     );
-    collect(
-        c.call(req("j3", "restart", "bash", r#"{"restart":true}"#, false))
-            .await
-            .unwrap()
-            .into_inner(),
+    run(&mut c, "j3", "restart", "bash", r#"{"restart":true}"#).await;
+    let ps = run(
+        &mut c,
+        "j3",
+        "ps",
+        "bash",
+        r#"{"command":"pgrep -c sleep || true"}"#,
     )
     .await;
-    let ev = collect(
-        c.call(req(
-            "j3",
-            "ps",
-            "bash",
-            r#"{"command":"pgrep -c sleep || true"}"#,
-            false,
-        ))
-        .await
-        .unwrap()
-        .into_inner(),
-    )
-    .await;
-    assert_eq!(
-        hands::proto::result_of(last_finished(&ev))
-            .unwrap()
-            .text_content(),
-        "0"
-    );
+    assert_eq!(ps.text_content(), "0");
     let r = c
         .cancel(v1::CancelRequest {
             session_id: "j3".into(),
@@ -575,14 +541,7 @@ async fn a_hundred_concurrent_calls_across_ten_sessions() {
                     "no matches".to_string(),
                 )
             };
-            let events = collect(
-                c.call(req(&session, &format!("k{i}"), tool, &input, false))
-                    .await
-                    .unwrap()
-                    .into_inner(),
-            )
-            .await;
-            let r = hands::proto::result_of(last_finished(&events)).unwrap();
+            let r = run(&mut c, &session, &format!("k{i}"), tool, &input).await;
             assert_eq!(r.text_content(), want, "call {i}");
         }));
     }
@@ -626,24 +585,15 @@ async fn a_stalled_consumer_does_not_delay_other_calls() {
             } else {
                 ("bash", format!(r#"{{"command":"echo {i}"}}"#))
             };
-            let events = collect(
-                c.call(req(
-                    session,
-                    &format!("w{i}"),
-                    tool_input.0,
-                    &tool_input.1,
-                    false,
-                ))
-                .await
-                .unwrap()
-                .into_inner(),
+            let r = run(
+                &mut c,
+                session,
+                &format!("w{i}"),
+                tool_input.0,
+                &tool_input.1,
             )
             .await;
-            assert!(
-                !hands::proto::result_of(last_finished(&events))
-                    .unwrap()
-                    .is_error
-            );
+            assert!(!r.is_error, "{r:?}");
         }
     };
     // Generous: a stalled stream would hold these forever, not for seconds.
@@ -667,18 +617,8 @@ async fn an_oversized_message_is_refused_and_the_worker_serves_on() {
         r#"{{"file_path":"big.txt","content":"{}"}}"#,
         "x".repeat(5 << 20)
     );
-    let events = collect(
-        c.call(req("big", "five", "write", &big, false))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await;
-    assert!(
-        !hands::proto::result_of(last_finished(&events))
-            .unwrap()
-            .is_error
-    );
+    let r = run(&mut c, "big", "five", "write", &big).await;
+    assert!(!r.is_error, "{r:?}");
     // Over it.
     let huge = format!(
         r#"{{"file_path":"huge.txt","content":"{}"}}"#,
@@ -704,24 +644,14 @@ async fn an_oversized_message_is_refused_and_the_worker_serves_on() {
         ) && refused.message().contains("too large"),
         "{refused}"
     );
-    let events = collect(
-        c.call(req(
-            "big",
-            "after",
-            "bash",
-            r#"{"command":"echo still serving"}"#,
-            false,
-        ))
-        .await
-        .unwrap()
-        .into_inner(),
+    let after = run(
+        &mut c,
+        "big",
+        "after",
+        "bash",
+        r#"{"command":"echo still serving"}"#,
     )
     .await;
-    assert_eq!(
-        hands::proto::result_of(last_finished(&events))
-            .unwrap()
-            .text_content(),
-        "still serving"
-    );
+    assert_eq!(after.text_content(), "still serving");
     close(&mut c, "big").await;
 }
