@@ -5,11 +5,14 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod gateway;
 pub mod pki;
 pub mod policy;
 pub mod proto;
 pub mod sandbox;
 pub mod service;
 pub mod session;
+pub mod tls;
 pub mod tools;
+pub mod tunnel;
 pub mod worker;

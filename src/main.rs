@@ -23,9 +23,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The daemon: serve sessions to brains (for now on the loopback debug
-    /// listener).
+    /// The daemon: serve sessions to brains through its outbound tunnel (and
+    /// an optional loopback debug listener).
     Worker(hands::cli::worker::Args),
+    /// The reference gateway: accepts worker tunnels (mTLS), serves the HTTP
+    /// API agent loops call.
+    Gateway(hands::cli::gateway::Args),
     /// Run a command in a fresh session of an environment, stream its output,
     /// exit with its status.
     Exec(hands::cli::exec::Args),
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
     let dirs = hands::cli::policy_dirs(&cli.policy_dir);
     let result = match cli.command {
         Command::Worker(args) => hands::cli::worker::run(args),
+        Command::Gateway(args) => hands::cli::gateway::run(args),
         Command::Exec(args) => hands::cli::exec::run(args, &dirs),
         Command::Tool(args) => hands::cli::tool::run(args, &dirs),
         Command::Doctor(args) => hands::cli::doctor::run(args),

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod doctor;
 pub mod exec;
+pub mod gateway;
 pub mod pki;
 pub mod policy;
 pub mod tool;
@@ -24,6 +25,7 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

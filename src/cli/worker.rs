@@ -1,6 +1,7 @@
-//! `hands worker --config FILE`: the daemon. Prints `listening on ADDR` on
-//! stdout once the debug listener is bound; SIGTERM or SIGINT stops it, closing
-//! every session (and so killing everything they started).
+//! `hands worker --config FILE`: the daemon. Dials its gateways when a
+//! `[tunnel]` is configured, and prints `listening on ADDR` on stdout once the
+//! debug listener is bound; SIGTERM or SIGINT stops it (tunnels end with
+//! GOAWAY), closing every session and so killing everything they started.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,8 +18,8 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = crate::worker::Config::load(&args.config)?;
     anyhow::ensure!(
-        config.listen.is_some(),
-        "{}: nothing to serve: set `listen` (the tunnel connector comes in a later version)",
+        config.listen.is_some() || config.tunnel.is_some(),
+        "{}: nothing to serve: set `listen` or a [tunnel] table",
         args.config.display()
     );
     let sandbox = crate::sandbox::SandboxConfig::from_env().context("sandbox configuration")?;
@@ -32,16 +33,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             tracing::info!(swept, "removed session groups left by a worker that died");
         }
         let registry = crate::worker::registry(&config, sandbox);
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::spawn(async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
-        };
-        crate::worker::serve_debug(
+            stop.send_replace(true);
+        });
+        crate::worker::serve(
             &config,
             registry.clone(),
             |addr| {
@@ -49,6 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
             },
+            None,
             shutdown,
         )
         .await?;

@@ -8,17 +8,29 @@
 //! policy_dirs = ["/etc/hands/policies"]   # searched before the built-in policies
 //! environments = ["default", "strict"]    # offered environments (default: every policy found)
 //! listen = "127.0.0.1:7700"         # optional debug listener: loopback addresses only
+//!
+//! [tunnel]                          # the outbound mTLS tunnel to one or more gateways
+//! endpoints = ["gw-a.example:7443", "gw-b.example:7443"]
+//! server_name = "gateway.hands"     # name the gateway certificate must carry (default: each endpoint's host)
+//! ca = "/etc/hands/pki/ca.pem"      # CA the gateway certificate must chain to
+//! cert = "/etc/hands/pki/worker.pem"     # this worker's client certificate (its identity = worker_id)
+//! key = "/etc/hands/pki/worker-key.pem"
+//! connections = 1                   # connections kept per endpoint
+//! proxy = "http://proxy.corp:3128"  # HTTP CONNECT proxy; "env" (default) = HTTPS_PROXY/NO_PROXY; "none"
+//! keepalive_secs = 15               # HTTP/2 PING interval; a silent peer is dropped within twice this
 //! ```
 //!
-//! Connectors (the outbound tunnel, Claude Managed Agents) add their own tables
-//! in later versions; unknown keys are rejected, so a typo never passes silently.
+//! Unknown keys are rejected, so a typo never passes silently. Relative paths
+//! are relative to the configuration file.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::policy::Policy;
+use crate::tunnel::{Backoff, Endpoint, ProxyChoice, TunnelConfig};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +44,43 @@ struct RawConfig {
     environments: Option<Vec<String>>,
     #[serde(default)]
     listen: Option<String>,
+    #[serde(default)]
+    tunnel: Option<RawTunnel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    endpoints: Vec<String>,
+    #[serde(default)]
+    server_name: Option<String>,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default = "one")]
+    connections: usize,
+    #[serde(default)]
+    proxy: Option<String>,
+    #[serde(default = "default_keepalive")]
+    keepalive_secs: u64,
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout_secs: u64,
+    #[serde(default)]
+    backoff_base_ms: Option<u64>,
+    #[serde(default)]
+    backoff_max_ms: Option<u64>,
+    #[serde(default)]
+    healthy_after_secs: Option<u64>,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_keepalive() -> u64 {
+    15
+}
+fn default_connect_timeout() -> u64 {
+    10
 }
 
 fn default_capacity() -> usize {
@@ -45,6 +94,7 @@ pub struct Config {
     pub capacity: usize,
     pub policies: Vec<Policy>,
     pub listen: Option<SocketAddr>,
+    pub tunnel: Option<TunnelConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,13 +188,106 @@ impl Config {
                 Some(addr)
             }
         };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let tunnel = match raw.tunnel {
+            None => None,
+            Some(t) => Some(tunnel_config(t, base, &raw.worker_id, &invalid)?),
+        };
         Ok(Config {
             worker_id: raw.worker_id,
             capacity: raw.capacity,
             policies,
             listen,
+            tunnel,
         })
     }
+}
+
+fn tunnel_config(
+    t: RawTunnel,
+    base: &Path,
+    worker_id: &str,
+    invalid: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<TunnelConfig, ConfigError> {
+    if t.endpoints.is_empty() {
+        return Err(invalid(
+            "tunnel.endpoints",
+            "at least one gateway endpoint".into(),
+        ));
+    }
+    let mut endpoints = Vec::new();
+    for e in &t.endpoints {
+        let (host, port) = crate::tunnel::proxy::split_host_port(e, 0)
+            .filter(|(h, p)| !h.is_empty() && *p != 0)
+            .ok_or_else(|| invalid("tunnel.endpoints", format!("{e:?} is not host:port")))?;
+        endpoints.push(Endpoint { host, port });
+    }
+    if let Some(name) = &t.server_name {
+        crate::tls::server_name(name).map_err(|e| invalid("tunnel.server_name", e.to_string()))?;
+    }
+    if t.connections == 0 || t.connections > 64 {
+        return Err(invalid(
+            "tunnel.connections",
+            "must be between 1 and 64".into(),
+        ));
+    }
+    if !(1..=3600).contains(&t.keepalive_secs) {
+        return Err(invalid(
+            "tunnel.keepalive_secs",
+            "must be between 1 and 3600".into(),
+        ));
+    }
+    if !(1..=600).contains(&t.connect_timeout_secs) {
+        return Err(invalid(
+            "tunnel.connect_timeout_secs",
+            "must be between 1 and 600".into(),
+        ));
+    }
+    let proxy = match t.proxy.as_deref() {
+        None | Some("env") => ProxyChoice::FromEnv,
+        Some("none") => ProxyChoice::Direct,
+        Some(url) => ProxyChoice::Explicit(
+            crate::tunnel::proxy::Proxy::parse(url)
+                .map_err(|e| invalid("tunnel.proxy", e.to_string()))?,
+        ),
+    };
+    let tls = crate::tls::TlsFiles {
+        ca: base.join(&t.ca),
+        cert: base.join(&t.cert),
+        key: base.join(&t.key),
+    };
+    // The gateway knows a worker by its certificate: a worker_id that says
+    // otherwise would route sessions to the wrong name. Fail at startup.
+    let identity = crate::tls::worker_identity_of_file(&tls.cert)
+        .map_err(|e| invalid("tunnel.cert", e.to_string()))?;
+    if identity != worker_id {
+        return Err(invalid(
+            "tunnel.cert",
+            format!(
+                "the certificate's worker identity is {identity:?}, but worker_id is {worker_id:?}"
+            ),
+        ));
+    }
+    let mut backoff = Backoff::default();
+    if let Some(ms) = t.backoff_base_ms {
+        backoff.base = Duration::from_millis(ms.max(1));
+    }
+    if let Some(ms) = t.backoff_max_ms {
+        backoff.max = Duration::from_millis(ms.max(1));
+    }
+    if let Some(s) = t.healthy_after_secs {
+        backoff.healthy_after = Duration::from_secs(s);
+    }
+    Ok(TunnelConfig {
+        endpoints,
+        server_name: t.server_name,
+        tls,
+        connections: t.connections,
+        proxy,
+        keepalive: Duration::from_secs(t.keepalive_secs),
+        connect_timeout: Duration::from_secs(t.connect_timeout_secs),
+        backoff,
+    })
 }
 
 #[cfg(test)]

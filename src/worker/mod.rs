@@ -1,12 +1,13 @@
-//! The worker daemon: one session registry, and the ways brains reach it. For
-//! now that is the loopback debug listener, which serves `hands.v1.Sandbox` with
-//! gRPC health and reflection (so `grpcurl` works); the outbound mTLS tunnel is
-//! the next connector and serves the same service.
+//! The worker daemon: one session registry, and the ways brains reach it: the
+//! outbound mTLS tunnel (`crate::tunnel`) and the loopback debug listener. Both
+//! serve the same routes: `hands.v1.Sandbox` with gRPC health and reflection
+//! (so `grpcurl` works).
 
 pub mod config;
 
-use std::future::Future;
 use std::sync::Arc;
+
+use tokio::sync::watch;
 
 use crate::proto::v1::sandbox_server::SandboxServer;
 use crate::sandbox::SandboxConfig;
@@ -26,6 +27,8 @@ pub enum WorkerError {
     Serve(#[from] tonic::transport::Error),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("tunnel TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The registry a worker serves from.
@@ -37,38 +40,78 @@ pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
     ))
 }
 
-/// Serves the debug listener until `shutdown` resolves. `on_bound` learns the
-/// bound address (the configured port may be 0).
-pub async fn serve_debug(
+/// The routes a worker serves on every connection, tunnelled or not:
+/// `hands.v1.Sandbox`, gRPC health and reflection.
+pub async fn routes(
     config: &Config,
     registry: Arc<Registry>,
-    on_bound: impl FnOnce(std::net::SocketAddr),
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), WorkerError> {
-    let Some(addr) = config.listen else {
-        return Ok(());
-    };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| WorkerError::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| WorkerError::Bind { addr, source })?;
+) -> Result<tonic::service::Routes, WorkerError> {
     let service = SandboxService::new(registry, config.worker_id.clone(), detect_isolation());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SandboxServer<SandboxService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::DESCRIPTOR_SET)
         .build_v1()?;
-    on_bound(bound);
-    tonic::transport::Server::builder()
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await?;
-    Ok(())
+        .add_service(service.into_server());
+    Ok(routes.routes())
+}
+
+/// Serves every configured way in (the tunnel's connections and the debug
+/// listener) until `shutdown` turns true. `on_bound` learns the debug
+/// listener's bound address (the configured port may be 0).
+pub async fn serve(
+    config: &Config,
+    registry: Arc<Registry>,
+    on_bound: impl FnOnce(std::net::SocketAddr),
+    tunnel_states: Option<watch::Sender<Vec<crate::tunnel::SlotState>>>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
+    let routes = routes(config, registry).await?;
+    let tunnel = match &config.tunnel {
+        Some(t) => {
+            let tls = Arc::new(crate::tls::ClientTls::client(t.tls.clone())?);
+            Some(crate::tunnel::run(
+                Arc::new(t.clone()),
+                tls,
+                routes.clone(),
+                shutdown.clone(),
+                tunnel_states,
+            ))
+        }
+        None => None,
+    };
+    let debug = async {
+        let Some(addr) = config.listen else {
+            return Ok(());
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| WorkerError::Bind { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| WorkerError::Bind { addr, source })?;
+        on_bound(bound);
+        let mut stop = shutdown.clone();
+        tonic::transport::Server::builder()
+            .add_routes(routes.clone())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )
+            .await?;
+        Ok::<_, WorkerError>(())
+    };
+    let tunnel = async {
+        if let Some(t) = tunnel {
+            t.await
+        }
+    };
+    let (debug, ()) = tokio::join!(debug, tunnel);
+    debug
 }

@@ -1,0 +1,186 @@
+//! A small client of the gateway's HTTP API (HTTP/1.1, one kept-alive
+//! connection per client), for `hands demo`, `hands conformance` and
+//! `hands bench`. Agent loops use any HTTP client; this one exists so the
+//! binary can drive a gateway without one.
+
+use std::net::SocketAddr;
+
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("building the request: {0}")]
+    Request(#[from] http::Error),
+    #[error("{method} {path}: the answer is not JSON: {body}")]
+    NotJson {
+        method: String,
+        path: String,
+        body: String,
+    },
+}
+
+/// An answer: status, the `hands-outcome` header if any, and the JSON body.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub outcome: Option<String>,
+    pub body: Value,
+}
+
+/// One SSE event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub event: String,
+    pub data: Value,
+}
+
+pub struct ApiClient {
+    addr: SocketAddr,
+    token: String,
+    conn: Option<SendRequest<Full<bytes::Bytes>>>,
+}
+
+impl ApiClient {
+    pub fn new(addr: SocketAddr, token: &str) -> Self {
+        ApiClient {
+            addr,
+            token: token.to_string(),
+            conn: None,
+        }
+    }
+
+    async fn sender(&mut self) -> Result<&mut SendRequest<Full<bytes::Bytes>>, ClientError> {
+        if let Some(c) = &self.conn {
+            if c.is_closed() {
+                self.conn = None;
+            }
+        }
+        if self.conn.is_none() {
+            let tcp = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    addr: self.addr,
+                    source,
+                })?;
+            let _ = tcp.set_nodelay(true);
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            tokio::spawn(conn);
+            self.conn = Some(send);
+        }
+        let send = self.conn.as_mut().expect("just set");
+        send.ready().await?;
+        Ok(send)
+    }
+
+    async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        accept: &str,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, self.addr.to_string())
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .header(http::header::ACCEPT, accept)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(bytes::Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))?;
+        let send = self.sender().await?;
+        match send.send_request(req).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                self.conn = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// A JSON request and its JSON answer.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Answer, ClientError> {
+        let resp = self.send(method, path, body, "application/json").await?;
+        let status = resp.status().as_u16();
+        let outcome = resp
+            .headers()
+            .get("hands-outcome")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let body = serde_json::from_slice(&bytes).map_err(|_| ClientError::NotJson {
+            method: method.to_string(),
+            path: path.to_string(),
+            body: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
+        })?;
+        Ok(Answer {
+            status,
+            outcome,
+            body,
+        })
+    }
+
+    /// An SSE request: every event until the stream ends (`on_event` sees
+    /// each as it arrives).
+    pub async fn stream(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        mut on_event: impl FnMut(&SseEvent),
+    ) -> Result<(u16, Vec<SseEvent>), ClientError> {
+        let resp = self.send(method, path, body, "text/event-stream").await?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut buf = String::new();
+        let mut events = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            buf.push_str(&String::from_utf8_lossy(data));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let mut event = String::from("message");
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                    }
+                }
+                if data.is_empty() {
+                    continue; // keep-alive comment
+                }
+                let ev = SseEvent {
+                    event,
+                    data: serde_json::from_str(&data).unwrap_or(Value::String(data)),
+                };
+                on_event(&ev);
+                events.push(ev);
+            }
+        }
+        Ok((status, events))
+    }
+}

@@ -1,0 +1,202 @@
+//! The reference gateway (`hands gateway --config FILE`): where workers' tunnels
+//! end and agent loops come in. It accepts worker connections with mTLS (a
+//! client certificate is required; its identity becomes the worker id), keeps
+//! a registry of connected workers ([`workers::Workers`]), and serves the HTTP
+//! API of [`api`] with Prometheus metrics.
+//!
+//! A gateway keeps no session state: a session id carries its worker id, so
+//! replicas behind one load balancer route any request to the right worker as
+//! long as the worker keeps a tunnel to each replica (its `tunnel.endpoints`).
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod metrics;
+pub mod workers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+pub use config::Config;
+
+/// The shared state of one gateway process.
+pub struct Gateway {
+    pub workers: workers::Workers,
+    pub metrics: metrics::Metrics,
+    token: String,
+    reconnect_wait: Duration,
+}
+
+/// Where a running gateway listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub tunnel: SocketAddr,
+    pub api: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("binding {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("tunnel TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("HTTP API: {0}")]
+    Api(std::io::Error),
+}
+
+/// `WORKER_ID:SUFFIX`, with a random suffix. None when the worker id is too
+/// long for the result to be a valid id.
+pub fn new_session_id(worker_id: &str) -> Option<String> {
+    let mut b = [0u8; 12];
+    getrandom::fill(&mut b).ok()?;
+    let suffix: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let id = format!("{worker_id}:s{suffix}");
+    crate::session::registry::valid_id(&id).then_some(id)
+}
+
+/// The worker part of a gateway session id (worker ids may contain `:`, the
+/// suffix never does).
+pub fn worker_of_session(session_id: &str) -> Option<&str> {
+    let (worker, suffix) = session_id.rsplit_once(':')?;
+    (!worker.is_empty() && !suffix.is_empty()).then_some(worker)
+}
+
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, GatewayError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { what, addr, source })
+}
+
+/// Runs the gateway until `shutdown` turns true.
+pub async fn run(
+    config: Config,
+    on_bound: impl FnOnce(Bound, Arc<Gateway>),
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), GatewayError> {
+    let tls = Arc::new(crate::tls::ServerTls::server(config.tls.clone())?);
+    let tunnel_listener = bind("the tunnel listener", config.tunnel_listen).await?;
+    let api_listener = bind("the API listener", config.api_listen).await?;
+    let local = |l: &tokio::net::TcpListener, what, addr| {
+        l.local_addr()
+            .map_err(|source| GatewayError::Bind { what, addr, source })
+    };
+    let bound = Bound {
+        tunnel: local(
+            &tunnel_listener,
+            "the tunnel listener",
+            config.tunnel_listen,
+        )?,
+        api: local(&api_listener, "the API listener", config.api_listen)?,
+    };
+    let gw = Arc::new(Gateway {
+        workers: workers::Workers::default(),
+        metrics: metrics::Metrics::default(),
+        token: config.token.clone(),
+        reconnect_wait: config.reconnect_wait,
+    });
+    on_bound(bound, gw.clone());
+
+    let accept_cfg = Arc::new(workers::AcceptConfig {
+        allowed: config.allowed_workers.clone(),
+        keepalive: config.keepalive,
+    });
+    let accept = {
+        let gw = gw.clone();
+        let mut stop = shutdown.clone();
+        async move {
+            let mut tunnels = tokio::task::JoinSet::new();
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    r = tunnel_listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accepting a tunnel connection");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                let gw = gw.clone();
+                let tls = tls.get();
+                let cfg = accept_cfg.clone();
+                tunnels.spawn(async move {
+                    let registered_gw = gw.clone();
+                    let r = workers::serve_tunnel(tcp, peer, tls, &cfg, &gw.workers, |id| {
+                        registered_gw
+                            .metrics
+                            .inc("hands_gateway_tunnels_accepted_total", &[]);
+                        tracing::info!(worker = id, %peer, "worker connected");
+                    })
+                    .await;
+                    match r {
+                        Ok(id) => tracing::info!(worker = id, %peer, "worker tunnel closed"),
+                        Err(e) => {
+                            gw.metrics.inc(
+                                "hands_gateway_tunnels_rejected_total",
+                                &[("reason", e.label())],
+                            );
+                            tracing::warn!(%peer, error = %e, "worker tunnel refused");
+                        }
+                    }
+                });
+                while tunnels.try_join_next().is_some() {}
+            }
+            // Dropping the set ends every tunnel: workers see the connection
+            // close and redial (another replica, or this one after restart).
+            tunnels.shutdown().await;
+        }
+    };
+    let api = async {
+        axum::serve(api_listener, api::router(gw.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(GatewayError::Api)
+    };
+    let ((), api) = tokio::join!(accept, api);
+    api
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_carry_their_worker() {
+        let id = new_session_id("build:host-1").unwrap();
+        assert!(id.starts_with("build:host-1:s"), "{id}");
+        assert_eq!(worker_of_session(&id), Some("build:host-1"));
+        assert_eq!(worker_of_session("nocolon"), None);
+        assert_eq!(worker_of_session(":x"), None);
+        assert!(new_session_id(&"w".repeat(120)).is_none());
+        assert_ne!(new_session_id("w"), new_session_id("w"));
+    }
+
+    #[test]
+    fn tool_definitions_name_the_six_tools() {
+        let defs = api::tool_definitions();
+        let names: Vec<&str> = defs
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["bash", "read", "write", "edit", "glob", "grep"]);
+        for t in defs.as_array().unwrap() {
+            assert_eq!(t["input_schema"]["type"], "object");
+            assert!(t["description"].as_str().unwrap().len() > 20);
+        }
+    }
+}

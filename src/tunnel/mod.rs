@@ -1,0 +1,315 @@
+//! The worker's outbound tunnel: it dials each gateway endpoint over TLS 1.3
+//! with its client certificate, then *serves* `hands.v1.Sandbox` as the HTTP/2
+//! server on the connection it dialed, while the gateway is the HTTP/2 client
+//! (the roles cloudflared and grpctunnel use). Each call is its own HTTP/2
+//! stream, so flow control and cancellation are per call and a slow consumer
+//! stalls only its own stream.
+//!
+//! The worker keeps `connections` connections per endpoint, each in its own
+//! loop: dial (directly or through an HTTP CONNECT proxy), handshake, serve
+//! until the connection ends, then wait a full-jitter exponential backoff. The
+//! backoff resets only after a connection has stayed up for `healthy_after`,
+//! so a gateway that accepts and drops at once is not hammered. HTTP/2 PINGs
+//! every `keepalive` detect a silent peer within twice that.
+
+pub mod proxy;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::watch;
+
+use crate::tls::ClientTls;
+use proxy::Proxy;
+
+/// One gateway address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&proxy::authority(&self.host, self.port))
+    }
+}
+
+/// How the proxy for a dial is chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyChoice {
+    /// `HTTPS_PROXY` / `NO_PROXY` from the environment.
+    FromEnv,
+    /// Never use a proxy.
+    Direct,
+    /// Always this proxy.
+    Explicit(Proxy),
+}
+
+/// Reconnect timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+    /// A connection that lived this long resets the backoff.
+    pub healthy_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+            healthy_after: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Backoff {
+    /// Full jitter: uniform in [0, min(max, base·2^attempt)].
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
+            .min(self.max);
+        let mut b = [0u8; 8];
+        let r = match getrandom::fill(&mut b) {
+            Ok(()) => u64::from_le_bytes(b),
+            Err(_) => 0,
+        };
+        let nanos = ceiling.as_nanos() as u64;
+        Duration::from_nanos(if nanos == 0 { 0 } else { r % (nanos + 1) })
+    }
+}
+
+/// The tunnel settings of a worker.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    pub endpoints: Vec<Endpoint>,
+    /// The name the gateway's certificate must carry; default each endpoint's host.
+    pub server_name: Option<String>,
+    pub tls: crate::tls::TlsFiles,
+    /// Connections kept per endpoint.
+    pub connections: usize,
+    pub proxy: ProxyChoice,
+    /// HTTP/2 PING interval; a PING unanswered for as long again ends the connection.
+    pub keepalive: Duration,
+    pub connect_timeout: Duration,
+    pub backoff: Backoff,
+}
+
+/// What the worker logs and tests observe about one connection slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotState {
+    Connecting,
+    Connected,
+    Waiting { attempt: u32 },
+}
+
+/// Runs every connection slot until `shutdown` turns true. `routes` is the
+/// service to serve on each dialed connection.
+pub async fn run(
+    config: Arc<TunnelConfig>,
+    tls: Arc<ClientTls>,
+    routes: tonic::service::Routes,
+    shutdown: watch::Receiver<bool>,
+    states: Option<watch::Sender<Vec<SlotState>>>,
+) {
+    let slots: Vec<Endpoint> = config
+        .endpoints
+        .iter()
+        .flat_map(|e| std::iter::repeat_n(e.clone(), config.connections))
+        .collect();
+    let states = states.map(Arc::new);
+    if let Some(s) = &states {
+        s.send_replace(vec![SlotState::Connecting; slots.len()]);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, endpoint) in slots.into_iter().enumerate() {
+        let slot = Slot {
+            index: i,
+            endpoint,
+            config: config.clone(),
+            tls: tls.clone(),
+            routes: routes.clone(),
+            shutdown: shutdown.clone(),
+            states: states.clone(),
+        };
+        tasks.spawn(slot.run());
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+struct Slot {
+    index: usize,
+    endpoint: Endpoint,
+    config: Arc<TunnelConfig>,
+    tls: Arc<ClientTls>,
+    routes: tonic::service::Routes,
+    shutdown: watch::Receiver<bool>,
+    states: Option<Arc<watch::Sender<Vec<SlotState>>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connecting to {endpoint}: {source}")]
+    Tcp {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Proxy(#[from] proxy::ProxyError),
+    #[error("TLS handshake with {endpoint}: {source}")]
+    Handshake {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("{endpoint}: timed out after {timeout:?}")]
+    Timeout { endpoint: String, timeout: Duration },
+}
+
+impl Slot {
+    fn set(&self, state: SlotState) {
+        if let Some(s) = &self.states {
+            s.send_modify(|v| v[self.index] = state);
+        }
+    }
+
+    async fn run(mut self) {
+        let mut attempt = 0u32;
+        loop {
+            if *self.shutdown.borrow() {
+                return;
+            }
+            self.set(SlotState::Connecting);
+            let started = Instant::now();
+            match self.dial().await {
+                Ok(tls) => {
+                    tracing::info!(endpoint = %self.endpoint, slot = self.index, "tunnel connected");
+                    self.set(SlotState::Connected);
+                    match self.serve(tls).await {
+                        Ok(()) => {
+                            tracing::info!(endpoint = %self.endpoint, slot = self.index, "tunnel closed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(endpoint = %self.endpoint, slot = self.index, error = %e, "tunnel lost")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(endpoint = %self.endpoint, slot = self.index, error = %e, "tunnel dial failed")
+                }
+            }
+            if *self.shutdown.borrow() {
+                return;
+            }
+            if started.elapsed() >= self.config.backoff.healthy_after {
+                attempt = 0;
+            }
+            let delay = self.config.backoff.delay(attempt);
+            attempt = attempt.saturating_add(1);
+            self.set(SlotState::Waiting { attempt });
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.shutdown.changed() => {}
+            }
+        }
+    }
+
+    async fn dial(
+        &self,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, DialError> {
+        let e = &self.endpoint;
+        let timeout = self.config.connect_timeout;
+        let proxy = match &self.config.proxy {
+            ProxyChoice::Direct => None,
+            ProxyChoice::Explicit(p) => Some(p.clone()),
+            ProxyChoice::FromEnv => Proxy::from_env(&e.host, e.port)?,
+        };
+        let tcp = match proxy {
+            Some(p) => p.connect(&e.host, e.port, timeout).await?,
+            None => {
+                match tokio::time::timeout(
+                    timeout,
+                    tokio::net::TcpStream::connect((e.host.as_str(), e.port)),
+                )
+                .await
+                {
+                    Ok(r) => r.map_err(|source| DialError::Tcp {
+                        endpoint: e.to_string(),
+                        source,
+                    })?,
+                    Err(_) => {
+                        return Err(DialError::Timeout {
+                            endpoint: e.to_string(),
+                            timeout,
+                        })
+                    }
+                }
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let name = self.config.server_name.as_deref().unwrap_or(&e.host);
+        let name = crate::tls::server_name(name)?;
+        let connector = tokio_rustls::TlsConnector::from(self.tls.get());
+        match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+            Ok(r) => r.map_err(|source| DialError::Handshake {
+                endpoint: e.to_string(),
+                source,
+            }),
+            Err(_) => Err(DialError::Timeout {
+                endpoint: e.to_string(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    ) -> Result<(), hyper::Error> {
+        let service = hyper_util::service::TowerToHyperService::new(self.routes.clone());
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .keep_alive_interval(Some(self.config.keepalive))
+            .keep_alive_timeout(self.config.keepalive)
+            .max_concurrent_streams(1024)
+            .timer(hyper_util::rt::TokioTimer::new());
+        let conn = builder.serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = self.shutdown.changed() => {
+                // GOAWAY: running calls finish streaming, new ones go elsewhere.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_jitter_stays_under_the_ceiling() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+            healthy_after: Duration::from_secs(1),
+        };
+        for attempt in 0..40 {
+            let ceiling = Duration::from_millis(100 * (1u64 << attempt.min(20))).min(b.max);
+            for _ in 0..50 {
+                assert!(b.delay(attempt) <= ceiling);
+            }
+        }
+        // Jitter: delays are spread, not constant.
+        let distinct: std::collections::HashSet<_> = (0..50).map(|_| b.delay(10)).collect();
+        assert!(distinct.len() > 10);
+    }
+}
