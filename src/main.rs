@@ -23,6 +23,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a gateway and a worker on loopback with a temporary PKI and run a
+    /// scripted session through the HTTP API: every tool, an escape, a timeout.
+    Demo(hands::cli::demo::Args),
     /// The daemon: serve sessions to brains through its outbound tunnel (and
     /// an optional loopback debug listener).
     Worker(hands::cli::worker::Args),
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let dirs = hands::cli::policy_dirs(&cli.policy_dir);
     let result = match cli.command {
+        Command::Demo(args) => hands::cli::demo::run(args),
         Command::Worker(args) => hands::cli::worker::run(args),
         Command::Gateway(args) => hands::cli::gateway::run(args),
         Command::Exec(args) => hands::cli::exec::run(args, &dirs),

@@ -77,6 +77,11 @@ async fn bind(
         .map_err(|source| GatewayError::Bind { what, addr, source })
 }
 
+/// Resolves once `rx` reads true (or its sender is gone).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
 /// Runs the gateway until `shutdown` turns true.
 pub async fn run(
     config: Config,
@@ -125,7 +130,7 @@ pub async fn run(
                             continue;
                         }
                     },
-                    _ = stop.wait_for(|s| *s) => break,
+                    () = stopped(&mut stop) => break,
                 };
                 let gw = gw.clone();
                 let tls = tls.get();
@@ -159,9 +164,7 @@ pub async fn run(
     };
     let api = async {
         axum::serve(api_listener, api::router(gw.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|s| *s).await;
-            })
+            .with_graceful_shutdown(async move { stopped(&mut shutdown).await })
             .await
             .map_err(GatewayError::Api)
     };

@@ -284,6 +284,8 @@ impl BashSession {
         env: &[(String, String)],
         sink: Option<OutputSink<'_>>,
     ) -> ToolResult {
+        // Every call answers for itself: a restart after a timeout did not time out.
+        self.timed_out = false;
         let inp = match input::parse_bash(raw_input) {
             Ok(i) => i,
             Err(e) => return e,

@@ -104,7 +104,8 @@ pub struct TunnelConfig {
 pub enum SlotState {
     Connecting,
     Connected,
-    Waiting { attempt: u32 },
+    /// Between attempts; `error` is why the last connection failed or ended.
+    Waiting { attempt: u32, error: String },
 }
 
 /// Runs every connection slot until `shutdown` turns true. `routes` is the
@@ -186,23 +187,28 @@ impl Slot {
             }
             self.set(SlotState::Connecting);
             let started = Instant::now();
-            match self.dial().await {
+            let error = match self.dial().await {
                 Ok(tls) => {
                     tracing::info!(endpoint = %self.endpoint, slot = self.index, "tunnel connected");
                     self.set(SlotState::Connected);
                     match self.serve(tls).await {
                         Ok(()) => {
-                            tracing::info!(endpoint = %self.endpoint, slot = self.index, "tunnel closed")
+                            tracing::info!(endpoint = %self.endpoint, slot = self.index, "tunnel closed");
+                            "closed by the gateway".to_string()
                         }
                         Err(e) => {
-                            tracing::warn!(endpoint = %self.endpoint, slot = self.index, error = %e, "tunnel lost")
+                            let e = error_chain(&e);
+                            tracing::warn!(endpoint = %self.endpoint, slot = self.index, error = %e, "tunnel lost");
+                            e
                         }
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(endpoint = %self.endpoint, slot = self.index, error = %e, "tunnel dial failed")
+                    let e = error_chain(&e);
+                    tracing::warn!(endpoint = %self.endpoint, slot = self.index, error = %e, "tunnel dial failed");
+                    e
                 }
-            }
+            };
             if *self.shutdown.borrow() {
                 return;
             }
@@ -211,7 +217,7 @@ impl Slot {
             }
             let delay = self.config.backoff.delay(attempt);
             attempt = attempt.saturating_add(1);
-            self.set(SlotState::Waiting { attempt });
+            self.set(SlotState::Waiting { attempt, error });
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.shutdown.changed() => {}
@@ -285,10 +291,31 @@ impl Slot {
             _ = self.shutdown.changed() => {
                 // GOAWAY: running calls finish streaming, new ones go elsewhere.
                 conn.as_mut().graceful_shutdown();
-                conn.await
+                if let Err(e) = conn.await {
+                    // The gateway may drop the connection on GOAWAY without
+                    // a TLS close_notify; nothing is lost at this point.
+                    tracing::debug!(error = %e, "tunnel ended during shutdown");
+                }
+                Ok(())
             }
         }
     }
+}
+
+/// An error and its sources, `: `-separated (hyper and rustls put the
+/// useful part in the source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
 }
 
 #[cfg(test)]

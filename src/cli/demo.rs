@@ -1,0 +1,359 @@
+//! `hands demo`: a gateway and a worker in this process, on loopback, with a
+//! temporary PKI, and a scripted session through the gateway's HTTP API —
+//! every tool, one denied escape, one timeout — printed as a transcript. Each
+//! step checks what it shows, so the demo exits 0 only when hands works.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use crate::gateway::client::ApiClient;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Environment (policy) the demo session runs in.
+    #[arg(long, default_value = "default")]
+    env: String,
+    /// Keep the temporary directory (PKI, configs) and print its path.
+    #[arg(long)]
+    keep: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(demo(args))
+}
+
+const WORKER_ID: &str = "demo-worker";
+
+async fn demo(args: Args) -> anyhow::Result<ExitCode> {
+    let dir = tempfile::Builder::new()
+        .prefix("hands-demo-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let pki_dir = dir.path().join("pki");
+    let pki = crate::pki::generate(&crate::pki::Options {
+        worker_id: WORKER_ID.into(),
+        ..Default::default()
+    })?;
+    crate::pki::write(&pki_dir, &pki, false)?;
+    let mut token_bytes = [0u8; 24];
+    getrandom::fill(&mut token_bytes).map_err(|e| anyhow::anyhow!("random token: {e}"))?;
+    let token: String = token_bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(dir.path().join("token"), &token)?;
+
+    section("hands demo: a gateway and a worker on loopback, over mTLS");
+    note(&format!("temporary PKI in {}", pki_dir.display()));
+
+    // The gateway.
+    let gw_toml = dir.path().join("gateway.toml");
+    std::fs::write(
+        &gw_toml,
+        "[tunnel]\nlisten = \"127.0.0.1:0\"\nca = \"pki/ca.pem\"\ncert = \"pki/gateway.pem\"\nkey = \"pki/gateway-key.pem\"\n\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"token\"\n",
+    )?;
+    let gw_config = crate::gateway::Config::load(&gw_toml)?;
+    let (stop_gateway, gw_shutdown) = tokio::sync::watch::channel(false);
+    let (stop_worker, shutdown) = tokio::sync::watch::channel(false);
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let gateway = tokio::spawn(crate::gateway::run(
+        gw_config,
+        move |b, _| {
+            let _ = bound_tx.send(b);
+        },
+        gw_shutdown,
+    ));
+    let bound = bound_rx.await.context("the gateway did not start")?;
+    note(&format!(
+        "gateway: tunnel on {}, HTTP API on {}",
+        bound.tunnel, bound.api
+    ));
+
+    // The worker, dialing the gateway.
+    let w_toml = dir.path().join("worker.toml");
+    std::fs::write(
+        &w_toml,
+        format!(
+            "worker_id = \"{WORKER_ID}\"\ncapacity = 4\nenvironments = [\"{}\"]\n\n[tunnel]\nendpoints = [\"{}\"]\nserver_name = \"localhost\"\nca = \"pki/ca.pem\"\ncert = \"pki/worker.pem\"\nkey = \"pki/worker-key.pem\"\nproxy = \"none\"\n",
+            args.env, bound.tunnel
+        ),
+    )?;
+    let w_config = crate::worker::Config::load(&w_toml)?;
+    let sandbox = crate::sandbox::SandboxConfig::from_env().context("sandbox configuration")?;
+    crate::session::sweep_orphans(&sandbox);
+    let registry = crate::worker::registry(&w_config, sandbox);
+    let worker = {
+        let registry = registry.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            crate::worker::serve(&w_config, registry, |_| {}, None, shutdown).await
+        })
+    };
+
+    let result = script(&bound, &token, &args.env).await;
+
+    // The worker first: its tunnel ends with GOAWAY rather than a cut.
+    stop_worker.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), worker).await;
+    stop_gateway.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), gateway).await;
+    registry.close_all();
+    if args.keep {
+        let kept = dir.keep();
+        note(&format!("kept {}", kept.display()));
+    }
+    match result {
+        Ok(()) => {
+            section("demo finished: every step behaved as expected");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("\nhands demo: FAILED: {e:#}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn section(title: &str) {
+    println!("\n== {title}");
+}
+
+fn note(text: &str) {
+    println!("   {text}");
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("   │ {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn text_of(result: &Value) -> String {
+    result["content"]
+        .as_array()
+        .map(|blocks| {
+            blocks
+                .iter()
+                .filter_map(|b| b["text"].as_str())
+                .collect::<Vec<_>>()
+                .join("")
+        })
+        .unwrap_or_default()
+}
+
+struct Script {
+    api: ApiClient,
+    session: String,
+    n: usize,
+}
+
+impl Script {
+    /// Posts one tool_use block; prints it and its tool_result.
+    async fn call(&mut self, name: &str, input: Value, why: &str) -> anyhow::Result<Value> {
+        self.n += 1;
+        let id = format!("toolu_demo_{:02}", self.n);
+        println!("\n-> {name} {input}    # {why}");
+        let t0 = Instant::now();
+        let a = self
+            .api
+            .request(
+                "POST",
+                &format!("/v1/sessions/{}/tool_use", self.session),
+                Some(&json!({"type": "tool_use", "id": id, "name": name, "input": input})),
+            )
+            .await?;
+        if a.status != 200 {
+            bail!("{name}: HTTP {}: {}", a.status, a.body);
+        }
+        let took = t0.elapsed();
+        println!(
+            "<- tool_result is_error={} outcome={} ({:.1} ms)",
+            a.body["is_error"],
+            a.outcome.as_deref().unwrap_or("?"),
+            took.as_secs_f64() * 1000.0
+        );
+        println!("{}", indent(&text_of(&a.body)));
+        Ok(a.body)
+    }
+}
+
+fn expect(ok: bool, what: &str) -> anyhow::Result<()> {
+    if ok {
+        println!("   ✓ {what}");
+        Ok(())
+    } else {
+        bail!("expected: {what}")
+    }
+}
+
+async fn script(bound: &crate::gateway::Bound, token: &str, env: &str) -> anyhow::Result<()> {
+    let mut api = ApiClient::new(bound.api, token);
+    // The worker dials on its own; wait for it to register.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let workers = loop {
+        let a = api.request("GET", "/v1/workers", None).await?;
+        if a.body["workers"].as_array().is_some_and(|w| !w.is_empty()) {
+            break a.body;
+        }
+        if Instant::now() > deadline {
+            bail!("the worker did not connect to the gateway within 15s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    section("GET /v1/workers");
+    println!("{}", indent(&serde_json::to_string_pretty(&workers)?));
+    let tools = api.request("GET", "/v1/tools", None).await?;
+    let names: Vec<&str> = tools.body["tools"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|t| t["name"].as_str()).collect())
+        .unwrap_or_default();
+    section("GET /v1/tools (ready for the Messages API `tools` parameter)");
+    note(&names.join(", "));
+
+    let opened = api
+        .request("POST", "/v1/sessions", Some(&json!({"environment": env})))
+        .await?;
+    if opened.status != 201 {
+        bail!("opening a session: HTTP {}: {}", opened.status, opened.body);
+    }
+    let session = opened.body["session_id"]
+        .as_str()
+        .context("session_id")?
+        .to_string();
+    section(&format!("POST /v1/sessions -> {session} (environment {env})"));
+
+    let mut s = Script {
+        api,
+        session: session.clone(),
+        n: 0,
+    };
+    let r = s
+        .call(
+            "write",
+            json!({"file_path": "notes/todo.txt", "content": "buy milk\nfix the tunnel\nship hands\n"}),
+            "create a file in the session's workspace",
+        )
+        .await?;
+    expect(r["is_error"] == false, "write succeeded")?;
+    let r = s
+        .call("read", json!({"file_path": "notes/todo.txt"}), "read it back")
+        .await?;
+    expect(text_of(&r).contains("fix the tunnel"), "read shows the file")?;
+    let r = s
+        .call(
+            "edit",
+            json!({"file_path": "notes/todo.txt", "old_string": "buy milk", "new_string": "buy oat milk"}),
+            "replace one exact string",
+        )
+        .await?;
+    expect(r["is_error"] == false, "edit succeeded")?;
+    let r = s
+        .call("glob", json!({"pattern": "**/*.txt"}), "find files by pattern")
+        .await?;
+    expect(text_of(&r).contains("todo.txt"), "glob finds the file")?;
+    let r = s
+        .call("grep", json!({"pattern": "oat|ship"}), "search contents")
+        .await?;
+    expect(
+        text_of(&r).contains("buy oat milk") && text_of(&r).contains("ship hands"),
+        "grep sees the edit",
+    )?;
+    let r = s
+        .call(
+            "bash",
+            json!({"command": "cd notes && wc -l todo.txt && id -u && hostname"}),
+            "a persistent, confined shell",
+        )
+        .await?;
+    expect(
+        text_of(&r).contains("3 todo.txt"),
+        "bash runs in the workspace as the session's own uid",
+    )?;
+
+    // Streaming: the same API with Accept: text/event-stream.
+    s.n += 1;
+    let id = format!("toolu_demo_{:02}", s.n);
+    let input = json!({"command": "for i in 1 2 3; do echo tick $i; sleep 0.2; done"});
+    println!("\n-> bash {input}    # streamed as server-sent events");
+    let t0 = Instant::now();
+    let (_, events) = s
+        .api
+        .stream(
+            "POST",
+            &format!("/v1/sessions/{session}/tool_use"),
+            Some(&json!({"id": id, "name": "bash", "input": input})),
+            |ev| {
+                let at = t0.elapsed().as_millis();
+                match ev.event.as_str() {
+                    "output" => println!(
+                        "   [{at:>4} ms] output {:?}",
+                        ev.data["text"].as_str().unwrap_or("")
+                    ),
+                    "tool_result" => println!(
+                        "   [{at:>4} ms] tool_result {:?}",
+                        text_of(&ev.data)
+                    ),
+                    other => println!("   [{at:>4} ms] {other} {}", ev.data),
+                }
+            },
+        )
+        .await?;
+    expect(
+        events.iter().filter(|e| e.event == "output").count() >= 3
+            && events.last().is_some_and(|e| e.event == "tool_result"),
+        "output arrived as it was produced, then the result",
+    )?;
+
+    let r = s
+        .call(
+            "bash",
+            json!({"command": "cat /etc/shadow; unshare --user --map-root-user id; echo exit=$?"}),
+            "an escape attempt: host secrets, then a user namespace",
+        )
+        .await?;
+    let t = text_of(&r);
+    expect(
+        t.contains("Permission denied") && t.contains("Operation not permitted") && !t.contains("root:"),
+        "denied by the kernel: DAC for /etc/shadow, seccomp for unshare",
+    )?;
+    let r = s
+        .call(
+            "bash",
+            json!({"command": "sleep 30", "timeout_ms": 1000}),
+            "a command that outlives its timeout",
+        )
+        .await?;
+    expect(
+        r["is_error"] == true && text_of(&r).contains("timed out"),
+        "killed at its timeout, with the whole process tree",
+    )?;
+    let r = s
+        .call(
+            "bash",
+            json!({"restart": true}),
+            "the timeout ended the shell (as the toolset does): start a new one",
+        )
+        .await?;
+    expect(r["is_error"] == false, "restarted")?;
+    let r = s
+        .call(
+            "bash",
+            json!({"command": "cat notes/todo.txt | head -1"}),
+            "the session and its workspace live on",
+        )
+        .await?;
+    expect(text_of(&r).contains("buy oat milk"), "the next call works")?;
+
+    let closed = s
+        .api
+        .request("DELETE", &format!("/v1/sessions/{session}"), None)
+        .await?;
+    section(&format!("DELETE /v1/sessions/{session} -> {}", closed.body));
+    expect(closed.body["closed"] == true, "session closed, its processes gone")?;
+    Ok(())
+}
