@@ -85,59 +85,91 @@ fn params(cn: &str, days: i64) -> CertificateParams {
     p
 }
 
+/// A CA that can issue more certificates (tests issue expired or foreign ones
+/// from the same CA).
+pub struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+    pub issued: Issued,
+}
+
+impl Ca {
+    /// A new self-signed CA valid for `days` (at least one day).
+    pub fn new(days: i64) -> Result<Ca, PkiError> {
+        let key = KeyPair::generate().map_err(gen("the CA key"))?;
+        let mut params = params("hands development CA", days.max(1) + 1);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params
+            .self_signed(&key)
+            .map_err(gen("the CA certificate"))?;
+        let issued = Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
+        Ok(Ca {
+            params,
+            key,
+            issued,
+        })
+    }
+
+    /// A gateway (TLS server) certificate for `names` (DNS names or IPs).
+    pub fn gateway(&self, names: &[String], days: i64) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate().map_err(gen("the gateway key"))?;
+        let mut gw = params("hands gateway", days);
+        for name in names {
+            let san = match name.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    name.clone()
+                        .try_into()
+                        .map_err(|_| PkiError::Name(name.clone()))?,
+                ),
+            };
+            gw.subject_alt_names.push(san);
+        }
+        gw.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        gw.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let issuer = Issuer::new(self.params.clone(), &self.key);
+        let cert = gw
+            .signed_by(&key, &issuer)
+            .map_err(gen("the gateway certificate"))?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A worker (TLS client) certificate: common name and
+    /// `urn:hands:worker:<id>` URI.
+    pub fn worker(&self, worker_id: &str, days: i64) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate().map_err(gen("the worker key"))?;
+        let mut wk = params(worker_id, days);
+        let uri = format!("{}{worker_id}", crate::tls::WORKER_URI_PREFIX);
+        wk.subject_alt_names = vec![SanType::URI(
+            uri.clone().try_into().map_err(|_| PkiError::Name(uri))?,
+        )];
+        wk.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        wk.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let issuer = Issuer::new(self.params.clone(), &self.key);
+        let cert = wk
+            .signed_by(&key, &issuer)
+            .map_err(gen("the worker certificate"))?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
 /// Generates a CA, a gateway server certificate and a worker client certificate.
 pub fn generate(opts: &Options) -> Result<DevPki, PkiError> {
-    let ca_key = KeyPair::generate().map_err(gen("the CA key"))?;
-    let mut ca = params("hands development CA", opts.days.max(1) + 1);
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key).map_err(gen("the CA certificate"))?;
-    let issuer = Issuer::new(ca, &ca_key);
-
-    let gw_key = KeyPair::generate().map_err(gen("the gateway key"))?;
-    let mut gw = params("hands gateway", opts.days);
-    for name in &opts.gateway_names {
-        let san = match name.parse::<IpAddr>() {
-            Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(
-                name.clone()
-                    .try_into()
-                    .map_err(|_| PkiError::Name(name.clone()))?,
-            ),
-        };
-        gw.subject_alt_names.push(san);
-    }
-    gw.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    gw.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let gw_cert = gw
-        .signed_by(&gw_key, &issuer)
-        .map_err(gen("the gateway certificate"))?;
-
-    let wk_key = KeyPair::generate().map_err(gen("the worker key"))?;
-    let mut wk = params(&opts.worker_id, opts.days);
-    let uri = format!("urn:hands:worker:{}", opts.worker_id);
-    wk.subject_alt_names = vec![SanType::URI(
-        uri.clone().try_into().map_err(|_| PkiError::Name(uri))?,
-    )];
-    wk.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    wk.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let wk_cert = wk
-        .signed_by(&wk_key, &issuer)
-        .map_err(gen("the worker certificate"))?;
-
+    let ca = Ca::new(opts.days)?;
     Ok(DevPki {
-        ca: Issued {
-            cert_pem: ca_cert.pem(),
-            key_pem: ca_key.serialize_pem(),
-        },
-        gateway: Issued {
-            cert_pem: gw_cert.pem(),
-            key_pem: gw_key.serialize_pem(),
-        },
-        worker: Issued {
-            cert_pem: wk_cert.pem(),
-            key_pem: wk_key.serialize_pem(),
-        },
+        gateway: ca.gateway(&opts.gateway_names, opts.days)?,
+        worker: ca.worker(&opts.worker_id, opts.days)?,
+        ca: ca.issued,
     })
 }
 

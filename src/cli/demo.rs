@@ -225,7 +225,9 @@ async fn script(bound: &crate::gateway::Bound, token: &str, env: &str) -> anyhow
         .as_str()
         .context("session_id")?
         .to_string();
-    section(&format!("POST /v1/sessions -> {session} (environment {env})"));
+    section(&format!(
+        "POST /v1/sessions -> {session} (environment {env})"
+    ));
 
     let mut s = Script {
         api,
@@ -241,9 +243,16 @@ async fn script(bound: &crate::gateway::Bound, token: &str, env: &str) -> anyhow
         .await?;
     expect(r["is_error"] == false, "write succeeded")?;
     let r = s
-        .call("read", json!({"file_path": "notes/todo.txt"}), "read it back")
+        .call(
+            "read",
+            json!({"file_path": "notes/todo.txt"}),
+            "read it back",
+        )
         .await?;
-    expect(text_of(&r).contains("fix the tunnel"), "read shows the file")?;
+    expect(
+        text_of(&r).contains("fix the tunnel"),
+        "read shows the file",
+    )?;
     let r = s
         .call(
             "edit",
@@ -253,7 +262,11 @@ async fn script(bound: &crate::gateway::Bound, token: &str, env: &str) -> anyhow
         .await?;
     expect(r["is_error"] == false, "edit succeeded")?;
     let r = s
-        .call("glob", json!({"pattern": "**/*.txt"}), "find files by pattern")
+        .call(
+            "glob",
+            json!({"pattern": "**/*.txt"}),
+            "find files by pattern",
+        )
         .await?;
     expect(text_of(&r).contains("todo.txt"), "glob finds the file")?;
     let r = s
@@ -294,10 +307,9 @@ async fn script(bound: &crate::gateway::Bound, token: &str, env: &str) -> anyhow
                         "   [{at:>4} ms] output {:?}",
                         ev.data["text"].as_str().unwrap_or("")
                     ),
-                    "tool_result" => println!(
-                        "   [{at:>4} ms] tool_result {:?}",
-                        text_of(&ev.data)
-                    ),
+                    "tool_result" => {
+                        println!("   [{at:>4} ms] tool_result {:?}", text_of(&ev.data))
+                    }
                     other => println!("   [{at:>4} ms] {other} {}", ev.data),
                 }
             },
@@ -318,7 +330,9 @@ async fn script(bound: &crate::gateway::Bound, token: &str, env: &str) -> anyhow
         .await?;
     let t = text_of(&r);
     expect(
-        t.contains("Permission denied") && t.contains("Operation not permitted") && !t.contains("root:"),
+        t.contains("Permission denied")
+            && t.contains("Operation not permitted")
+            && !t.contains("root:"),
         "denied by the kernel: DAC for /etc/shadow, seccomp for unshare",
     )?;
     let r = s
@@ -354,6 +368,9 @@ async fn script(bound: &crate::gateway::Bound, token: &str, env: &str) -> anyhow
         .request("DELETE", &format!("/v1/sessions/{session}"), None)
         .await?;
     section(&format!("DELETE /v1/sessions/{session} -> {}", closed.body));
-    expect(closed.body["closed"] == true, "session closed, its processes gone")?;
+    expect(
+        closed.body["closed"] == true,
+        "session closed, its processes gone",
+    )?;
     Ok(())
 }

@@ -120,9 +120,8 @@ pub fn router(gw: Arc<Gateway>) -> axum::Router {
             "/v1/sessions/{session_id}/calls/{call_id}/cancel",
             post(cancel),
         )
-        .layer(axum::extract::DefaultBodyLimit::max(
-            crate::service::MAX_MESSAGE,
-        ))
+        // Bodies are read by `read_body`, with the protocol's limit.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(gw)
 }
 
@@ -188,6 +187,32 @@ fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
 }
 
+/// The request body, at most [`crate::service::MAX_MESSAGE`] bytes.
+async fn read_body(body: axum::body::Body) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, crate::service::MAX_MESSAGE)
+        .await
+        .map_err(|e| {
+            let mut too_large = false;
+            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(inner) = src {
+                too_large |= inner.is::<http_body_util::LengthLimitError>();
+                src = inner.source();
+            }
+            if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "PAYLOAD_TOO_LARGE",
+                    format!(
+                        "the request body is over the {} MiB message limit",
+                        crate::service::MAX_MESSAGE >> 20
+                    ),
+                )
+            } else {
+                bad_request(format!("reading the request body: {e}"))
+            }
+        })
+}
+
 fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| bad_request(format!("the body is not JSON: {e}")))
 }
@@ -208,9 +233,10 @@ fn default_env() -> String {
 async fn open_session(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     authorize(&gw, &headers)?;
+    let body = read_body(body).await?;
     let body: OpenBody = if body.iter().all(u8::is_ascii_whitespace) {
         serde_json::from_str("{}").expect("static")
     } else {
@@ -516,10 +542,10 @@ async fn tool_use(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     Path(session_id): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     authorize(&gw, &headers)?;
-    let block = parse_json(&body)?;
+    let block = parse_json(&read_body(body).await?)?;
     let obj = block
         .as_object()
         .ok_or_else(|| bad_request("a tool_use block is a JSON object {id, name, input}"))?;

@@ -267,7 +267,12 @@ pub async fn serve_tunnel(
         .keep_alive_interval(cfg.keepalive)
         .keep_alive_timeout(cfg.keepalive)
         .keep_alive_while_idle(true)
-        .adaptive_window(true)
+        // Fixed windows, not adaptive ones: BDP estimation can grow a stream's
+        // window to the connection's, and then one consumer that stops
+        // reading would stall every call on the tunnel. A stalled stream can
+        // hold at most 1 MiB of the connection's 64 MiB.
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(64 << 20)
         .max_concurrent_reset_streams(1024);
     let (send, conn) = builder
         .handshake(TokioIo::new(stream))

@@ -105,7 +105,10 @@ pub enum SlotState {
     Connecting,
     Connected,
     /// Between attempts; `error` is why the last connection failed or ended.
-    Waiting { attempt: u32, error: String },
+    Waiting {
+        attempt: u32,
+        error: String,
+    },
 }
 
 /// Runs every connection slot until `shutdown` turns true. `routes` is the
@@ -283,6 +286,10 @@ impl Slot {
             .keep_alive_interval(Some(self.config.keepalive))
             .keep_alive_timeout(self.config.keepalive)
             .max_concurrent_streams(1024)
+            // Fixed windows (see the gateway's side): one stalled request
+            // body cannot take the whole connection's window.
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(64 << 20)
             .timer(hyper_util::rt::TokioTimer::new());
         let conn = builder.serve_connection(TokioIo::new(tls), service);
         tokio::pin!(conn);

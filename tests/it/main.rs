@@ -10,5 +10,6 @@ mod limits;
 mod netpeer;
 mod pki;
 mod service;
+mod tunnel;
 mod util;
 mod worker;

@@ -1,0 +1,1161 @@
+//! The tunnel end to end over real mTLS on loopback: a gateway and workers in
+//! this process (each worker's sessions are real sandboxes), agent-side
+//! requests through the gateway's HTTP API (with curl where a real client
+//! matters), and the failures a tunnel must survive: refused certificates in
+//! both directions, a TCP cut mid-call, a gateway restart, a CONNECT proxy,
+//! load, a stalled consumer, malformed and oversized requests.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hands::gateway::client::ApiClient;
+use hands::gateway::{Bound, Gateway};
+use hands::pki::{Ca, Issued};
+use hands::session::registry::Registry;
+use hands::tunnel::SlotState;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::require_sandbox;
+
+const TOKEN: &str = "tunnel-test-token-0123456789";
+
+/// Writes a certificate and key as NAME.pem and NAME-key.pem.
+fn put(dir: &Path, name: &str, issued: &Issued) -> (PathBuf, PathBuf) {
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}-key.pem"));
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
+    (cert, key)
+}
+
+/// One CA with a gateway and a worker certificate, in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    ca_pem: PathBuf,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new(30).unwrap();
+        let ca_pem = dir.path().join("ca.pem");
+        std::fs::write(&ca_pem, &ca.issued.cert_pem).unwrap();
+        Pki { dir, ca, ca_pem }
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn gateway(&self, name: &str, days: i64) -> (PathBuf, PathBuf) {
+        let issued = self
+            .ca
+            .gateway(&["localhost".into(), "127.0.0.1".into()], days)
+            .unwrap();
+        put(self.path(), name, &issued)
+    }
+    fn worker(&self, id: &str, days: i64) -> (PathBuf, PathBuf) {
+        put(self.path(), id, &self.ca.worker(id, days).unwrap())
+    }
+}
+
+struct Gw {
+    bound: Bound,
+    gw: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), hands::gateway::GatewayError>>,
+}
+
+impl Gw {
+    fn api(&self) -> ApiClient {
+        ApiClient::new(self.bound.api, TOKEN)
+    }
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+    fn metric(&self, line_prefix: &str) -> u64 {
+        let (w, t) = self.gw.workers.counts();
+        self.gw
+            .metrics
+            .render(w, t)
+            .lines()
+            .find_map(|l| l.strip_prefix(line_prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+async fn gateway(pki: &Pki, cert: &(PathBuf, PathBuf), listen: &str, extra: &str) -> Gw {
+    let dir = tempfile::tempdir().unwrap().keep();
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let toml = format!(
+        "[tunnel]\nlisten = \"{listen}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nkeepalive_secs = 5\n{extra}\n\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"token\"\nreconnect_wait_secs = 20\n",
+        pki.ca_pem, cert.0, cert.1
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config = hands::gateway::Config::load(&path).unwrap();
+    let (stop, shutdown) = watch::channel(false);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(hands::gateway::run(
+        config,
+        move |b, gw| {
+            let _ = tx.send((b, gw));
+        },
+        shutdown,
+    ));
+    let (bound, gw) = rx.await.expect("gateway started");
+    Gw {
+        bound,
+        gw,
+        stop,
+        task,
+    }
+}
+
+struct Wk {
+    states: watch::Receiver<Vec<SlotState>>,
+    stop: watch::Sender<bool>,
+    registry: Arc<Registry>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Wk {
+    /// Why the first failed attempt failed.
+    async fn first_error(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(e) = self.states.borrow().iter().find_map(|s| match s {
+                SlotState::Waiting { error, .. } => Some(error.clone()),
+                _ => None,
+            }) {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "the worker never failed a dial");
+            let _ = tokio::time::timeout(Duration::from_millis(200), self.states.changed()).await;
+        }
+    }
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        self.registry.close_all();
+    }
+}
+
+async fn worker(
+    pki_ca: &Path,
+    id: &str,
+    cert: &(PathBuf, PathBuf),
+    endpoints: &[SocketAddr],
+    extra: &str,
+) -> Wk {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    let proxy = if extra.contains("proxy") {
+        ""
+    } else {
+        "proxy = \"none\"\n"
+    };
+    let server_name = if extra.contains("server_name") {
+        ""
+    } else {
+        "server_name = \"localhost\"\n"
+    };
+    let toml = format!(
+        "worker_id = \"{id}\"\ncapacity = 32\nenvironments = [\"default\"]\n\n[tunnel]\nendpoints = [{}]\n{server_name}ca = {pki_ca:?}\ncert = {:?}\nkey = {:?}\n{proxy}keepalive_secs = 5\nbackoff_base_ms = 20\nbackoff_max_ms = 300\nhealthy_after_secs = 2\n{extra}\n",
+        eps.join(", "),
+        cert.0,
+        cert.1
+    );
+    let path = dir.join("worker.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config = hands::worker::Config::load(&path).unwrap();
+    let registry = hands::worker::registry(&config, crate::util::config());
+    let (stop, shutdown) = watch::channel(false);
+    let (states_tx, states) = watch::channel(Vec::new());
+    let reg = registry.clone();
+    let task = tokio::spawn(async move {
+        hands::worker::serve(&config, reg, |_| {}, Some(states_tx), shutdown)
+            .await
+            .expect("worker serves");
+    });
+    Wk {
+        states,
+        stop,
+        registry,
+        task,
+    }
+}
+
+/// Waits until the gateway lists `n` workers.
+async fn wait_workers(api: &mut ApiClient, n: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = api.request("GET", "/v1/workers", None).await.unwrap();
+        if a.body["workers"].as_array().map(Vec::len) == Some(n) {
+            return a.body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} workers, have {}",
+            a.body
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn open(api: &mut ApiClient) -> String {
+    let a = api
+        .request(
+            "POST",
+            "/v1/sessions",
+            Some(&json!({"environment": "default"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 201, "{}", a.body);
+    a.body["session_id"].as_str().unwrap().to_string()
+}
+
+async fn tool(api: &mut ApiClient, session: &str, id: &str, name: &str, input: Value) -> Value {
+    let a = api
+        .request(
+            "POST",
+            &format!("/v1/sessions/{session}/tool_use"),
+            Some(&json!({"type": "tool_use", "id": id, "name": name, "input": input})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{name}: {}", a.body);
+    a.body
+}
+
+fn text(result: &Value) -> String {
+    result["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["text"].as_str())
+        .collect()
+}
+
+/// A gateway and one worker with good certificates.
+async fn stack(id: &str) -> (Pki, Gw, Wk) {
+    let pki = Pki::new();
+    let gcert = pki.gateway("gateway", 30);
+    let wcert = pki.worker(id, 30);
+    let gw = gateway(&pki, &gcert, "127.0.0.1:0", "").await;
+    let wk = worker(&pki.ca_pem, id, &wcert, &[gw.bound.tunnel], "").await;
+    wait_workers(&mut gw.api(), 1).await;
+    (pki, gw, wk)
+}
+
+/// `curl` against the gateway's API: (HTTP status, JSON body).
+fn curl(bound: &Bound, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-X", method, "-w", "\n%{http_code}"])
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {TOKEN}"))
+        .args(["-H", "Content-Type: application/json"]);
+    if let Some(b) = body {
+        cmd.arg("--data-binary").arg(b.to_string());
+    }
+    let out = cmd
+        .arg(format!("http://{}{path}", bound.api))
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (
+        code.parse().unwrap(),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_tool_through_gateway_and_tunnel_with_curl() {
+    require_sandbox!();
+    let (_pki, gw, wk) = stack("w-tools").await;
+    let b = gw.bound;
+    let (code, tools) = tokio::task::spawn_blocking(move || curl(&b, "GET", "/v1/tools", None))
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(tools["tools"].as_array().unwrap().len(), 6);
+    let steps = move || {
+        let (code, s) = curl(
+            &b,
+            "POST",
+            "/v1/sessions",
+            Some(&json!({"environment": "default"})),
+        );
+        assert_eq!(code, 201, "{s}");
+        let sid = s["session_id"].as_str().unwrap().to_string();
+        assert!(sid.starts_with("w-tools:"), "{sid}");
+        let path = format!("/v1/sessions/{sid}/tool_use");
+        let call = |id: &str, name: &str, input: Value| {
+            let (code, r) = curl(
+                &b,
+                "POST",
+                &path,
+                Some(&json!({"id": id, "name": name, "input": input})),
+            );
+            assert_eq!(code, 200, "{r}");
+            assert_eq!(r["type"], "tool_result");
+            assert_eq!(r["tool_use_id"], id);
+            r
+        };
+        let r = call(
+            "t1",
+            "write",
+            json!({"file_path": "a/b.txt", "content": "alpha\nbeta\n"}),
+        );
+        assert_eq!(r["is_error"], false, "{r}");
+        let r = call("t2", "read", json!({"file_path": "a/b.txt"}));
+        assert_eq!(text(&r), "alpha\nbeta\n");
+        let r = call(
+            "t3",
+            "edit",
+            json!({"file_path": "a/b.txt", "old_string": "beta", "new_string": "gamma"}),
+        );
+        assert_eq!(r["is_error"], false, "{r}");
+        let r = call("t4", "glob", json!({"pattern": "**/*.txt"}));
+        assert_eq!(text(&r), "/workspace/a/b.txt");
+        let r = call("t5", "grep", json!({"pattern": "gam+a"}));
+        assert_eq!(text(&r), "/workspace/a/b.txt:2:gamma\n");
+        let r = call("t6", "bash", json!({"command": "cat a/b.txt; id -u"}));
+        let t = text(&r);
+        assert!(t.starts_with("alpha\ngamma\n2"), "{t}");
+        let r = call("t7", "bash", json!({"command": "ls /nonexistent"}));
+        assert!(text(&r).contains("No such file or directory"), "{r}");
+        let r = call("t8", "nosuchtool", json!({}));
+        assert_eq!(r["is_error"], true, "{r}");
+        let r = call("t9", "read", json!(null));
+        assert_eq!(r["is_error"], true, "a null input is a tool error: {r}");
+        // The same tool_use again: the same result, not a second run.
+        let again = call("t6", "bash", json!({"command": "cat a/b.txt; id -u"}));
+        assert_eq!(text(&again), t);
+        let (code, e) = curl(
+            &b,
+            "POST",
+            &path,
+            Some(&json!({"id": "t6", "name": "bash", "input": {"command": "other"}})),
+        );
+        assert_eq!(
+            (code, e["error"]["type"].as_str()),
+            (409, Some("CALL_INPUT_MISMATCH"))
+        );
+        let (code, c) = curl(&b, "DELETE", &format!("/v1/sessions/{sid}"), None);
+        assert_eq!((code, c["closed"].as_bool()), (200, Some(true)));
+        let (code, c) = curl(&b, "DELETE", &format!("/v1/sessions/{sid}"), None);
+        assert_eq!(
+            (code, c["closed"].as_bool()),
+            (200, Some(false)),
+            "closing is idempotent"
+        );
+        let (code, e) = curl(
+            &b,
+            "POST",
+            &path,
+            Some(&json!({"id": "t10", "name": "bash", "input": {"command": "true"}})),
+        );
+        assert_eq!(
+            (code, e["error"]["type"].as_str()),
+            (404, Some("SESSION_NOT_FOUND"))
+        );
+    };
+    tokio::task::spawn_blocking(steps).await.unwrap();
+    assert!(gw.metric("hands_gateway_tool_calls_total{tool=\"read\",result=\"ok\"}") >= 1);
+    wk.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streaming_timeout_restart_and_cancel_through_the_gateway() {
+    require_sandbox!();
+    let (_pki, gw, wk) = stack("w-stream").await;
+    let mut api = gw.api();
+    let sid = open(&mut api).await;
+    let (status, events) = api
+        .stream(
+            "POST",
+            &format!("/v1/sessions/{sid}/tool_use"),
+            Some(&json!({"id": "s1", "name": "bash", "input": {"command": "for i in 1 2 3; do echo n$i; sleep 0.1; done"}})),
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(events[0].event, "started");
+    assert_eq!(events[0].data["executed_now"], true);
+    let out: String = events
+        .iter()
+        .filter(|e| e.event == "output")
+        .map(|e| e.data["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(out, "n1\nn2\nn3\n");
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "tool_result");
+    assert_eq!(text(&last.data), "n1\nn2\nn3");
+
+    let a = api
+        .request(
+            "POST",
+            &format!("/v1/sessions/{sid}/tool_use"),
+            Some(&json!({"id": "s2", "name": "bash", "input": {"command": "sleep 30", "timeout_ms": 500}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.outcome.as_deref(), Some("timed_out"));
+    assert_eq!(a.body["is_error"], true);
+    let a = api
+        .request(
+            "POST",
+            &format!("/v1/sessions/{sid}/tool_use"),
+            Some(&json!({"id": "s3", "name": "bash", "input": {"restart": true}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.outcome.as_deref(), Some("completed"), "{}", a.body);
+
+    // Cancel from another client while the call runs.
+    let mut api2 = gw.api();
+    let sid2 = sid.clone();
+    let running = tokio::spawn(async move {
+        api2.request(
+            "POST",
+            &format!("/v1/sessions/{sid2}/tool_use"),
+            Some(&json!({"id": "s4", "name": "bash", "input": {"command": "sleep 60"}})),
+        )
+        .await
+        .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let c = api
+        .request("POST", &format!("/v1/sessions/{sid}/calls/s4/cancel"), None)
+        .await
+        .unwrap();
+    assert_eq!(c.body["cancelled"], true, "{}", c.body);
+    let r = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("cancel ends the call")
+        .unwrap();
+    assert_eq!(r.outcome.as_deref(), Some("cancelled"));
+    assert_eq!(text(&r.body), "tool 'bash' cancelled");
+    // Attach to a finished call: its result again.
+    let a = api
+        .request("GET", &format!("/v1/sessions/{sid}/calls/s1"), None)
+        .await
+        .unwrap();
+    assert_eq!(text(&a.body), "n1\nn2\nn3");
+    wk.stop().await;
+    gw.stop().await;
+}
+
+// ---- certificates, both directions -------------------------------------
+
+/// A worker that must not get in: the gateway counts a rejection and lists
+/// no worker; returns the worker's own error.
+async fn refused(gw: &Gw, mut wk: Wk) -> String {
+    let e = wk.first_error().await;
+    let listed = gw.api().request("GET", "/v1/workers", None).await.unwrap();
+    assert_eq!(listed.body["workers"], json!([]), "{}", listed.body);
+    wk.stop().await;
+    e
+}
+
+async fn wait_rejected(gw: &Gw, reason: &str) {
+    let key = format!("hands_gateway_tunnels_rejected_total{{reason=\"{reason}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.metric(&key) == 0 {
+        assert!(Instant::now() < deadline, "no {reason} rejection counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_refuses_a_worker_certificate_from_another_ca() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let gw = gateway(&pki, &pki.gateway("gateway", 30), "127.0.0.1:0", "").await;
+    let wk = worker(
+        &pki.ca_pem,
+        "w1",
+        &other.worker("w1", 30),
+        &[gw.bound.tunnel],
+        "",
+    )
+    .await;
+    let e = refused(&gw, wk).await;
+    wait_rejected(&gw, "tls").await;
+    assert!(
+        e.contains("alert") || e.contains("reset") || e.contains("closed"),
+        "{e}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_refuses_a_client_without_certificate() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, &pki.gateway("gateway", 30), "127.0.0.1:0", "").await;
+    let url = format!("https://localhost:{}/", gw.bound.tunnel.port());
+    let ca = pki.ca_pem.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["-sS", "--http2", "--max-time", "10", "--cacert"])
+            .arg(ca)
+            .arg(url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        !out.status.success(),
+        "curl without a client certificate got in"
+    );
+    // curl may see the alert or just the close, depending on timing; the
+    // gateway's count says why.
+    eprintln!("curl: {}", String::from_utf8_lossy(&out.stderr));
+    wait_rejected(&gw, "tls").await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_refuses_an_expired_worker_certificate() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, &pki.gateway("gateway", 30), "127.0.0.1:0", "").await;
+    let wk = worker(
+        &pki.ca_pem,
+        "w1",
+        &pki.worker("w1", -1),
+        &[gw.bound.tunnel],
+        "",
+    )
+    .await;
+    refused(&gw, wk).await;
+    wait_rejected(&gw, "tls").await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_refuses_a_worker_name_it_does_not_allow() {
+    let pki = Pki::new();
+    let gw = gateway(
+        &pki,
+        &pki.gateway("gateway", 30),
+        "127.0.0.1:0",
+        "allowed_workers = [\"w-allowed\"]",
+    )
+    .await;
+    let wk = worker(
+        &pki.ca_pem,
+        "w-intruder",
+        &pki.worker("w-intruder", 30),
+        &[gw.bound.tunnel],
+        "",
+    )
+    .await;
+    refused(&gw, wk).await;
+    wait_rejected(&gw, "identity").await;
+    // The allowed one gets in through the same gateway.
+    let ok = worker(
+        &pki.ca_pem,
+        "w-allowed",
+        &pki.worker("w-allowed", 30),
+        &[gw.bound.tunnel],
+        "",
+    )
+    .await;
+    wait_workers(&mut gw.api(), 1).await;
+    ok.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_refuses_a_gateway_certificate_from_another_ca() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let gw = gateway(&pki, &pki.gateway("gateway", 30), "127.0.0.1:0", "").await;
+    // The worker trusts only `other`'s CA.
+    let wk = worker(
+        &other.ca_pem,
+        "w1",
+        &pki.worker("w1", 30),
+        &[gw.bound.tunnel],
+        "",
+    )
+    .await;
+    let e = refused(&gw, wk).await;
+    // Both dev CAs share a name, so webpki reports the signature.
+    assert!(e.contains("invalid peer certificate"), "{e}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_refuses_an_expired_gateway_certificate() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, &pki.gateway("gateway", -1), "127.0.0.1:0", "").await;
+    let wk = worker(
+        &pki.ca_pem,
+        "w1",
+        &pki.worker("w1", 30),
+        &[gw.bound.tunnel],
+        "",
+    )
+    .await;
+    let e = refused(&gw, wk).await;
+    assert!(e.contains("certificate expired"), "{e}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_refuses_a_gateway_with_the_wrong_name() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, &pki.gateway("gateway", 30), "127.0.0.1:0", "").await;
+    let wk = worker(
+        &pki.ca_pem,
+        "w1",
+        &pki.worker("w1", 30),
+        &[gw.bound.tunnel],
+        "server_name = \"gateway.other.example\"",
+    )
+    .await;
+    let e = refused(&gw, wk).await;
+    assert!(e.contains("not valid for name"), "{e}");
+    gw.stop().await;
+}
+
+// ---- connection loss ------------------------------------------------------
+
+/// A TCP relay whose connections the test can cut.
+struct Relay {
+    addr: SocketAddr,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Relay {
+    async fn new(target: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (c, a) = (conns.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let h = tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                c.lock().unwrap().push(h);
+            }
+        });
+        Relay {
+            addr,
+            conns,
+            accepted,
+        }
+    }
+
+    /// Drops every relayed connection, both sides.
+    fn cut(&self) {
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tcp_cut_mid_call_delivers_the_result_once_and_never_reruns() {
+    require_sandbox!();
+    let pki = Pki::new();
+    let gw = gateway(&pki, &pki.gateway("gateway", 30), "127.0.0.1:0", "").await;
+    let relay = Relay::new(gw.bound.tunnel).await;
+    let wk = worker(
+        &pki.ca_pem,
+        "w-cut",
+        &pki.worker("w-cut", 30),
+        &[relay.addr],
+        "",
+    )
+    .await;
+    let mut api = gw.api();
+    wait_workers(&mut api, 1).await;
+    let sid = open(&mut api).await;
+
+    // A blocking call, cut while it runs.
+    let mut api2 = gw.api();
+    let sid2 = sid.clone();
+    let running = tokio::spawn(async move {
+        tool(
+            &mut api2,
+            &sid2,
+            "cut-1",
+            "bash",
+            json!({"command": "echo run >> runs.log; sleep 1.5; echo finished"}),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.cut();
+    let r = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the result arrives after reconnect")
+        .unwrap();
+    assert_eq!(text(&r), "finished", "{r}");
+    assert!(
+        relay.accepted.load(Ordering::SeqCst) >= 2,
+        "the worker redialled"
+    );
+
+    // A streamed call, cut twice: the output arrives whole, nothing twice.
+    let sid3 = sid.clone();
+    let mut api3 = gw.api();
+    let streamed = tokio::spawn(async move {
+        api3.stream(
+            "POST",
+            &format!("/v1/sessions/{sid3}/tool_use"),
+            Some(&json!({"id": "cut-2", "name": "bash", "input": {"command": "echo run >> runs.log; for i in $(seq 1 20); do echo line $i; sleep 0.1; done"}})),
+            |_| {},
+        )
+        .await
+        .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    relay.cut();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    relay.cut();
+    let (_, events) = tokio::time::timeout(Duration::from_secs(30), streamed)
+        .await
+        .expect("the stream resumes")
+        .unwrap();
+    let mut expected_offset = 0u64;
+    let mut out = String::new();
+    for e in events.iter().filter(|e| e.event == "output") {
+        assert_eq!(
+            e.data["offset"].as_u64(),
+            Some(expected_offset),
+            "no gap, no repeat"
+        );
+        let t = e.data["text"].as_str().unwrap();
+        expected_offset += t.len() as u64;
+        out.push_str(t);
+    }
+    let want: String = (1..=20).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(out, want);
+    assert_eq!(events.iter().filter(|e| e.event == "started").count(), 1);
+    assert_eq!(events.last().unwrap().event, "tool_result");
+
+    // Each command ran exactly once.
+    let log = tool(
+        &mut api,
+        &sid,
+        "count",
+        "read",
+        json!({"file_path": "runs.log"}),
+    )
+    .await;
+    assert_eq!(text(&log), "run\nrun\n");
+    assert!(gw.metric("hands_gateway_call_resumes_total") >= 2);
+    wk.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_gateway_restart_the_worker_reconnects_and_sessions_live_on() {
+    require_sandbox!();
+    let pki = Pki::new();
+    let gcert = pki.gateway("gateway", 30);
+    let gw = gateway(&pki, &gcert, "127.0.0.1:0", "").await;
+    let tunnel = gw.bound.tunnel;
+    let wk = worker(
+        &pki.ca_pem,
+        "w-restart",
+        &pki.worker("w-restart", 30),
+        &[tunnel],
+        "",
+    )
+    .await;
+    let mut api = gw.api();
+    wait_workers(&mut api, 1).await;
+    let sid = open(&mut api).await;
+    tool(
+        &mut api,
+        &sid,
+        "r1",
+        "write",
+        json!({"file_path": "kept.txt", "content": "still here"}),
+    )
+    .await;
+    tool(
+        &mut api,
+        &sid,
+        "r2",
+        "bash",
+        json!({"command": "export MARK=42"}),
+    )
+    .await;
+    gw.stop().await;
+
+    let gw = gateway(&pki, &gcert, &tunnel.to_string(), "").await;
+    let mut api = gw.api();
+    wait_workers(&mut api, 1).await;
+    let r = tool(
+        &mut api,
+        &sid,
+        "r3",
+        "read",
+        json!({"file_path": "kept.txt"}),
+    )
+    .await;
+    assert_eq!(text(&r), "still here");
+    let r = tool(
+        &mut api,
+        &sid,
+        "r4",
+        "bash",
+        json!({"command": "echo $MARK"}),
+    )
+    .await;
+    assert_eq!(text(&r), "42", "the same shell, through the new gateway");
+    wk.stop().await;
+    gw.stop().await;
+}
+
+/// A minimal HTTP CONNECT proxy; records each request line.
+async fn connect_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    match down.read_u8().await {
+                        Ok(b) => head.push(b),
+                        Err(_) => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let line = head.lines().next().unwrap_or("").to_string();
+                s.lock().unwrap().push(line.clone());
+                let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                match tokio::net::TcpStream::connect(&target).await {
+                    Ok(mut up) => {
+                        let _ = down
+                            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                            .await;
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                    Err(_) => {
+                        let _ = down.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_behind_an_http_connect_proxy_connects() {
+    require_sandbox!();
+    let pki = Pki::new();
+    let gw = gateway(&pki, &pki.gateway("gateway", 30), "127.0.0.1:0", "").await;
+    let (proxy, seen) = connect_proxy().await;
+    let wk = worker(
+        &pki.ca_pem,
+        "w-proxied",
+        &pki.worker("w-proxied", 30),
+        &[gw.bound.tunnel],
+        &format!("proxy = \"http://{proxy}\""),
+    )
+    .await;
+    let mut api = gw.api();
+    wait_workers(&mut api, 1).await;
+    let sid = open(&mut api).await;
+    let r = tool(
+        &mut api,
+        &sid,
+        "p1",
+        "bash",
+        json!({"command": "echo through the proxy"}),
+    )
+    .await;
+    assert_eq!(text(&r), "through the proxy");
+    let lines = seen.lock().unwrap().clone();
+    assert_eq!(
+        lines.first().map(String::as_str),
+        Some(format!("CONNECT {} HTTP/1.1", gw.bound.tunnel).as_str())
+    );
+    wk.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_keeps_one_tunnel_per_endpoint_and_survives_losing_one() {
+    require_sandbox!();
+    let pki = Pki::new();
+    let gcert = pki.gateway("gateway", 30);
+    let a = gateway(&pki, &gcert, "127.0.0.1:0", "").await;
+    let b = gateway(&pki, &gcert, "127.0.0.1:0", "").await;
+    let wk = worker(
+        &pki.ca_pem,
+        "w-two",
+        &pki.worker("w-two", 30),
+        &[a.bound.tunnel, b.bound.tunnel],
+        "connections = 2",
+    )
+    .await;
+    let mut api_a = a.api();
+    let mut api_b = b.api();
+    let listed = wait_workers(&mut api_a, 1).await;
+    wait_workers(&mut api_b, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.gw.workers.counts().1 < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "two connections to each gateway: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A session opened through A is reachable through B: the id routes.
+    let sid = open(&mut api_a).await;
+    tool(
+        &mut api_a,
+        &sid,
+        "m1",
+        "write",
+        json!({"file_path": "x", "content": "shared"}),
+    )
+    .await;
+    a.stop().await;
+    let r = tool(&mut api_b, &sid, "m2", "read", json!({"file_path": "x"})).await;
+    assert_eq!(text(&r), "shared");
+    wk.stop().await;
+    b.stop().await;
+}
+
+// ---- load, stalls, bad input ---------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_concurrent_calls_across_ten_sessions_through_the_tunnel() {
+    require_sandbox!();
+    let (_pki, gw, wk) = stack("w-load").await;
+    let mut api = gw.api();
+    let mut sessions = Vec::new();
+    for _ in 0..10 {
+        sessions.push(open(&mut api).await);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let sid = sessions[i % 10].clone();
+        let mut api = gw.api();
+        tasks.spawn(async move {
+            let (name, input, want) = if i % 2 == 0 {
+                (
+                    "bash",
+                    json!({"command": format!("echo call-{i}")}),
+                    format!("call-{i}"),
+                )
+            } else {
+                (
+                    "write",
+                    json!({"file_path": format!("f{i}"), "content": "x"}),
+                    format!("wrote 1 bytes to f{i}"),
+                )
+            };
+            let r = tool(&mut api, &sid, &format!("c{i}"), name, input).await;
+            assert_eq!(text(&r), want);
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    wk.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_that_stops_reading_delays_no_other_call() {
+    require_sandbox!();
+    let (_pki, gw, wk) = stack("w-stall").await;
+    let mut api = gw.api();
+    let stalled_session = open(&mut api).await;
+    let other = open(&mut api).await;
+    // A streamed call with 40 MB of output whose client never reads.
+    let body = json!({"id": "big", "name": "bash", "input": {"command": "head -c 40000000 /dev/zero | tr '\\0' x; echo"}}).to_string();
+    let mut raw = tokio::net::TcpStream::connect(gw.bound.api).await.unwrap();
+    let req = format!(
+        "POST /v1/sessions/{stalled_session}/tool_use HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    raw.write_all(req.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Meanwhile, on the same tunnel: other calls go through.
+    for i in 0..20 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            tool(
+                &mut api,
+                &other,
+                &format!("o{i}"),
+                "bash",
+                json!({"command": format!("echo {i}")}),
+            ),
+        )
+        .await
+        .expect("a call behind a stalled consumer must not wait for it");
+        assert_eq!(text(&r), i.to_string());
+    }
+    drop(raw);
+    wk.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_and_oversized_requests_get_clear_errors_and_the_gateway_serves_on() {
+    require_sandbox!();
+    let (_pki, gw, wk) = stack("w-bad").await;
+    let mut api = gw.api();
+    let sid = open(&mut api).await;
+    let path = format!("/v1/sessions/{sid}/tool_use");
+    let expect = |a: hands::gateway::client::Answer, status: u16, kind: &str| {
+        assert_eq!(a.status, status, "{}", a.body);
+        assert_eq!(a.body["error"]["type"], kind, "{}", a.body);
+        assert!(a.body["error"]["message"].as_str().unwrap().len() > 10);
+    };
+    // Not JSON: the raw client sends it as is.
+    let mut raw = tokio::net::TcpStream::connect(gw.bound.api).await.unwrap();
+    let req = format!("POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 9\r\nConnection: close\r\n\r\n{{not json");
+    raw.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    raw.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(
+        resp.contains("INVALID_REQUEST") && resp.contains("not JSON"),
+        "{resp}"
+    );
+    expect(
+        api.request("POST", &path, Some(&json!([1, 2])))
+            .await
+            .unwrap(),
+        400,
+        "INVALID_REQUEST",
+    );
+    expect(
+        api.request("POST", &path, Some(&json!({"id": "x", "name": "bash"})))
+            .await
+            .unwrap(),
+        400,
+        "INVALID_REQUEST",
+    );
+    expect(
+        api.request(
+            "POST",
+            &path,
+            Some(&json!({"id": "bad id!", "name": "bash", "input": {}})),
+        )
+        .await
+        .unwrap(),
+        400,
+        "INVALID_ID",
+    );
+    expect(
+        api.request(
+            "POST",
+            &path,
+            Some(&json!({"type": "text", "id": "x", "name": "bash", "input": {}})),
+        )
+        .await
+        .unwrap(),
+        400,
+        "INVALID_REQUEST",
+    );
+    expect(
+        api.request(
+            "POST",
+            "/v1/sessions/nocolon/tool_use",
+            Some(&json!({"id": "x", "name": "bash", "input": {}})),
+        )
+        .await
+        .unwrap(),
+        404,
+        "SESSION_NOT_FOUND",
+    );
+    expect(
+        api.request(
+            "POST",
+            "/v1/sessions/ghost:s1/tool_use",
+            Some(&json!({"id": "x", "name": "bash", "input": {}})),
+        )
+        .await
+        .unwrap(),
+        503,
+        "WORKER_UNAVAILABLE",
+    );
+    expect(
+        api.request(
+            "POST",
+            "/v1/sessions",
+            Some(&json!({"environment": "nope"})),
+        )
+        .await
+        .unwrap(),
+        503,
+        "NO_WORKER",
+    );
+    let mut wrong = ApiClient::new(gw.bound.api, "wrong-token-0123456789");
+    expect(
+        wrong.request("GET", "/v1/workers", None).await.unwrap(),
+        401,
+        "UNAUTHENTICATED",
+    );
+    // Over the 64 MiB message limit.
+    let huge = "x".repeat(65 << 20);
+    let a = api
+        .request("POST", &path, Some(&json!({"id": "huge", "name": "write", "input": {"file_path": "h", "content": huge}})))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(a.status, 413, "{}", a.body);
+    // A large but allowed write goes through the tunnel whole.
+    let big = "y".repeat(8 << 20);
+    let r = tool(
+        &mut api,
+        &sid,
+        "big",
+        "write",
+        json!({"file_path": "big", "content": big}),
+    )
+    .await;
+    assert_eq!(text(&r), "wrote 8388608 bytes to big");
+    let r = tool(
+        &mut api,
+        &sid,
+        "after",
+        "bash",
+        json!({"command": "wc -c < big"}),
+    )
+    .await;
+    assert_eq!(text(&r), "8388608");
+    wk.stop().await;
+    gw.stop().await;
+}
