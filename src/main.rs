@@ -41,6 +41,9 @@ enum Command {
     Doctor(hands::cli::doctor::Args),
     /// Measure sandboxed calls against baselines in one run (ratios).
     Bench(hands::cli::bench::Args),
+    /// Run the named protocol conformance cases against a worker (gRPC) or a
+    /// gateway (HTTP API).
+    Conformance(hands::cli::conformance::Args),
     /// Environment policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
     let dirs = hands::cli::policy_dirs(&cli.policy_dir);
     let result = match cli.command {
         Command::Demo(args) => hands::cli::demo::run(args),
+        Command::Conformance(args) => hands::cli::conformance::run(args),
         Command::Worker(args) => hands::cli::worker::run(args),
         Command::Gateway(args) => hands::cli::gateway::run(args),
         Command::Exec(args) => hands::cli::exec::run(args, &dirs),

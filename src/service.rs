@@ -174,6 +174,7 @@ impl v1::sandbox_server::Sandbox for SandboxService {
                 format!("input_json is not JSON: {e}"),
             )
         })?;
+        let mut ends_at = None;
         let (rec, executed_now) = match session.journal().begin(&r.call_id, &r.tool, &r.input_json)
         {
             Ok(Begin::New(rec)) => {
@@ -183,6 +184,7 @@ impl v1::sandbox_server::Sandbox for SandboxService {
                 tokio::spawn(async move { s.run_journaled(&run, &input).await });
                 if let Some(d) = deadline {
                     // A deadline is a cancel of the call this request started.
+                    ends_at = Some(tokio::time::Instant::now() + d);
                     let rec = rec.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(d).await;
@@ -199,6 +201,7 @@ impl v1::sandbox_server::Sandbox for SandboxService {
             executed_now,
             0,
             r.stream_output,
+            ends_at,
         )))
     }
 
@@ -212,7 +215,13 @@ impl v1::sandbox_server::Sandbox for SandboxService {
         let session = self.registry.get(&r.session_id)?;
         let rec = session.journal().get(&r.call_id).map_err(journal_status)?;
         rec.read_output(r.from_offset, 0).map_err(journal_status)?;
-        Ok(Response::new(forward(rec, false, r.from_offset, true)))
+        Ok(Response::new(forward(
+            rec,
+            false,
+            r.from_offset,
+            true,
+            None,
+        )))
     }
 
     async fn cancel(
@@ -242,12 +251,15 @@ fn journal_status(e: JournalError) -> Status {
 const OUTPUT_CHUNK: usize = 64 * 1024;
 
 /// A stream that follows one journal record: Started, the output from
-/// `from_offset` (when `output`), then Finished.
+/// `from_offset` (when `output`), then Finished. A call cancelled by this
+/// stream's `deadline` ends it with DEADLINE_EXCEEDED instead (whether or not
+/// the client enforces deadlines itself); its Finished stays journaled.
 fn forward(
     rec: Arc<CallRecord>,
     executed_now: bool,
     from_offset: u64,
     output: bool,
+    deadline: Option<tokio::time::Instant>,
 ) -> EventStream {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
@@ -298,6 +310,18 @@ fn forward(
                     Outcome::TimedOut => v1::Outcome::TimedOut,
                     Outcome::Cancelled => v1::Outcome::Cancelled,
                 };
+                if outcome == v1::Outcome::Cancelled
+                    && deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+                {
+                    let _ = tx
+                        .send(Err(status(
+                            Code::DeadlineExceeded,
+                            "DEADLINE_EXCEEDED",
+                            "the call's deadline passed: it was cancelled, and its result is kept for Attach",
+                        )))
+                        .await;
+                    return;
+                }
                 let fin = crate::proto::finished(result, outcome);
                 let _ = tx
                     .send(Ok(event(v1::call_event::Event::Finished(fin))))

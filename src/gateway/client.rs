@@ -148,19 +148,55 @@ impl ApiClient {
         body: Option<&Value>,
         mut on_event: impl FnMut(&SseEvent),
     ) -> Result<(u16, Vec<SseEvent>), ClientError> {
+        self.stream_until(method, path, body, |e| {
+            on_event(e);
+            false
+        })
+        .await
+    }
+
+    /// An SSE request, read until `stop` says so or the stream ends. Stopping
+    /// early drops the connection, as a client that goes away does.
+    pub async fn stream_until(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        mut stop: impl FnMut(&SseEvent) -> bool,
+    ) -> Result<(u16, Vec<SseEvent>), ClientError> {
         let resp = self.send(method, path, body, "text/event-stream").await?;
         let status = resp.status().as_u16();
+        let is_stream = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !is_stream {
+            // An error answer: JSON, returned as one `response` event.
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            let data = serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+            return Ok((
+                status,
+                vec![SseEvent {
+                    event: "response".into(),
+                    data,
+                }],
+            ));
+        }
         let mut body = resp.into_body();
-        let mut buf = String::new();
+        // Bytes, not text: a frame may end inside a UTF-8 sequence.
+        let mut buf: Vec<u8> = Vec::new();
         let mut events = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame?;
             let Some(data) = frame.data_ref() else {
                 continue;
             };
-            buf.push_str(&String::from_utf8_lossy(data));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
+            buf.extend_from_slice(data);
+            while let Some(end) = memchr::memmem::find(&buf, b"\n\n") {
+                let raw: Vec<u8> = buf.drain(..end + 2).collect();
+                let block = String::from_utf8_lossy(&raw);
                 let mut event = String::from("message");
                 let mut data = String::new();
                 for line in block.lines() {
@@ -177,8 +213,12 @@ impl ApiClient {
                     event,
                     data: serde_json::from_str(&data).unwrap_or(Value::String(data)),
                 };
-                on_event(&ev);
+                let done = stop(&ev);
                 events.push(ev);
+                if done {
+                    self.conn = None;
+                    return Ok((status, events));
+                }
             }
         }
         Ok((status, events))

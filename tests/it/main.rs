@@ -3,6 +3,7 @@
 //! failure, never a skip.
 
 mod cli;
+mod conformance;
 mod differential;
 mod escapes;
 mod isolation;

@@ -1,0 +1,128 @@
+//! `hands conformance`: the named protocol cases against a worker's gRPC
+//! service (`--grpc ADDR`, e.g. a debug listener) or a gateway's HTTP API
+//! (`--gateway URL`). Exit 0 when every case passed or failed as expected, 1
+//! otherwise (including a listed expected failure that passed).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::conformance::{self, target};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A hands.v1.Sandbox gRPC endpoint (host:port, plaintext: a debug listener).
+    #[arg(long, conflicts_with = "gateway", required_unless_present_any = ["gateway", "list"])]
+    grpc: Option<String>,
+    /// A gateway's HTTP API (http://host:port).
+    #[arg(long)]
+    gateway: Option<String>,
+    /// The gateway's bearer token (else $HANDS_GATEWAY_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The environment sessions are opened in.
+    #[arg(long, default_value = "default")]
+    env: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Cases expected to fail (one name per line, # comments). A listed case
+    /// that passes fails the run: the baseline is stale.
+    #[arg(long)]
+    expected_failures: Option<PathBuf>,
+    /// Run only this case (repeatable).
+    #[arg(long = "case")]
+    cases: Vec<String>,
+    /// Time limit of each case, in seconds.
+    #[arg(long, default_value_t = 120)]
+    case_timeout_secs: u64,
+    /// List the cases and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    let hostport = addr
+        .trim_start_matches("http://")
+        .trim_start_matches("grpc://")
+        .trim_end_matches('/');
+    hostport
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {addr:?}"))?
+        .next()
+        .with_context(|| format!("{addr:?} resolves to no address"))
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.list {
+        for c in conformance::cases::all() {
+            println!(
+                "{}{}",
+                c.name,
+                if c.grpc_only { "  (gRPC only)" } else { "" }
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let known: Vec<&str> = conformance::cases::all().iter().map(|c| c.name).collect();
+    if let Some(bad) = args.cases.iter().find(|c| !known.contains(&c.as_str())) {
+        bail!("--case {bad:?}: no such case (see --list)");
+    }
+    let expected_failures = match &args.expected_failures {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+            conformance::parse_expected_failures(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+        }
+        None => Default::default(),
+    };
+    let opts = conformance::Options {
+        env: args.env.clone(),
+        only: args.cases.clone(),
+        expected_failures,
+        case_timeout: Duration::from_secs(args.case_timeout_secs),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = rt.block_on(async {
+        if let Some(g) = &args.grpc {
+            let addr = resolve(g)?;
+            let mut t = target::Grpc::connect(addr)
+                .await
+                .with_context(|| format!("connecting to {addr}"))?;
+            Ok::<_, anyhow::Error>(conformance::run(&mut t, &format!("grpc {addr}"), &opts).await)
+        } else {
+            let g = args.gateway.as_deref().expect("clap requires one");
+            let addr = resolve(g)?;
+            let token = match &args.token_file {
+                Some(p) => std::fs::read_to_string(p)
+                    .with_context(|| format!("{}", p.display()))?
+                    .trim()
+                    .to_string(),
+                None => std::env::var(crate::gateway::config::TOKEN_ENV)
+                    .context("--token-file or $HANDS_GATEWAY_TOKEN is required for a gateway")?,
+            };
+            // Fail fast (exit 2) when nothing answers, as for gRPC.
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connecting to {addr}"))?;
+            let mut t = target::Gateway::new(addr, &token);
+            Ok(conformance::run(&mut t, &format!("gateway http://{addr}"), &opts).await)
+        }
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
