@@ -41,10 +41,14 @@ pub struct Args {
     /// Print the figures as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Measure the tunnel instead: round trips through the gateway and the
+    /// gRPC service vs in process, throughput, worker memory.
+    #[arg(long)]
+    tunnel: bool,
 }
 
 #[derive(serde::Serialize)]
-struct Row {
+pub(super) struct Row {
     name: String,
     p50_ms: f64,
     p99_ms: f64,
@@ -60,13 +64,13 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-struct Series {
+pub(super) struct Series {
     name: String,
     samples: Vec<Duration>,
 }
 
 impl Series {
-    fn new(name: &str, mut samples: Vec<Duration>) -> Series {
+    pub(super) fn new(name: &str, mut samples: Vec<Duration>) -> Series {
         samples.sort();
         Series {
             name: name.to_string(),
@@ -76,7 +80,7 @@ impl Series {
     fn p50(&self) -> f64 {
         pct(&self.samples, 0.5)
     }
-    fn row(&self, baseline: Option<&Series>) -> Row {
+    pub(super) fn row(&self, baseline: Option<&Series>) -> Row {
         Row {
             name: self.name.clone(),
             p50_ms: self.p50(),
@@ -177,6 +181,9 @@ fn count_lines(s: &str) -> usize {
 }
 
 pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    if args.tunnel {
+        return super::bench_tunnel::run(args.iterations, args.json);
+    }
     let policy: Policy = crate::policy::find("default", dirs)?;
     let policy = Arc::new(policy);
     let cfg = SandboxConfig::from_env()?;
@@ -419,7 +426,7 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_table(rows: &[Row]) {
+pub(super) fn print_table(rows: &[Row]) {
     let uname = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();

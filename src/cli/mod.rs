@@ -1,6 +1,7 @@
 //! One module per subcommand. `anyhow` lives here, at the binary's edge.
 
 pub mod bench;
+pub mod bench_tunnel;
 pub mod conformance;
 pub mod demo;
 pub mod doctor;

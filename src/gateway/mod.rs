@@ -163,6 +163,10 @@ pub async fn run(
         }
     };
     let api = async {
+        use axum::serve::ListenerExt;
+        let api_listener = api_listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(api_listener, api::router(gw.clone()))
             .with_graceful_shutdown(async move { stopped(&mut shutdown).await })
             .await

@@ -99,7 +99,9 @@ pub async fn serve(
         tonic::transport::Server::builder()
             .add_routes(routes.clone())
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // No Nagle: Started and Finished are separate small writes,
+                // and delayed ACKs would hold the second for 40 ms.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async move {
                     let _ = stop.wait_for(|s| *s).await;
                 },

@@ -1,0 +1,527 @@
+//! `hands bench --tunnel`: the protocol's cost, against baselines in the same
+//! run. A worker runs as its own process (so its RSS is its own), dialing a
+//! gateway in this process over mTLS on loopback; it also serves its debug
+//! listener, so the same calls are measured three ways:
+//!
+//! - through the gateway's HTTP API → tunnel → worker (what an agent loop pays);
+//! - through the gRPC service directly (the debug listener, plaintext);
+//! - in process: the same tool call on a session in this process, no RPC.
+//!
+//! Baselines: a bare fork/exec of `/bin/true` for bash, and for read an
+//! unconfined read tool served by a tonic server on loopback (the same gRPC
+//! stack with no sandbox). Throughput: reads/s at 1 and 64 concurrent calls.
+//! Memory: the worker's RSS idle and per idle session (the sessions' helpers
+//! are their own processes and are reported apart).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use super::bench::{Row, Series};
+use crate::gateway::client::ApiClient;
+use crate::proto::v1;
+use crate::proto::v1::sandbox_client::SandboxClient;
+
+const TOKEN: &str = "bench-token-0123456789abcdef";
+
+/// Reads VmRSS of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Child processes of every thread of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// The unconfined baseline: `read` run in process by a tonic service.
+struct UnconfinedRead {
+    ctx: crate::tools::fs::FsContext,
+}
+
+type Events =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::CallEvent, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::sandbox_server::Sandbox for UnconfinedRead {
+    async fn info(
+        &self,
+        _: tonic::Request<v1::InfoRequest>,
+    ) -> Result<tonic::Response<v1::InfoResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("baseline"))
+    }
+    async fn open_session(
+        &self,
+        _: tonic::Request<v1::OpenSessionRequest>,
+    ) -> Result<tonic::Response<v1::OpenSessionResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("baseline"))
+    }
+    async fn close_session(
+        &self,
+        _: tonic::Request<v1::CloseSessionRequest>,
+    ) -> Result<tonic::Response<v1::CloseSessionResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("baseline"))
+    }
+    type CallStream = Events;
+    async fn call(
+        &self,
+        req: tonic::Request<v1::CallRequest>,
+    ) -> Result<tonic::Response<Events>, tonic::Status> {
+        let r = req.into_inner();
+        let input: serde_json::Value = serde_json::from_str(&r.input_json)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let result = crate::tools::read::run(&input, &self.ctx);
+        let events = vec![
+            Ok(v1::CallEvent {
+                event: Some(v1::call_event::Event::Started(v1::Started {
+                    call_id: r.call_id,
+                    executed_now: true,
+                })),
+            }),
+            Ok(v1::CallEvent {
+                event: Some(v1::call_event::Event::Finished(crate::proto::finished(
+                    &result,
+                    v1::Outcome::Completed,
+                ))),
+            }),
+        ];
+        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(events))))
+    }
+    type AttachStream = Events;
+    async fn attach(
+        &self,
+        _: tonic::Request<v1::AttachRequest>,
+    ) -> Result<tonic::Response<Events>, tonic::Status> {
+        Err(tonic::Status::unimplemented("baseline"))
+    }
+    async fn cancel(
+        &self,
+        _: tonic::Request<v1::CancelRequest>,
+    ) -> Result<tonic::Response<v1::CancelResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("baseline"))
+    }
+}
+
+async fn grpc_call(
+    c: &mut SandboxClient<Channel>,
+    sid: &str,
+    id: &str,
+    tool: &str,
+    input: &str,
+) -> anyhow::Result<()> {
+    let mut s = c
+        .call(v1::CallRequest {
+            session_id: sid.into(),
+            call_id: id.into(),
+            tool: tool.into(),
+            input_json: input.into(),
+            stream_output: false,
+        })
+        .await?
+        .into_inner();
+    let mut finished = false;
+    while let Some(ev) = s.message().await? {
+        if let Some(v1::call_event::Event::Finished(f)) = ev.event {
+            ensure!(!f.is_error, "{tool} failed: {:?}", f.content);
+            finished = true;
+        }
+    }
+    ensure!(finished, "no Finished");
+    Ok(())
+}
+
+async fn api_call(
+    api: &mut ApiClient,
+    sid: &str,
+    id: &str,
+    tool: &str,
+    input: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let a = api
+        .request(
+            "POST",
+            &format!("/v1/sessions/{sid}/tool_use"),
+            Some(&json!({"id": id, "name": tool, "input": input})),
+        )
+        .await?;
+    ensure!(
+        a.status == 200 && a.body["is_error"] == false,
+        "{tool}: {} {}",
+        a.status,
+        a.body
+    );
+    Ok(())
+}
+
+async fn open_session(api: &mut ApiClient) -> anyhow::Result<String> {
+    let a = api
+        .request(
+            "POST",
+            "/v1/sessions",
+            Some(&json!({"environment": "default"})),
+        )
+        .await?;
+    ensure!(a.status == 201, "open: {}", a.body);
+    Ok(a.body["session_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Calls/s with `conc` callers each running `per` calls.
+async fn throughput<F, Fut>(conc: usize, per: usize, make: F) -> anyhow::Result<f64>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let t0 = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..conc {
+        set.spawn(make(i));
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok((conc * per) as f64 / t0.elapsed().as_secs_f64())
+}
+
+pub fn run(iterations: usize, json_out: bool) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(bench(iterations, json_out))
+}
+
+async fn bench(n: usize, json_out: bool) -> anyhow::Result<ExitCode> {
+    let dir = tempfile::Builder::new().prefix("hands-bench-").tempdir()?;
+    let d = dir.path();
+    let pki = crate::pki::generate(&crate::pki::Options {
+        worker_id: "bench-worker".into(),
+        ..Default::default()
+    })?;
+    crate::pki::write(&d.join("pki"), &pki, false)?;
+    std::fs::write(d.join("token"), TOKEN)?;
+    std::fs::write(
+        d.join("gateway.toml"),
+        "[tunnel]\nlisten = \"127.0.0.1:0\"\nca = \"pki/ca.pem\"\ncert = \"pki/gateway.pem\"\nkey = \"pki/gateway-key.pem\"\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"token\"\n",
+    )?;
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let gateway = tokio::spawn(crate::gateway::run(
+        crate::gateway::Config::load(&d.join("gateway.toml"))?,
+        move |b, _| {
+            let _ = tx.send(b);
+        },
+        shutdown,
+    ));
+    let bound = rx.await.context("the gateway did not start")?;
+
+    // The worker, its own process.
+    let debug = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    std::fs::write(
+        d.join("worker.toml"),
+        format!(
+            "worker_id = \"bench-worker\"\ncapacity = 64\nenvironments = [\"default\"]\nlisten = \"{debug}\"\n[tunnel]\nendpoints = [\"{}\"]\nserver_name = \"localhost\"\nca = \"pki/ca.pem\"\ncert = \"pki/worker.pem\"\nkey = \"pki/worker-key.pem\"\nproxy = \"none\"\n",
+            bound.tunnel
+        ),
+    )?;
+    let exe = std::env::current_exe()?;
+    let mut worker = Command::new(&exe)
+        .arg("worker")
+        .arg("--config")
+        .arg(d.join("worker.toml"))
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the worker")?;
+    let worker_pid = worker.id();
+    let result = measure(n, &bound, debug, worker_pid, d).await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = worker.wait();
+    stop.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), gateway).await;
+    let (rows, extra) = result?;
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"rows": rows, "figures": extra}))?
+        );
+    } else {
+        super::bench::print_table(&rows);
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            println!("{k:<58} {v}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn measure(
+    n: usize,
+    bound: &crate::gateway::Bound,
+    debug: SocketAddr,
+    worker_pid: u32,
+    d: &std::path::Path,
+) -> anyhow::Result<(Vec<Row>, serde_json::Value)> {
+    let mut api = ApiClient::new(bound.api, TOKEN);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = api.request("GET", "/v1/workers", None).await?;
+        if a.body["workers"].as_array().is_some_and(|w| !w.is_empty()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the worker did not connect");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_idle = rss_kib(worker_pid);
+
+    // Memory: idle sessions, before anything else has run.
+    let idle_n = 20;
+    let mut idle = Vec::new();
+    for _ in 0..idle_n {
+        idle.push(open_session(&mut api).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_sessions = rss_kib(worker_pid);
+    let helpers: Vec<u64> = children(worker_pid).into_iter().map(rss_kib).collect();
+    for sid in &idle {
+        let _ = api
+            .request("DELETE", &format!("/v1/sessions/{sid}"), None)
+            .await?;
+    }
+    let mut figures = serde_json::Map::new();
+    figures.insert(
+        "worker RSS idle, tunnel connected (MiB)".into(),
+        json!((rss_idle as f64 / 1024.0 * 10.0).round() / 10.0),
+    );
+    figures.insert(
+        format!("worker RSS per idle session, {idle_n} sessions (KiB)"),
+        json!((rss_sessions.saturating_sub(rss_idle) as f64 / idle_n as f64).round()),
+    );
+    figures.insert(
+        format!(
+            "session helper RSS, each ({} helpers, own processes, KiB)",
+            helpers.len()
+        ),
+        json!((helpers.iter().sum::<u64>() as f64 / helpers.len().max(1) as f64).round()),
+    );
+
+    let sid = open_session(&mut api).await?;
+    let line = "the quick brown fox jumps over the lazy dog, 0123456789\n";
+    let text: String = line.repeat(20 * 1024 / line.len() + 1)[..20 * 1024].to_string();
+    api_call(
+        &mut api,
+        &sid,
+        "setup",
+        "write",
+        &json!({"file_path": "file20k.txt", "content": text}),
+    )
+    .await?;
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{debug}"))?
+        .connect()
+        .await?;
+    let mut grpc = SandboxClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+
+    // The in-process baseline: a session of this process.
+    let cfg = crate::sandbox::SandboxConfig::from_env()?;
+    let policy = Arc::new(crate::policy::find("default", &[])?);
+    let ws = d.join("ws");
+    std::fs::create_dir(&ws)?;
+    std::fs::write(ws.join("file20k.txt"), &text)?;
+    let local = crate::session::Session::open(
+        &cfg,
+        crate::session::SessionOptions {
+            policy,
+            workspace: Some(ws.clone()),
+        },
+    )
+    .await?;
+
+    // The unconfined read baseline over the same gRPC stack.
+    let baseline_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let baseline_addr = baseline_listener.local_addr()?;
+    let svc = UnconfinedRead {
+        ctx: crate::tools::fs::FsContext::new(std::fs::canonicalize(&ws)?),
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(v1::sandbox_server::SandboxServer::new(svc))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(baseline_listener)
+                    .with_nodelay(Some(true)),
+            ),
+    );
+    let mut baseline = SandboxClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{baseline_addr}"))?
+            .connect()
+            .await?,
+    );
+
+    let bash_in = json!({"command": "/bin/true"});
+    let read_in = json!({"file_path": "file20k.txt"});
+    let bash_s = bash_in.to_string();
+    let read_s = read_in.to_string();
+    let mut k = 0usize;
+    let mut id = || {
+        k += 1;
+        format!("b{k}")
+    };
+
+    // Interleaved rounds: one of each operation per round.
+    let mut s: Vec<Vec<Duration>> = vec![Vec::new(); 8];
+    for round in 0..(n + n / 10) {
+        let mut t = Instant::now();
+        let lap = |i: usize, t: &mut Instant, s: &mut Vec<Vec<Duration>>| {
+            if round >= n / 10 {
+                s[i].push(t.elapsed());
+            }
+            *t = Instant::now();
+        };
+        let st = Command::new("/bin/true").status()?;
+        ensure!(st.success());
+        lap(0, &mut t, &mut s);
+        let r = local.call("bash", &bash_in).await;
+        ensure!(!r.is_error, "{r:?}");
+        lap(1, &mut t, &mut s);
+        grpc_call(&mut grpc, &sid, &id(), "bash", &bash_s).await?;
+        lap(2, &mut t, &mut s);
+        api_call(&mut api, &sid, &id(), "bash", &bash_in).await?;
+        lap(3, &mut t, &mut s);
+        let r = local.call("read", &read_in).await;
+        ensure!(!r.is_error, "{r:?}");
+        lap(4, &mut t, &mut s);
+        grpc_call(&mut baseline, "-", &id(), "read", &read_s).await?;
+        lap(5, &mut t, &mut s);
+        grpc_call(&mut grpc, &sid, &id(), "read", &read_s).await?;
+        lap(6, &mut t, &mut s);
+        api_call(&mut api, &sid, &id(), "read", &read_in).await?;
+        lap(7, &mut t, &mut s);
+    }
+    let names = [
+        "bare fork/exec /bin/true",
+        "bash /bin/true, in process (sandboxed session)",
+        "bash /bin/true, gRPC (debug listener)",
+        "bash /bin/true, gateway API -> tunnel -> worker",
+        "read 20 KiB, in process (sandboxed session)",
+        "read 20 KiB, unconfined, over gRPC (baseline)",
+        "read 20 KiB, gRPC (debug listener)",
+        "read 20 KiB, gateway API -> tunnel -> worker",
+    ];
+    let series: Vec<Series> = names
+        .iter()
+        .zip(s)
+        .map(|(name, samples)| Series::new(name, samples))
+        .collect();
+    let rows = vec![
+        series[3].row(Some(&series[0])),
+        series[2].row(Some(&series[0])),
+        series[1].row(Some(&series[0])),
+        series[0].row(None),
+        series[7].row(Some(&series[5])),
+        series[6].row(Some(&series[5])),
+        series[4].row(Some(&series[5])),
+        series[5].row(None),
+    ];
+
+    // Throughput: reads/s, 1 and 64 concurrent callers, 8 sessions.
+    let mut sessions = vec![sid.clone()];
+    for _ in 0..7 {
+        let s = open_session(&mut api).await?;
+        api_call(
+            &mut api,
+            &s,
+            "setup",
+            "write",
+            &json!({"file_path": "file20k.txt", "content": text}),
+        )
+        .await?;
+        sessions.push(s);
+    }
+    let sessions = Arc::new(sessions);
+    for conc in [1usize, 64] {
+        let per = (4000 / conc).clamp(50, 2000);
+        let api_addr = bound.api;
+        let ss = sessions.clone();
+        let gw = throughput(conc, per, move |i| {
+            let ss = ss.clone();
+            async move {
+                let mut api = ApiClient::new(api_addr, TOKEN);
+                let sid = ss[i % ss.len()].clone();
+                for j in 0..per {
+                    api_call(
+                        &mut api,
+                        &sid,
+                        &format!("t{conc}-{i}-{j}"),
+                        "read",
+                        &json!({"file_path": "file20k.txt"}),
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+        })
+        .await?;
+        let ss = sessions.clone();
+        let ch = channel.clone();
+        let direct = throughput(conc, per, move |i| {
+            let ss = ss.clone();
+            let mut c = SandboxClient::new(ch.clone());
+            async move {
+                let sid = ss[i % ss.len()].clone();
+                for j in 0..per {
+                    grpc_call(
+                        &mut c,
+                        &sid,
+                        &format!("g{conc}-{i}-{j}"),
+                        "read",
+                        r#"{"file_path":"file20k.txt"}"#,
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+        })
+        .await?;
+        figures.insert(
+            format!("reads/s at {conc} concurrent, gateway API -> tunnel"),
+            json!(gw.round()),
+        );
+        figures.insert(
+            format!("reads/s at {conc} concurrent, gRPC direct"),
+            json!(direct.round()),
+        );
+    }
+
+    let _ = local.close().await;
+    Ok((rows, serde_json::Value::Object(figures)))
+}
