@@ -141,6 +141,24 @@ impl Wk {
             let _ = tokio::time::timeout(Duration::from_millis(200), self.states.changed()).await;
         }
     }
+    /// Waits for a failed attempt whose error satisfies `pred`.
+    async fn error_where(&mut self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(e) = self.states.borrow().iter().find_map(|s| match s {
+                SlotState::Waiting { error, .. } if pred(error) => Some(error.clone()),
+                _ => None,
+            }) {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no such failure: {:?}",
+                self.states.borrow()
+            );
+            let _ = tokio::time::timeout(Duration::from_millis(200), self.states.changed()).await;
+        }
+    }
     async fn stop(self) {
         self.stop.send_replace(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
@@ -162,13 +180,18 @@ async fn worker(
     } else {
         "proxy = \"none\"\n"
     };
+    let keepalive = if extra.contains("keepalive_secs") {
+        ""
+    } else {
+        "keepalive_secs = 5\n"
+    };
     let server_name = if extra.contains("server_name") {
         ""
     } else {
         "server_name = \"localhost\"\n"
     };
     let toml = format!(
-        "worker_id = \"{id}\"\ncapacity = 32\nenvironments = [\"default\"]\n\n[tunnel]\nendpoints = [{}]\n{server_name}ca = {pki_ca:?}\ncert = {:?}\nkey = {:?}\n{proxy}keepalive_secs = 5\nbackoff_base_ms = 20\nbackoff_max_ms = 300\nhealthy_after_secs = 2\n{extra}\n",
+        "worker_id = \"{id}\"\ncapacity = 32\nenvironments = [\"default\"]\n\n[tunnel]\nendpoints = [{}]\n{server_name}ca = {pki_ca:?}\ncert = {:?}\nkey = {:?}\n{proxy}{keepalive}backoff_base_ms = 20\nbackoff_max_ms = 300\nhealthy_after_secs = 2\n{extra}\n",
         eps.join(", "),
         cert.0,
         cert.1
@@ -1158,4 +1181,144 @@ async fn malformed_and_oversized_requests_get_clear_errors_and_the_gateway_serve
     assert_eq!(text(&r), "8388608");
     wk.stop().await;
     gw.stop().await;
+}
+
+// ---- keepalive, rotation, the demo -----------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_gateway_is_detected_by_keepalive_and_the_worker_redials() {
+    let pki = Pki::new();
+    let gw = gateway(&pki, &pki.gateway("gateway", 30), "127.0.0.1:0", "").await;
+    // A relay that can go silent: it stops forwarding but keeps both sockets open.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = listener.local_addr().unwrap();
+    let (freeze, frozen) = watch::channel(false);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let acc = accepted.clone();
+    let target = gw.bound.tunnel;
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            acc.fetch_add(1, Ordering::SeqCst);
+            let mut frozen = frozen.clone();
+            tokio::spawn(async move {
+                let Ok(mut up) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let already = *frozen.borrow();
+                if already {
+                    // Connections made while frozen are forwarded normally.
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                    () = hands::gateway::stopped(&mut frozen) => {
+                        // Silent: hold the sockets, forward nothing.
+                        tokio::time::sleep(Duration::from_secs(120)).await;
+                    }
+                }
+            });
+        }
+    });
+    let mut wk = worker(
+        &pki.ca_pem,
+        "w-silent",
+        &pki.worker("w-silent", 30),
+        &[relay],
+        "keepalive_secs = 1",
+    )
+    .await;
+    wait_workers(&mut gw.api(), 1).await;
+    let t0 = Instant::now();
+    freeze.send_replace(true);
+    let e = wk.first_error().await;
+    let detected = t0.elapsed();
+    assert!(
+        detected < Duration::from_secs(10),
+        "a silent peer went unnoticed for {detected:?} (keepalive 1 s)"
+    );
+    eprintln!("silent peer detected after {detected:?}: {e}");
+    // The worker redials (through the relay, which forwards new connections).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while accepted.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "the worker did not redial");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wk.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotated_certificates_are_used_by_new_connections_without_a_restart() {
+    let pki = Pki::new();
+    // The gateway starts with an expired certificate: the worker refuses it.
+    let gcert = pki.gateway("gateway", -1);
+    let gw = gateway(&pki, &gcert, "127.0.0.1:0", "").await;
+    // The worker starts with an expired certificate too.
+    let wcert = pki.worker("w-rot", -1);
+    let mut wk = worker(&pki.ca_pem, "w-rot", &wcert, &[gw.bound.tunnel], "").await;
+    let e = wk.first_error().await;
+    assert!(e.contains("certificate expired"), "{e}");
+    // Rotate the gateway's files in place (write + rename, as cert-manager does).
+    let fresh = pki.ca.gateway(&["localhost".into()], 30).unwrap();
+    for (path, text) in [(&gcert.0, &fresh.cert_pem), (&gcert.1, &fresh.key_pem)] {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+    // The worker now accepts the gateway; the gateway refuses the worker's
+    // expired certificate.
+    let e = wk
+        .error_where(|e| !e.contains("invalid peer certificate"))
+        .await;
+    eprintln!("after the gateway's rotation: {e}");
+    assert_eq!(
+        gw.api()
+            .request("GET", "/v1/workers", None)
+            .await
+            .unwrap()
+            .body["workers"],
+        json!([])
+    );
+    // Rotate the worker's: it gets in, with neither process restarted.
+    let fresh = pki.ca.worker("w-rot", 30).unwrap();
+    for (path, text) in [(&wcert.0, &fresh.cert_pem), (&wcert.1, &fresh.key_pem)] {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+    wait_workers(&mut gw.api(), 1).await;
+    wk.stop().await;
+    gw.stop().await;
+}
+
+#[test]
+fn the_readme_demo_runs_and_exits_zero() {
+    require_sandbox!();
+    let out = Command::new(crate::util::hands_bin())
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "-> write",
+        "-> read",
+        "-> edit",
+        "-> glob",
+        "-> grep",
+        "-> bash",
+        "Permission denied",
+        "timed out",
+        "demo finished",
+    ] {
+        assert!(
+            stdout.contains(step),
+            "the transcript lacks {step:?}:\n{stdout}"
+        );
+    }
 }
