@@ -225,6 +225,20 @@ impl AcceptError {
     }
 }
 
+/// Unregisters a connection however its serving future ends (closed, or
+/// dropped with the gateway).
+struct Registration<'a> {
+    workers: &'a Workers,
+    worker_id: &'a str,
+    conn: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.workers.remove(self.worker_id, self.conn);
+    }
+}
+
 /// Settings of the accepting side.
 pub struct AcceptConfig {
     pub allowed: Option<Vec<String>>,
@@ -278,7 +292,9 @@ pub async fn serve_tunnel(
         .handshake(TokioIo::new(stream))
         .await
         .map_err(AcceptError::Http2)?;
-    let mut driver = tokio::spawn(conn);
+    // The connection is driven here, not on a task of its own: when this
+    // future is dropped (the gateway stops), the connection goes with it.
+    tokio::pin!(conn);
     let origin: http::Uri = "http://worker.hands".parse().expect("static URI");
     let mut client = SandboxClient::with_origin(TunnelChannel(send), origin)
         .max_decoding_message_size(crate::service::MAX_MESSAGE)
@@ -289,7 +305,7 @@ pub async fn serve_tunnel(
             Ok(Err(s)) => return Err(AcceptError::Info(s.message().to_string())),
             Err(_) => return Err(AcceptError::Info("no answer within 10s".into())),
         },
-        _ = &mut driver => return Err(AcceptError::Info("connection closed".into())),
+        _ = &mut conn => return Err(AcceptError::Info("connection closed".into())),
     };
     if info.worker_id != worker_id {
         return Err(AcceptError::Identity(format!(
@@ -297,9 +313,13 @@ pub async fn serve_tunnel(
             info.worker_id
         )));
     }
-    let conn_id = workers.add(&worker_id, client, peer, info);
+    let registration = Registration {
+        workers,
+        worker_id: &worker_id,
+        conn: workers.add(&worker_id, client, peer, info),
+    };
     on_registered(&worker_id);
-    let _ = driver.await;
-    workers.remove(&worker_id, conn_id);
+    let _ = conn.await;
+    drop(registration);
     Ok(worker_id)
 }
