@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod cma;
 pub mod conformance;
 pub mod gateway;
 pub mod pki;
