@@ -4,10 +4,12 @@
 //! the session's event stream and runs every `agent.tool_use` of the six tools
 //! in that item's own sandbox session.
 //!
-//! Built so far: the event-stream framing ([`sse`]) and the credentials
-//! ([`secret`]). The worker loop, the lease, the tool runner, skills and
-//! memory stores come next.
+//! Built so far: the event-stream framing ([`sse`]), the credentials
+//! ([`secret`]), the API client with the contract's retry classes ([`http`])
+//! and the lease arithmetic ([`lease`]). The poll loop, the tool runner,
+//! skills and memory stores come next.
 
 pub mod http;
+pub mod lease;
 pub mod secret;
 pub mod sse;
