@@ -34,6 +34,7 @@ import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # no __pycache__ next to the sources
 
 from fake_cp import FakeControlPlane  # noqa: E402
 
