@@ -18,8 +18,8 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = crate::worker::Config::load(&args.config)?;
     anyhow::ensure!(
-        config.listen.is_some() || config.tunnel.is_some(),
-        "{}: nothing to serve: set `listen` or a [tunnel] table",
+        config.listen.is_some() || config.tunnel.is_some() || config.anthropic.is_some(),
+        "{}: nothing to serve: set `listen`, a [tunnel] or an [anthropic] table",
         args.config.display()
     );
     let sandbox = crate::sandbox::SandboxConfig::from_env().context("sandbox configuration")?;

@@ -242,7 +242,8 @@ pub struct Request<'a> {
     pub path: String,
     pub token: &'a Secret,
     pub beta: Beta,
-    pub body: Option<serde_json::Value>,
+    /// A JSON body, already serialised (field order matters to some readers).
+    pub body: Option<String>,
     /// Extra headers (e.g. `Anthropic-Worker-ID` on poll).
     pub headers: Vec<(&'static str, String)>,
     pub accept: &'static str,
@@ -319,7 +320,7 @@ impl Api {
             b = b.header(*k, v);
         }
         let body = match &req.body {
-            Some(v) => Bytes::from(v.to_string()),
+            Some(v) => Bytes::from(v.clone()),
             None => Bytes::new(),
         };
         if req.method == http::Method::POST {

@@ -9,7 +9,10 @@
 //! and the lease arithmetic ([`lease`]). The poll loop, the tool runner,
 //! skills and memory stores come next.
 
+pub mod config;
 pub mod http;
 pub mod lease;
+pub mod runner;
 pub mod secret;
 pub mod sse;
+pub mod worker;

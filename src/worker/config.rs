@@ -46,6 +46,8 @@ struct RawConfig {
     listen: Option<String>,
     #[serde(default)]
     tunnel: Option<RawTunnel>,
+    #[serde(default)]
+    anthropic: Option<crate::cma::config::Raw>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +97,8 @@ pub struct Config {
     pub policies: Vec<Policy>,
     pub listen: Option<SocketAddr>,
     pub tunnel: Option<TunnelConfig>,
+    /// The Claude Managed Agents connector (`[anthropic]`).
+    pub anthropic: Option<crate::cma::config::AnthropicConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,12 +197,26 @@ impl Config {
             None => None,
             Some(t) => Some(tunnel_config(t, base, &raw.worker_id, &invalid)?),
         };
+        let anthropic = match raw.anthropic {
+            None => None,
+            Some(a) => {
+                let c = a.validate(base, raw.capacity, &invalid)?;
+                if !policies.iter().any(|p| p.name == c.environment) {
+                    return Err(invalid(
+                        "anthropic.environment",
+                        format!("{:?} is not among the worker's environments", c.environment),
+                    ));
+                }
+                Some(c)
+            }
+        };
         Ok(Config {
             worker_id: raw.worker_id,
             capacity: raw.capacity,
             policies,
             listen,
             tunnel,
+            anthropic,
         })
     }
 }

@@ -29,6 +29,8 @@ pub enum WorkerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("tunnel TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("Claude Managed Agents connector: {0}")]
+    Connector(crate::cma::worker::ConnectorError),
 }
 
 /// The registry a worker serves from.
@@ -70,6 +72,7 @@ pub async fn serve(
     tunnel_states: Option<watch::Sender<Vec<crate::tunnel::SlotState>>>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
+    let cma_registry = registry.clone();
     let routes = routes(config, registry).await?;
     let tunnel = match &config.tunnel {
         Some(t) => {
@@ -114,6 +117,19 @@ pub async fn serve(
             t.await
         }
     };
-    let (debug, ()) = tokio::join!(debug, tunnel);
-    debug
+    let anthropic = async {
+        match &config.anthropic {
+            Some(a) => crate::cma::worker::run(
+                a.clone(),
+                config.worker_id.clone(),
+                cma_registry,
+                shutdown.clone(),
+            )
+            .await
+            .map_err(WorkerError::Connector),
+            None => Ok(()),
+        }
+    };
+    let (debug, (), anthropic) = tokio::join!(debug, tunnel, anthropic);
+    debug.and(anthropic)
 }

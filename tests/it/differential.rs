@@ -34,11 +34,11 @@ const UNORDERED: &[&str] = &[
     "grep_after_writes",
 ];
 
-fn python() -> String {
+pub fn python() -> String {
     std::env::var("HANDS_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-fn sdk_available() -> bool {
+pub fn sdk_available() -> bool {
     let ok = Command::new(python())
         .args([
             "-c",

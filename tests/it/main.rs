@@ -3,6 +3,7 @@
 //! failure, never a skip.
 
 mod cli;
+mod cma;
 mod conformance;
 mod differential;
 mod escapes;

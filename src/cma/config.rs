@@ -1,0 +1,129 @@
+//! The `[anthropic]` table of the worker configuration: the connector that
+//! serves a Claude Managed Agents `self_hosted` environment.
+//!
+//! ```toml
+//! [anthropic]
+//! environment_id = "env_01..."
+//! environment_key_file = "/etc/hands/environment-key"   # or:
+//! # environment_key_credential = "hands-environment-key" # $CREDENTIALS_DIRECTORY/<name> (systemd)
+//! # environment_key_env = "HANDS_ENVIRONMENT_KEY"        # an environment variable
+//! environment = "default"      # the local policy every session runs in
+//! capacity = 4                 # work items served at once (default: the worker's capacity)
+//! max_idle_secs = 60           # after a turn-ending idle, end the item (0: never)
+//! base_url = "https://api.anthropic.com"   # default: $ANTHROPIC_BASE_URL, else this
+//! ```
+//!
+//! The key is never in argv or the configuration file itself, and is never logged.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::secret::KeySource;
+
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Raw {
+    environment_id: String,
+    #[serde(default)]
+    environment_key_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    environment_key_credential: Option<String>,
+    #[serde(default)]
+    environment_key_env: Option<String>,
+    #[serde(default = "default_env")]
+    environment: String,
+    #[serde(default)]
+    capacity: Option<usize>,
+    #[serde(default = "default_idle")]
+    max_idle_secs: u64,
+    #[serde(default)]
+    base_url: Option<String>,
+}
+
+fn default_env() -> String {
+    "default".into()
+}
+fn default_idle() -> u64 {
+    60
+}
+
+/// A validated connector configuration.
+#[derive(Debug, Clone)]
+pub struct AnthropicConfig {
+    pub environment_id: String,
+    pub key: KeySource,
+    pub environment: String,
+    pub capacity: usize,
+    pub max_idle: Option<Duration>,
+    pub base_url: String,
+}
+
+impl Raw {
+    /// Validates; `invalid(key, message)` builds the caller's error.
+    pub fn validate<E>(
+        self,
+        base: &Path,
+        worker_capacity: usize,
+        invalid: &dyn Fn(&'static str, String) -> E,
+    ) -> Result<AnthropicConfig, E> {
+        if self.environment_id.is_empty()
+            || !self
+                .environment_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(
+                "anthropic.environment_id",
+                "letters, digits, '_' and '-' (e.g. env_01...)".into(),
+            ));
+        }
+        let sources = [
+            self.environment_key_file
+                .map(|p| KeySource::File(base.join(p))),
+            self.environment_key_credential.map(KeySource::Credential),
+            self.environment_key_env.map(KeySource::Env),
+        ];
+        let mut given = sources.into_iter().flatten();
+        let key = given.next().ok_or_else(|| {
+            invalid(
+                "anthropic.environment_key_file",
+                "one of environment_key_file, environment_key_credential, environment_key_env is required".into(),
+            )
+        })?;
+        if given.next().is_some() {
+            return Err(invalid(
+                "anthropic.environment_key_file",
+                "give exactly one of environment_key_file, environment_key_credential, environment_key_env".into(),
+            ));
+        }
+        let capacity = self.capacity.unwrap_or(worker_capacity);
+        if capacity == 0 || capacity > worker_capacity {
+            return Err(invalid(
+                "anthropic.capacity",
+                format!("between 1 and the worker's capacity ({worker_capacity})"),
+            ));
+        }
+        let base_url = self
+            .base_url
+            .or_else(|| {
+                std::env::var("ANTHROPIC_BASE_URL")
+                    .ok()
+                    .filter(|v| !v.is_empty())
+            })
+            .unwrap_or_else(|| DEFAULT_BASE_URL.into());
+        super::http::Api::new(&base_url)
+            .map_err(|e| invalid("anthropic.base_url", e.to_string()))?;
+        Ok(AnthropicConfig {
+            environment_id: self.environment_id,
+            key,
+            environment: self.environment,
+            capacity,
+            max_idle: (self.max_idle_secs > 0).then(|| Duration::from_secs(self.max_idle_secs)),
+            base_url,
+        })
+    }
+}

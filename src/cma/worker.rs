@@ -1,0 +1,395 @@
+//! The connector's worker loop (contract §3): poll the environment's queue
+//! while a slot is free, ack, and serve each item on its own task — heartbeat
+//! first, session fetch, the tool runner in a sandbox session of its own,
+//! teardown, force-stop — up to `capacity` items at once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{watch, Semaphore};
+
+use super::config::AnthropicConfig;
+use super::http::{Api, ApiError, Request};
+use super::lease::{Beat, EndReason, Lease};
+use super::runner::Runner;
+use super::secret::{sessions_token, Secret};
+use crate::session::registry::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error("{0}")]
+    Secret(#[from] super::secret::SecretError),
+    #[error("{0}")]
+    Api(#[from] ApiError),
+}
+
+/// Percent-encodes a query value (RFC 3986 unreserved characters kept).
+pub fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A polled work item: the fields the worker reads.
+#[derive(Debug, Clone)]
+pub struct WorkItem {
+    pub id: String,
+    pub environment_id: String,
+    pub kind: String,
+    pub session_id: String,
+    pub secret: Option<String>,
+}
+
+impl WorkItem {
+    fn parse(v: &Value) -> Option<WorkItem> {
+        Some(WorkItem {
+            id: v["id"].as_str()?.to_string(),
+            environment_id: v["environment_id"].as_str()?.to_string(),
+            kind: v["data"]["type"].as_str().unwrap_or("").to_string(),
+            session_id: v["data"]["id"].as_str().unwrap_or("").to_string(),
+            secret: v["secret"].as_str().map(str::to_string),
+        })
+    }
+}
+
+struct Shared {
+    api: Api,
+    cfg: AnthropicConfig,
+    env_key: Secret,
+    worker_id: String,
+    registry: Arc<Registry>,
+}
+
+/// Serves the environment until `shutdown`; returns an error when the
+/// environment key is refused (401/403/404 on poll), as the official worker does.
+pub async fn run(
+    cfg: AnthropicConfig,
+    worker_id: String,
+    registry: Arc<Registry>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnectorError> {
+    let env_key = cfg.key.load()?;
+    let api = Api::new(&cfg.base_url)?;
+    let slots = Arc::new(Semaphore::new(cfg.capacity));
+    let shared = Arc::new(Shared {
+        api,
+        cfg,
+        env_key,
+        worker_id,
+        registry,
+    });
+    let mut items = tokio::task::JoinSet::new();
+    let (mut poll_failures, mut ack_failures) = (0u32, 0u32);
+    let result = loop {
+        // Poll only while a slot is free.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("never closed"),
+            () = crate::gateway::stopped(&mut shutdown) => break Ok(()),
+        };
+        while items.try_join_next().is_some() {}
+        let polled = tokio::select! {
+            r = shared.poll() => r,
+            () = crate::gateway::stopped(&mut shutdown) => break Ok(()),
+        };
+        let item = match polled {
+            Ok(Some(item)) => {
+                poll_failures = 0;
+                item
+            }
+            Ok(None) => {
+                poll_failures = 0;
+                drop(permit);
+                let wait = Duration::from_secs_f64(1.0 + 2.0 * super::http::unit());
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    () = crate::gateway::stopped(&mut shutdown) => break Ok(()),
+                }
+                continue;
+            }
+            Err(e) if e.is_fatal_4xx() => {
+                tracing::error!(error = %e, "the environment refused the poll; stopping the connector");
+                break Err(e.into());
+            }
+            Err(e) => {
+                poll_failures += 1;
+                let wait = backoff60(poll_failures);
+                tracing::warn!(error = %e, retry_in = ?wait, "poll failed");
+                drop(permit);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    () = crate::gateway::stopped(&mut shutdown) => break Ok(()),
+                }
+                continue;
+            }
+        };
+        match shared.ack(&item).await {
+            Ok(()) => {
+                ack_failures = 0;
+                let shared = shared.clone();
+                let stop = shutdown.clone();
+                items.spawn(async move {
+                    shared.serve_item(item, stop).await;
+                    drop(permit);
+                });
+            }
+            Err(e) if e.is_fatal_4xx() => {
+                tracing::warn!(work = %item.id, error = %e, "ack refused; force-stopping the item");
+                shared.force_stop(&item, &shared.env_key).await;
+            }
+            Err(e) => {
+                ack_failures += 1;
+                let wait = backoff60(ack_failures);
+                tracing::warn!(work = %item.id, error = %e, retry_in = ?wait, "ack failed; the item will be offered again");
+                drop(permit);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    () = crate::gateway::stopped(&mut shutdown) => break Ok(()),
+                }
+            }
+        }
+    };
+    // Shutdown: every item runs its teardown (and force-stop).
+    while items.join_next().await.is_some() {}
+    result
+}
+
+/// `min(60, 2^n) + U[0,1)` seconds.
+fn backoff60(n: u32) -> Duration {
+    Duration::from_secs_f64(2f64.powi(n.min(10) as i32).min(60.0) + super::http::unit())
+}
+
+impl Shared {
+    fn env_path(&self, rest: &str) -> String {
+        format!("/v1/environments/{}{rest}", self.cfg.environment_id)
+    }
+
+    async fn poll(&self) -> Result<Option<WorkItem>, ApiError> {
+        let mut req = Request::new(
+            http::Method::GET,
+            self.env_path("/work/poll?block_ms=999"),
+            &self.env_key,
+        );
+        req.headers
+            .push(("anthropic-worker-id", self.worker_id.clone()));
+        let a = self.api.send(&req).await?;
+        // `null` is "no work"; an empty body or 204 is accepted as the same.
+        if a.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
+        let v = a.json().map_err(|e| ApiError::Transport {
+            method: "GET".into(),
+            path: "work/poll".into(),
+            message: format!("not JSON: {e}"),
+        })?;
+        if v.is_null() {
+            return Ok(None);
+        }
+        WorkItem::parse(&v)
+            .map(Some)
+            .ok_or_else(|| ApiError::Transport {
+                method: "GET".into(),
+                path: "work/poll".into(),
+                message: format!("not a work item: {v:.200}"),
+            })
+    }
+
+    async fn ack(&self, item: &WorkItem) -> Result<(), ApiError> {
+        let req = Request::new(
+            http::Method::POST,
+            self.env_path(&format!("/work/{}/ack", item.id)),
+            &self.env_key,
+        );
+        self.api.send(&req).await.map(|_| ())
+    }
+
+    async fn force_stop(&self, item: &WorkItem, cred: &Secret) {
+        let mut req = Request::new(
+            http::Method::POST,
+            format!(
+                "/v1/environments/{}/work/{}/stop",
+                item.environment_id, item.id
+            ),
+            cred,
+        );
+        req.body = Some(r#"{"force":true}"#.into());
+        match self.api.send(&req).await {
+            Ok(_) => {}
+            Err(e) if e.status() == Some(409) => {} // already stopped
+            Err(e) => tracing::error!(work = %item.id, error = %e, "force-stop failed"),
+        }
+    }
+
+    /// The heartbeat of one item, until its lease ends (then records why).
+    async fn heartbeat(
+        &self,
+        item: &WorkItem,
+        cred: &Secret,
+        lease_tx: &watch::Sender<Option<EndReason>>,
+        ttl_tx: &watch::Sender<Option<Duration>>,
+    ) {
+        let mut lease = Lease::new(Instant::now());
+        let mut ended = lease_tx.subscribe();
+        loop {
+            if ended.borrow().is_some() {
+                return;
+            }
+            let interval = lease.interval;
+            let req = Request::new(
+                http::Method::POST,
+                format!(
+                    "/v1/environments/{}/work/{}/heartbeat?expected_last_heartbeat={}",
+                    item.environment_id,
+                    item.id,
+                    urlencode(lease.expected())
+                ),
+                cred,
+            );
+            let beat = match tokio::time::timeout(interval, self.api.send(&req)).await {
+                Ok(Ok(a)) => match a.json() {
+                    Ok(v) => Beat::Ok(v),
+                    Err(_) => Beat::Transient,
+                },
+                Ok(Err(e)) => match e.status() {
+                    Some(s) => Beat::Status(s),
+                    None => Beat::Transient,
+                },
+                Err(_) => Beat::Transient,
+            };
+            if let Some(reason) = lease.record(beat, Instant::now()) {
+                tracing::info!(work = %item.id, ?reason, "lease ended");
+                lease_tx.send_if_modified(|r| {
+                    if r.is_none() {
+                        *r = Some(reason);
+                        true
+                    } else {
+                        false
+                    }
+                });
+                return;
+            }
+            ttl_tx.send_replace(Some(lease.ttl));
+            tokio::select! {
+                _ = tokio::time::sleep(lease.interval) => {}
+                _ = ended.wait_for(|r| r.is_some()) => return,
+            }
+        }
+    }
+
+    async fn serve_item(self: Arc<Self>, item: WorkItem, mut shutdown: watch::Receiver<bool>) {
+        let token = item.secret.as_deref().and_then(sessions_token);
+        if token.is_none() && item.secret.as_deref().is_some_and(|s| !s.is_empty()) {
+            tracing::warn!(work = %item.id, "the work secret carries no usable sessions token; using the environment key");
+        }
+        let cred = token.unwrap_or_else(|| self.env_key.clone());
+        if item.kind != "session" {
+            self.force_stop(&item, &cred).await;
+            return;
+        }
+        let (lease_tx, lease_rx) = watch::channel(None::<EndReason>);
+        let (ttl_tx, ttl_rx) = watch::channel(None::<Duration>);
+        let sandbox_id = format!("cma-{}", item.id);
+        let work = async {
+            let req = Request::new(
+                http::Method::GET,
+                format!("/v1/sessions/{}", item.session_id),
+                &cred,
+            );
+            let session = self.api.send(&req).await.and_then(|a| {
+                a.json().map_err(|e| ApiError::Transport {
+                    method: "GET".into(),
+                    path: "session".into(),
+                    message: e.to_string(),
+                })
+            });
+            let session = match session {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(work = %item.id, error = %e, "fetching the session failed");
+                    return;
+                }
+            };
+            if super::runner::session_status(&session) == "terminated" {
+                return;
+            }
+            let sandbox = match self.registry.open(&sandbox_id, &self.cfg.environment).await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::error!(work = %item.id, error = %e, "opening the item's sandbox session failed");
+                    return;
+                }
+            };
+            let runner = Runner::new(
+                self.api.clone(),
+                cred.clone(),
+                item.session_id.clone(),
+                sandbox,
+                self.cfg.max_idle,
+                ttl_rx,
+                lease_rx.clone(),
+            );
+            runner.run().await;
+        };
+        let heartbeat = self.heartbeat(&item, &cred, &lease_tx, &ttl_tx);
+        tokio::pin!(heartbeat);
+        tokio::pin!(work);
+        let mut lost_rx = lease_rx.clone();
+        let lost = async move {
+            let _ = lost_rx
+                .wait_for(|r| matches!(r, Some(EndReason::LeaseLost | EndReason::AssumedLost)))
+                .await;
+        };
+        tokio::pin!(lost);
+        let mut beating = true;
+        loop {
+            tokio::select! {
+                // In this order: the first heartbeat goes out before the
+                // session fetch (contract §3.3 step 2).
+                biased;
+                // The lease ended: the runner sees it, finishes the call in
+                // flight (its result is still ours to post) and returns.
+                () = &mut heartbeat, if beating => beating = false,
+                () = &mut work => break,
+                // The lease is someone else's: abandon the call in flight.
+                () = &mut lost => break,
+                () = crate::gateway::stopped(&mut shutdown) => break,
+            }
+        }
+        // Teardown: every process of the item dies with its sandbox session.
+        self.registry.close(&sandbox_id);
+        lease_tx.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(EndReason::RunnerDone);
+                true
+            } else {
+                false
+            }
+        });
+        let reason = lease_rx.borrow().unwrap_or(EndReason::RunnerDone);
+        if reason.force_stop() {
+            self.force_stop(&item, &cred).await;
+        }
+        tracing::info!(work = %item.id, ?reason, "work item done");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(
+            urlencode("2026-01-01T00:00:01Z"),
+            "2026-01-01T00%3A00%3A01Z"
+        );
+        assert_eq!(urlencode("NO_HEARTBEAT"), "NO_HEARTBEAT");
+        assert_eq!(urlencode("a b+c/é"), "a%20b%2Bc%2F%C3%A9");
+    }
+}
