@@ -360,13 +360,20 @@ impl Runner {
         if !listed {
             return;
         }
+        // Another client's unanswered call keeps the idle clock off; an owned
+        // one is routed now and only defers the arm until it is done.
         let mut outstanding_from_history = false;
         for c in calls {
-            let unanswered = !self.st().answered.contains(&c.id);
-            if unanswered && OWNED.contains(&c.name.as_str()) {
-                outstanding_from_history = true;
-            } else if unanswered {
-                outstanding_from_history = true; // another client's: keeps the clock off
+            {
+                let st = self.st();
+                let in_dead_thread = c
+                    .thread
+                    .as_ref()
+                    .is_some_and(|t| st.terminated_threads.contains(t));
+                let owned = OWNED.contains(&c.name.as_str());
+                if !st.answered.contains(&c.id) && !in_dead_thread && !owned {
+                    outstanding_from_history = true;
+                }
             }
             self.route(c, tx);
         }

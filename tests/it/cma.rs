@@ -256,3 +256,85 @@ async fn hands_serves_a_full_session_through_the_sandbox() {
         "the item's sandbox session was closed"
     );
 }
+
+/// Contract §11 #24 and #31: at attach, a history whose calls are all
+/// answered and which ends in an end-of-turn idle: nothing runs again, and the
+/// item ends after max_idle. (With an unanswered call before the idle, the
+/// SDK worker runs it and then stays, because the echo of its own result
+/// disarms the clock; hands does the same. Checked against the SDK on the fake.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_history_at_attach_ends_the_item_after_max_idle() {
+    crate::require_sandbox!();
+    if !crate::differential::sdk_available() {
+        return;
+    }
+    let fake = Fake::start();
+    let env = fake
+        .control("POST", "/_fake/environments", Some(json!({})))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("environment-key");
+    std::fs::write(&key_file, env["key"].as_str().unwrap()).unwrap();
+    let created = fake
+        .control(
+            "POST",
+            "/_fake/sessions",
+            Some(json!({
+                "environment_id": env["id"],
+                "events": [
+                    {"type": "agent.tool_use", "id": "toolu_done", "name": "bash", "input": {"command": "echo must not run"}},
+                    {"type": "user.tool_result", "tool_use_id": "toolu_done", "is_error": false, "content": [{"type": "text", "text": "earlier"}]},
+                    {"type": "session.status_idle", "stop_reason": {"type": "end_turn"}},
+                ],
+                "work": {"ttl_seconds": 4},
+            })),
+        )
+        .await;
+    let sid = created["session"]["id"].as_str().unwrap().to_string();
+    let work = created["work"]["id"].as_str().unwrap().to_string();
+    let cfg = AnthropicConfig {
+        environment_id: env["id"].as_str().unwrap().into(),
+        key: KeySource::File(key_file),
+        environment: "default".into(),
+        capacity: 1,
+        max_idle: Some(Duration::from_secs(2)),
+        base_url: fake.url(),
+    };
+    let policies = hands::policy::PolicySet::builtin()
+        .iter()
+        .cloned()
+        .collect::<Vec<_>>();
+    let registry = Arc::new(hands::session::registry::Registry::new(
+        crate::util::config(),
+        policies,
+        2,
+    ));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let connector = tokio::spawn(hands::cma::worker::run(
+        cfg,
+        "it-worker".into(),
+        registry,
+        shutdown,
+    ));
+    let w = fake
+        .control(
+            "GET",
+            &format!("/_fake/work/{work}?wait_state=stopped&timeout_ms=20000"),
+            None,
+        )
+        .await;
+    assert_eq!(w["state"], "stopped", "the idle grace ended the item: {w}");
+    let log = fake
+        .control("GET", &format!("/_fake/sessions/{sid}"), None)
+        .await;
+    let posted: Vec<&Value> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["_origin"] == "client")
+        .collect();
+    assert!(posted.is_empty(), "an answered call ran again: {posted:?}");
+    assert_eq!(w["stops"][0]["force"], true);
+    stop.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), connector).await;
+}
