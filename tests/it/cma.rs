@@ -338,3 +338,489 @@ async fn an_idle_history_at_attach_ends_the_item_after_max_idle() {
     stop.send_replace(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), connector).await;
 }
+
+// ---- the contract's fault checklist (§11), hands' behaviour ----------------
+
+/// An environment on the fake and a running hands connector.
+struct Served {
+    fake: Fake,
+    env: Value,
+    registry: Arc<hands::session::registry::Registry>,
+    stop: tokio::sync::watch::Sender<bool>,
+    connector: tokio::task::JoinHandle<Result<(), hands::cma::worker::ConnectorError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    /// The fake with `faults` installed before the connector starts.
+    async fn start(capacity: usize, faults: &[Value]) -> Served {
+        let fake = Fake::start();
+        let env = fake
+            .control("POST", "/_fake/environments", Some(json!({})))
+            .await;
+        for f in faults {
+            fake.control("POST", "/_fake/faults", Some(f.clone())).await;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("environment-key");
+        std::fs::write(&key_file, env["key"].as_str().unwrap()).unwrap();
+        let cfg = AnthropicConfig {
+            environment_id: env["id"].as_str().unwrap().into(),
+            key: KeySource::File(key_file),
+            environment: "default".into(),
+            capacity,
+            max_idle: Some(Duration::from_secs(2)),
+            base_url: fake.url(),
+        };
+        let policies = hands::policy::PolicySet::builtin()
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>();
+        let registry = Arc::new(hands::session::registry::Registry::new(
+            crate::util::config(),
+            policies,
+            capacity + 1,
+        ));
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let connector = tokio::spawn(hands::cma::worker::run(
+            cfg,
+            "it-worker".into(),
+            registry.clone(),
+            shutdown,
+        ));
+        Served {
+            fake,
+            env,
+            registry,
+            stop,
+            connector,
+            _dir: dir,
+        }
+    }
+
+    /// A session with `events` in its history; returns (session id, work id).
+    async fn session(&self, events: Value, work: Value) -> (String, String) {
+        let c = self
+            .fake
+            .control(
+                "POST",
+                "/_fake/sessions",
+                Some(json!({"environment_id": self.env["id"], "events": events, "work": work})),
+            )
+            .await;
+        (
+            c["session"]["id"].as_str().unwrap().to_string(),
+            c["work"]["id"].as_str().unwrap().to_string(),
+        )
+    }
+
+    async fn append(&self, sid: &str, events: Value) {
+        self.fake
+            .control(
+                "POST",
+                &format!("/_fake/sessions/{sid}/events"),
+                Some(json!({"events": events})),
+            )
+            .await;
+    }
+
+    /// The results posted so far (waiting for at least `n`).
+    async fn results(&self, sid: &str, n: usize) -> Vec<Value> {
+        let r = self
+            .fake
+            .control(
+                "GET",
+                &format!("/_fake/sessions/{sid}/events?type=user.tool_result&wait_count={n}&timeout_ms=30000"),
+                None,
+            )
+            .await;
+        r["data"].as_array().unwrap().clone()
+    }
+
+    async fn work_state(&self, work: &str, state: &str) -> Value {
+        self.fake
+            .control(
+                "GET",
+                &format!("/_fake/work/{work}?wait_state={state}&timeout_ms=20000"),
+                None,
+            )
+            .await
+    }
+
+    async fn finish(self) -> Result<(), hands::cma::worker::ConnectorError> {
+        self.stop.send_replace(true);
+        let r = tokio::time::timeout(Duration::from_secs(15), self.connector)
+            .await
+            .expect("the connector stops")
+            .unwrap();
+        assert_eq!(
+            self.registry.open_sessions(),
+            0,
+            "every item's sandbox session closed"
+        );
+        r
+    }
+}
+
+fn bash_use(id: &str, command: &str) -> Value {
+    json!({"type": "agent.tool_use", "id": id, "name": "bash", "input": {"command": command}})
+}
+
+fn end_turn() -> Value {
+    json!({"type": "session.status_idle", "stop_reason": {"type": "end_turn"}})
+}
+
+macro_rules! needs_fake {
+    () => {
+        crate::require_sandbox!();
+        if !crate::differential::sdk_available() {
+            return;
+        }
+    };
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_4_a_healthcheck_item_is_acked_and_force_stopped_without_heartbeat() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let w = s
+        .fake
+        .control(
+            "POST",
+            &format!("/_fake/environments/{}/work", s.env["id"].as_str().unwrap()),
+            Some(json!({"data": {"type": "healthcheck"}})),
+        )
+        .await;
+    let w = s.work_state(w["id"].as_str().unwrap(), "stopped").await;
+    assert_eq!(w["state"], "stopped", "{w}");
+    assert_eq!(w["acks"].as_array().unwrap().len(), 1);
+    assert!(w["heartbeats"].as_array().unwrap().is_empty());
+    assert_eq!(w["stops"][0]["force"], true);
+    s.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_2_and_5_poll_and_ack_failures_are_survived() {
+    needs_fake!();
+    // Two failed polls (each with the client's own retries) and one failed
+    // ack (the item is offered again after the reclaim delay).
+    let s = Served::start(
+        1,
+        &[
+            json!({"endpoint": "E1", "status": 503, "times": 6}),
+            json!({"endpoint": "E2", "status": 500, "times": 3}),
+        ],
+    )
+    .await;
+    let (sid, work) = s
+        .session(
+            json!([bash_use("toolu_1", "echo survived")]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    let r = s.results(&sid, 1).await;
+    assert_eq!(text_of(&r[0]), "survived");
+    let w = s.work_state(&work, "active").await;
+    assert!(
+        w["offers"].as_array().unwrap().len() >= 2 && w["reclaims"].as_u64() >= Some(1),
+        "the un-acked item was offered again: {w}"
+    );
+    let polls = s
+        .fake
+        .control("GET", "/_fake/requests?endpoint=E1", None)
+        .await;
+    let failed = polls["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == 503)
+        .count();
+    assert_eq!(failed, 6, "two polls, each with the client's two retries");
+    s.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_3_a_refused_environment_key_stops_the_connector() {
+    needs_fake!();
+    let s = Served::start(
+        1,
+        &[json!({"endpoint": "E1", "status": 401, "times": null})],
+    )
+    .await;
+    let r = tokio::time::timeout(Duration::from_secs(15), s.connector)
+        .await
+        .expect("the connector gives up on 401")
+        .unwrap();
+    let e = r.expect_err("a refused key is an error").to_string();
+    assert!(e.contains("401"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_8_a_terminated_session_is_force_stopped_without_events_calls() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let c = s
+        .fake
+        .control(
+            "POST",
+            "/_fake/sessions",
+            Some(json!({"environment_id": s.env["id"], "status": "terminated", "work": {"ttl_seconds": 4}})),
+        )
+        .await;
+    let work = c["work"]["id"].as_str().unwrap().to_string();
+    let sid = c["session"]["id"].as_str().unwrap().to_string();
+    let w = s.work_state(&work, "stopped").await;
+    assert_eq!(w["stops"][0]["force"], true);
+    let reqs = s
+        .fake
+        .control("GET", &format!("/_fake/requests?session_id={sid}"), None)
+        .await;
+    let endpoints: Vec<&str> = reqs["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["endpoint"].as_str())
+        .collect();
+    assert!(
+        !endpoints.iter().any(|e| ["E6", "E7", "E8"].contains(e)),
+        "{endpoints:?}"
+    );
+    s.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_16_after_a_412_the_call_in_flight_is_killed_and_nothing_is_posted() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let (sid, work) = s
+        .session(
+            json!([bash_use(
+                "toolu_long",
+                "echo started > /tmp/mark; sleep 30; echo done"
+            )]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    s.work_state(&work, "active").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Another worker takes the lease: the next heartbeat is a 412.
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/work/{work}/steal"),
+            Some(json!({})),
+        )
+        .await;
+    // hands gives up the item: no stop, no result (the SDK worker would
+    // still post the result 30 s later).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while s.registry.open_sessions() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the item's sandbox was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = s
+        .fake
+        .control("GET", &format!("/_fake/sessions/{sid}"), None)
+        .await;
+    assert!(
+        !log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["_origin"] == "client"),
+        "posted after losing the lease"
+    );
+    let w = s
+        .fake
+        .control("GET", &format!("/_fake/work/{work}"), None)
+        .await;
+    assert!(
+        w["stops"].as_array().unwrap().is_empty(),
+        "stopped an item it no longer holds: {w}"
+    );
+    s.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_29_a_refused_result_is_re_posted_after_reconnect_never_re_run() {
+    needs_fake!();
+    // The first result post is refused (400, fatal); the stream then drops,
+    // and the reconcile finds the call unanswered.
+    let s = Served::start(1, &[json!({"endpoint": "E8", "status": 400, "times": 1})]).await;
+    let (sid, _work) = s
+        .session(
+            json!([bash_use(
+                "toolu_once",
+                "echo x >> runs.log; wc -l < runs.log"
+            )]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    // Wait for the refused post, then drop the stream.
+    s.fake
+        .control("GET", &format!("/_fake/requests?session_id={sid}&endpoint=E8&wait_count=1&completed=1&timeout_ms=20000"), None)
+        .await;
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/sessions/{sid}/streams/close"),
+            Some(json!({"mode": "clean"})),
+        )
+        .await;
+    let r = s.results(&sid, 1).await;
+    assert_eq!(r.len(), 1);
+    assert_eq!(text_of(&r[0]), "1", "the stored result, from the only run");
+    // The command ran once: a second run would have made it 2.
+    s.append(&sid, json!([bash_use("toolu_count", "wc -l < runs.log")]))
+        .await;
+    let r = s.results(&sid, 2).await;
+    let count = r
+        .iter()
+        .find(|e| e["tool_use_id"] == "toolu_count")
+        .unwrap();
+    assert_eq!(text_of(count), "1");
+    s.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_25_and_26_stream_loss_reconnects_and_missed_calls_run() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let (sid, _work) = s
+        .session(
+            json!([bash_use("toolu_1", "echo one")]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    s.results(&sid, 1).await;
+    // An error frame, then a call appended to history only while the worker
+    // is reconnecting: the re-list finds it.
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/sessions/{sid}/streams/close"),
+            Some(json!({"mode": "error"})),
+        )
+        .await;
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/sessions/{sid}/events"),
+            Some(json!({"events": [bash_use("toolu_2", "echo two")], "broadcast": false})),
+        )
+        .await;
+    let r = s.results(&sid, 2).await;
+    assert!(
+        r.iter()
+            .any(|e| e["tool_use_id"] == "toolu_2" && text_of(e) == "two"),
+        "{r:?}"
+    );
+    s.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_33_ask_waits_for_a_confirmation_deny_never_runs() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let ask = |id: &str, cmd: &str, perm: &str| json!({"type": "agent.tool_use", "id": id, "name": "bash", "input": {"command": cmd}, "evaluated_permission": perm});
+    let (sid, _work) = s
+        .session(
+            json!([
+                ask("toolu_ask", "echo asked", "ask"),
+                ask("toolu_deny", "touch denied-ran", "deny")
+            ]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = s
+        .fake
+        .control("GET", &format!("/_fake/sessions/{sid}"), None)
+        .await;
+    assert!(
+        !log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["_origin"] == "client"),
+        "ran before the verdict"
+    );
+    s.append(
+        &sid,
+        json!([{"type": "user.tool_confirmation", "tool_use_id": "toolu_ask", "result": "allow"}]),
+    )
+    .await;
+    let r = s.results(&sid, 1).await;
+    assert_eq!(text_of(&r[0]), "asked");
+    s.append(
+        &sid,
+        json!([bash_use("toolu_check", "ls denied-ran 2>&1 || true")]),
+    )
+    .await;
+    let r = s.results(&sid, 2).await;
+    let check = r
+        .iter()
+        .find(|e| e["tool_use_id"] == "toolu_check")
+        .unwrap();
+    assert!(
+        text_of(check).contains("No such file"),
+        "the denied call ran: {check}"
+    );
+    s.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_items_are_served_at_once_each_in_its_own_sandbox() {
+    needs_fake!();
+    let s = Served::start(3, &[]).await;
+    let mut sessions = Vec::new();
+    for i in 0..3 {
+        sessions.push(
+            s.session(
+                json!([bash_use(
+                    "toolu_a",
+                    &format!("echo item{i} > mine; sleep 2; cat mine; ls")
+                )]),
+                json!({"ttl_seconds": 4}),
+            )
+            .await,
+        );
+    }
+    for (i, (sid, _)) in sessions.iter().enumerate() {
+        let r = s.results(sid, 1).await;
+        assert_eq!(
+            text_of(&r[0]),
+            format!("item{i}\nmine"),
+            "a workspace of its own"
+        );
+    }
+    // Served at once: every item was acked before any result was posted
+    // (with one slot, the next poll waits for the previous item to end).
+    let reqs = s.fake.control("GET", "/_fake/requests", None).await;
+    let seqs = |endpoint: &str| -> Vec<u64> {
+        reqs["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["endpoint"] == endpoint && r["status"] == 200)
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let (acks, posts) = (seqs("E2"), seqs("E8"));
+    assert_eq!(acks.len(), 3);
+    assert!(
+        acks.iter().max() < posts.iter().min(),
+        "acks {acks:?}, posts {posts:?}"
+    );
+    // Each item ends on its own idle, and is force-stopped.
+    for (sid, work) in &sessions {
+        s.append(sid, json!([end_turn()])).await;
+        let w = s.work_state(work, "stopped").await;
+        assert_eq!(w["stops"][0]["force"], true, "{w}");
+    }
+    s.finish().await.unwrap();
+}
