@@ -824,3 +824,153 @@ async fn three_items_are_served_at_once_each_in_its_own_sandbox() {
     }
     s.finish().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_17_a_rejected_heartbeat_ends_the_item_with_a_force_stop() {
+    needs_fake!();
+    // Heartbeats after the first are refused (403).
+    let s = Served::start(
+        1,
+        &[json!({"endpoint": "E3", "status": 403, "skip": 1, "times": null})],
+    )
+    .await;
+    let (_sid, work) = s
+        .session(
+            json!([bash_use("toolu_1", "sleep 1; echo ok")]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    let w = s.work_state(&work, "stopped").await;
+    assert_eq!(w["state"], "stopped", "{w}");
+    assert_eq!(w["stops"][0]["force"], true);
+    s.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_20_and_29_a_stop_answered_409_is_tolerated_and_a_503_on_send_is_retried() {
+    needs_fake!();
+    let s = Served::start(
+        1,
+        &[
+            json!({"endpoint": "E8", "status": 503, "times": 4}),
+            json!({"endpoint": "E4", "status": 409, "times": null}),
+        ],
+    )
+    .await;
+    let (sid, work) = s
+        .session(
+            json!([bash_use("toolu_1", "echo posted at last")]),
+            json!({"ttl_seconds": 30}),
+        )
+        .await;
+    let r = s.results(&sid, 1).await;
+    assert_eq!(text_of(&r[0]), "posted at last");
+    let posts = s
+        .fake
+        .control(
+            "GET",
+            &format!("/_fake/requests?session_id={sid}&endpoint=E8"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        posts["requests"].as_array().unwrap().len(),
+        5,
+        "4 refusals, then the post"
+    );
+    s.append(&sid, json!([end_turn()])).await;
+    // The stop keeps answering 409: the client's three attempts, then silence.
+    let reqs = s
+        .fake
+        .control(
+            "GET",
+            &format!("/_fake/requests?work_id={work}&endpoint=E4&wait_count=3&timeout_ms=20000"),
+            None,
+        )
+        .await;
+    assert_eq!(reqs["requests"].as_array().unwrap().len(), 3);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = s
+        .fake
+        .control(
+            "GET",
+            &format!("/_fake/requests?work_id={work}&endpoint=E4"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        again["requests"].as_array().unwrap().len(),
+        3,
+        "no retries beyond the client's"
+    );
+    s.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_34_calls_of_a_terminated_thread_are_neither_run_nor_answered() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let (sid, _work) = s
+        .session(
+            json!([bash_use("toolu_1", "echo primary")]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    s.results(&sid, 1).await;
+    let mut in_thread = bash_use("toolu_t", "touch thread-ran");
+    in_thread["session_thread_id"] = json!("sthr_1");
+    s.append(
+        &sid,
+        json!([{"type": "session.thread_status_terminated", "session_thread_id": "sthr_1"}, in_thread]),
+    )
+    .await;
+    s.append(
+        &sid,
+        json!([bash_use("toolu_check", "ls thread-ran 2>&1 || true")]),
+    )
+    .await;
+    let r = s.results(&sid, 2).await;
+    assert!(!r.iter().any(|e| e["tool_use_id"] == "toolu_t"), "{r:?}");
+    let check = r
+        .iter()
+        .find(|e| e["tool_use_id"] == "toolu_check")
+        .unwrap();
+    assert!(text_of(check).contains("No such file"), "{check}");
+    s.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_37_shutting_down_mid_session_tears_down_and_force_stops() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let (sid, work) = s
+        .session(
+            json!([bash_use("toolu_1", "echo one")]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    s.results(&sid, 1).await;
+    s.append(&sid, json!([bash_use("toolu_2", "sleep 60 & sleep 60")]))
+        .await;
+    s.fake
+        .control(
+            "GET",
+            &format!("/_fake/requests?session_id={sid}&endpoint=E7&wait_count=1&timeout_ms=10000"),
+            None,
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SIGTERM, in effect: the item is torn down (its processes killed with
+    // its sandbox session) and force-stopped.
+    s.stop.send_replace(true);
+    let w = s
+        .fake
+        .control(
+            "GET",
+            &format!("/_fake/work/{work}?wait_state=stopped&timeout_ms=15000"),
+            None,
+        )
+        .await;
+    assert_eq!(w["stops"][0]["force"], true, "{w}");
+    s.finish().await.unwrap();
+}
