@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod cma;
+pub mod configfile;
 pub mod conformance;
 pub mod gateway;
 pub mod pki;
@@ -17,4 +18,5 @@ pub mod session;
 pub mod tls;
 pub mod tools;
 pub mod tunnel;
+pub mod util;
 pub mod worker;

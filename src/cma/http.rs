@@ -347,7 +347,7 @@ impl Api {
                     .client
                     .request(self.build(req, retries)?)
                     .await
-                    .map_err(|e| Self::transport(req, error_chain(&e)))?;
+                    .map_err(|e| Self::transport(req, crate::util::error_chain(&e)))?;
                 let status = resp.status().as_u16();
                 let headers = resp.headers().clone();
                 let body = resp
@@ -403,7 +403,7 @@ impl Api {
             .await
             {
                 Ok(Ok(r)) => Ok(r),
-                Ok(Err(e)) => Err(Self::transport(req, error_chain(&e))),
+                Ok(Err(e)) => Err(Self::transport(req, crate::util::error_chain(&e))),
                 Err(_) => Err(Self::transport(req, "timed out")),
             };
             let (retry, hint) = match &result {
@@ -446,20 +446,6 @@ impl Api {
 
 fn strip_query(path: &str) -> String {
     path.split('?').next().unwrap_or(path).to_string()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 /// Whether the client retries this status (§5.2).

@@ -30,8 +30,7 @@ impl Clone for Secret {
 
 impl PartialEq for Secret {
     fn eq(&self, other: &Secret) -> bool {
-        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        crate::util::constant_time_eq(self.0.as_bytes(), other.0.as_bytes())
     }
 }
 

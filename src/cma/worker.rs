@@ -91,12 +91,12 @@ pub async fn run(
         // Poll only while a slot is free.
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("never closed"),
-            () = crate::gateway::stopped(&mut shutdown) => break Ok(()),
+            () = crate::util::stopped(&mut shutdown) => break Ok(()),
         };
         while items.try_join_next().is_some() {}
         let polled = tokio::select! {
             r = shared.poll() => r,
-            () = crate::gateway::stopped(&mut shutdown) => break Ok(()),
+            () = crate::util::stopped(&mut shutdown) => break Ok(()),
         };
         let item = match polled {
             Ok(Some(item)) => {
@@ -109,7 +109,7 @@ pub async fn run(
                 let wait = Duration::from_secs_f64(1.0 + 2.0 * super::http::unit());
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    () = crate::gateway::stopped(&mut shutdown) => break Ok(()),
+                    () = crate::util::stopped(&mut shutdown) => break Ok(()),
                 }
                 continue;
             }
@@ -124,7 +124,7 @@ pub async fn run(
                 drop(permit);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    () = crate::gateway::stopped(&mut shutdown) => break Ok(()),
+                    () = crate::util::stopped(&mut shutdown) => break Ok(()),
                 }
                 continue;
             }
@@ -150,7 +150,7 @@ pub async fn run(
                 drop(permit);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    () = crate::gateway::stopped(&mut shutdown) => break Ok(()),
+                    () = crate::util::stopped(&mut shutdown) => break Ok(()),
                 }
             }
         }
@@ -358,7 +358,7 @@ impl Shared {
                 () = &mut work => break,
                 // The lease is someone else's: abandon the call in flight.
                 () = &mut lost => break,
-                () = crate::gateway::stopped(&mut shutdown) => break,
+                () = crate::util::stopped(&mut shutdown) => break,
             }
         }
         // Teardown: every process of the item dies with its sandbox session.

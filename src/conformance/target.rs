@@ -354,6 +354,26 @@ impl Gateway {
         }
     }
 
+    /// A request that must be answered with `want`; any other status is the
+    /// gateway's refusal.
+    async fn expect(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        want: u16,
+    ) -> R<crate::gateway::client::Answer> {
+        let a = self
+            .api
+            .request(method, path, body)
+            .await
+            .map_err(transport)?;
+        if a.status != want {
+            return Err(Gateway::http_rejection(a.status, &a.body));
+        }
+        Ok(a)
+    }
+
     fn http_rejection(status: u16, body: &Value) -> Rejection {
         Rejection {
             code: format!("HTTP {status}"),
@@ -458,19 +478,8 @@ impl Target for Gateway {
     }
 
     async fn info(&mut self) -> R<Value> {
-        let w = self
-            .api
-            .request("GET", "/v1/workers", None)
-            .await
-            .map_err(transport)?;
-        if w.status != 200 {
-            return Err(Gateway::http_rejection(w.status, &w.body));
-        }
-        let t = self
-            .api
-            .request("GET", "/v1/tools", None)
-            .await
-            .map_err(transport)?;
+        let w = self.expect("GET", "/v1/workers", None, 200).await?;
+        let t = self.expect("GET", "/v1/tools", None, 200).await?;
         let first = &w.body["workers"][0];
         let tools: Vec<Value> = t.body["tools"]
             .as_array()
@@ -485,13 +494,13 @@ impl Target for Gateway {
 
     async fn open(&mut self, _id: &str, env: &str) -> R<(String, bool)> {
         let a = self
-            .api
-            .request("POST", "/v1/sessions", Some(&json!({"environment": env})))
-            .await
-            .map_err(transport)?;
-        if a.status != 201 {
-            return Err(Gateway::http_rejection(a.status, &a.body));
-        }
+            .expect(
+                "POST",
+                "/v1/sessions",
+                Some(&json!({"environment": env})),
+                201,
+            )
+            .await?;
         Ok((
             a.body["session_id"]
                 .as_str()
@@ -503,13 +512,8 @@ impl Target for Gateway {
 
     async fn close(&mut self, session: &str) -> R<bool> {
         let a = self
-            .api
-            .request("DELETE", &format!("/v1/sessions/{session}"), None)
-            .await
-            .map_err(transport)?;
-        if a.status != 200 {
-            return Err(Gateway::http_rejection(a.status, &a.body));
-        }
+            .expect("DELETE", &format!("/v1/sessions/{session}"), None, 200)
+            .await?;
         Ok(a.body["closed"] == true)
     }
 
@@ -526,14 +530,7 @@ impl Target for Gateway {
         if stream {
             return self.sse("POST", &path, Some(&body)).await;
         }
-        let a = self
-            .api
-            .request("POST", &path, Some(&body))
-            .await
-            .map_err(transport)?;
-        if a.status != 200 {
-            return Err(Gateway::http_rejection(a.status, &a.body));
-        }
+        let a = self.expect("POST", &path, Some(&body), 200).await?;
         let outcome = a.outcome.clone().unwrap_or_else(|| "unspecified".into());
         Gateway::result_of(&a.body, &outcome, true, Vec::new())
     }
@@ -575,17 +572,13 @@ impl Target for Gateway {
 
     async fn cancel(&mut self, session: &str, id: &str) -> R<bool> {
         let a = self
-            .api
-            .request(
+            .expect(
                 "POST",
                 &format!("/v1/sessions/{session}/calls/{id}/cancel"),
                 None,
+                200,
             )
-            .await
-            .map_err(transport)?;
-        if a.status != 200 {
-            return Err(Gateway::http_rejection(a.status, &a.body));
-        }
+            .await?;
         Ok(a.body["cancelled"] == true)
     }
 

@@ -131,7 +131,7 @@ fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), gw.token.as_bytes()) {
+    if crate::util::constant_time_eq(given.as_bytes(), gw.token.as_bytes()) {
         Ok(())
     } else {
         gw.metrics.inc("hands_gateway_http_unauthorized_total", &[]);
@@ -141,13 +141,6 @@ fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
             "missing or wrong bearer token (Authorization: Bearer TOKEN)",
         ))
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {

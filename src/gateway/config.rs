@@ -89,48 +89,19 @@ impl std::fmt::Debug for Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
-    #[error("{path}: {key}: {message}")]
-    Invalid {
-        path: PathBuf,
-        key: &'static str,
-        message: String,
-    },
-}
+pub use crate::configfile::ConfigError;
 
 /// The environment variable a token may come from.
 pub const TOKEN_ENV: &str = "HANDS_GATEWAY_TOKEN";
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Config::from_toml_str(&text, path)
+        Config::from_toml_str(&crate::configfile::read(path)?, path)
     }
 
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })?;
-        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            key,
-            message,
-        };
+        let raw: Raw = crate::configfile::parse(text, path)?;
+        let invalid = crate::configfile::invalid(path);
         let base = path.parent().unwrap_or(Path::new("."));
         let addr = |key, s: &str| {
             s.parse::<SocketAddr>()

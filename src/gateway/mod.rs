@@ -77,11 +77,6 @@ async fn bind(
         .map_err(|source| GatewayError::Bind { what, addr, source })
 }
 
-/// Resolves once `rx` reads true (or its sender is gone).
-pub async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
 /// Runs the gateway until `shutdown` turns true.
 pub async fn run(
     config: Config,
@@ -130,7 +125,7 @@ pub async fn run(
                             continue;
                         }
                     },
-                    () = stopped(&mut stop) => break,
+                    () = crate::util::stopped(&mut stop) => break,
                 };
                 let gw = gw.clone();
                 let tls = tls.get();
@@ -168,7 +163,7 @@ pub async fn run(
             let _ = tcp.set_nodelay(true);
         });
         axum::serve(api_listener, api::router(gw.clone()))
-            .with_graceful_shutdown(async move { stopped(&mut shutdown).await })
+            .with_graceful_shutdown(async move { crate::util::stopped(&mut shutdown).await })
             .await
             .map_err(GatewayError::Api)
     };

@@ -200,14 +200,14 @@ impl Slot {
                             "closed by the gateway".to_string()
                         }
                         Err(e) => {
-                            let e = error_chain(&e);
+                            let e = crate::util::error_chain(&e);
                             tracing::warn!(endpoint = %self.endpoint, slot = self.index, error = %e, "tunnel lost");
                             e
                         }
                     }
                 }
                 Err(e) => {
-                    let e = error_chain(&e);
+                    let e = crate::util::error_chain(&e);
                     tracing::warn!(endpoint = %self.endpoint, slot = self.index, error = %e, "tunnel dial failed");
                     e
                 }
@@ -307,22 +307,6 @@ impl Slot {
             }
         }
     }
-}
-
-/// An error and its sources, `: `-separated (hyper and rustls put the
-/// useful part in the source).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

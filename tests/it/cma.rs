@@ -81,6 +81,16 @@ impl Drop for Fake {
     }
 }
 
+/// Skips (or fails under CI) without the sandbox, or without Python and the SDK.
+macro_rules! needs_fake {
+    () => {
+        crate::require_sandbox!();
+        if !crate::differential::sdk_available() {
+            return;
+        }
+    };
+}
+
 fn text_of(ev: &Value) -> String {
     ev["content"]
         .as_array()
@@ -90,68 +100,30 @@ fn text_of(ev: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hands_serves_a_full_session_through_the_sandbox() {
-    crate::require_sandbox!();
-    if !crate::differential::sdk_available() {
-        return; // python3 is what runs the fake; the SDK check covers its presence under CI
-    }
-    let fake = Fake::start();
-    let env = fake
-        .control("POST", "/_fake/environments", Some(json!({})))
-        .await;
-    let env_id = env["id"].as_str().unwrap().to_string();
-    let key = env["key"].as_str().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("environment-key");
-    std::fs::write(&key_file, &key).unwrap();
-    let created = fake
-        .control(
-            "POST",
-            "/_fake/sessions",
-            Some(json!({
-                "environment_id": env_id,
-                "events": [{"type": "agent.tool_use", "id": "toolu_w", "name": "write",
-                            "input": {"file_path": "notes/a.txt", "content": "alpha\nbeta\n"}}],
-                "work": {"ttl_seconds": 4},
-            })),
+    needs_fake!();
+    let s = Served::start(2, &[]).await;
+    let key = s.env["key"].as_str().unwrap().to_string();
+    let tool_use = |id: &str, name: &str, input: Value| json!({"type": "agent.tool_use", "id": id, "name": name, "input": input});
+    let (sid, work) = s
+        .session(
+            json!([tool_use(
+                "toolu_w",
+                "write",
+                json!({"file_path": "notes/a.txt", "content": "alpha\nbeta\n"})
+            )]),
+            json!({"ttl_seconds": 4}),
         )
         .await;
-    let sid = created["session"]["id"].as_str().unwrap().to_string();
-    let work = created["work"]["id"].as_str().unwrap().to_string();
-    let token = created["work"]["sessions_token"]
+    let token = s
+        .fake
+        .control("GET", &format!("/_fake/work/{work}"), None)
+        .await["sessions_token"]
         .as_str()
         .unwrap()
         .to_string();
-
-    let cfg = AnthropicConfig {
-        environment_id: env_id.clone(),
-        key: KeySource::File(key_file),
-        environment: "default".into(),
-        capacity: 2,
-        max_idle: Some(Duration::from_secs(2)),
-        base_url: fake.url(),
-    };
-    let policies = hands::policy::PolicySet::builtin()
-        .iter()
-        .cloned()
-        .collect::<Vec<_>>();
-    let registry = Arc::new(hands::session::registry::Registry::new(
-        crate::util::config(),
-        policies,
-        4,
-    ));
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let connector = tokio::spawn(hands::cma::worker::run(
-        cfg,
-        "it-worker".into(),
-        registry.clone(),
-        shutdown,
-    ));
-
-    let tool_use = |id: &str, name: &str, input: Value| json!({"type": "agent.tool_use", "id": id, "name": name, "input": input});
-    fake.control(
-        "POST",
-        &format!("/_fake/sessions/{sid}/events"),
-        Some(json!({"events": [
+    s.append(
+        &sid,
+        json!([
             tool_use("toolu_r", "read", json!({"file_path": "notes/a.txt"})),
             tool_use("toolu_e", "edit", json!({"file_path": "notes/a.txt", "old_string": "beta", "new_string": "gamma"})),
             tool_use("toolu_g", "glob", json!({"pattern": "**/*.txt"})),
@@ -159,19 +131,10 @@ async fn hands_serves_a_full_session_through_the_sandbox() {
             tool_use("toolu_b", "bash", json!({"command": "cat notes/a.txt; tr '\\0' '\\n' < /proc/self/environ; tr '\\0' '\\n' < /proc/1/environ; env"})),
             tool_use("toolu_n", "read", json!(null)),
             tool_use("toolu_x", "deploy_to_prod", json!({})),
-        ]})),
+        ]),
     )
     .await;
-    let results = fake
-        .control(
-            "GET",
-            &format!(
-                "/_fake/sessions/{sid}/events?type=user.tool_result&wait_count=7&timeout_ms=30000"
-            ),
-            None,
-        )
-        .await;
-    let results = results["data"].as_array().unwrap().clone();
+    let results = s.results(&sid, 7).await;
     let by_id = |id: &str| {
         results
             .iter()
@@ -199,29 +162,19 @@ async fn hands_serves_a_full_session_through_the_sandbox() {
         "a null input is an is_error result"
     );
     // The unowned call is left for its owner.
-    let events = fake
+    let log = s
+        .fake
         .control("GET", &format!("/_fake/sessions/{sid}"), None)
         .await;
-    assert!(!events["events"]
+    assert!(!log["events"]
         .as_array()
         .unwrap()
         .iter()
         .any(|e| e["tool_use_id"] == "toolu_x"));
 
     // End of turn: after max_idle the item ends and is force-stopped.
-    fake.control(
-        "POST",
-        &format!("/_fake/sessions/{sid}/events"),
-        Some(json!({"events": [{"type": "session.status_idle", "stop_reason": {"type": "end_turn"}}]})),
-    )
-    .await;
-    let w = fake
-        .control(
-            "GET",
-            &format!("/_fake/work/{work}?wait_state=stopped&timeout_ms=20000"),
-            None,
-        )
-        .await;
+    s.append(&sid, json!([end_turn()])).await;
+    let w = s.work_state(&work, "stopped").await;
     assert_eq!(w["state"], "stopped", "{w}");
     assert_eq!(w["stops"][0]["force"], true);
     let beats = w["heartbeats"].as_array().unwrap();
@@ -233,7 +186,8 @@ async fn hands_serves_a_full_session_through_the_sandbox() {
         );
     }
     // Credentials: the environment key for poll and ack, the token for the rest.
-    let reqs = fake
+    let reqs = s
+        .fake
         .control("GET", &format!("/_fake/requests?work_id={work}"), None)
         .await;
     for r in reqs["requests"].as_array().unwrap() {
@@ -244,17 +198,7 @@ async fn hands_serves_a_full_session_through_the_sandbox() {
         };
         assert_eq!(r["credential"]["kind"], want, "{}", r["path"]);
     }
-    stop.send_replace(true);
-    tokio::time::timeout(Duration::from_secs(10), connector)
-        .await
-        .expect("the connector stops")
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        registry.open_sessions(),
-        0,
-        "the item's sandbox session was closed"
-    );
+    s.finish().await.unwrap();
 }
 
 /// Contract §11 #24 and #31: at attach, a history whose calls are all
@@ -264,67 +208,23 @@ async fn hands_serves_a_full_session_through_the_sandbox() {
 /// disarms the clock; hands does the same. Checked against the SDK on the fake.)
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_history_at_attach_ends_the_item_after_max_idle() {
-    crate::require_sandbox!();
-    if !crate::differential::sdk_available() {
-        return;
-    }
-    let fake = Fake::start();
-    let env = fake
-        .control("POST", "/_fake/environments", Some(json!({})))
-        .await;
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("environment-key");
-    std::fs::write(&key_file, env["key"].as_str().unwrap()).unwrap();
-    let created = fake
-        .control(
-            "POST",
-            "/_fake/sessions",
-            Some(json!({
-                "environment_id": env["id"],
-                "events": [
-                    {"type": "agent.tool_use", "id": "toolu_done", "name": "bash", "input": {"command": "echo must not run"}},
-                    {"type": "user.tool_result", "tool_use_id": "toolu_done", "is_error": false, "content": [{"type": "text", "text": "earlier"}]},
-                    {"type": "session.status_idle", "stop_reason": {"type": "end_turn"}},
-                ],
-                "work": {"ttl_seconds": 4},
-            })),
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let (sid, work) = s
+        .session(
+            json!([
+                bash_use("toolu_done", "echo must not run"),
+                {"type": "user.tool_result", "tool_use_id": "toolu_done", "is_error": false, "content": [{"type": "text", "text": "earlier"}]},
+                end_turn(),
+            ]),
+            json!({"ttl_seconds": 4}),
         )
         .await;
-    let sid = created["session"]["id"].as_str().unwrap().to_string();
-    let work = created["work"]["id"].as_str().unwrap().to_string();
-    let cfg = AnthropicConfig {
-        environment_id: env["id"].as_str().unwrap().into(),
-        key: KeySource::File(key_file),
-        environment: "default".into(),
-        capacity: 1,
-        max_idle: Some(Duration::from_secs(2)),
-        base_url: fake.url(),
-    };
-    let policies = hands::policy::PolicySet::builtin()
-        .iter()
-        .cloned()
-        .collect::<Vec<_>>();
-    let registry = Arc::new(hands::session::registry::Registry::new(
-        crate::util::config(),
-        policies,
-        2,
-    ));
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let connector = tokio::spawn(hands::cma::worker::run(
-        cfg,
-        "it-worker".into(),
-        registry,
-        shutdown,
-    ));
-    let w = fake
-        .control(
-            "GET",
-            &format!("/_fake/work/{work}?wait_state=stopped&timeout_ms=20000"),
-            None,
-        )
-        .await;
+    let w = s.work_state(&work, "stopped").await;
     assert_eq!(w["state"], "stopped", "the idle grace ended the item: {w}");
-    let log = fake
+    assert_eq!(w["stops"][0]["force"], true);
+    let log = s
+        .fake
         .control("GET", &format!("/_fake/sessions/{sid}"), None)
         .await;
     let posted: Vec<&Value> = log["events"]
@@ -334,9 +234,7 @@ async fn an_idle_history_at_attach_ends_the_item_after_max_idle() {
         .filter(|e| e["_origin"] == "client")
         .collect();
     assert!(posted.is_empty(), "an answered call ran again: {posted:?}");
-    assert_eq!(w["stops"][0]["force"], true);
-    stop.send_replace(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), connector).await;
+    s.finish().await.unwrap();
 }
 
 // ---- the contract's fault checklist (§11), hands' behaviour ----------------
@@ -468,15 +366,6 @@ fn bash_use(id: &str, command: &str) -> Value {
 
 fn end_turn() -> Value {
     json!({"type": "session.status_idle", "stop_reason": {"type": "end_turn"}})
-}
-
-macro_rules! needs_fake {
-    () => {
-        crate::require_sandbox!();
-        if !crate::differential::sdk_available() {
-            return;
-        }
-    };
 }
 
 #[tokio::test(flavor = "multi_thread")]

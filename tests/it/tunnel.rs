@@ -1212,7 +1212,7 @@ async fn a_silent_gateway_is_detected_by_keepalive_and_the_worker_redials() {
                 }
                 tokio::select! {
                     _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                    () = hands::gateway::stopped(&mut frozen) => {
+                    () = hands::util::stopped(&mut frozen) => {
                         // Silent: hold the sockets, forward nothing.
                         tokio::time::sleep(Duration::from_secs(120)).await;
                     }

@@ -1,0 +1,46 @@
+//! Small helpers the daemons share: an error with its causes on one line (for
+//! logs), a constant-time comparison of secrets, and waiting for a shutdown
+//! flag.
+
+/// An error and its sources, `: `-separated. hyper and rustls put the useful
+/// part ("certificate expired", "keep-alive timed out") in a source.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+/// Equality whose time does not depend on where two equal-length values
+/// differ (bearer tokens, keys).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Resolves once `rx` reads true (or its sender is gone).
+pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chains_and_comparisons() {
+        let io = std::io::Error::other("inner cause");
+        let outer = crate::tls::TlsError::Certificate("outer".into());
+        assert_eq!(error_chain(&outer), "certificate: outer");
+        assert_eq!(error_chain(&io), "inner cause");
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
