@@ -127,6 +127,7 @@ async fn open(cfg: &SandboxConfig, policy: &Arc<Policy>, ws: &Path) -> anyhow::R
         SessionOptions {
             policy: policy.clone(),
             workspace: Some(ws.to_path_buf()),
+            extra_dirs: Vec::new(),
         },
     )
     .await?)

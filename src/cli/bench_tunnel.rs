@@ -363,6 +363,7 @@ async fn measure(
         crate::session::SessionOptions {
             policy,
             workspace: Some(ws.clone()),
+            extra_dirs: Vec::new(),
         },
     )
     .await?;

@@ -67,6 +67,7 @@ pub async fn open_session(
         SessionOptions {
             policy: Arc::new(policy),
             workspace,
+            extra_dirs: Vec::new(),
         },
     )
     .await

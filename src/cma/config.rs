@@ -11,6 +11,8 @@
 //! capacity = 4                 # work items served at once (default: the worker's capacity)
 //! max_idle_secs = 60           # after a turn-ending idle, end the item (0: never)
 //! base_url = "https://api.anthropic.com"   # default: $ANTHROPIC_BASE_URL, else this
+//! memory_sync_interval_secs = 15   # memory stores: >= 5; 0 disables memory handling
+//! memory_sync_deletions = "enabled"   # "enabled" | "log_only" | "disabled"
 //! ```
 //!
 //! The key is never in argv or the configuration file itself, and is never logged.
@@ -42,6 +44,17 @@ pub struct Raw {
     max_idle_secs: u64,
     #[serde(default)]
     base_url: Option<String>,
+    #[serde(default = "default_sync")]
+    memory_sync_interval_secs: u64,
+    #[serde(default = "default_deletions")]
+    memory_sync_deletions: super::memory::Deletions,
+}
+
+fn default_sync() -> u64 {
+    15
+}
+fn default_deletions() -> super::memory::Deletions {
+    super::memory::Deletions::Enabled
 }
 
 fn default_env() -> String {
@@ -60,6 +73,12 @@ pub struct AnthropicConfig {
     pub capacity: usize,
     pub max_idle: Option<Duration>,
     pub base_url: String,
+    /// `None`: memory stores are not handled (a session with one runs without).
+    pub memory_sync: Option<Duration>,
+    pub memory_deletions: super::memory::Deletions,
+    /// Bounds on skill archives (not in the file: the defaults of
+    /// [`super::skills::SkillLimits`]).
+    pub skill_limits: super::skills::SkillLimits,
 }
 
 impl Raw {
@@ -117,6 +136,12 @@ impl Raw {
             .unwrap_or_else(|| DEFAULT_BASE_URL.into());
         super::http::Api::new(&base_url)
             .map_err(|e| invalid("anthropic.base_url", e.to_string()))?;
+        if self.memory_sync_interval_secs != 0 && self.memory_sync_interval_secs < 5 {
+            return Err(invalid(
+                "anthropic.memory_sync_interval_secs",
+                "at least 5 (or 0 to disable memory stores)".into(),
+            ));
+        }
         Ok(AnthropicConfig {
             environment_id: self.environment_id,
             key,
@@ -124,6 +149,10 @@ impl Raw {
             capacity,
             max_idle: (self.max_idle_secs > 0).then(|| Duration::from_secs(self.max_idle_secs)),
             base_url,
+            memory_sync: (self.memory_sync_interval_secs > 0)
+                .then(|| Duration::from_secs(self.memory_sync_interval_secs)),
+            memory_deletions: self.memory_sync_deletions,
+            skill_limits: Default::default(),
         })
     }
 }

@@ -4,15 +4,20 @@
 //! the session's event stream and runs every `agent.tool_use` of the six tools
 //! in that item's own sandbox session.
 //!
-//! Built so far: the event-stream framing ([`sse`]), the credentials
-//! ([`secret`]), the API client with the contract's retry classes ([`http`])
-//! and the lease arithmetic ([`lease`]). The poll loop, the tool runner,
-//! skills and memory stores come next.
+//! Modules: the poll loop and item flow ([`worker`]), the tool runner
+//! ([`runner`]), the lease arithmetic ([`lease`]), the API client with the
+//! contract's retry classes ([`http`]), the event-stream framing ([`sse`]),
+//! the credentials ([`secret`]), skills ([`skills`]), memory stores
+//! ([`memory`]) and anchored host-side file access in the workspace
+//! ([`beneath`]).
 
+pub mod beneath;
 pub mod config;
 pub mod http;
 pub mod lease;
+pub mod memory;
 pub mod runner;
 pub mod secret;
+pub mod skills;
 pub mod sse;
 pub mod worker;

@@ -87,6 +87,8 @@ pub struct Runner {
     lease: watch::Receiver<Option<EndReason>>,
     st: Mutex<State>,
     wake: Notify,
+    /// Counts the calls the runner has yielded (memory syncs follow them).
+    yielded: watch::Sender<u64>,
 }
 
 /// Neutral event types: they neither arm nor disarm the idle clock.
@@ -140,7 +142,13 @@ impl Runner {
             lease,
             st: Mutex::new(State::default()),
             wake: Notify::new(),
+            yielded: watch::channel(0).0,
         })
+    }
+
+    /// Ticks once per call executed (memory stores sync after calls, §8.4).
+    pub fn yielded(&self) -> watch::Receiver<u64> {
+        self.yielded.subscribe()
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, State> {
@@ -519,6 +527,7 @@ impl Runner {
             };
             if !skip {
                 self.execute_and_post(&call).await;
+                self.yielded.send_modify(|n| *n += 1);
             }
             let mut st = self.st();
             st.outstanding = st.outstanding.saturating_sub(1);

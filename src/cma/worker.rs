@@ -12,8 +12,10 @@ use tokio::sync::{watch, Semaphore};
 use super::config::AnthropicConfig;
 use super::http::{Api, ApiError, Request};
 use super::lease::{Beat, EndReason, Lease};
+use super::memory::{self, Memory};
 use super::runner::Runner;
 use super::secret::{sessions_token, Secret};
+use super::skills;
 use crate::session::registry::Registry;
 
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +289,7 @@ impl Shared {
         if token.is_none() && item.secret.as_deref().is_some_and(|s| !s.is_empty()) {
             tracing::warn!(work = %item.id, "the work secret carries no usable sessions token; using the environment key");
         }
+        let has_token = token.is_some();
         let cred = token.unwrap_or_else(|| self.env_key.clone());
         if item.kind != "session" {
             self.force_stop(&item, &cred).await;
@@ -295,7 +298,9 @@ impl Shared {
         let (lease_tx, lease_rx) = watch::channel(None::<EndReason>);
         let (ttl_tx, ttl_rx) = watch::channel(None::<Duration>);
         let sandbox_id = format!("cma-{}", item.id);
-        let work = async {
+        let memory: tokio::sync::Mutex<Option<Memory>> = tokio::sync::Mutex::new(None);
+        let clean_end = std::sync::atomic::AtomicBool::new(false);
+        let mut work = Box::pin(async {
             let req = Request::new(
                 http::Method::GET,
                 format!("/v1/sessions/{}", item.session_id),
@@ -318,13 +323,60 @@ impl Shared {
             if super::runner::session_status(&session) == "terminated" {
                 return;
             }
-            let sandbox = match self.registry.open(&sandbox_id, &self.cfg.environment).await {
+            // Memory stores (§3.3 steps 1, 5, 7): their folders are part of
+            // the sandbox session, so they are planned before it opens.
+            let plans = match self.cfg.memory_sync {
+                None => Vec::new(),
+                Some(_) => match memory::plan(&session) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(work = %item.id, error = %e, "the session's memory stores cannot be served");
+                        return;
+                    }
+                },
+            };
+            if !plans.is_empty() && !has_token {
+                tracing::error!(work = %item.id, "the session has memory stores but the work item carried no sessions token, and the memory endpoints reject the environment key");
+                return;
+            }
+            let extra = plans.iter().map(memory::StorePlan::extra_dir).collect();
+            let sandbox = match self
+                .registry
+                .open_with(&sandbox_id, &self.cfg.environment, extra)
+                .await
+            {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    tracing::error!(work = %item.id, error = %e, "opening the item's sandbox session failed");
+                    tracing::error!(work = %item.id, error = %crate::util::error_chain(&e), "opening the item's sandbox session failed");
                     return;
                 }
             };
+            skills::stage_all(
+                &self.api,
+                &cred,
+                &session,
+                sandbox.workspace(),
+                self.cfg.skill_limits,
+            )
+            .await;
+            if let (false, Some(interval)) = (plans.is_empty(), self.cfg.memory_sync) {
+                match Memory::download(
+                    self.api.clone(),
+                    cred.clone(),
+                    sandbox.workspace(),
+                    plans,
+                    interval,
+                    self.cfg.memory_deletions,
+                )
+                .await
+                {
+                    Ok(m) => *memory.lock().await = Some(m),
+                    Err(e) => {
+                        tracing::error!(work = %item.id, error = %e, "downloading the memory stores failed");
+                        return;
+                    }
+                }
+            }
             let runner = Runner::new(
                 self.api.clone(),
                 cred.clone(),
@@ -334,11 +386,22 @@ impl Shared {
                 ttl_rx,
                 lease_rx.clone(),
             );
-            runner.run().await;
-        };
+            let mut ticks = runner.yielded();
+            let syncs = async {
+                while ticks.changed().await.is_ok() {
+                    if let Some(m) = memory.lock().await.as_mut() {
+                        m.sync_if_due().await;
+                    }
+                }
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                () = runner.run() => clean_end.store(true, std::sync::atomic::Ordering::SeqCst),
+                () = syncs => {}
+            }
+        });
         let heartbeat = self.heartbeat(&item, &cred, &lease_tx, &ttl_tx);
         tokio::pin!(heartbeat);
-        tokio::pin!(work);
         let mut lost_rx = lease_rx.clone();
         let lost = async move {
             let _ = lost_rx
@@ -355,13 +418,30 @@ impl Shared {
                 // The lease ended: the runner sees it, finishes the call in
                 // flight (its result is still ours to post) and returns.
                 () = &mut heartbeat, if beating => beating = false,
-                () = &mut work => break,
+                () = work.as_mut() => break,
                 // The lease is someone else's: abandon the call in flight.
                 () = &mut lost => break,
                 () = crate::util::stopped(&mut shutdown) => break,
             }
         }
-        // Teardown: every process of the item dies with its sandbox session.
+        drop(work);
+        // Memory: a clean end gets the final sync and the flush, any other end
+        // the flush (§8.6); after a lost lease nothing is sent.
+        let lost = matches!(
+            *lease_rx.borrow(),
+            Some(EndReason::LeaseLost | EndReason::AssumedLost)
+        );
+        if let Some(mut m) = memory.lock().await.take() {
+            if lost {
+                tracing::warn!(work = %item.id, "lease lost: local memory changes not sent");
+            } else if clean_end.load(std::sync::atomic::Ordering::SeqCst) {
+                m.finish().await;
+            } else {
+                m.flush().await;
+            }
+        }
+        // Teardown: every process of the item dies with its sandbox session,
+        // and its workspace (skills and memory folders included) with it.
         self.registry.close(&sandbox_id);
         lease_tx.send_if_modified(|r| {
             if r.is_none() {

@@ -219,6 +219,24 @@ pub fn build(setup: &Setup) -> Result<bool, MountError> {
         nosuid_nodev | MsFlags::MS_NOEXEC,
     )?;
 
+    // The extra directories of the workspace: read-only remounts, then the
+    // symlinks elsewhere in the root (validated: never over a mount of ours;
+    // a clash with a read-only path fails here, with the path named).
+    for d in &setup.extra_dirs {
+        let inside = ws.join(&d.rel);
+        if d.read_only {
+            bind_read_only(&inside, &inside)?;
+        }
+        if let Some(at) = &d.link_at {
+            let dst = under(root, at);
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent).map_err(err("mkdir", parent))?;
+            }
+            std::os::unix::fs::symlink(Path::new(WORKSPACE).join(&d.rel), &dst)
+                .map_err(err("symlink", at))?;
+        }
+    }
+
     nix::unistd::chdir(root).map_err(err("chdir", root))?;
     // pivot_root(".", ".") stacks the old root under the new one; detaching it
     // leaves only the new root (no directory needed for the old root).

@@ -12,6 +12,7 @@ pub mod journal;
 pub mod registry;
 pub mod slot;
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use tracing::Instrument;
 use crate::policy::{Degradation, NetworkMode, Policy};
 use crate::sandbox::cgroup::{CgroupLimits, SessionCgroup};
 use crate::sandbox::landlock::LandlockFeature;
-use crate::sandbox::proto::{ConfinementReport, NetMode, Setup};
+use crate::sandbox::proto::{ConfinementReport, ExtraDir, NetMode, Setup};
 use crate::sandbox::{HelperClient, SandboxConfig, SandboxError};
 use crate::tools::bash::{BashLimits, BashSession};
 use crate::tools::{timed_out, Tool, ToolResult};
@@ -50,6 +51,9 @@ pub struct SessionOptions {
     /// The host directory to mount at `/workspace`; `None` creates an empty one
     /// under the state directory, removed at close.
     pub workspace: Option<PathBuf>,
+    /// Workspace subdirectories created before the sandbox starts, shown
+    /// elsewhere or read-only inside it (see [`ExtraDir`]).
+    pub extra_dirs: Vec<ExtraDir>,
 }
 
 /// An open session.
@@ -168,6 +172,19 @@ impl Session {
                 source: std::io::Error::other("not a directory"),
             });
         }
+        for d in &opts.extra_dirs {
+            let bad = |e: String| SessionError::Workspace {
+                path: d.rel.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            };
+            d.validate().map_err(bad)?;
+            let p = workspace.join(&d.rel);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&p)
+                .map_err(|source| SessionError::Workspace { path: p, source })?;
+        }
         let root_dir = cfg.state_dir.join("root");
         std::fs::create_dir_all(&root_dir).map_err(|source| SessionError::Workspace {
             path: root_dir.clone(),
@@ -203,6 +220,7 @@ impl Session {
             allow_degraded: degradations(&policy),
             max_file_bytes: limits.file_bytes,
             output_limit: limits.output_bytes,
+            extra_dirs: opts.extra_dirs.clone(),
         };
         let helper = match HelperClient::start(cfg, &setup, &cgroup).await {
             Ok(h) => h,

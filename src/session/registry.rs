@@ -101,6 +101,16 @@ impl Registry {
         id: &str,
         environment: &str,
     ) -> Result<(Arc<Session>, bool), RegistryError> {
+        self.open_with(id, environment, Vec::new()).await
+    }
+
+    /// [`Registry::open`] with extra workspace directories for a new session.
+    pub async fn open_with(
+        &self,
+        id: &str,
+        environment: &str,
+        extra_dirs: Vec<crate::sandbox::proto::ExtraDir>,
+    ) -> Result<(Arc<Session>, bool), RegistryError> {
         if !valid_id(id) {
             return Err(RegistryError::InvalidId(id.to_string()));
         }
@@ -132,6 +142,7 @@ impl Registry {
                 SessionOptions {
                     policy,
                     workspace: None,
+                    extra_dirs,
                 },
             )
             .await?,

@@ -269,6 +269,13 @@ impl Served {
             capacity,
             max_idle: Some(Duration::from_secs(2)),
             base_url: fake.url(),
+            memory_sync: Some(Duration::from_secs(5)),
+            memory_deletions: hands::cma::memory::Deletions::Enabled,
+            skill_limits: hands::cma::skills::SkillLimits {
+                archive_bytes: 1 << 20,
+                entries: 100,
+                unpacked_bytes: 4 << 20,
+            },
         };
         let policies = hands::policy::PolicySet::builtin()
             .iter()
@@ -861,5 +868,546 @@ async fn checklist_37_shutting_down_mid_session_tears_down_and_force_stops() {
         )
         .await;
     assert_eq!(w["stops"][0]["force"], true, "{w}");
+    s.finish().await.unwrap();
+}
+
+// ---- skills and memory stores ---------------------------------------------
+
+impl Served {
+    /// A session from a full `/_fake/sessions` spec (events, skills,
+    /// resources, work); returns (session id, work id).
+    async fn session_spec(&self, mut spec: Value) -> (String, String) {
+        spec["environment_id"] = self.env["id"].clone();
+        let c = self
+            .fake
+            .control("POST", "/_fake/sessions", Some(spec))
+            .await;
+        (
+            c["session"]["id"].as_str().unwrap().to_string(),
+            c["work"]["id"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Runs one call and returns its result (text, is_error).
+    async fn call(&self, sid: &str, event: Value) -> (String, bool) {
+        let id = event["id"].as_str().unwrap().to_string();
+        self.append(sid, json!([event])).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self
+                .fake
+                .control("GET", &format!("/_fake/sessions/{sid}"), None)
+                .await;
+            if let Some(e) = log["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["type"] == "user.tool_result" && e["tool_use_id"] == id.as_str())
+            {
+                return (text_of(e), e["is_error"] == true);
+            }
+            assert!(std::time::Instant::now() < deadline, "no result for {id}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn bash(&self, sid: &str, id: &str, command: &str) -> String {
+        self.call(sid, bash_use(id, command)).await.0
+    }
+}
+
+/// Archives built by Python's zipfile/tarfile, which write hostile member
+/// names as given: name → base64.
+fn archives() -> Value {
+    let script = r##"
+import base64, io, json, tarfile, zipfile
+def z(members):
+    b = io.BytesIO()
+    with zipfile.ZipFile(b, "w", zipfile.ZIP_DEFLATED) as f:
+        for name, data, mode in members:
+            i = zipfile.ZipInfo(name); i.create_system = 3; i.external_attr = mode << 16
+            f.writestr(i, data)
+    return b.getvalue()
+def t(members, compression=""):
+    b = io.BytesIO()
+    with tarfile.open(fileobj=b, mode="w:" + compression) as f:
+        for name, data, kind in members:
+            i = tarfile.TarInfo(name)
+            if kind == "sym":
+                i.type = tarfile.SYMTYPE; i.linkname = data; f.addfile(i)
+            elif kind == "hard":
+                i.type = tarfile.LNKTYPE; i.linkname = data; f.addfile(i)
+            else:
+                i.size = len(data); i.mode = 0o644; f.addfile(i, io.BytesIO(data))
+    return b.getvalue()
+out = {
+  "pdf_v1": z([("pdf/SKILL.md", b"old", 0o100644)]),
+  "pdf_v2": z([("pdf/SKILL.md", b"# PDF skill v2\n", 0o100644),
+               ("pdf/scripts/run.sh", b"#!/bin/sh\necho run\n", 0o104755)]),
+  "flat": t([("SKILL.md", b"flat", "file"), ("notes/a.txt", b"a", "file")], "gz"),
+  "dotdot": t([("ok.txt", b"fine", "file"), ("../escaped.txt", b"x", "file")], "bz2"),
+  "absolute": z([("ok.txt", b"fine", 0o100644), ("/tmp/abs-escape.txt", b"x", 0o100644)]),
+  "links": t([("links/ok.txt", b"kept", "file"), ("links/shadow", "/etc/shadow", "sym"),
+              ("links/hard", "/etc/shadow", "hard")], "xz"),
+  "bomb": t([("big.bin", b"\0" * (8 << 20), "file")], "gz"),
+}
+print(json.dumps({k: base64.b64encode(v).decode() for k, v in out.items()}))
+"##;
+    let out = Command::new(crate::differential::python())
+        .args(["-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Contract §7 and §11 #11: `latest` resolves through E9, a wrapper
+/// directory is stripped, modes follow the archive; archives with `..`,
+/// absolute or link members, one too big, and one whose download fails are
+/// refused — each a warning, the session proceeds. Skills live in the item's
+/// workspace and go with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn skills_are_staged_and_hostile_archives_refused() {
+    needs_fake!();
+    let a = archives();
+    let s = Served::start(
+        1,
+        &[json!({"endpoint": "E10", "status": 500, "path": "skill_broken", "times": null})],
+    )
+    .await;
+    let skill = |id: &str, name: &str, versions: &[&str]| {
+        json!({"skill_id": id, "versions": versions.iter().enumerate().map(|(i, k)| json!({
+            "version": format!("{}", i + 1), "name": name, "archive_b64": a[*k]
+        })).collect::<Vec<_>>()})
+    };
+    for spec in [
+        skill("skill_pdf", "anthropic/pdf", &["pdf_v1", "pdf_v2"]),
+        skill("skill_flat", " flat ", &["flat"]),
+        skill("skill_dotdot", "dotdot", &["dotdot"]),
+        skill("skill_abs", "absolute", &["absolute"]),
+        skill("skill_links", "links", &["links"]),
+        skill("skill_bomb", "bomb", &["bomb"]),
+        skill("skill_broken", "broken", &["flat"]),
+    ] {
+        s.fake.control("POST", "/_fake/skills", Some(spec)).await;
+    }
+    let uses = |id: &str| json!({"type": "custom", "skill_id": id, "version": "latest"});
+    let (sid, work) = s
+        .session_spec(json!({
+            "skills": [uses("skill_pdf"), uses("skill_flat"), uses("skill_dotdot"), uses("skill_abs"),
+                       uses("skill_links"), uses("skill_bomb"), uses("skill_broken")],
+            "events": [],
+            "work": {"ttl_seconds": 4},
+        }))
+        .await;
+    let listing = s
+        .bash(&sid, "toolu_ls", "cd /workspace && find . -printf '%p %m %y\\n' | sort; cat skills/pdf/SKILL.md; ls / /tmp")
+        .await;
+    for want in [
+        "./skills 700 d",
+        "./skills/pdf 700 d",
+        "./skills/pdf/SKILL.md 644 f",
+        "./skills/pdf/scripts/run.sh 755 f",
+        "./skills/flat 700 d",
+        "./skills/flat/SKILL.md 644 f",
+        "./skills/flat/notes/a.txt 644 f",
+        "./skills/links/ok.txt 644 f",
+        "# PDF skill v2",
+    ] {
+        assert!(
+            listing.lines().any(|l| l == want),
+            "missing {want:?} in:\n{listing}"
+        );
+    }
+    for absent in [
+        "dotdot", "absolute", "shadow", "hard", "bomb", "broken", ".skill-", "escape",
+    ] {
+        assert!(
+            !listing.contains(absent),
+            "{absent:?} must not be there:\n{listing}"
+        );
+    }
+    // E9 with `latest`, then E10 by the concrete version id.
+    let reqs = s
+        .fake
+        .control("GET", "/_fake/requests?skill_id=skill_pdf", None)
+        .await;
+    let reqs = reqs["requests"].as_array().unwrap();
+    assert_eq!(reqs[0]["endpoint"], "E9");
+    assert!(reqs[0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("/versions/latest"));
+    assert_eq!(reqs[1]["endpoint"], "E10");
+    assert!(!reqs[1]["path"].as_str().unwrap().contains("latest"));
+    assert_eq!(reqs[1]["headers"]["accept"], "application/binary");
+    s.append(&sid, json!([end_turn()])).await;
+    s.work_state(&work, "stopped").await;
+    s.finish().await.unwrap();
+}
+
+async fn store(s: &Served, memories: Value) -> String {
+    let m = s
+        .fake
+        .control(
+            "POST",
+            "/_fake/memory_stores",
+            Some(json!({"memories": memories})),
+        )
+        .await;
+    m["id"].as_str().unwrap().to_string()
+}
+
+/// The memories of a store on the fake: path → content.
+async fn remote(s: &Served, id: &str) -> std::collections::BTreeMap<String, String> {
+    let m = s
+        .fake
+        .control("GET", &format!("/_fake/memory_stores/{id}"), None)
+        .await;
+    m["memories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["path"].as_str().unwrap().to_string(),
+                m["content"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Contract §8: stores are downloaded with their marker, synced both ways
+/// after calls (new, edited, server-side new/changed/deleted), deletions wait
+/// for the final sync, and a read-only store is read-only to bash as well.
+/// The store appears at the server's mount path inside the sandbox only: on
+/// the host it lives in the item's workspace.
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_stores_sync_both_ways_at_their_mount_paths() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let notes = store(
+        &s,
+        json!([
+            {"path": "/a.md", "content": "alpha\n"},
+            {"path": "/dir/b.md", "content": "beta\n"},
+            {"path": "/gone.md", "content": "gone\n"},
+        ]),
+    )
+    .await;
+    let kb = store(&s, json!([{"path": "/k.md", "content": "kb\n"}])).await;
+    let mnt = format!("/srv/hands-it-{}/notes", std::process::id());
+    let (sid, work) = s
+        .session_spec(json!({
+            "resources": [
+                {"type": "memory_store", "memory_store_id": notes, "mount_path": mnt, "access": "read_write", "name": "notes"},
+                {"type": "memory_store", "memory_store_id": kb, "mount_path": "/workspace/kb", "access": "read_only", "name": "kb"},
+            ],
+            "events": [],
+            "work": {"ttl_seconds": 10},
+        }))
+        .await;
+    let out = s
+        .bash(&sid, "toolu_1", &format!("cat {mnt}/a.md {mnt}/dir/b.md /workspace/kb/k.md {mnt}/.anthropic-memory-store; echo; echo x > /workspace/kb/x.md"))
+        .await;
+    assert!(
+        out.starts_with(&format!("alpha\nbeta\nkb\nversion 1\n{notes}\n")),
+        "{out}"
+    );
+    assert!(
+        out.contains("Read-only file system"),
+        "a read-only store is read-only to bash: {out}"
+    );
+    assert!(
+        !std::path::Path::new(&mnt).exists(),
+        "the server's mount path exists inside the sandbox only"
+    );
+    let w = s
+        .call(&sid, json!({"type": "agent.tool_use", "id": "toolu_2", "name": "write", "input": {"file_path": format!("{mnt}/c.md"), "content": "gamma\n"}}))
+        .await;
+    assert!(!w.1, "{w:?}");
+    let e = s
+        .call(&sid, json!({"type": "agent.tool_use", "id": "toolu_3", "name": "edit", "input": {"file_path": format!("{mnt}/a.md"), "old_string": "alpha", "new_string": "ALPHA"}}))
+        .await;
+    assert!(!e.1, "{e:?}");
+    s.bash(
+        &sid,
+        "toolu_4",
+        &format!("rm {mnt}/dir/b.md; ln -s /etc/passwd {mnt}/passwd.md; ln -s /etc {mnt}/etc"),
+    )
+    .await;
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/memory_stores/{notes}/memories"),
+            Some(json!({"path": "/d.md", "content": "delta\n"})),
+        )
+        .await;
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/memory_stores/{notes}/memories/delete"),
+            Some(json!({"path": "/gone.md"})),
+        )
+        .await;
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/memory_stores/{kb}/memories"),
+            Some(json!({"path": "/k.md", "content": "kb2\n"})),
+        )
+        .await;
+    // The sync interval (5 s) passes; the next call triggers a sync.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    s.bash(&sid, "toolu_5", "true").await;
+    until("c.md uploaded", || async {
+        remote(&s, &notes).await.contains_key("/c.md")
+    })
+    .await;
+    until("a.md updated", || async {
+        remote(&s, &notes).await.get("/a.md").map(String::as_str) == Some("ALPHA\n")
+    })
+    .await;
+    // Syncs run beside the calls: wait for the read-only store's pull.
+    let pulled = s
+        .fake
+        .control("GET", &format!("/_fake/requests?endpoint=E12&memory_store_id={kb}&completed=1&wait_count=1&timeout_ms=20000"), None)
+        .await;
+    assert_eq!(pulled["requests"].as_array().unwrap().len(), 1, "{pulled}");
+    let out = s
+        .bash(&sid, "toolu_6", &format!("for i in $(seq 100); do grep -q kb2 /workspace/kb/k.md && break; sleep 0.1; done; cat {mnt}/d.md /workspace/kb/k.md; ls {mnt}"))
+        .await;
+    assert!(out.starts_with("delta\nkb2\n"), "{out}");
+    assert!(
+        !out.contains("gone.md"),
+        "deleted on the server, unchanged here: {out}"
+    );
+    let r = remote(&s, &notes).await;
+    assert_eq!(r.get("/c.md").map(String::as_str), Some("gamma\n"));
+    assert!(
+        r.contains_key("/dir/b.md"),
+        "a local deletion waits 30 s (or the final sync)"
+    );
+    assert!(
+        !r.keys()
+            .any(|k| k.contains("passwd") || k.starts_with("/etc")),
+        "symlinks are never followed: {r:?}"
+    );
+    assert!(!r.contains_key("/.anthropic-memory-store"));
+    assert_eq!(
+        remote(&s, &kb).await.len(),
+        1,
+        "nothing is pushed to a read-only store"
+    );
+
+    // End of turn: the clean end's final sync sends the deletion.
+    s.append(&sid, json!([end_turn()])).await;
+    s.work_state(&work, "stopped").await;
+    until("b.md deleted", || async {
+        !remote(&s, &notes).await.contains_key("/dir/b.md")
+    })
+    .await;
+    let reqs = s
+        .fake
+        .control("GET", "/_fake/requests?endpoint=E15", None)
+        .await;
+    let del = &reqs["requests"][0];
+    assert!(
+        del["raw_query"]
+            .as_str()
+            .unwrap()
+            .starts_with("expected_content_sha256="),
+        "{del}"
+    );
+    s.finish().await.unwrap();
+}
+
+/// Attack: the agent swaps its memory folder for a symlink to `/etc`. The
+/// worker (root, on the host) follows nothing: no server memory is written
+/// into the host's `/etc`, nothing there is uploaded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_memory_folder_swapped_for_a_symlink_is_never_followed_by_the_host() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let notes = store(&s, json!([{"path": "/a.md", "content": "alpha\n"}])).await;
+    let planted = format!("hands-it-owned-{}.md", std::process::id());
+    let (sid, work) = s
+        .session_spec(json!({
+            "resources": [{"type": "memory_store", "memory_store_id": notes, "mount_path": "/mnt/memory/notes", "access": "read_write"}],
+            "events": [],
+            "work": {"ttl_seconds": 10},
+        }))
+        .await;
+    let out = s
+        .bash(&sid, "toolu_1", "d=$(readlink -f /mnt/memory/notes); rm -rf \"$d\" && ln -s /etc \"$d\" && ls /mnt/memory/notes/ | head -3")
+        .await;
+    assert!(!out.is_empty(), "{out}");
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/memory_stores/{notes}/memories"),
+            Some(json!({"path": format!("/{planted}"), "content": "owned\n"})),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    s.bash(&sid, "toolu_2", "true").await;
+    s.append(&sid, json!([end_turn()])).await;
+    s.work_state(&work, "stopped").await;
+    let reqs = s
+        .fake
+        .control(
+            "GET",
+            &format!("/_fake/requests?memory_store_id={notes}"),
+            None,
+        )
+        .await;
+    let sent: Vec<&Value> = reqs["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| matches!(r["endpoint"].as_str(), Some("E13" | "E14" | "E15")))
+        .collect();
+    assert!(
+        sent.is_empty(),
+        "nothing from the host's /etc was sent: {sent:?}"
+    );
+    s.finish().await.unwrap();
+    assert!(
+        !std::path::Path::new("/etc").join(&planted).exists(),
+        "the worker wrote through the agent's symlink"
+    );
+}
+
+/// §11 #9: the session fetch fails (500 past the client's retries) → the
+/// item fails and is force-stopped; polling goes on and the next item is
+/// served.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_9_a_failed_session_fetch_fails_only_that_item() {
+    needs_fake!();
+    let s = Served::start(1, &[json!({"endpoint": "E5", "status": 500, "times": 3})]).await;
+    let (_, first) = s.session(json!([]), json!({"ttl_seconds": 4})).await;
+    let w = s.work_state(&first, "stopped").await;
+    assert_eq!(w["state"], "stopped", "{w}");
+    assert_eq!(w["stops"][0]["force"], true);
+    let (sid, _) = s
+        .session(
+            json!([bash_use("toolu_1", "echo next")]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    assert_eq!(text_of(&s.results(&sid, 1).await[0]), "next");
+    s.finish().await.unwrap();
+}
+
+/// §11 #10: memory stores on an item without a sessions token: the memory
+/// endpoints refuse the environment key, so the item fails at once and is
+/// force-stopped; no event is read.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_10_memory_stores_without_a_sessions_token_fail_the_item() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let m = store(&s, json!([])).await;
+    let (sid, work) = s
+        .session_spec(json!({
+            "resources": [{"type": "memory_store", "memory_store_id": m, "mount_path": "/mnt/memory/m"}],
+            "events": [bash_use("toolu_1", "echo must not run")],
+            "work": {"ttl_seconds": 4, "secret": false},
+        }))
+        .await;
+    let w = s.work_state(&work, "stopped").await;
+    assert_eq!(w["state"], "stopped", "{w}");
+    assert_eq!(w["stops"][0]["force"], true);
+    let reqs = s
+        .fake
+        .control("GET", &format!("/_fake/requests?session_id={sid}"), None)
+        .await;
+    let reqs = &reqs["requests"];
+    assert!(
+        !reqs
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| matches!(r["endpoint"].as_str(), Some("E6" | "E7" | "E8" | "E11"))),
+        "{reqs}"
+    );
+    s.finish().await.unwrap();
+}
+
+/// §11 #27: the event stream answers 401 → the runner ends, teardown,
+/// force-stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_27_a_refused_stream_ends_the_item() {
+    needs_fake!();
+    let s = Served::start(
+        1,
+        &[json!({"endpoint": "E6", "status": 401, "times": null})],
+    )
+    .await;
+    let (_, work) = s.session(json!([]), json!({"ttl_seconds": 4})).await;
+    let w = s.work_state(&work, "stopped").await;
+    assert_eq!(w["state"], "stopped", "{w}");
+    assert_eq!(w["stops"][0]["force"], true);
+    s.finish().await.unwrap();
+}
+
+/// §11 #18/#19: heartbeats that never answer. Past the TTL the lease is
+/// assumed lost: hands abandons the call in flight (its processes die with
+/// the sandbox), posts nothing and does not stop the item. (The SDK worker
+/// lets the call finish and posts its result.)
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_19_blackholed_heartbeats_end_in_an_assumed_loss() {
+    needs_fake!();
+    let s = Served::start(
+        1,
+        &[json!({"endpoint": "E3", "action": "hang", "skip": 1, "times": null, "delay_ms": 60000})],
+    )
+    .await;
+    let (sid, work) = s
+        .session(
+            json!([bash_use("toolu_long", "sleep 30; echo done")]),
+            json!({"ttl_seconds": 4, "on_lease_expiry": "ignore"}),
+        )
+        .await;
+    s.work_state(&work, "active").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while s.registry.open_sessions() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease was never assumed lost"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = s
+        .fake
+        .control("GET", &format!("/_fake/sessions/{sid}"), None)
+        .await;
+    assert!(
+        !log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["_origin"] == "client"),
+        "posted after the lease was assumed lost"
+    );
+    let w = s
+        .fake
+        .control("GET", &format!("/_fake/work/{work}"), None)
+        .await;
+    assert!(w["stops"].as_array().unwrap().is_empty(), "{w}");
     s.finish().await.unwrap();
 }

@@ -63,6 +63,7 @@ pub async fn open_with(policy: Policy, workspace: Option<&Path>) -> Session {
         SessionOptions {
             policy: Arc::new(policy),
             workspace: workspace.map(Path::to_path_buf),
+            extra_dirs: Vec::new(),
         },
     )
     .await
