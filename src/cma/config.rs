@@ -13,6 +13,7 @@
 //! base_url = "https://api.anthropic.com"   # default: $ANTHROPIC_BASE_URL, else this
 //! memory_sync_interval_secs = 15   # memory stores: >= 5; 0 disables memory handling
 //! memory_sync_deletions = "enabled"   # "enabled" | "log_only" | "disabled"
+//! stream_read_timeout_secs = 600   # no byte on the event stream this long: reconnect
 //! ```
 //!
 //! The key is never in argv or the configuration file itself, and is never logged.
@@ -48,6 +49,12 @@ pub struct Raw {
     memory_sync_interval_secs: u64,
     #[serde(default = "default_deletions")]
     memory_sync_deletions: super::memory::Deletions,
+    #[serde(default = "default_read_timeout")]
+    stream_read_timeout_secs: u64,
+}
+
+fn default_read_timeout() -> u64 {
+    600
 }
 
 fn default_sync() -> u64 {
@@ -76,6 +83,8 @@ pub struct AnthropicConfig {
     /// `None`: memory stores are not handled (a session with one runs without).
     pub memory_sync: Option<Duration>,
     pub memory_deletions: super::memory::Deletions,
+    /// No byte on the event stream this long: reconnect and reconcile.
+    pub stream_read_timeout: Duration,
     /// Bounds on skill archives (not in the file: the defaults of
     /// [`super::skills::SkillLimits`]).
     pub skill_limits: super::skills::SkillLimits,
@@ -152,6 +161,7 @@ impl Raw {
             memory_sync: (self.memory_sync_interval_secs > 0)
                 .then(|| Duration::from_secs(self.memory_sync_interval_secs)),
             memory_deletions: self.memory_sync_deletions,
+            stream_read_timeout: Duration::from_secs(self.stream_read_timeout_secs.max(1)),
             skill_limits: Default::default(),
         })
     }

@@ -83,6 +83,8 @@ pub struct Runner {
     session_id: String,
     sandbox: Arc<Session>,
     max_idle: Option<Duration>,
+    /// No byte on the stream for this long: reconnect (§11 #36).
+    read_timeout: Duration,
     ttl: watch::Receiver<Option<Duration>>,
     lease: watch::Receiver<Option<EndReason>>,
     st: Mutex<State>,
@@ -129,6 +131,7 @@ impl Runner {
         session_id: String,
         sandbox: Arc<Session>,
         max_idle: Option<Duration>,
+        read_timeout: Duration,
         ttl: watch::Receiver<Option<Duration>>,
         lease: watch::Receiver<Option<EndReason>>,
     ) -> Arc<Runner> {
@@ -138,6 +141,7 @@ impl Runner {
             session_id,
             sandbox,
             max_idle,
+            read_timeout,
             ttl,
             lease,
             st: Mutex::new(State::default()),
@@ -449,7 +453,7 @@ impl Runner {
                             st.idle_since.zip(self.max_idle).map(|(t, d)| t + d)
                         };
                         let frame = tokio::select! {
-                            f = tokio::time::timeout(super::http::READ_TIMEOUT, body.frame()) => f,
+                            f = tokio::time::timeout(self.read_timeout, body.frame()) => f,
                             _ = async {
                                 match idle_deadline {
                                     Some(d) => tokio::time::sleep_until(d.into()).await,

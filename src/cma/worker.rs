@@ -383,6 +383,7 @@ impl Shared {
                 item.session_id.clone(),
                 sandbox,
                 self.cfg.max_idle,
+                self.cfg.stream_read_timeout,
                 ttl_rx,
                 lease_rx.clone(),
             );

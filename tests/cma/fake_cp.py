@@ -775,6 +775,9 @@ class _Abort(Exception):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fake-cma/1.0"
+    # TCP_NODELAY, as a production server sets it: with Nagle on, an SSE event
+    # written while the worker still owes an ACK waits ~40 ms for it.
+    disable_nagle_algorithm = True
     fake: "FakeControlPlane" = None  # set per server subclass
 
     def log_message(self, fmt, *args):

@@ -252,6 +252,17 @@ struct Served {
 impl Served {
     /// The fake with `faults` installed before the connector starts.
     async fn start(capacity: usize, faults: &[Value]) -> Served {
+        Served::start_with(capacity, faults, |_| {}, Vec::new()).await
+    }
+
+    /// [`Served::start`] with the connector's configuration adjusted and
+    /// extra policies offered.
+    async fn start_with(
+        capacity: usize,
+        faults: &[Value],
+        tweak: impl FnOnce(&mut AnthropicConfig),
+        extra_policies: Vec<hands::policy::Policy>,
+    ) -> Served {
         let fake = Fake::start();
         let env = fake
             .control("POST", "/_fake/environments", Some(json!({})))
@@ -271,15 +282,19 @@ impl Served {
             base_url: fake.url(),
             memory_sync: Some(Duration::from_secs(5)),
             memory_deletions: hands::cma::memory::Deletions::Enabled,
+            stream_read_timeout: Duration::from_secs(600),
             skill_limits: hands::cma::skills::SkillLimits {
                 archive_bytes: 1 << 20,
                 entries: 100,
                 unpacked_bytes: 4 << 20,
             },
         };
+        let mut cfg = cfg;
+        tweak(&mut cfg);
         let policies = hands::policy::PolicySet::builtin()
             .iter()
             .cloned()
+            .chain(extra_policies)
             .collect::<Vec<_>>();
         let registry = Arc::new(hands::session::registry::Registry::new(
             crate::util::config(),
@@ -1409,5 +1424,332 @@ async fn checklist_19_blackholed_heartbeats_end_in_an_assumed_loss() {
         .control("GET", &format!("/_fake/work/{work}"), None)
         .await;
     assert!(w["stops"].as_array().unwrap().is_empty(), "{w}");
+    s.finish().await.unwrap();
+}
+
+async fn requests(s: &Served, query: &str) -> Vec<Value> {
+    s.fake
+        .control("GET", &format!("/_fake/requests?{query}"), None)
+        .await["requests"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// §11 #1: an empty poll is answered `null`; the next poll follows after
+/// U[1,3) s with the same `Anthropic-Worker-ID` and `block_ms=999`.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_1_empty_polls_repeat_with_the_same_worker_id() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let polls = requests(&s, "endpoint=E1&wait_count=3&timeout_ms=20000").await;
+    assert!(polls.len() >= 3, "{polls:?}");
+    for p in &polls[..3] {
+        assert_eq!(p["headers"]["anthropic-worker-id"], "it-worker");
+        assert_eq!(p["raw_query"], "block_ms=999");
+        assert_eq!(p["credential"]["kind"], "environment_key");
+    }
+    for w in polls[..3].windows(2) {
+        let gap = w[1]["t"].as_f64().unwrap() - w[0]["t_done"].as_f64().unwrap();
+        assert!(gap >= 0.95, "polled again after {gap:.2} s, not U[1,3)");
+    }
+    s.finish().await.unwrap();
+}
+
+/// §11 #6: an ack refused with 404 → the item is force-stopped with the
+/// environment key, and polling goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_6_a_refused_ack_force_stops_with_the_environment_key() {
+    needs_fake!();
+    let s = Served::start(1, &[json!({"endpoint": "E2", "status": 404, "times": 1})]).await;
+    let (_, first) = s.session(json!([]), json!({"ttl_seconds": 4})).await;
+    let stops = requests(
+        &s,
+        &format!("endpoint=E4&work_id={first}&wait_count=1&timeout_ms=20000"),
+    )
+    .await;
+    assert_eq!(
+        stops[0]["credential"]["kind"], "environment_key",
+        "{stops:?}"
+    );
+    assert_eq!(stops[0]["body"]["force"], true);
+    let (sid, _) = s
+        .session(
+            json!([bash_use("toolu_1", "echo next")]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    assert_eq!(text_of(&s.results(&sid, 1).await[0]), "next");
+    s.finish().await.unwrap();
+}
+
+/// §11 #7: without a secret, or with one that does not decode, every call of
+/// the item uses the environment key (and the item is still served).
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_7_items_without_a_usable_secret_use_the_environment_key() {
+    needs_fake!();
+    let s = Served::start(2, &[]).await;
+    for (n, secret) in [json!(false), json!("not*base64!")].into_iter().enumerate() {
+        let (sid, work) = s
+            .session(
+                json!([bash_use(&format!("toolu_{n}"), "echo served")]),
+                json!({"ttl_seconds": 4, "secret": secret}),
+            )
+            .await;
+        assert_eq!(text_of(&s.results(&sid, 1).await[0]), "served");
+        for r in requests(&s, &format!("work_id={work}"))
+            .await
+            .iter()
+            .chain(requests(&s, &format!("session_id={sid}")).await.iter())
+        {
+            assert_eq!(
+                r["credential"]["kind"], "environment_key",
+                "{} {}",
+                r["endpoint"], r["path"]
+            );
+        }
+    }
+    s.finish().await.unwrap();
+}
+
+/// §11 #12: a skill download slower than the TTL: heartbeats go on
+/// meanwhile, and the session is then served.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_12_heartbeats_continue_through_a_slow_skill_download() {
+    needs_fake!();
+    let a = archives();
+    let s = Served::start(
+        1,
+        &[json!({"endpoint": "E10", "action": "delay", "delay_ms": 6000})],
+    )
+    .await;
+    s.fake
+        .control("POST", "/_fake/skills", Some(json!({"skill_id": "skill_slow", "versions": [{"name": "slow", "archive_b64": a["flat"]}]})))
+        .await;
+    let (sid, work) = s
+        .session_spec(json!({
+            "skills": [{"type": "custom", "skill_id": "skill_slow", "version": "latest"}],
+            "events": [bash_use("toolu_1", "cat skills/slow/SKILL.md")],
+            "work": {"ttl_seconds": 4},
+        }))
+        .await;
+    assert_eq!(text_of(&s.results(&sid, 1).await[0]), "flat");
+    let download = &requests(&s, "endpoint=E10").await[0];
+    let (from, to) = (
+        download["t"].as_f64().unwrap(),
+        download["t_done"].as_f64().unwrap(),
+    );
+    let beats = requests(&s, &format!("endpoint=E3&work_id={work}")).await;
+    let during = beats
+        .iter()
+        .filter(|b| (from..to).contains(&b["t"].as_f64().unwrap()))
+        .count();
+    assert!(
+        during >= 2,
+        "{during} heartbeats during a {:.1} s download",
+        to - from
+    );
+    s.finish().await.unwrap();
+}
+
+/// §11 #15: the server asks for a graceful stop (the heartbeat reports
+/// `stopping`): the call in flight finishes and its result is posted, then
+/// teardown and force-stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_15_a_stopping_heartbeat_lets_the_call_finish_then_force_stops() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let (sid, work) = s
+        .session(
+            json!([bash_use("toolu_1", "sleep 3; echo finished")]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    s.work_state(&work, "active").await;
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/work/{work}/stop"),
+            Some(json!({"force": false})),
+        )
+        .await;
+    let w = s.work_state(&work, "stopped").await;
+    assert_eq!(w["state"], "stopped", "{w}");
+    assert_eq!(text_of(&s.results(&sid, 1).await[0]), "finished");
+    let stop = w["stops"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(stop["force"], true, "{w}");
+    s.finish().await.unwrap();
+}
+
+/// §11 #28: the history listing fails: live calls still run; the history's
+/// call runs after the next reconnect re-lists.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_28_a_failed_history_listing_does_not_stop_live_calls() {
+    needs_fake!();
+    let s = Served::start(1, &[json!({"endpoint": "E7", "status": 500, "times": 3})]).await;
+    let (sid, work) = s
+        .session(
+            json!([bash_use("toolu_hist", "echo from history")]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    s.work_state(&work, "active").await;
+    requests(
+        &s,
+        &format!("endpoint=E7&session_id={sid}&completed=1&wait_count=3&timeout_ms=20000"),
+    )
+    .await;
+    let (live, _) = s.call(&sid, bash_use("toolu_live", "echo live")).await;
+    assert_eq!(live, "live");
+    let log = s
+        .fake
+        .control("GET", &format!("/_fake/sessions/{sid}"), None)
+        .await;
+    assert!(
+        !log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["tool_use_id"] == "toolu_hist"),
+        "the history was read although its listing failed"
+    );
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/sessions/{sid}/streams/close"),
+            Some(json!({"mode": "clean"})),
+        )
+        .await;
+    let r = s.results(&sid, 2).await;
+    assert!(
+        r.iter()
+            .any(|e| e["tool_use_id"] == "toolu_hist" && text_of(e) == "from history"),
+        "{r:?}"
+    );
+    s.finish().await.unwrap();
+}
+
+/// §11 #30: a `requires_action` idle never ends the item; an event after an
+/// `end_turn` idle cancels the countdown; the next `end_turn` ends it.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_30_only_an_undisturbed_end_turn_idle_ends_the_item() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let (sid, work) = s.session(json!([]), json!({"ttl_seconds": 4})).await;
+    s.work_state(&work, "active").await;
+    s.append(&sid, json!([{"type": "session.status_idle", "stop_reason": {"type": "requires_action", "event_ids": []}}]))
+        .await;
+    s.append(
+        &sid,
+        json!([end_turn(), {"type": "session.status_running"}]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // past max_idle (2 s) twice
+    let w = s
+        .fake
+        .control("GET", &format!("/_fake/work/{work}"), None)
+        .await;
+    assert_eq!(
+        w["state"], "active",
+        "ended without an undisturbed end_turn: {w}"
+    );
+    s.append(&sid, json!([end_turn()])).await;
+    let w = s.work_state(&work, "stopped").await;
+    assert_eq!(w["state"], "stopped", "{w}");
+    s.finish().await.unwrap();
+}
+
+/// §11 #32: a live `session.status_terminated` ends the item at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_32_a_live_termination_ends_the_item() {
+    needs_fake!();
+    let s = Served::start_with(1, &[], |c| c.max_idle = None, Vec::new()).await;
+    let (sid, work) = s.session(json!([]), json!({"ttl_seconds": 4})).await;
+    s.work_state(&work, "active").await;
+    requests(
+        &s,
+        &format!("endpoint=E6&session_id={sid}&wait_count=1&timeout_ms=20000"),
+    )
+    .await;
+    s.append(&sid, json!([{"type": "session.status_terminated"}]))
+        .await;
+    let w = s.work_state(&work, "stopped").await;
+    assert_eq!(w["state"], "stopped", "{w}");
+    assert_eq!(w["stops"][0]["force"], true);
+    s.finish().await.unwrap();
+}
+
+/// A policy like `default` with short timeouts: bash's own 1 s, the runner's
+/// cut-off of any call 2 s.
+fn quick_policy() -> hands::policy::Policy {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/policies/default.toml"
+    ))
+    .unwrap();
+    let text = regex::Regex::new(r#"(?m)^bash_timeout = .*$"#)
+        .unwrap()
+        .replace(&text, r#"bash_timeout = "1s""#);
+    let text = regex::Regex::new(r#"(?m)^call_timeout = .*$"#)
+        .unwrap()
+        .replace(&text, r#"call_timeout = "2s""#);
+    hands::policy::Policy::from_toml_str("quick", &text, std::path::Path::new("quick.toml"))
+        .unwrap()
+}
+
+/// §11 #35: a call that outlives the runner's limit (the policy's
+/// `call_timeout`, 150 s by default) → `tool '<name>' timed out`, an error
+/// result; the item goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_35_a_call_past_the_runner_limit_times_out() {
+    needs_fake!();
+    let s = Served::start_with(
+        1,
+        &[],
+        |c| c.environment = "quick".into(),
+        vec![quick_policy()],
+    )
+    .await;
+    let (sid, _) = s.session(json!([]), json!({"ttl_seconds": 4})).await;
+    let (text, is_error) = s
+        .call(&sid, json!({"type": "agent.tool_use", "id": "toolu_1", "name": "bash", "input": {"command": "sleep 30", "timeout_ms": 20000}}))
+        .await;
+    assert_eq!(text, "tool 'bash' timed out");
+    assert!(is_error);
+    let (text, _) = s.call(&sid, json!({"type": "agent.tool_use", "id": "toolu_2", "name": "bash", "input": {"command": "echo again", "restart": true}})).await;
+    assert!(text.contains("again") || text.contains("restart"), "{text}");
+    s.finish().await.unwrap();
+}
+
+/// §11 #36: no byte on the stream for the read timeout (600 s; 2 s here)
+/// → reconnect and re-list; calls arriving afterwards are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_36_a_silent_stream_is_reopened_after_the_read_timeout() {
+    needs_fake!();
+    let s = Served::start_with(
+        1,
+        &[],
+        |c| c.stream_read_timeout = Duration::from_secs(2),
+        Vec::new(),
+    )
+    .await;
+    s.fake
+        .control(
+            "POST",
+            "/_fake/config",
+            Some(json!({"ping_interval_ms": 600000})),
+        )
+        .await;
+    let (sid, _) = s.session(json!([]), json!({"ttl_seconds": 4})).await;
+    let streams = requests(
+        &s,
+        &format!("endpoint=E6&session_id={sid}&wait_count=3&timeout_ms=30000"),
+    )
+    .await;
+    assert!(streams.len() >= 3, "{streams:?}");
+    let lists = requests(&s, &format!("endpoint=E7&session_id={sid}")).await;
+    assert!(lists.len() >= 3, "each reconnect re-lists: {}", lists.len());
+    let (text, _) = s.call(&sid, bash_use("toolu_1", "echo still served")).await;
+    assert_eq!(text, "still served");
     s.finish().await.unwrap();
 }

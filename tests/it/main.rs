@@ -4,6 +4,7 @@
 
 mod cli;
 mod cma;
+mod cma_differential;
 mod conformance;
 mod differential;
 mod escapes;
