@@ -199,6 +199,7 @@ impl Runner {
             return;
         }
         if call.permission.as_deref() == Some("deny") {
+            tracing::info!(target: "hands::audit", session = %self.session_id, tool_use_id = %call.id, tool = %call.name, "tool call denied by permission policy");
             st.answered.insert(call.id);
             return;
         }
@@ -206,7 +207,9 @@ impl Runner {
         let run = match (verdict.as_deref(), call.permission.as_deref()) {
             (Some("allow"), _) => true,
             (Some(_), _) => {
+                tracing::info!(target: "hands::audit", session = %self.session_id, tool_use_id = %call.id, tool = %call.name, "tool call denied by confirmation");
                 st.answered.insert(call.id);
+                self.settle_deferred(&mut st);
                 return;
             }
             (None, None | Some("allow")) => true,
@@ -229,6 +232,16 @@ impl Runner {
         if st.outstanding > 0 || !st.held.is_empty() {
             st.idle_deferred = true;
         } else {
+            st.idle_since = Some(Instant::now());
+            self.wake.notify_one();
+        }
+    }
+
+    /// A turn-ending idle that arrived while calls were running or held
+    /// starts its countdown once none is left.
+    fn settle_deferred(&self, st: &mut State) {
+        if st.outstanding == 0 && st.held.is_empty() && st.idle_deferred {
+            st.idle_deferred = false;
             st.idle_since = Some(Instant::now());
             self.wake.notify_one();
         }
@@ -279,6 +292,7 @@ impl Runner {
                 if let Some(th) = ev["session_thread_id"].as_str() {
                     st.terminated_threads.insert(th.to_string());
                     st.held.retain(|_, c| c.thread.as_deref() != Some(th));
+                    self.settle_deferred(&mut st);
                 }
             }
             "session.status_terminated" | "session.deleted" => {
@@ -361,6 +375,14 @@ impl Runner {
                         if let Some(th) = ev["session_thread_id"].as_str() {
                             st.terminated_threads.insert(th.to_string());
                         }
+                    }
+                    // Seen only in history (the stream was down when it
+                    // came): the SDK worker keeps running until a heartbeat
+                    // says so (contract §12.10); a terminated session is
+                    // never revived, so hands ends the item now.
+                    "session.status_terminated" | "session.deleted" => {
+                        st.stop = true;
+                        self.wake.notify_one();
                     }
                     _ => {}
                 }
@@ -478,7 +500,7 @@ impl Runner {
                             }
                             Ok(None) => break,
                             Err(_) => {
-                                tracing::info!(session = %self.session_id, "no bytes on the event stream for 600 s");
+                                tracing::info!(session = %self.session_id, read_timeout = ?self.read_timeout, "no bytes on the event stream; reconnecting");
                                 break;
                             }
                         };
@@ -535,11 +557,7 @@ impl Runner {
             }
             let mut st = self.st();
             st.outstanding = st.outstanding.saturating_sub(1);
-            if st.outstanding == 0 && st.held.is_empty() && st.idle_deferred {
-                st.idle_deferred = false;
-                st.idle_since = Some(Instant::now());
-                self.wake.notify_one();
-            }
+            self.settle_deferred(&mut st);
         }
     }
 
@@ -548,7 +566,19 @@ impl Runner {
         let event = match stored {
             Some(e) => e, // computed before; its post failed: re-post, never re-run
             None => {
+                let t0 = Instant::now();
                 let result = self.sandbox.call(&call.name, &call.input).await;
+                // The audit trail: one line per executed call, never its content.
+                tracing::info!(
+                    target: "hands::audit",
+                    session = %self.session_id,
+                    sandbox = %self.sandbox.id(),
+                    tool_use_id = %call.id,
+                    tool = %call.name,
+                    is_error = result.is_error,
+                    ms = t0.elapsed().as_millis() as u64,
+                    "tool call"
+                );
                 let e = result_event(call, &result);
                 self.st().unposted.insert(call.id.clone(), e.clone());
                 e

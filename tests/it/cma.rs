@@ -131,6 +131,7 @@ async fn hands_serves_a_full_session_through_the_sandbox() {
             tool_use("toolu_b", "bash", json!({"command": "cat notes/a.txt; tr '\\0' '\\n' < /proc/self/environ; tr '\\0' '\\n' < /proc/1/environ; env"})),
             tool_use("toolu_n", "read", json!(null)),
             tool_use("toolu_x", "deploy_to_prod", json!({})),
+            {"type": "agent.custom_tool_use", "id": "ctu_1", "name": "lookup", "input": {}},
         ]),
     )
     .await;
@@ -170,7 +171,7 @@ async fn hands_serves_a_full_session_through_the_sandbox() {
         .as_array()
         .unwrap()
         .iter()
-        .any(|e| e["tool_use_id"] == "toolu_x"));
+        .any(|e| e["tool_use_id"] == "toolu_x" || e["custom_tool_use_id"] == "ctu_1"));
 
     // End of turn: after max_idle the item ends and is force-stopped.
     s.append(&sid, json!([end_turn()])).await;
@@ -1751,5 +1752,88 @@ async fn checklist_36_a_silent_stream_is_reopened_after_the_read_timeout() {
     assert!(lists.len() >= 3, "each reconnect re-lists: {}", lists.len());
     let (text, _) = s.call(&sid, bash_use("toolu_1", "echo still served")).await;
     assert_eq!(text, "still served");
+    s.finish().await.unwrap();
+}
+
+/// Where hands does better (contract §10): a process the agent detaches
+/// (`setsid nohup … &`) dies with its item, and the next item starts in an
+/// empty workspace of its own. (The SDK worker's children outlive the item,
+/// and all its sessions share one workdir.)
+#[tokio::test(flavor = "multi_thread")]
+async fn processes_and_files_never_outlive_their_item() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let marker = format!("sleep {}", 7000 + std::process::id() % 1000);
+    let (sid, work) = s
+        .session(
+            json!([bash_use("toolu_1", &format!("setsid nohup {marker} > /dev/null 2>&1 & echo secret > left-behind; echo started"))]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    assert_eq!(text_of(&s.results(&sid, 1).await[0]), "started");
+    let running = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim() == marker)
+                .unwrap_or(false)
+        })
+    };
+    assert!(running(), "the detached process runs during the item");
+    s.append(&sid, json!([end_turn()])).await;
+    s.work_state(&work, "stopped").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while s.registry.open_sessions() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the item's sandbox was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!running(), "{marker:?} outlived its item");
+    let (sid, _) = s
+        .session(
+            json!([bash_use("toolu_2", "ls -A /workspace")]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    assert_eq!(
+        text_of(&s.results(&sid, 1).await[0]),
+        "(no output)",
+        "the next item saw the previous one's files"
+    );
+    s.finish().await.unwrap();
+}
+
+/// Contract §12.10: a termination the stream missed (it was down) and that
+/// only the history shows. The SDK worker keeps the item until a heartbeat
+/// reports the stop; hands ends it at the reconcile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_termination_seen_only_in_history_ends_the_item() {
+    needs_fake!();
+    let s = Served::start_with(1, &[], |c| c.max_idle = None, Vec::new()).await;
+    let (sid, work) = s.session(json!([]), json!({"ttl_seconds": 300})).await;
+    s.work_state(&work, "active").await;
+    requests(
+        &s,
+        &format!("endpoint=E6&session_id={sid}&wait_count=1&timeout_ms=20000"),
+    )
+    .await;
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/sessions/{sid}/events"),
+            Some(json!({"events": [{"type": "session.status_terminated"}], "broadcast": false})),
+        )
+        .await;
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/sessions/{sid}/streams/close"),
+            Some(json!({"mode": "clean"})),
+        )
+        .await;
+    let w = s.work_state(&work, "stopped").await;
+    assert_eq!(w["state"], "stopped", "{w}");
+    assert_eq!(w["stops"][0]["force"], true);
     s.finish().await.unwrap();
 }
