@@ -128,6 +128,17 @@ pub fn plan(session: &Value) -> Result<Vec<StorePlan>, String> {
                 }
             }
         };
+        // Under /workspace, the folder must not be where skills or the
+        // folders of other stores go.
+        if plan.link_at.is_none()
+            && (plan.rel.starts_with("skills") || plan.rel.starts_with(".memory"))
+        {
+            return Err(format!(
+                "memory store {:?} cannot be mounted at {}: reserved for skills and memory folders",
+                plan.id,
+                plan.shown_at.display()
+            ));
+        }
         plan.extra_dir().validate().map_err(|e| {
             format!(
                 "memory store {:?} cannot be mounted at {}: {e}",
@@ -759,6 +770,8 @@ mod tests {
             "/",
             "/workspace",
             "/dev",
+            "/workspace/skills/pdf",
+            "/workspace/.memory/0",
         ] {
             let s = json!({"resources": [{"type": "memory_store", "memory_store_id": "m", "mount_path": m}]});
             assert!(plan(&s).is_err(), "{m}");

@@ -904,6 +904,32 @@ impl Served {
         )
     }
 
+    /// Waits until the item's sandbox session is open and the history's
+    /// call `id` has been read (the stream and the listing are up).
+    async fn running(&self, sid: &str, id: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.registry.open_sessions() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no sandbox session for {id}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let r = self
+            .fake
+            .control(
+                "GET",
+                &format!("/_fake/requests?endpoint=E7&session_id={sid}&completed=1&wait_count=1&timeout_ms=20000"),
+                None,
+            )
+            .await;
+        assert!(
+            !r["requests"].as_array().unwrap().is_empty(),
+            "history never read"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await; // the call starts
+    }
+
     /// Runs one call and returns its result (text, is_error).
     async fn call(&self, sid: &str, event: Value) -> (String, bool) {
         let id = event["id"].as_str().unwrap().to_string();
@@ -1400,6 +1426,7 @@ async fn checklist_19_blackholed_heartbeats_end_in_an_assumed_loss() {
         )
         .await;
     s.work_state(&work, "active").await;
+    s.running(&sid, "toolu_long").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while s.registry.open_sessions() > 0 {
         assert!(
@@ -1748,7 +1775,11 @@ async fn checklist_36_a_silent_stream_is_reopened_after_the_read_timeout() {
     )
     .await;
     assert!(streams.len() >= 3, "{streams:?}");
-    let lists = requests(&s, &format!("endpoint=E7&session_id={sid}")).await;
+    let lists = requests(
+        &s,
+        &format!("endpoint=E7&session_id={sid}&wait_count=3&timeout_ms=30000"),
+    )
+    .await;
     assert!(lists.len() >= 3, "each reconnect re-lists: {}", lists.len());
     let (text, _) = s.call(&sid, bash_use("toolu_1", "echo still served")).await;
     assert_eq!(text, "still served");
@@ -1778,7 +1809,14 @@ async fn processes_and_files_never_outlive_their_item() {
                 .unwrap_or(false)
         })
     };
-    assert!(running(), "the detached process runs during the item");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the detached process never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     s.append(&sid, json!([end_turn()])).await;
     s.work_state(&work, "stopped").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -1835,5 +1873,54 @@ async fn a_termination_seen_only_in_history_ends_the_item() {
     let w = s.work_state(&work, "stopped").await;
     assert_eq!(w["state"], "stopped", "{w}");
     assert_eq!(w["stops"][0]["force"], true);
+    s.finish().await.unwrap();
+}
+
+/// §11 #18: heartbeats answered 503 persistently (each attempt with the
+/// client's retries): once more than the TTL has passed since the last
+/// success the lease is assumed lost — no stop, nothing posted.
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_18_heartbeats_failing_past_the_ttl_end_in_an_assumed_loss() {
+    needs_fake!();
+    let s = Served::start(
+        1,
+        &[json!({"endpoint": "E3", "status": 503, "skip": 1, "times": null})],
+    )
+    .await;
+    let (sid, work) = s
+        .session(
+            json!([bash_use("toolu_long", "sleep 30; echo done")]),
+            json!({"ttl_seconds": 4, "on_lease_expiry": "ignore"}),
+        )
+        .await;
+    s.work_state(&work, "active").await;
+    s.running(&sid, "toolu_long").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while s.registry.open_sessions() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease was never assumed lost"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let beats = requests(&s, &format!("endpoint=E3&work_id={work}")).await;
+    assert!(beats.len() >= 3, "attempts went on: {}", beats.len());
+    let log = s
+        .fake
+        .control("GET", &format!("/_fake/sessions/{sid}"), None)
+        .await;
+    assert!(
+        !log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["_origin"] == "client"),
+        "posted after the lease was assumed lost"
+    );
+    let w = s
+        .fake
+        .control("GET", &format!("/_fake/work/{work}"), None)
+        .await;
+    assert!(w["stops"].as_array().unwrap().is_empty(), "{w}");
     s.finish().await.unwrap();
 }
