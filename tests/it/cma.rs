@@ -1924,3 +1924,137 @@ async fn checklist_18_heartbeats_failing_past_the_ttl_end_in_an_assumed_loss() {
     assert!(w["stops"].as_array().unwrap().is_empty(), "{w}");
     s.finish().await.unwrap();
 }
+
+/// The E13 (create) requests sent for `path` in `store`, completed.
+async fn creates(s: &Served, store: &str, path: &str) -> usize {
+    requests(
+        s,
+        &format!("endpoint=E13&memory_store_id={store}&completed=1"),
+    )
+    .await
+    .iter()
+    .filter(|r| r["body"]["path"] == path)
+    .count()
+}
+
+/// Contract §8.5, the harder rules, one sync at a time (interval 5 s, a sync
+/// follows the first call after it): both sides changed → the server wins;
+/// content the server refuses (413) is not sent again until it changes;
+/// every local file gone → a wipe: downloaded again, nothing deleted; a
+/// missing marker with files left → that store is not synced, not even by
+/// the final flush.
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_sync_conflicts_refusals_wipes_and_a_lost_marker() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let m = store(
+        &s,
+        json!([
+            {"path": "/a.md", "content": "a\n"},
+            {"path": "/b.md", "content": "b\n"},
+            {"path": "/c.md", "content": "c\n"},
+        ]),
+    )
+    .await;
+    let dir = "/mnt/memory/rules";
+    let (sid, work) = s
+        .session_spec(json!({
+            "resources": [{"type": "memory_store", "memory_store_id": m, "mount_path": dir, "access": "read_write"}],
+            "events": [],
+            "work": {"ttl_seconds": 10},
+        }))
+        .await;
+    let sync = |n: &str| {
+        let (s, sid, id) = (&s, sid.clone(), format!("toolu_sync{n}"));
+        async move {
+            tokio::time::sleep(Duration::from_millis(5200)).await;
+            s.bash(&sid, &id, "true").await;
+        }
+    };
+    // 1: a conflict, and a file over the server's 1 MiB limit.
+    s.bash(
+        &sid,
+        "toolu_1",
+        &format!("echo local > {dir}/a.md; head -c 1100000 /dev/zero | tr '\\0' x > {dir}/big.md"),
+    )
+    .await;
+    s.fake
+        .control(
+            "POST",
+            &format!("/_fake/memory_stores/{m}/memories"),
+            Some(json!({"path": "/a.md", "content": "server\n"})),
+        )
+        .await;
+    sync("1").await;
+    until("big.md refused", || async {
+        creates(&s, &m, "/big.md").await == 1
+    })
+    .await;
+    let a = s
+        .bash(&sid, "toolu_2", &format!("for i in $(seq 100); do grep -q server {dir}/a.md && break; sleep 0.1; done; cat {dir}/a.md"))
+        .await;
+    assert_eq!(a, "server", "both changed: the server's version wins");
+    assert_eq!(remote(&s, &m).await["/a.md"], "server\n");
+    // 2: a new file sorts after big.md; once it is sent, big.md was not.
+    s.bash(&sid, "toolu_3", &format!("echo zz > {dir}/zz.md"))
+        .await;
+    sync("2").await;
+    until("zz.md created", || async {
+        creates(&s, &m, "/zz.md").await == 1
+    })
+    .await;
+    assert_eq!(
+        creates(&s, &m, "/big.md").await,
+        1,
+        "refused content was sent again"
+    );
+    // 3: every file gone: a wipe, not four deletions.
+    s.bash(&sid, "toolu_4", &format!("rm -f {dir}/*.md")).await;
+    sync("3").await;
+    let listed = requests(
+        &s,
+        &format!("endpoint=E11&memory_store_id={m}&query=view%3Dfull&completed=1&wait_count=2&timeout_ms=20000"),
+    )
+    .await;
+    assert_eq!(listed.len(), 2, "downloaded again");
+    let ls = s
+        .bash(
+            &sid,
+            "toolu_5",
+            &format!(
+                "for i in $(seq 100); do [ -e {dir}/zz.md ] && break; sleep 0.1; done; ls {dir}"
+            ),
+        )
+        .await;
+    assert_eq!(ls, "a.md\nb.md\nc.md\nzz.md", "{ls}");
+    // 4: the marker removed while files remain: hands leaves the store alone.
+    s.bash(
+        &sid,
+        "toolu_6",
+        &format!("rm {dir}/.anthropic-memory-store; echo new > {dir}/new.md; rm {dir}/b.md"),
+    )
+    .await;
+    sync("4").await;
+    s.append(&sid, json!([end_turn()])).await;
+    s.work_state(&work, "stopped").await;
+    while s.registry.open_sessions() > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        creates(&s, &m, "/new.md").await,
+        0,
+        "a store without its marker was synced"
+    );
+    assert!(
+        requests(&s, &format!("endpoint=E15&memory_store_id={m}"))
+            .await
+            .is_empty(),
+        "deleted on the server"
+    );
+    let r = remote(&s, &m).await;
+    assert_eq!(
+        r.keys().cloned().collect::<Vec<_>>(),
+        ["/a.md", "/b.md", "/c.md", "/zz.md"]
+    );
+    s.finish().await.unwrap();
+}
