@@ -2037,9 +2037,10 @@ async fn memory_sync_conflicts_refusals_wipes_and_a_lost_marker() {
     sync("4").await;
     s.append(&sid, json!([end_turn()])).await;
     s.work_state(&work, "stopped").await;
-    while s.registry.open_sessions() > 0 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("the item's teardown", || async {
+        s.registry.open_sessions() == 0
+    })
+    .await;
     assert_eq!(
         creates(&s, &m, "/new.md").await,
         0,
