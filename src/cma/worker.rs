@@ -426,19 +426,34 @@ impl Shared {
             }
         }
         drop(work);
-        // Memory: a clean end gets the final sync and the flush, any other end
+        // Teardown (§3.6), the heartbeat still keeping the lease: the item's
+        // processes are killed first, so the memory folders hold still; then
+        // memory: a clean end gets the final sync and the flush, any other end
         // the flush (§8.6); after a lost lease nothing is sent.
         let lost = matches!(
             *lease_rx.borrow(),
             Some(EndReason::LeaseLost | EndReason::AssumedLost)
         );
-        if let Some(mut m) = memory.lock().await.take() {
-            if lost {
-                tracing::warn!(work = %item.id, "lease lost: local memory changes not sent");
-            } else if clean_end.load(std::sync::atomic::Ordering::SeqCst) {
-                m.finish().await;
-            } else {
-                m.flush().await;
+        let teardown = async {
+            if let Ok(sandbox) = self.registry.get(&sandbox_id) {
+                sandbox.kill_processes().await;
+            }
+            if let Some(mut m) = memory.lock().await.take() {
+                if lost {
+                    tracing::warn!(work = %item.id, "lease lost: local memory changes not sent");
+                } else if clean_end.load(std::sync::atomic::Ordering::SeqCst) {
+                    m.finish().await;
+                } else {
+                    m.flush().await;
+                }
+            }
+        };
+        tokio::pin!(teardown);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut heartbeat, if beating => beating = false,
+                () = &mut teardown => break,
             }
         }
         // Teardown: every process of the item dies with its sandbox session,

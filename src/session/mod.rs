@@ -425,6 +425,12 @@ impl Session {
         }
     }
 
+    /// Kills every process of the session but its helper, and waits until
+    /// they are gone; the session stays open (its files can still be read).
+    pub async fn kill_processes(&self) -> bool {
+        self.helper.kill_all().await.unwrap_or(false)
+    }
+
     /// Kills every process of the session now, from a shared reference; the
     /// sandbox is released when the session is dropped.
     pub fn terminate(&self) {
