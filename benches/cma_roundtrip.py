@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,9 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CMA = os.path.join(ROOT, "tests", "cma")
+sys.path.insert(0, CMA)
+sys.dont_write_bytecode = True
+from workers import start_hands, start_sdk, stop_process  # noqa: E402
 SMALL = "".join(f"line {i:03d} of a small text file for the read round trip ".ljust(63, ".") + "\n" for i in range(16))
 assert len(SMALL) == 1024
 
@@ -101,49 +103,10 @@ class Fake:
 
 def start_worker(kind, fake, env, tmp, hands):
     if kind == "sdk":
-        keyfile = os.path.join(tmp, "sdk-key")
-        with open(keyfile, "w") as f:
-            f.write(env["key"])
         workdir = os.path.realpath(os.path.join(tmp, "sdk-workdir"))
         os.makedirs(workdir)
-        logf = open(os.path.join(tmp, "sdk-worker.log"), "w")
-        p = subprocess.Popen([sys.executable, os.path.join(CMA, "sdk_worker.py"), "--url", fake.url,
-                              "--environment-id", env["id"], "--key-file", keyfile, "--workdir", workdir,
-                              "--max-idle", "2"], stdout=subprocess.PIPE, stderr=logf, text=True)
-        if p.stdout.readline().strip() != "ready":
-            p.kill()
-            raise RuntimeError("the SDK worker did not start: " + open(logf.name).read()[-2000:])
-        return p, logf.name
-    keyfile = os.path.join(tmp, "hands-key")
-    fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.write(fd, env["key"].encode())
-    os.close(fd)
-    cfg = os.path.join(tmp, "hands.toml")
-    with open(cfg, "w") as f:
-        f.write(f'''worker_id = "bench-worker"
-capacity = 2
-
-[anthropic]
-environment_id = "{env["id"]}"
-environment_key_file = "hands-key"
-environment = "default"
-max_idle_secs = 2
-base_url = "{fake.url}"
-''')
-    logf = open(os.path.join(tmp, "hands-worker.log"), "w")
-    penv = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
-    p = subprocess.Popen([hands, "worker", "--config", cfg], stdout=logf, stderr=subprocess.STDOUT, env=penv)
-    return p, logf.name
-
-
-def stop_process(p):
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        return start_sdk(fake.url, env, tmp, workdir, 2)
+    return start_hands(fake.url, env, tmp, hands, "bench-worker", 2)
 
 
 class Session:

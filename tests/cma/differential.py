@@ -48,8 +48,6 @@ import difflib
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +57,7 @@ sys.path.insert(0, HERE)
 sys.dont_write_bytecode = True
 
 from fake_cp import FakeControlPlane  # noqa: E402
+from workers import start_hands, start_sdk, stop_process  # noqa: E402
 
 WORKDIR = "@WORKDIR@"  # replaced in inputs by the SDK's workdir or /workspace
 HANDS_ROOT = "/workspace"
@@ -344,55 +343,6 @@ class Fake:
         self.fake.stop()
 
 
-def start_sdk(fake, env, tmp, workdir):
-    keyfile = os.path.join(tmp, "sdk-key")
-    with open(keyfile, "w") as f:
-        f.write(env["key"])
-    logf = open(os.path.join(tmp, "sdk-worker.log"), "w")
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "sdk_worker.py"), "--url", fake.url,
-                          "--environment-id", env["id"], "--key-file", keyfile, "--workdir", workdir,
-                          "--max-idle", str(MAX_IDLE)], stdout=subprocess.PIPE, stderr=logf, text=True)
-    line = p.stdout.readline().strip()
-    if line != "ready":
-        p.kill()
-        raise RuntimeError(f"SDK worker did not start ({line!r}); log: {open(logf.name).read()[-2000:]}")
-    return p, logf.name
-
-
-def start_hands(fake, env, tmp, hands):
-    keyfile = os.path.join(tmp, "hands-key")
-    fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.write(fd, env["key"].encode())
-    os.close(fd)
-    cfg = os.path.join(tmp, "hands.toml")
-    with open(cfg, "w") as f:
-        f.write(f'''worker_id = "diff-worker"
-capacity = 2
-
-[anthropic]
-environment_id = "{env["id"]}"
-environment_key_file = "hands-key"
-environment = "default"
-max_idle_secs = {MAX_IDLE}
-base_url = "{fake.url}"
-''')
-    logf = open(os.path.join(tmp, "hands-worker.log"), "w")
-    penv = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
-    penv.setdefault("RUST_LOG", "info")
-    p = subprocess.Popen([hands, "worker", "--config", cfg], stdout=logf, stderr=subprocess.STDOUT, env=penv)
-    return p, logf.name
-
-
-def stop_process(p, timeout=20):
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def play(fake, env_id, root, verbose=False):
     """Plays CALLS on a fresh session; returns {id: result event}, the work view."""
     r = fake.call("POST", "/_fake/sessions", {"environment_id": env_id, "work": {"ttl_seconds": 60}})
@@ -426,10 +376,10 @@ def run_side(name, hands, tmp, verbose):
         if name == "sdk":
             workdir = os.path.realpath(os.path.join(tmp, "sdk-workdir"))
             os.makedirs(workdir)
-            proc, logname = start_sdk(fake, env, tmp, workdir)
+            proc, logname = start_sdk(fake.url, env, tmp, workdir, MAX_IDLE)
             root = workdir
         else:
-            proc, logname = start_hands(fake, env, tmp, hands)
+            proc, logname = start_hands(fake.url, env, tmp, hands, "diff-worker", MAX_IDLE)
             root = HANDS_ROOT
         t0 = time.monotonic()
         try:

@@ -525,35 +525,7 @@ async fn checklist_16_after_a_412_the_call_in_flight_is_killed_and_nothing_is_po
         .await;
     // hands gives up the item: no stop, no result (the SDK worker would
     // still post the result 30 s later).
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while s.registry.open_sessions() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the item's sandbox was not closed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let log = s
-        .fake
-        .control("GET", &format!("/_fake/sessions/{sid}"), None)
-        .await;
-    assert!(
-        !log["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["_origin"] == "client"),
-        "posted after losing the lease"
-    );
-    let w = s
-        .fake
-        .control("GET", &format!("/_fake/work/{work}"), None)
-        .await;
-    assert!(
-        w["stops"].as_array().unwrap().is_empty(),
-        "stopped an item it no longer holds: {w}"
-    );
+    s.gave_up(&sid, &work).await;
     s.finish().await.unwrap();
 }
 
@@ -930,6 +902,44 @@ impl Served {
         tokio::time::sleep(Duration::from_millis(300)).await; // the call starts
     }
 
+    /// Waits until every item's sandbox session is closed.
+    async fn closed(&self) {
+        until("the item's sandbox closed", || async {
+            self.registry.open_sessions() == 0
+        })
+        .await;
+    }
+
+    /// The item was given up as another worker's (its lease lost): its
+    /// sandbox closed, nothing posted to the session (not even a moment
+    /// later), no stop sent.
+    async fn gave_up(&self, sid: &str, work: &str) {
+        self.closed().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let log = self
+            .fake
+            .control("GET", &format!("/_fake/sessions/{sid}"), None)
+            .await;
+        let posted: Vec<&Value> = log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["_origin"] == "client")
+            .collect();
+        assert!(
+            posted.is_empty(),
+            "posted after losing the lease: {posted:?}"
+        );
+        let w = self
+            .fake
+            .control("GET", &format!("/_fake/work/{work}"), None)
+            .await;
+        assert!(
+            w["stops"].as_array().unwrap().is_empty(),
+            "stopped an item it no longer holds: {w}"
+        );
+    }
+
     /// Runs one call and returns its result (text, is_error).
     async fn call(&self, sid: &str, event: Value) -> (String, bool) {
         let id = event["id"].as_str().unwrap().to_string();
@@ -1279,15 +1289,37 @@ async fn memory_stores_sync_both_ways_at_their_mount_paths() {
     s.finish().await.unwrap();
 }
 
-/// Attack: the agent swaps its memory folder for a symlink to `/etc`. The
-/// worker (root, on the host) follows nothing: no server memory is written
-/// into the host's `/etc`, nothing there is uploaded.
+/// Attack on the host side of memory sync, which runs as root outside the
+/// sandbox: the agent plants symlinks whose targets the host would resolve
+/// in its own filesystem. The decoys stand for what an agent would aim at —
+/// a host file (`a.md` → it; a changed server memory would be written
+/// through the link, and the file read and uploaded), a host directory
+/// (`sub` → it; a new server memory would land there), and finally the whole
+/// folder swapped for a link to a directory holding a valid marker, as
+/// another session's folder of the same store would. The worker follows none
+/// of them: the decoys are untouched and nothing of theirs is uploaded.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_memory_folder_swapped_for_a_symlink_is_never_followed_by_the_host() {
+async fn the_host_side_of_memory_sync_follows_none_of_the_agents_symlinks() {
     needs_fake!();
     let s = Served::start(1, &[]).await;
-    let notes = store(&s, json!([{"path": "/a.md", "content": "alpha\n"}])).await;
-    let planted = format!("hands-it-owned-{}.md", std::process::id());
+    let notes = store(
+        &s,
+        json!([{"path": "/a.md", "content": "alpha\n"}, {"path": "/b.md", "content": "beta\n"}]),
+    )
+    .await;
+    let decoy = tempfile::tempdir().unwrap();
+    let (file, dir) = (
+        decoy.path().join("host-file"),
+        decoy.path().join("host-dir"),
+    );
+    std::fs::write(&file, "decoy file secret\n").unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("secret.md"), "decoy dir secret\n").unwrap();
+    std::fs::write(
+        dir.join(".anthropic-memory-store"),
+        format!("version 1\n{notes}"),
+    )
+    .unwrap();
     let (sid, work) = s
         .session_spec(json!({
             "resources": [{"type": "memory_store", "memory_store_id": notes, "mount_path": "/mnt/memory/notes", "access": "read_write"}],
@@ -1295,44 +1327,78 @@ async fn a_memory_folder_swapped_for_a_symlink_is_never_followed_by_the_host() {
             "work": {"ttl_seconds": 10},
         }))
         .await;
-    let out = s
-        .bash(&sid, "toolu_1", "d=$(readlink -f /mnt/memory/notes); rm -rf \"$d\" && ln -s /etc \"$d\" && ls /mnt/memory/notes/ | head -3")
-        .await;
-    assert!(!out.is_empty(), "{out}");
+    let (file, dir) = (file.display().to_string(), dir.display().to_string());
+    s.bash(
+        &sid,
+        "toolu_1",
+        &format!("F=$(readlink -f /mnt/memory/notes); rm $F/a.md && ln -s {file} $F/a.md && ln -s {dir} $F/sub && echo planted"),
+    )
+    .await;
+    for (path, content) in [
+        ("/a.md", "written through a.md\n"),
+        ("/sub/owned.md", "owned\n"),
+    ] {
+        s.fake
+            .control(
+                "POST",
+                &format!("/_fake/memory_stores/{notes}/memories"),
+                Some(json!({"path": path, "content": content})),
+            )
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    s.bash(&sid, "toolu_2", "true").await;
+    // The sync after that call has listed the store (and, done wrong, would
+    // have pulled through the links by now).
+    requests(
+        &s,
+        &format!("endpoint=E11&memory_store_id={notes}&query=view%3Dbasic&completed=1&wait_count=1&timeout_ms=20000"),
+    )
+    .await;
+    // Now the whole folder: a link to a directory with a valid marker.
+    s.bash(
+        &sid,
+        "toolu_3",
+        &format!(
+            "F=$(readlink -f /mnt/memory/notes); mv $F $F.old && ln -s {dir} $F && echo swapped"
+        ),
+    )
+    .await;
     s.fake
         .control(
             "POST",
             &format!("/_fake/memory_stores/{notes}/memories"),
-            Some(json!({"path": format!("/{planted}"), "content": "owned\n"})),
+            Some(json!({"path": "/owned2.md", "content": "owned\n"})),
         )
         .await;
     tokio::time::sleep(Duration::from_millis(5500)).await;
-    s.bash(&sid, "toolu_2", "true").await;
+    s.bash(&sid, "toolu_4", "true").await;
     s.append(&sid, json!([end_turn()])).await;
     s.work_state(&work, "stopped").await;
-    let reqs = s
-        .fake
-        .control(
-            "GET",
-            &format!("/_fake/requests?memory_store_id={notes}"),
-            None,
-        )
-        .await;
-    let sent: Vec<&Value> = reqs["requests"]
-        .as_array()
+    s.closed().await;
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "decoy file secret\n"
+    );
+    let mut in_dir: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
-        .iter()
-        .filter(|r| matches!(r["endpoint"].as_str(), Some("E13" | "E14" | "E15")))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(
-        sent.is_empty(),
-        "nothing from the host's /etc was sent: {sent:?}"
+    in_dir.sort();
+    assert_eq!(
+        in_dir,
+        [".anthropic-memory-store", "secret.md"],
+        "written into the host directory"
     );
+    for r in requests(&s, &format!("memory_store_id={notes}")).await {
+        assert!(
+            !r["body_text"].as_str().unwrap_or("").contains("decoy"),
+            "a host file was uploaded: {r}"
+        );
+    }
+    let remote = remote(&s, &notes).await;
+    assert!(!remote.contains_key("/secret.md"), "{remote:?}");
     s.finish().await.unwrap();
-    assert!(
-        !std::path::Path::new("/etc").join(&planted).exists(),
-        "the worker wrote through the agent's symlink"
-    );
 }
 
 /// §11 #9: the session fetch fails (500 past the client's retries) → the
@@ -1427,31 +1493,7 @@ async fn checklist_19_blackholed_heartbeats_end_in_an_assumed_loss() {
         .await;
     s.work_state(&work, "active").await;
     s.running(&sid, "toolu_long").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while s.registry.open_sessions() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the lease was never assumed lost"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let log = s
-        .fake
-        .control("GET", &format!("/_fake/sessions/{sid}"), None)
-        .await;
-    assert!(
-        !log["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["_origin"] == "client"),
-        "posted after the lease was assumed lost"
-    );
-    let w = s
-        .fake
-        .control("GET", &format!("/_fake/work/{work}"), None)
-        .await;
-    assert!(w["stops"].as_array().unwrap().is_empty(), "{w}");
+    s.gave_up(&sid, &work).await;
     s.finish().await.unwrap();
 }
 
@@ -1819,14 +1861,7 @@ async fn processes_and_files_never_outlive_their_item() {
     }
     s.append(&sid, json!([end_turn()])).await;
     s.work_state(&work, "stopped").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while s.registry.open_sessions() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the item's sandbox was not closed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    s.closed().await;
     assert!(!running(), "{marker:?} outlived its item");
     let (sid, _) = s
         .session(
@@ -1895,33 +1930,9 @@ async fn checklist_18_heartbeats_failing_past_the_ttl_end_in_an_assumed_loss() {
         .await;
     s.work_state(&work, "active").await;
     s.running(&sid, "toolu_long").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while s.registry.open_sessions() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the lease was never assumed lost"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.gave_up(&sid, &work).await;
     let beats = requests(&s, &format!("endpoint=E3&work_id={work}")).await;
     assert!(beats.len() >= 3, "attempts went on: {}", beats.len());
-    let log = s
-        .fake
-        .control("GET", &format!("/_fake/sessions/{sid}"), None)
-        .await;
-    assert!(
-        !log["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["_origin"] == "client"),
-        "posted after the lease was assumed lost"
-    );
-    let w = s
-        .fake
-        .control("GET", &format!("/_fake/work/{work}"), None)
-        .await;
-    assert!(w["stops"].as_array().unwrap().is_empty(), "{w}");
     s.finish().await.unwrap();
 }
 
@@ -2037,10 +2048,7 @@ async fn memory_sync_conflicts_refusals_wipes_and_a_lost_marker() {
     sync("4").await;
     s.append(&sid, json!([end_turn()])).await;
     s.work_state(&work, "stopped").await;
-    until("the item's teardown", || async {
-        s.registry.open_sessions() == 0
-    })
-    .await;
+    s.closed().await;
     assert_eq!(
         creates(&s, &m, "/new.md").await,
         0,
