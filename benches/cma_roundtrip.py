@@ -41,14 +41,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CMA = os.path.join(ROOT, "tests", "cma")
 sys.path.insert(0, CMA)
 sys.dont_write_bytecode = True
-from workers import start_hands, start_sdk, stop_process  # noqa: E402
+from workers import control, start_hands, start_sdk, stop_process  # noqa: E402
 SMALL = "".join(f"line {i:03d} of a small text file for the read round trip ".ljust(63, ".") + "\n" for i in range(16))
 assert len(SMALL) == 1024
 
@@ -82,15 +80,7 @@ class Fake:
         self.url = "http://" + line[len("listening on "):]
 
     def call(self, method, path, body=None, **query):
-        q = "&".join(f"{k}={urllib.request.quote(str(v))}" for k, v in query.items() if v is not None)
-        url = self.url + path + ("?" + q if q else "")
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"control {method} {path} -> {e.code}: {e.read()[:300]!r}") from None
+        return control(self.url, method, path, body, **query)
 
     def stop(self):
         self.p.terminate()

@@ -37,6 +37,7 @@ sys.path.insert(0, HERE)
 sys.dont_write_bytecode = True  # no __pycache__ next to the sources
 
 from fake_cp import FakeControlPlane  # noqa: E402
+from workers import control  # noqa: E402
 
 # The worker must not pick up anything from the developer's environment.
 for _k in list(os.environ):
@@ -87,15 +88,7 @@ class Ctl:
         self.url = url
 
     def call(self, method, path, body=None, **query):
-        q = "&".join(f"{k}={urllib.request.quote(str(v))}" for k, v in query.items() if v is not None)
-        url = self.url + path + ("?" + q if q else "")
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"control {method} {path} -> {e.code}: {e.read()[:300]!r}") from None
+        return control(self.url, method, path, body, **query)
 
     # raw API access (for the fake's own self-checks)
     def api(self, method, path, token=None, body=None, headers=None, raw_body=None):

@@ -1,17 +1,34 @@
 """Starting the two workers under comparison against a fake control plane:
 the official SDK's EnvironmentWorker (through ``sdk_worker.py``, a process of
 its own) and ``hands worker --config`` with only an ``[anthropic]`` table.
-Shared by ``differential.py`` and ``benches/cma_roundtrip.py``.
+Shared by ``differential.py`` and ``benches/cma_roundtrip.py``; ``control``
+(the fake's control API) also by ``fidelity.py``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def control(url, method, path, body=None, **query):
+    """A call to the fake's ``/_fake`` control API; the decoded JSON answer."""
+    q = "&".join(f"{k}={urllib.request.quote(str(v))}" for k, v in query.items() if v is not None)
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path + ("?" + q if q else ""), data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"control {method} {path} -> {e.code}: {e.read()[:300]!r}") from None
 
 
 def _key_file(tmp, name, key):
