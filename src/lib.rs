@@ -20,3 +20,4 @@ pub mod tools;
 pub mod tunnel;
 pub mod util;
 pub mod worker;
+pub mod workspace;

@@ -127,6 +127,8 @@ async fn open(cfg: &SandboxConfig, policy: &Arc<Policy>, ws: &Path) -> anyhow::R
         SessionOptions {
             policy: policy.clone(),
             workspace: Some(ws.to_path_buf()),
+            // The bench's own temporary directory.
+            allow_root_workspace: true,
             extra_dirs: Vec::new(),
         },
     )

@@ -363,6 +363,8 @@ async fn measure(
         crate::session::SessionOptions {
             policy,
             workspace: Some(ws.clone()),
+            // The bench's own temporary directory.
+            allow_root_workspace: true,
             extra_dirs: Vec::new(),
         },
     )

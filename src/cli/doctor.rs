@@ -71,7 +71,7 @@ pub fn checks() -> Vec<Check> {
         && std::fs::read_to_string("/proc/self/status")
             .map(|s| s.contains("Seccomp:"))
             .unwrap_or(false)
-        && seccomp::programs().is_ok();
+        && seccomp::programs(crate::sandbox::seccomp::Profile::default()).is_ok();
     out.push(Check {
         feature: "seccomp",
         ok: seccomp_ok,
@@ -204,7 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let rt = super::runtime()?;
         let probe = rt.block_on(async {
             let t = Instant::now();
-            let s = super::open_session("default", &super::policy_dirs(&[]), None).await?;
+            let s = super::open_session("default", &super::policy_dirs(&[]), None, false).await?;
             let opened = t.elapsed();
             let r = s
                 .call("bash", &serde_json::json!({"command": "/bin/true"}))

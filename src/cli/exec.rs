@@ -15,9 +15,15 @@ pub struct Args {
     /// Environment (policy) to run in.
     #[arg(long, default_value = "default")]
     env: String,
-    /// Host directory mounted at /workspace (default: a fresh empty one).
+    /// Host directory mounted at /workspace, resolved without following symlinks
+    /// (default: a new one, a filesystem of its own bounded by the policy's
+    /// limits.disk, removed at the end).
     #[arg(long)]
     workspace: Option<PathBuf>,
+    /// Accept a --workspace owned by root: every file the command writes there
+    /// will belong to root on the host.
+    #[arg(long)]
+    allow_root_workspace: bool,
     /// Kill the command and everything it started after this many seconds
     /// (exit status 124). Default: the environment's call timeout.
     #[arg(long)]
@@ -34,7 +40,8 @@ fn pipe_pair() -> anyhow::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
 pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let rt = super::runtime()?;
     let code = rt.block_on(async {
-        let session = super::open_session(&args.env, dirs, args.workspace).await?;
+        let session = super::open_session(&args.env, dirs, args.workspace, args.allow_root_workspace)
+                .await?;
         let timeout = match args.timeout {
             Some(s) if s > 0.0 => Duration::from_secs_f64(s),
             _ => session.policy().limits.call_timeout,

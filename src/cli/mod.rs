@@ -57,6 +57,7 @@ pub async fn open_session(
     env: &str,
     dirs: &[PathBuf],
     workspace: Option<PathBuf>,
+    allow_root_workspace: bool,
 ) -> anyhow::Result<Session> {
     let policy: Policy =
         crate::policy::find(env, dirs).with_context(|| format!("environment {env:?}"))?;
@@ -67,6 +68,7 @@ pub async fn open_session(
         SessionOptions {
             policy: Arc::new(policy),
             workspace,
+            allow_root_workspace,
             extra_dirs: Vec::new(),
         },
     )

@@ -13,9 +13,15 @@ pub struct Args {
     /// Environment (policy) to run in.
     #[arg(long, default_value = "default")]
     env: String,
-    /// Host directory mounted at /workspace (default: a fresh empty one).
+    /// Host directory mounted at /workspace, resolved without following symlinks
+    /// (default: a new one, a filesystem of its own bounded by the policy's
+    /// limits.disk, removed at the end).
     #[arg(long)]
     workspace: Option<PathBuf>,
+    /// Accept a --workspace owned by root: every file the command writes there
+    /// will belong to root on the host.
+    #[arg(long)]
+    allow_root_workspace: bool,
     /// bash, read, write, edit, glob or grep.
     tool: String,
     /// The tool's input, as the JSON object of a `tool_use` block.
@@ -27,7 +33,8 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
         serde_json::from_str(&args.input).context("the tool input is not valid JSON")?;
     let rt = super::runtime()?;
     rt.block_on(async {
-        let session = super::open_session(&args.env, dirs, args.workspace).await?;
+        let session = super::open_session(&args.env, dirs, args.workspace, args.allow_root_workspace)
+                .await?;
         let result = session.call(&args.tool, &input).await;
         session.close().await.context("closing the session")?;
         println!("{}", serde_json::to_string_pretty(&result)?);

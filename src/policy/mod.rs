@@ -39,6 +39,8 @@
 //! file_bytes = 262144        # read/edit text cap (the SDK's max_file_bytes); 1 KiB..=64 MiB
 //! bash_timeout = "120s"      # bash timeout when the call gives no timeout_ms, > 0
 //! call_timeout = "150s"      # hard cap of any tool call, > bash_timeout
+//! disk = "8GiB"              # bytes of the workspace hands makes, 16 MiB..=16 TiB
+//! disk_inodes = 1000000      # files, directories and links in it, 1024..=2^32-1
 //!
 //! [tools]
 //! enabled = ["bash", "read", "write", "edit", "glob", "grep"]  # non-empty, no duplicates
@@ -78,9 +80,14 @@
 //!   and every `ANTHROPIC_*` name (the SDK worker never lets those reach a tool
 //!   process; credentials belong in the vault, not in a policy). `PATH` and `HOME`
 //!   are allowed and replace the sandbox's defaults.
+//! - `limits.disk` and `limits.disk_inodes` bound a workspace hands makes itself (no
+//!   `--workspace`): it is a filesystem of its own of that size, so the kernel answers
+//!   `No space left on device` inside the session and the host's disks are untouched.
+//!   A little of it is the filesystem's own metadata. A directory the operator gives
+//!   is not bounded by them.
 //! - `sandbox.allow_degraded`: `landlock-truncate`, `landlock-net`, `landlock-ioctl`,
-//!   `landlock-scope` (see [`Degradation`] for what each gives up); anything else is
-//!   rejected. Empty (the default) means fail closed: an environment whose
+//!   `landlock-scope`, `workspace-disk` (see [`Degradation`] for what each gives up);
+//!   anything else is rejected. Empty (the default) means fail closed: an environment whose
 //!   confinement the kernel cannot fully enforce is not offered.
 
 mod raw;
@@ -164,12 +171,16 @@ pub struct Limits {
     pub bash_timeout: Duration,
     /// Hard cap of any tool call; always greater than `bash_timeout`.
     pub call_timeout: Duration,
+    /// Size of a workspace hands makes (its own filesystem).
+    pub disk_bytes: u64,
+    /// Inodes of that filesystem.
+    pub disk_inodes: u64,
 }
 
-/// A confinement feature the operator accepts losing when the kernel lacks it. Each
-/// names one landlock ABI step; what still holds without it is on the variant. The
-/// vocabulary is deliberately small: a missing namespace, cgroup controller or
-/// landlock itself cannot be waived.
+/// A confinement feature the operator accepts losing when the host lacks it. Each
+/// names one landlock ABI step or the workspace filesystem; what still holds
+/// without it is on the variant. The vocabulary is deliberately small: a missing
+/// namespace, cgroup controller or landlock itself cannot be waived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Degradation {
     /// Landlock ABI < 3: truncation is not a separate right, so a file the session
@@ -184,14 +195,21 @@ pub enum Degradation {
     /// Landlock ABI < 6: no scoping of abstract unix sockets and signals. The pid
     /// namespace and distinct uids still keep sessions from signalling each other.
     LandlockScope,
+    /// No loop devices or no `mke2fs`: a workspace hands makes is a plain directory
+    /// under the state directory instead of a filesystem of its own, so
+    /// `limits.disk` does not bound it, and set-user-ID files are refused by seccomp
+    /// alone (the host mount is not `nosuid`). It stays private and is removed
+    /// without recursion at close.
+    WorkspaceDisk,
 }
 
 impl Degradation {
-    pub const ALL: [Degradation; 4] = [
+    pub const ALL: [Degradation; 5] = [
         Degradation::LandlockTruncate,
         Degradation::LandlockNet,
         Degradation::LandlockIoctl,
         Degradation::LandlockScope,
+        Degradation::WorkspaceDisk,
     ];
 
     pub fn name(self) -> &'static str {
@@ -200,6 +218,7 @@ impl Degradation {
             Degradation::LandlockNet => "landlock-net",
             Degradation::LandlockIoctl => "landlock-ioctl",
             Degradation::LandlockScope => "landlock-scope",
+            Degradation::WorkspaceDisk => "workspace-disk",
         }
     }
 
@@ -286,6 +305,12 @@ const BUILTIN: [(&str, &str); 3] = [
 const RESERVED_PATHS: [&str; 5] = ["/proc", "/sys", "/dev", "/tmp", mounts::WORKSPACE];
 
 const MIN_MEMORY: u64 = 16 << 20;
+/// ext4 needs a few MiB of its own; below this a workspace is all metadata.
+const MIN_DISK: u64 = 16 << 20;
+/// ext4 with 4 KiB blocks.
+const MAX_DISK: u64 = 16 << 40;
+const MIN_INODES: u64 = 1024;
+const MAX_INODES: u64 = u32::MAX as u64;
 const MIN_TMP: u64 = 1 << 20;
 const MIN_PIDS: u64 = 16;
 const MAX_CPU: f64 = 1024.0;
@@ -525,10 +550,19 @@ impl Validator<'_> {
                 ),
             ));
         }
+        let disk_bytes = self.size("limits.disk", &raw.disk, MIN_DISK, MAX_DISK)?;
+        if !(MIN_INODES..=MAX_INODES).contains(&raw.disk_inodes) {
+            return Err(self.error(
+                "limits.disk_inodes",
+                format!("must be between {MIN_INODES} and {MAX_INODES}"),
+            ));
+        }
         Ok(Limits {
             memory_bytes,
             pids: raw.pids,
             cpu: raw.cpu,
+            disk_bytes,
+            disk_inodes: raw.disk_inodes,
             // MAX_BUFFER (64 MiB) fits the usize of every target hands builds for.
             output_bytes: usize::try_from(output_bytes).expect("bounded by MAX_BUFFER"),
             file_bytes,
@@ -691,6 +725,8 @@ output_bytes = 102400
 file_bytes = 262144
 bash_timeout = "120s"
 call_timeout = "150s"
+disk = "1GiB"
+disk_inodes = 65536
 [tools]
 enabled = ["bash", "read", "write", "edit", "glob", "grep"]
 "#;
@@ -769,6 +805,8 @@ enabled = ["bash", "read", "write", "edit", "glob", "grep"]
                 file_bytes: 262144,
                 bash_timeout: Duration::from_secs(120),
                 call_timeout: Duration::from_secs(150),
+                disk_bytes: 1 << 30,
+                disk_inodes: 65536,
             }
         );
         assert_eq!(policy.tools, Tool::ALL.into_iter().collect());
@@ -887,6 +925,16 @@ allow_degraded = ["landlock-net", "landlock-scope"]
             &with_line("cpu", "cpu = 2000.0"),
             "limits.cpu",
             "at most 1024",
+        );
+        rejected(
+            &with_line("disk =", "disk = \"1MiB\""),
+            "limits.disk",
+            "at least 16 MiB",
+        );
+        rejected(
+            &with_line("disk_inodes", "disk_inodes = 10"),
+            "limits.disk_inodes",
+            "between 1024 and",
         );
     }
 

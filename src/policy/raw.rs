@@ -47,6 +47,8 @@ pub(super) struct RawLimits {
     pub file_bytes: RawSize,
     pub bash_timeout: RawDuration,
     pub call_timeout: RawDuration,
+    pub disk: RawSize,
+    pub disk_inodes: u64,
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::cgroup::{CgroupError, SessionCgroup};
 use super::proto::{self, ConfinementReport, Request, Response, Setup};
@@ -57,11 +57,20 @@ struct Routes {
     exits: HashMap<i32, ExitSlot>,
 }
 
+/// A frame on its way to the helper, with the fds that travel with it.
+struct Outgoing {
+    frame: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
 /// A running session helper.
 pub struct HelperClient {
     pid: i32,
     pidfd: OwnedFd,
-    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    /// Frames go out through one task that writes each to its end, so a caller
+    /// that gives up halfway (a cancelled call, a dropped future) can never leave
+    /// half a frame on the channel.
+    writer: mpsc::UnboundedSender<Outgoing>,
     /// Shared with the reader task, which is the only one removing routes.
     routes: Arc<Mutex<Routes>>,
     next_id: AtomicU64,
@@ -69,6 +78,7 @@ pub struct HelperClient {
     dead: Arc<AtomicBool>,
     report: ConfinementReport,
     reader: tokio::task::JoinHandle<()>,
+    writer_task: tokio::task::JoinHandle<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -84,14 +94,18 @@ impl HelperClient {
     /// Starts the helper for `setup` inside `cgroup`:
     /// 1. socketpair; clone the helper into new mount, pid, network, ipc and uts
     ///    namespaces, exec'ing `cfg.helper_exe __sandbox-helper` with an empty
-    ///    environment and the socket as fd 3;
+    ///    environment and the socket as fd 3 (its `argv[0]` is `hands`, so the
+    ///    host path of the binary is not in the session's `/proc/1/cmdline`);
     /// 2. move it into the session cgroup before it does anything (it blocks on
     ///    the setup frame);
-    /// 3. send the setup, wait for `Ready` (or the stage that failed);
+    /// 3. send the setup with a detached clone of the workspace's mount (taken
+    ///    from the directory fd, never by path), wait for `Ready` (or the stage
+    ///    that failed);
     /// 4. start the reader task that routes answers.
     pub async fn start(
         cfg: &SandboxConfig,
         setup: &Setup,
+        workspace: BorrowedFd<'_>,
         cgroup: &SessionCgroup,
     ) -> Result<HelperClient, SandboxError> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(host("socketpair"))?;
@@ -99,7 +113,7 @@ impl HelperClient {
             .map_err(|e| host("helper path")(std::io::Error::other(e)))?;
         let stage = CString::new(helper::ARG)
             .map_err(|e| host("helper stage")(std::io::Error::other(e)))?;
-        let argv = [exe.clone(), stage];
+        let argv = [c"hands".to_owned(), stage];
         let flags = libc::CLONE_NEWNS
             | libc::CLONE_NEWPID
             | libc::CLONE_NEWNET
@@ -131,14 +145,34 @@ impl HelperClient {
         ours.set_nonblocking(true).map_err(host("socket"))?;
         let stream = tokio::net::UnixStream::from_std(ours).map_err(host("socket"))?;
         let (mut read_half, write_half) = stream.into_split();
-        let writer = Arc::new(tokio::sync::Mutex::new(write_half));
+        let routes: Arc<Mutex<Routes>> = Arc::default();
+        let dead = Arc::new(AtomicBool::new(false));
+        let (writer, outgoing) = mpsc::unbounded_channel();
+        let writer_task = tokio::spawn(write_forever(
+            write_half,
+            outgoing,
+            routes.clone(),
+            dead.clone(),
+        ));
+        // A detached copy of the workspace's mount, made here in the worker's
+        // mount namespace (a mount of another namespace cannot be cloned from
+        // inside the helper's); the helper idmaps and attaches it.
+        let ws = match sys::open_tree_clone_fd(workspace) {
+            Ok(fd) => fd,
+            Err(e) => {
+                kill_and_reap(&pidfd);
+                writer_task.abort();
+                return Err(host("cloning the workspace mount")(e));
+            }
+        };
         let handshake = async {
-            write_frame(
-                &writer,
-                &proto::encode_frame(setup).map_err(host("encode"))?,
-                &[],
-            )
-            .await?;
+            let frame = proto::encode_frame(setup).map_err(host("encode"))?;
+            writer
+                .send(Outgoing {
+                    frame,
+                    fds: vec![ws],
+                })
+                .map_err(|_| SandboxError::HelperDied(" before setup".into()))?;
             read_response(&mut read_half).await
         };
         let first = match tokio::time::timeout(SETUP_TIMEOUT, handshake).await {
@@ -149,15 +183,18 @@ impl HelperClient {
             Ok(Some(Response::Ready { report })) => report,
             Ok(Some(Response::SetupFailed { stage, error })) => {
                 kill_and_reap(&pidfd);
+                writer_task.abort();
                 return Err(SandboxError::Setup { stage, error });
             }
             Ok(Some(other)) => {
                 kill_and_reap(&pidfd);
+                writer_task.abort();
                 return Err(SandboxError::Protocol(format!(
                     "expected Ready, got {other:?}"
                 )));
             }
             Ok(None) => {
+                writer_task.abort();
                 let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
                 return Err(SandboxError::HelperDied(format!(
                     " during setup ({status:?})"
@@ -165,12 +202,11 @@ impl HelperClient {
             }
             Err(e) => {
                 kill_and_reap(&pidfd);
+                writer_task.abort();
                 return Err(e);
             }
         };
 
-        let routes: Arc<Mutex<Routes>> = Arc::default();
-        let dead = Arc::new(AtomicBool::new(false));
         let reader = tokio::spawn(route_forever(read_half, routes.clone(), dead.clone()));
         Ok(HelperClient {
             pid,
@@ -181,6 +217,7 @@ impl HelperClient {
             dead,
             report,
             reader,
+            writer_task,
         })
     }
 
@@ -202,21 +239,24 @@ impl HelperClient {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Sends `req` and waits for its answer. The frame is handed whole to the
+    /// writer task before the first await, so dropping this future at any point
+    /// leaves the channel framed.
     async fn request(
         &self,
         id: u64,
         req: &Request,
-        fds: &[std::os::fd::BorrowedFd<'_>],
+        fds: Vec<OwnedFd>,
     ) -> Result<Response, SandboxError> {
         if self.is_dead() {
             return Err(SandboxError::HelperDied(String::new()));
         }
+        let frame = proto::encode_frame(req).map_err(host("encode"))?;
         let (tx, rx) = oneshot::channel();
         lock(&self.routes).pending.insert(id, tx);
-        let frame = proto::encode_frame(req).map_err(host("encode"))?;
-        if let Err(e) = write_frame(&self.writer, &frame, fds).await {
+        if self.writer.send(Outgoing { frame, fds }).is_err() {
             lock(&self.routes).pending.remove(&id);
-            return Err(e);
+            return Err(SandboxError::HelperDied(String::new()));
         }
         rx.await
             .map_err(|_| SandboxError::HelperDied(String::new()))
@@ -232,7 +272,7 @@ impl HelperClient {
             armed: true,
         };
         let resp = self
-            .request(id, &Request::Tool { id, tool, input }, &[])
+            .request(id, &Request::Tool { id, tool, input }, Vec::new())
             .await;
         let mut guard = guard;
         guard.armed = false;
@@ -262,8 +302,11 @@ impl HelperClient {
             cwd,
             kill_all_on_exit,
         };
-        let fds = [stdio[0].as_fd(), stdio[1].as_fd(), stdio[2].as_fd()];
-        match self.request(id, &req, &fds).await? {
+        let mut fds = Vec::with_capacity(3);
+        for fd in stdio {
+            fds.push(fd.try_clone().map_err(host("duplicating stdio"))?);
+        }
+        match self.request(id, &req, fds).await? {
             Response::Spawned { pid, .. } => {
                 let (tx, rx) = oneshot::channel();
                 let mut routes = lock(&self.routes);
@@ -290,7 +333,7 @@ impl HelperClient {
     /// Kills every process of the session but the helper; true when none is left.
     pub async fn kill_all(&self) -> Result<bool, SandboxError> {
         let id = self.next_id();
-        match self.request(id, &Request::KillAll { id }, &[]).await? {
+        match self.request(id, &Request::KillAll { id }, Vec::new()).await? {
             Response::Killed { ok, .. } => Ok(ok),
             other => Err(SandboxError::Protocol(format!(
                 "expected Killed, got {other:?}"
@@ -303,6 +346,7 @@ impl HelperClient {
     pub async fn shutdown(&self) {
         let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
         self.reader.abort();
+        self.writer_task.abort();
         let pid = self.pid;
         let _ = tokio::task::spawn_blocking(move || {
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
@@ -314,6 +358,7 @@ impl HelperClient {
     pub fn kill_now(&self) {
         let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
         self.reader.abort();
+        self.writer_task.abort();
     }
 }
 
@@ -330,25 +375,43 @@ impl Drop for CancelOnDrop<'_> {
         }
         lock(&self.client.routes).pending.remove(&self.id);
         if let Ok(frame) = proto::encode_frame(&Request::Cancel { id: self.id }) {
-            let writer = self.client.writer.clone();
-            tokio::spawn(async move {
-                let _ = write_frame(&writer, &frame, &[]).await;
+            let _ = self.client.writer.send(Outgoing {
+                frame,
+                fds: Vec::new(),
             });
         }
     }
 }
 
+/// Writes frames in the order they were queued, each to its end. When the
+/// channel fails the helper is gone: mark the client dead and fail every waiting
+/// caller.
+async fn write_forever(
+    w: OwnedWriteHalf,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    routes: Arc<Mutex<Routes>>,
+    dead: Arc<AtomicBool>,
+) {
+    while let Some(out) = outgoing.recv().await {
+        let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(|f| f.as_fd()).collect();
+        if write_frame(&w, &out.frame, &fds).await.is_err() {
+            break;
+        }
+    }
+    dead.store(true, Ordering::Relaxed);
+    lock(&routes).pending.clear();
+}
+
 async fn write_frame(
-    writer: &tokio::sync::Mutex<OwnedWriteHalf>,
+    w: &OwnedWriteHalf,
     frame: &[u8],
-    fds: &[std::os::fd::BorrowedFd<'_>],
+    fds: &[BorrowedFd<'_>],
 ) -> Result<(), SandboxError> {
-    let w = writer.lock().await;
     let stream: &tokio::net::UnixStream = w.as_ref();
     let mut off = 0;
     while off < frame.len() {
         stream.writable().await.map_err(host("helper channel"))?;
-        let attach: &[std::os::fd::BorrowedFd<'_>] = if off == 0 { fds } else { &[] };
+        let attach: &[BorrowedFd<'_>] = if off == 0 { fds } else { &[] };
         match stream.try_io(Interest::WRITABLE, || {
             sys::send_with_fds(stream_fd(stream), &frame[off..], attach)
         }) {

@@ -82,6 +82,9 @@ pub fn main() -> ! {
 }
 
 fn run() -> io::Result<()> {
+    // First, before anything of the session runs: with no handler left, no
+    // signal from inside the namespace reaches its init (see sys).
+    sys::default_fault_signals()?;
     let sock = sys::take_inherited_fd(3)?;
     let writer: Writer = Arc::new(Mutex::new(UnixStream::from(sock.try_clone()?)));
     let mut reader = FdReader {
@@ -92,7 +95,14 @@ fn run() -> io::Result<()> {
     };
     let setup: Setup = proto::read_frame(&mut reader)?
         .ok_or_else(|| io::Error::other("worker closed the channel before setup"))?;
-    let report = match confine(&setup) {
+    // The setup frame carries exactly one fd: a detached clone of the workspace
+    // mount.
+    let workspace = reader.fds.pop_front();
+    let confined = match workspace {
+        Some(ws) => confine(&setup, ws),
+        None => Err(("workspace", "no workspace fd with the setup".to_string())),
+    };
+    let (report, children) = match confined {
         Ok(r) => r,
         Err((stage, e)) => {
             send(
@@ -106,7 +116,7 @@ fn run() -> io::Result<()> {
         }
     };
     send(&writer, &Response::Ready { report });
-    serve(setup, reader, writer)
+    serve(setup, reader, writer, children)
 }
 
 type StageResult<T> = Result<T, (&'static str, String)>;
@@ -118,21 +128,32 @@ fn stage<T, E: std::fmt::Display>(name: &'static str, r: Result<T, E>) -> StageR
 /// Confines the helper, in this order (each step needs the privileges that the
 /// next ones remove):
 /// 1. build the filesystem view and pivot into it (needs CAP_SYS_ADMIN);
-/// 2. set the hostname and bring `lo` up in the session's network namespace;
+/// 2. set the hostname and, unless the network mode is `none` (no interface at
+///    all), bring `lo` up in the session's network namespace;
 /// 3. lock securebits so root can never regain capabilities by exec, and empty
 ///    the capability bounding set (needs CAP_SETPCAP);
 /// 4. drop supplementary groups, then gid, then uid to the session's ids — the
 ///    uid switch clears every capability; verify CapEff is 0;
-/// 5. no core dumps, not dumpable (its memory and /proc entries stay closed to
-///    the processes it starts), umask 022, cwd /workspace;
+/// 5. no core dumps (RLIMIT_CORE 1, which pipe handlers honour too), not
+///    dumpable (its memory and /proc entries stay closed to the processes it
+///    starts), umask 022, cwd /workspace;
 /// 6. no_new_privs;
 /// 7. landlock (fails closed unless the policy accepts each missing feature);
-/// 8. seccomp deny list (after landlock: landlock's syscalls are on it).
-fn confine(setup: &Setup) -> StageResult<ConfinementReport> {
-    let idmapped = stage("mounts", mounts::build(setup))?;
+/// 8. prepare what every child adds between fork and exec: a landlock domain of
+///    its own that scopes signals (ABI ≥ 6), so the helper is outside its reach,
+///    and the `openat2` filter (the ruleset is made before seccomp, which denies
+///    creating rulesets);
+/// 9. seccomp (after landlock: landlock's syscalls are on it).
+fn confine(
+    setup: &Setup,
+    workspace: OwnedFd,
+) -> StageResult<(ConfinementReport, Arc<sys::ChildConfinement>)> {
+    let idmapped = stage("mounts", mounts::build(setup, workspace))?;
 
     stage("hostname", nix::unistd::sethostname("hands"))?;
-    stage("loopback", sys::loopback_up())?;
+    if setup.net != proto::NetMode::None {
+        stage("loopback", sys::loopback_up())?;
+    }
 
     stage(
         "securebits",
@@ -167,16 +188,28 @@ fn confine(setup: &Setup) -> StageResult<ConfinementReport> {
         "landlock",
         landlock::enforce_on_current_thread(&mounts::landlock_rules(setup), &setup.allow_degraded),
     )?;
-    stage("seccomp", seccomp::install_on_current_thread())?;
+    let child_domain = stage("child landlock domain", landlock::child_scope_ruleset())?;
+    let child_filter = stage("child seccomp filter", seccomp::child_program())?;
+    let children = Arc::new(sys::ChildConfinement::new(child_filter, child_domain));
+    stage(
+        "seccomp",
+        seccomp::install_on_current_thread(seccomp::Profile {
+            no_inet: setup.net == proto::NetMode::None && !setup.weakened_inet_guard,
+            setid_guard: !setup.weakened_setid_guard,
+        }),
+    )?;
 
-    Ok(ConfinementReport {
-        landlock: ll,
-        seccomp: true,
-        no_new_privs: true,
-        uid: setup.uid,
-        effective_caps: caps,
-        idmapped_workspace: idmapped,
-    })
+    Ok((
+        ConfinementReport {
+            landlock: ll,
+            seccomp: true,
+            no_new_privs: true,
+            uid: setup.uid,
+            effective_caps: caps,
+            idmapped_workspace: idmapped,
+        },
+        children,
+    ))
 }
 
 /// Processes the helper started, by pid.
@@ -185,7 +218,12 @@ struct Children {
     spawned: Condvar,
 }
 
-fn serve(setup: Setup, mut reader: FdReader, writer: Writer) -> io::Result<()> {
+fn serve(
+    setup: Setup,
+    mut reader: FdReader,
+    writer: Writer,
+    confinement: Arc<sys::ChildConfinement>,
+) -> io::Result<()> {
     let children = Arc::new(Children {
         procs: Mutex::new(HashMap::new()),
         spawned: Condvar::new(),
@@ -243,7 +281,7 @@ fn serve(setup: Setup, mut reader: FdReader, writer: Writer) -> io::Result<()> {
                     Err(p) => p.into_inner(),
                 };
                 let mut procs = lock(&children.procs);
-                let msg = match spawn(&argv, &env, &cwd, stdio) {
+                let msg = match spawn(&argv, &env, &cwd, stdio, &confinement) {
                     Ok(pid) => {
                         procs.insert(pid, kill_all_on_exit);
                         children.spawned.notify_all();
@@ -339,6 +377,7 @@ fn spawn(
     env: &[(String, String)],
     cwd: &std::path::Path,
     stdio: Vec<OwnedFd>,
+    confinement: &Arc<sys::ChildConfinement>,
 ) -> io::Result<i32> {
     let (prog, args) = argv
         .split_first()
@@ -346,7 +385,9 @@ fn spawn(
     let mut fds = stdio.into_iter();
     let mut next = || -> Stdio { fds.next().map(Stdio::from).unwrap_or_else(Stdio::null) };
     let (stdin, stdout, stderr) = (next(), next(), next());
-    let child = Command::new(prog)
+    let mut cmd = Command::new(prog);
+    confinement.apply_to(&mut cmd);
+    let child = cmd
         .args(args)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))

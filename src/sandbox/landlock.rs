@@ -274,3 +274,21 @@ pub fn enforce_on_current_thread(
     })?;
     Ok(LandlockReport { abi, missing })
 }
+
+/// The ruleset each process the helper starts restricts itself with between fork
+/// and exec: no access right, only signal scoping, so that the process and
+/// everything it starts can signal each other but nothing outside their own
+/// domain, the helper included. `None` below ABI 6, where the pid namespace's
+/// protection of its init is the only layer.
+pub fn child_scope_ruleset() -> Result<Option<OwnedFd>, LandlockError> {
+    let abi = sys::landlock_abi().map_err(LandlockError::Unavailable)?;
+    if abi < 6 {
+        return Ok(None);
+    }
+    sys::landlock_create_ruleset(0, 0, SCOPE_SIGNAL, abi)
+        .map(Some)
+        .map_err(|source| LandlockError::Syscall {
+            op: "create_ruleset (child scope)",
+            source,
+        })
+}

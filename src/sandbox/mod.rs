@@ -15,14 +15,35 @@ pub mod seccomp;
 pub mod sys;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use client::{HelperClient, SandboxError};
+
+use crate::workspace::Workspaces;
+
+/// Confinement layers switched off, so that the escape suite can show that each
+/// remaining layer holds on its own. Nothing but a test sets these: no command,
+/// configuration file or environment variable reaches them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Weakened {
+    /// The seccomp refusal of set-user-ID and set-group-ID modes.
+    pub setid_guard: bool,
+    /// The seccomp refusal of IPv4 and IPv6 sockets under `network.mode = "none"`.
+    pub inet_guard: bool,
+}
 
 /// Host-side settings of the sandbox (not per environment).
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
-    /// Runtime state: slot locks, the mount point of session roots.
+    /// Runtime state: slot locks, the mount point of session roots, workspace
+    /// mount points. Lost at reboot (`/run/hands`).
     pub state_dir: PathBuf,
+    /// Data that outlives a worker: workspace images (`/var/lib/hands`).
+    pub data_dir: PathBuf,
+    /// Where workspaces go and how hands makes its own.
+    pub workspaces: Arc<Workspaces>,
+    /// Layers switched off (tests only; see [`Weakened`]).
+    pub weakened: Weakened,
     /// The executable re-run as the session helper (the `hands` binary).
     pub helper_exe: PathBuf,
     /// Session slot n runs as uid/gid `uid_base + n`.
@@ -37,11 +58,15 @@ pub struct SandboxConfig {
 pub const DEFAULT_UID_BASE: u32 = 2_100_000_000;
 
 impl SandboxConfig {
-    /// Defaults, overridable by `HANDS_STATE_DIR` and `HANDS_HELPER_EXE`.
+    /// Defaults, overridable by `HANDS_STATE_DIR`, `HANDS_DATA_DIR` and
+    /// `HANDS_HELPER_EXE`.
     pub fn from_env() -> Result<SandboxConfig, SandboxError> {
         let state_dir = std::env::var_os("HANDS_STATE_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/run/hands"));
+        let data_dir = std::env::var_os("HANDS_DATA_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/hands"));
         let helper_exe = match std::env::var_os("HANDS_HELPER_EXE") {
             Some(p) => PathBuf::from(p),
             None => std::env::current_exe().map_err(|e| SandboxError::Host {
@@ -50,8 +75,12 @@ impl SandboxConfig {
             })?,
         };
         let cgroups = cgroup::Cgroups::detect()?;
+        let workspaces = Arc::new(Workspaces::new(state_dir.clone(), data_dir.clone()));
         Ok(SandboxConfig {
             state_dir,
+            data_dir,
+            workspaces,
+            weakened: Weakened::default(),
             helper_exe,
             uid_base: DEFAULT_UID_BASE,
             slots: 4096,

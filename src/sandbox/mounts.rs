@@ -5,7 +5,7 @@
 //! host exists inside.
 
 use std::ffi::CString;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -17,8 +17,22 @@ use super::sys;
 /// Where the workspace appears inside the sandbox.
 pub const WORKSPACE: &str = "/workspace";
 
-/// Device nodes bound from the host's /dev.
+/// Device nodes bound from the host's /dev. `tty` opens nothing: the helper starts
+/// a session of its own, so no process in the sandbox has a controlling terminal
+/// (ENXIO), but programs that probe it get the usual answer.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Files of the session's `/proc` that describe the host rather than the session,
+/// shown empty (`/dev/null` bound over them, as container runtimes do): the
+/// kernel's command line (boot parameters, sometimes a root device or a secret),
+/// keyring usage of every uid, timers and scheduler state of every host process.
+const PROC_MASKED: [&str; 5] = [
+    "cmdline",
+    "keys",
+    "key-users",
+    "timer_list",
+    "sched_debug",
+];
 
 #[derive(Debug, thiserror::Error)]
 #[error("{step} {path:?}: {source}")]
@@ -89,13 +103,15 @@ fn tmpfs(dst: &Path, opts: &str, flags: MsFlags) -> Result<(), MountError> {
 /// 3. bind each read-only path (parents first; host symlinks such as Debian's
 ///    `/bin -> usr/bin` are recreated as symlinks), remounted ro,nosuid,nodev;
 /// 4. attach an idmapped clone of the workspace at `/workspace` (host owner ↔
-///    session uid), nosuid,nodev;
+///    session uid), nosuid,nodev: `ws_tree` is the detached clone the worker
+///    took from the directory fd it resolved, so no path is looked up here;
 /// 5. private `/tmp` and `/dev/shm` tmpfs, a `/dev` tmpfs with the usual device
-///    nodes bound in, `/proc` of the session's pid namespace;
+///    nodes bound in, `/proc` of the session's pid namespace with the host's
+///    files of [`PROC_MASKED`] shown empty;
 /// 6. pivot_root into the new root, detach the old one, remount `/` read-only.
 ///
 /// Returns whether the workspace is idmapped.
-pub fn build(setup: &Setup) -> Result<bool, MountError> {
+pub fn build(setup: &Setup, ws_tree: OwnedFd) -> Result<bool, MountError> {
     let root = setup.root_dir.as_path();
     mount(
         None::<&str>,
@@ -106,10 +122,6 @@ pub fn build(setup: &Setup) -> Result<bool, MountError> {
     )
     .map_err(err("make private", Path::new("/")))?;
 
-    // The workspace is cloned before anything is mounted, while its host path is
-    // certainly reachable.
-    let ws_tree = sys::open_tree_clone(&cstr(&setup.workspace))
-        .map_err(err("open_tree", &setup.workspace))?;
 
     tmpfs(
         root,
@@ -155,6 +167,20 @@ pub fn build(setup: &Setup) -> Result<bool, MountError> {
         None::<&str>,
     )
     .map_err(err("mount proc", &proc_dir))?;
+    for name in PROC_MASKED {
+        let dst = proc_dir.join(name);
+        if !dst.exists() {
+            continue;
+        }
+        mount(
+            Some("/dev/null"),
+            &dst,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(err("mask", &dst))?;
+    }
 
     // Workspace: on-disk owner ↔ session uid.
     let ws = under(root, Path::new(WORKSPACE));

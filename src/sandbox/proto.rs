@@ -23,7 +23,8 @@ pub const MAX_FRAME: usize = 64 << 20;
 pub enum NetMode {
     /// Own network namespace with `lo` up; landlock leaves TCP alone.
     Loopback,
-    /// Own network namespace, `lo` up, and landlock refuses every TCP bind/connect.
+    /// Own network namespace with no interface up; IPv4 and IPv6 sockets refused
+    /// (seccomp), and landlock refuses every TCP bind/connect.
     None,
 }
 
@@ -54,6 +55,15 @@ pub struct Setup {
     /// stores), already created on the host.
     #[serde(default)]
     pub extra_dirs: Vec<ExtraDir>,
+    /// The seccomp refusal of set-user-ID and set-group-ID modes is off. Only the
+    /// escape suite sets it, to show that the host-side layer holds on its own
+    /// (see [`super::Weakened`]).
+    #[serde(default)]
+    pub weakened_setid_guard: bool,
+    /// The seccomp refusal of IPv4 and IPv6 sockets under `none` is off (the
+    /// escape suite, to show landlock's TCP wall on its own).
+    #[serde(default)]
+    pub weakened_inet_guard: bool,
 }
 
 /// A subdirectory of the workspace that the sandbox also shows at another

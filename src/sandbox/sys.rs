@@ -1,7 +1,8 @@
 //! The crate's only `unsafe`: thin wrappers over the Linux system calls that the
 //! confinement needs and that `nix` does not wrap (clone into namespaces, landlock,
 //! the new mount API for idmapped mounts, the capability bounding set, securebits,
-//! pidfds, SCM_RIGHTS reception, bringing `lo` up).
+//! pidfds, SCM_RIGHTS reception, bringing `lo` up, loop devices, signal
+//! dispositions, and the last confinement step of a child between fork and exec).
 //!
 //! Every wrapper is small, returns `io::Result`, and states its invariant in a
 //! `// SAFETY:` line. Policy (which rules, which order) lives in the callers.
@@ -10,6 +11,7 @@
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
     if ret < 0 {
@@ -31,8 +33,9 @@ fn cvt_int(ret: libc::c_int) -> io::Result<libc::c_int> {
 /// `exe` with `argv` and an empty environment in the child, with `sock` as fd 3,
 /// stdin and stdout on /dev/null, stderr kept (the helper's diagnostics), and
 /// every other fd closed: nothing the worker holds, or inherited without
-/// close-on-exec, reaches the session. Returns the child's pid as seen from the
-/// caller.
+/// close-on-exec, reaches the session. The child starts a new session (setsid),
+/// so the worker's controlling terminal, if any, is not the sandbox's: `/dev/tty`
+/// inside opens nothing. Returns the child's pid as seen from the caller.
 ///
 /// The child runs only async-signal-safe calls (dup2, fcntl, execve, _exit) between
 /// clone and exec: the caller may be multi-threaded and another thread may hold the
@@ -68,6 +71,9 @@ pub fn clone_exec_helper(
                 libc::_exit(126);
             }
             if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) < 0 {
+                libc::_exit(126);
+            }
+            if libc::setsid() < 0 {
                 libc::_exit(126);
             }
             libc::execve(exe_ptr, argv_ptr, env_ptr);
@@ -234,6 +240,24 @@ pub fn open_tree_clone(path: &CStr) -> io::Result<OwnedFd> {
             libc::AT_FDCWD,
             path.as_ptr(),
             OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC,
+        )
+    })?;
+    // SAFETY: the syscall returned a fresh fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A detached clone of the mount at the directory open at `dir` (an `O_PATH` fd
+/// is enough): the path the fd was opened by is not looked up again.
+pub fn open_tree_clone_fd(dir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let empty = c"";
+    // SAFETY: dir is an open fd; the empty path with AT_EMPTY_PATH makes the
+    // kernel use it; flags are constants.
+    let fd = cvt(unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            dir.as_raw_fd(),
+            empty.as_ptr(),
+            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | libc::AT_EMPTY_PATH as libc::c_uint,
         )
     })?;
     // SAFETY: the syscall returned a fresh fd owned by nobody else.
@@ -536,8 +560,163 @@ pub fn userns_with_maps(
     result
 }
 
-/// RLIMIT_CORE = 0: a crashing sandboxed program leaves no core file behind.
+/// RLIMIT_CORE = 1 (soft and hard): no core dump at all. A limit of 0 stops
+/// core *files*, but the kernel ignores it when `core_pattern` is a pipe
+/// (systemd-coredump, apport) and hands the crashing process's memory to a root
+/// process on the host; 1 is the value it honours for pipes ("RLIMIT_CORE of 1
+/// aborts the dump"), and one byte is less than any core file.
 pub fn disable_core_dumps() -> io::Result<()> {
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 1, 1)
         .map_err(io::Error::from)
+}
+
+/// Restores the default disposition of the signals the Rust runtime handles
+/// (SIGSEGV and SIGBUS, for its stack-overflow message). The helper is the init
+/// of its pid namespace, and the kernel drops every signal sent to init from
+/// inside the namespace unless init handles it: with no handler left, `kill
+/// -SEGV 1` from the session does nothing, while a real fault still kills.
+pub fn default_fault_signals() -> io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for sig in [Signal::SIGSEGV, Signal::SIGBUS] {
+        // SAFETY: installing SIG_DFL runs no code of ours in signal context.
+        unsafe { sigaction(sig, &dfl) }.map_err(io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// The signal handlers installed for `pid` (a bit per signal, bit n-1 for
+/// signal n), from `/proc/<pid>/status`.
+pub fn caught_signals(pid: &str) -> io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("SigCgt:"))
+        .ok_or_else(|| io::Error::other("no SigCgt in status"))?;
+    u64::from_str_radix(line["SigCgt:".len()..].trim(), 16).map_err(io::Error::other)
+}
+
+// ---------------------------------------------------------------------------
+// the last step of a child's confinement
+
+/// Confinement that a process the helper starts takes on between fork and exec,
+/// on top of what it inherits: an extra seccomp program and, when given, a
+/// landlock domain of its own (a ruleset that only scopes signals and abstract
+/// sockets, so the helper, in the parent domain, is out of its reach).
+pub struct ChildConfinement {
+    filter: Vec<libc::sock_filter>,
+    landlock: Option<OwnedFd>,
+}
+
+impl ChildConfinement {
+    /// `filter` is a compiled classic BPF program (seccompiler's `BpfProgram`).
+    pub fn new(filter: Vec<libc::sock_filter>, landlock: Option<OwnedFd>) -> ChildConfinement {
+        ChildConfinement { filter, landlock }
+    }
+
+    /// Makes `cmd` apply this confinement in the child before it execs. The
+    /// closure runs after fork in a copy of a multi-threaded process, so it only
+    /// makes system calls on data prepared here: no allocation, no lock.
+    pub fn apply_to(self: &std::sync::Arc<Self>, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        let me = self.clone();
+        let hook = move || -> io::Result<()> {
+            if let Some(ruleset) = &me.landlock {
+                // SAFETY: plain syscall on an fd the parent keeps open.
+                cvt(unsafe {
+                    libc::syscall(libc::SYS_landlock_restrict_self, ruleset.as_raw_fd(), 0u32)
+                })?;
+            }
+            let prog = libc::sock_fprog {
+                len: me.filter.len() as libc::c_ushort,
+                filter: me.filter.as_ptr() as *mut libc::sock_filter,
+            };
+            // SAFETY: prog points at the filter vector, alive for the call (held
+            // by the Arc in this closure); no_new_privs is already set.
+            cvt(unsafe {
+                libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0u32,
+                    &prog as *const libc::sock_fprog,
+                )
+            })?;
+            Ok(())
+        };
+        // SAFETY: the hook only makes async-signal-safe system calls (see above).
+        unsafe { cmd.pre_exec(hook) };
+    }
+}
+
+// ---------------------------------------------------------------------------
+// loop devices
+
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// Attaches the file open at `backing` to a free loop device with autoclear (the
+/// device detaches itself when its last user, the mount, goes) and returns the
+/// device's path and an open fd of it. Needs CAP_SYS_ADMIN and `/dev/loop-control`.
+pub fn loop_attach(backing: BorrowedFd<'_>) -> io::Result<(std::path::PathBuf, OwnedFd)> {
+    let ctl = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")?;
+    // Another attacher may take the device between GET_FREE and CONFIGURE
+    // (EBUSY): ask again.
+    for _ in 0..64 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
+        let n = cvt_int(unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) })?;
+        let path = std::path::PathBuf::from(format!("/dev/loop{n}"));
+        let dev = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        // SAFETY: LoopConfig is plain data; zeroed is a valid value.
+        let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
+        cfg.fd = backing.as_raw_fd() as u32;
+        cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+        // SAFETY: cfg is a live loop_config the kernel only reads; dev is open.
+        let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) };
+        if r == 0 {
+            return Ok((path, OwnedFd::from(dev)));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            return Err(e);
+        }
+    }
+    Err(io::Error::other("no free loop device after 64 tries"))
 }

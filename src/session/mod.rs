@@ -28,6 +28,7 @@ use crate::sandbox::proto::{ConfinementReport, ExtraDir, NetMode, Setup};
 use crate::sandbox::{HelperClient, SandboxConfig, SandboxError};
 use crate::tools::bash::{BashLimits, BashSession};
 use crate::tools::{timed_out, Tool, ToolResult};
+use crate::workspace::{Geometry, Workspace, WorkspaceError, Workspaces};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -42,15 +43,21 @@ pub enum SessionError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Workspaces(#[from] WorkspaceError),
 }
 
 /// How to open a session.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
     pub policy: Arc<Policy>,
-    /// The host directory to mount at `/workspace`; `None` creates an empty one
-    /// under the state directory, removed at close.
+    /// The host directory to mount at `/workspace`; `None` makes a new one (a
+    /// filesystem of its own, bounded by the policy's `limits.disk`), removed at
+    /// close.
     pub workspace: Option<PathBuf>,
+    /// A given workspace may be owned by root (every file the agent writes is
+    /// then root's on the host). Off unless the operator asks for it.
+    pub allow_root_workspace: bool,
     /// Workspace subdirectories created before the sandbox starts, shown
     /// elsewhere or read-only inside it (see [`ExtraDir`]).
     pub extra_dirs: Vec<ExtraDir>,
@@ -60,8 +67,10 @@ pub struct SessionOptions {
 pub struct Session {
     id: String,
     policy: Arc<Policy>,
-    workspace: PathBuf,
-    owns_workspace: bool,
+    workspace_path: PathBuf,
+    /// Taken by close or drop, which remove it if hands made it.
+    workspace: Option<Workspace>,
+    workspaces: Arc<Workspaces>,
     helper: HelperClient,
     /// Taken by close or drop, which empty and remove it.
     cgroup: Option<SessionCgroup>,
@@ -84,11 +93,14 @@ fn degradations(policy: &Policy) -> Vec<LandlockFeature> {
     policy
         .allow_degraded
         .iter()
-        .map(|d| match d {
+        .filter_map(|d| {
+            Some(match d {
             Degradation::LandlockTruncate => LandlockFeature::LandlockTruncate,
             Degradation::LandlockNet => LandlockFeature::LandlockNet,
             Degradation::LandlockIoctl => LandlockFeature::LandlockIoctl,
             Degradation::LandlockScope => LandlockFeature::LandlockScope,
+            Degradation::WorkspaceDisk => return None,
+        })
         })
         .collect()
 }
@@ -130,7 +142,7 @@ fn new_id() -> String {
 impl Session {
     /// Opens a session:
     /// 1. take a slot (uid, cgroup name) and clean any group a dead worker left;
-    /// 2. prepare the workspace (created when not given);
+    /// 2. resolve the given workspace, or make a new one (see [`crate::workspace`]);
     /// 3. create the cgroup with the policy's limits;
     /// 4. start the helper in it, which confines itself and reports `Ready`.
     pub async fn open(cfg: &SandboxConfig, opts: SessionOptions) -> Result<Session, SessionError> {
@@ -143,72 +155,81 @@ impl Session {
             let _ = stale.delete();
         }
 
-        let (workspace, owns_workspace) = match opts.workspace {
-            Some(p) => (p, false),
+        let policy = opts.policy;
+        let limits = &policy.limits;
+        let workspaces = cfg.workspaces.clone();
+        let workspace = match opts.workspace {
+            Some(p) => workspaces.given(&p, opts.allow_root_workspace)?,
             None => {
-                // Named by slot, so whatever a dead worker left here is reclaimed
-                // with the slot.
-                let p = cfg.state_dir.join("workspaces").join(&cg_name);
-                let _ = std::fs::remove_dir_all(&p);
-                std::fs::create_dir_all(&p).map_err(|source| SessionError::Workspace {
-                    path: p.clone(),
-                    source,
-                })?;
-                (p, true)
+                // Named by slot, so whatever a dead worker left under this name is
+                // cleared with the slot.
+                let geometry = Geometry {
+                    bytes: limits.disk_bytes,
+                    inodes: limits.disk_inodes,
+                };
+                let degraded = policy.allow_degraded.contains(&Degradation::WorkspaceDisk);
+                let (w, name) = (workspaces.clone(), cg_name.clone());
+                tokio::task::spawn_blocking(move || w.create(&name, geometry, degraded))
+                    .await
+                    .map_err(|e| SandboxError::HelperDied(format!(": workspace task: {e}")))??
             }
         };
-        let workspace =
-            std::fs::canonicalize(&workspace).map_err(|source| SessionError::Workspace {
-                path: workspace.clone(),
-                source,
-            })?;
-        let meta = std::fs::metadata(&workspace).map_err(|source| SessionError::Workspace {
-            path: workspace.clone(),
-            source,
-        })?;
-        if !meta.is_dir() {
-            return Err(SessionError::Workspace {
-                path: workspace,
-                source: std::io::Error::other("not a directory"),
-            });
-        }
+        let workspace_path = workspace.path().to_path_buf();
+        let cleanup_workspace = |ws: Workspace| {
+            if let Err(e) = workspaces.remove(ws) {
+                tracing::warn!("removing the workspace of a session that did not open: {e}");
+            }
+        };
         for d in &opts.extra_dirs {
             let bad = |e: String| SessionError::Workspace {
                 path: d.rel.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
             };
-            d.validate().map_err(bad)?;
-            let p = workspace.join(&d.rel);
-            std::fs::DirBuilder::new()
+            if let Err(e) = d.validate() {
+                cleanup_workspace(workspace);
+                return Err(bad(e));
+            }
+            let p = workspace_path.join(&d.rel);
+            if let Err(source) = std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&p)
-                .map_err(|source| SessionError::Workspace { path: p, source })?;
+            {
+                cleanup_workspace(workspace);
+                return Err(SessionError::Workspace { path: p, source });
+            }
         }
         let root_dir = cfg.state_dir.join("root");
-        std::fs::create_dir_all(&root_dir).map_err(|source| SessionError::Workspace {
-            path: root_dir.clone(),
-            source,
-        })?;
+        if let Err(source) = std::fs::create_dir_all(&root_dir) {
+            cleanup_workspace(workspace);
+            return Err(SessionError::Workspace {
+                path: root_dir,
+                source,
+            });
+        }
 
-        let policy = opts.policy;
-        let limits = &policy.limits;
-        let cgroup = cfg.cgroups.create(
+        let cgroup = match cfg.cgroups.create(
             &cg_name,
             CgroupLimits {
                 memory_bytes: limits.memory_bytes,
                 pids: limits.pids,
                 cpu: limits.cpu,
             },
-        )?;
+        ) {
+            Ok(cg) => cg,
+            Err(e) => {
+                cleanup_workspace(workspace);
+                return Err(e.into());
+            }
+        };
         let uid = cfg.uid_base + slot.n;
-        use std::os::unix::fs::MetadataExt;
+        let (workspace_uid, workspace_gid) = workspace.owner();
         let setup = Setup {
             session_id: id.clone(),
             root_dir,
-            workspace: workspace.clone(),
-            workspace_uid: meta.uid(),
-            workspace_gid: meta.gid(),
+            workspace: workspace_path.clone(),
+            workspace_uid,
+            workspace_gid,
             uid,
             gid: uid,
             read_only: policy.filesystem.read_only.clone(),
@@ -221,25 +242,26 @@ impl Session {
             max_file_bytes: limits.file_bytes,
             output_limit: limits.output_bytes,
             extra_dirs: opts.extra_dirs.clone(),
+            weakened_setid_guard: cfg.weakened.setid_guard,
+            weakened_inet_guard: cfg.weakened.inet_guard,
         };
-        let helper = match HelperClient::start(cfg, &setup, &cgroup).await {
+        let helper = match HelperClient::start(cfg, &setup, workspace.dir(), &cgroup).await {
             Ok(h) => h,
             Err(e) => {
                 let _ = cgroup.kill_all(Duration::from_secs(5));
                 let _ = cgroup.delete();
-                if owns_workspace {
-                    let _ = std::fs::remove_dir_all(&workspace);
-                }
+                cleanup_workspace(workspace);
                 return Err(e.into());
             }
         };
-        tracing::debug!(session_id = %id, env = %policy.name, uid, slot = slot.n, "session open");
+        tracing::debug!(session_id = %id, env = %policy.name, uid, slot = slot.n, workspace = %workspace.mechanism(), "session open");
         let env = sandbox_env(&policy);
         Ok(Session {
             id,
             policy,
-            workspace,
-            owns_workspace,
+            workspace_path,
+            workspace: Some(workspace),
+            workspaces,
             helper,
             cgroup: Some(cgroup),
             _slot: slot,
@@ -264,7 +286,7 @@ impl Session {
 
     /// Host path of the workspace.
     pub fn workspace(&self) -> &Path {
-        &self.workspace
+        &self.workspace_path
     }
 
     /// What the helper enforced.
@@ -438,51 +460,66 @@ impl Session {
     }
 
     /// Closes the session: kills the helper (and so every process of the
-    /// session), empties and removes the cgroup, removes a workspace it created.
+    /// session), empties and removes the cgroup, removes a workspace it made.
     pub async fn close(mut self) -> Result<(), SessionError> {
         self.closed = true;
         self.helper.shutdown().await;
         let cg = self.cgroup.take();
-        let ws = self.owns_workspace.then(|| self.workspace.clone());
-        tokio::task::spawn_blocking(move || cleanup(cg, ws))
+        let ws = self.workspace.take();
+        let workspaces = self.workspaces.clone();
+        tokio::task::spawn_blocking(move || cleanup(cg, ws, &workspaces))
             .await
             .map_err(|e| SandboxError::HelperDied(format!(": cleanup task: {e}")))??;
         Ok(())
     }
 }
 
-/// Removes what dead workers left behind: every session group (and auto-created
-/// workspace) whose slot no live worker holds. Returns how many were removed.
-/// Workers call it at start; slots are also reclaimed one by one as they are
-/// taken.
+/// Removes what dead workers left behind: every session group and every
+/// workspace hands made whose slot no live worker holds. Returns how many were
+/// removed. Workers call it at start; slots are also reclaimed one by one as
+/// they are taken.
 pub fn sweep_orphans(cfg: &SandboxConfig) -> usize {
     let mut swept = 0;
+    let slot_of = |name: &str| name.strip_prefix('s').and_then(|n| n.parse::<u32>().ok());
     for name in cfg.cgroups.existing() {
-        let Some(n) = name.strip_prefix('s').and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(n) = slot_of(&name) else {
             continue;
         };
         let Some(_slot) = slot::try_acquire(&cfg.state_dir, n) else {
             continue; // held: a live session
         };
         let cg = cfg.cgroups.open(&name);
-        let ws = cfg.state_dir.join("workspaces").join(&name);
-        match cleanup(Some(cg), ws.exists().then_some(ws)) {
+        match cleanup(Some(cg), None, &cfg.workspaces) {
             Ok(()) => swept += 1,
             Err(e) => tracing::warn!(group = %name, "removing an orphaned session group: {e}"),
         }
     }
+    // The slot lock is held while a workspace is cleared, so no session can take
+    // the name in between.
+    swept += cfg
+        .workspaces
+        .sweep(|name| slot_of(name).and_then(|n| slot::try_acquire(&cfg.state_dir, n)));
     swept
 }
 
-fn cleanup(cg: Option<SessionCgroup>, workspace: Option<PathBuf>) -> Result<(), SandboxError> {
+fn cleanup(
+    cg: Option<SessionCgroup>,
+    workspace: Option<Workspace>,
+    workspaces: &Workspaces,
+) -> Result<(), SessionError> {
+    let mut result = Ok(());
     if let Some(cg) = cg {
-        cg.kill_all(Duration::from_secs(10))?;
-        cg.delete()?;
+        result = cg
+            .kill_all(Duration::from_secs(10))
+            .and_then(|()| cg.delete())
+            .map_err(SessionError::from);
     }
+    // Removed even when the cgroup was not: the helper, and so every process
+    // that could use it, is dead already.
     if let Some(ws) = workspace {
-        let _ = std::fs::remove_dir_all(ws);
+        workspaces.remove(ws)?;
     }
-    Ok(())
+    result
 }
 
 impl Drop for Session {
@@ -495,8 +532,8 @@ impl Drop for Session {
         }
         self.helper.kill_now();
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.helper.pid()), None);
-        let ws = self.owns_workspace.then(|| self.workspace.clone());
-        if let Err(e) = cleanup(self.cgroup.take(), ws) {
+        let ws = self.workspace.take();
+        if let Err(e) = cleanup(self.cgroup.take(), ws, &self.workspaces) {
             tracing::warn!(session_id = %self.id, "cleanup after drop: {e}");
         }
     }

@@ -142,6 +142,7 @@ impl Registry {
                 SessionOptions {
                     policy,
                     workspace: None,
+                    allow_root_workspace: false,
                     extra_dirs,
                 },
             )

@@ -65,6 +65,8 @@ fn exec_uses_the_given_workspace() {
     require_sandbox!();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("in.txt"), "from host\n").unwrap();
+    // An operator's directory, owned by an unprivileged user.
+    std::os::unix::fs::chown(dir.path(), Some(4242), Some(4242)).unwrap();
     let ws = dir.path().to_str().unwrap();
     let out = hands(&[
         "exec",
@@ -81,6 +83,9 @@ fn exec_uses_the_given_workspace() {
         std::fs::read_to_string(dir.path().join("out.txt")).unwrap(),
         "made\n"
     );
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir.path().join("out.txt")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (4242, 4242), "owned by the workspace's owner");
 }
 
 #[test]
