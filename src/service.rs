@@ -57,7 +57,8 @@ impl From<RegistryError> for Status {
 pub fn detect_isolation() -> v1::Isolation {
     v1::Isolation {
         landlock_abi: crate::sandbox::sys::landlock_abi().unwrap_or(0),
-        seccomp: crate::sandbox::seccomp::programs(crate::sandbox::seccomp::Profile::default()).is_ok(),
+        seccomp: crate::sandbox::seccomp::programs(crate::sandbox::seccomp::Profile::default())
+            .is_ok(),
         cgroup_version: match crate::sandbox::cgroup::Cgroups::detect().map(|c| c.version()) {
             Ok(crate::sandbox::cgroup::CgroupVersion::V1) => "v1".into(),
             Ok(crate::sandbox::cgroup::CgroupVersion::V2) => "v2".into(),

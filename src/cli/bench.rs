@@ -6,7 +6,8 @@
 //!   in process (unconfined);
 //! - a `read` of a 20 KiB file vs the same read tool in process without the
 //!   sandbox, vs `std::fs::read`, vs the SDK's read tool;
-//! - session open and close, p50/p99;
+//! - session open and close, p50/p99: with a given workspace, and with a
+//!   workspace filesystem of its own (from the pool, and formatted on demand);
 //! - grep (a literal and an alternation) over a generated tree vs `rg`.
 
 use std::path::{Path, PathBuf};
@@ -129,6 +130,20 @@ async fn open(cfg: &SandboxConfig, policy: &Arc<Policy>, ws: &Path) -> anyhow::R
             workspace: Some(ws.to_path_buf()),
             // The bench's own temporary directory.
             allow_root_workspace: true,
+            extra_dirs: Vec::new(),
+        },
+    )
+    .await?)
+}
+
+/// A session whose workspace hands makes (a filesystem of its own).
+async fn open_made(cfg: &SandboxConfig, policy: &Arc<Policy>) -> anyhow::Result<Session> {
+    Ok(Session::open(
+        cfg,
+        SessionOptions {
+            policy: policy.clone(),
+            workspace: None,
+            allow_root_workspace: false,
             extra_dirs: Vec::new(),
         },
     )
@@ -352,12 +367,69 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
         Ok::<_, anyhow::Error>((opens, closes))
     })?;
     let open_s = Series::new(
-        "session open (namespaces + cgroup + confined helper)",
+        "session open, given workspace (namespaces + cgroup + confined helper)",
         opens,
     );
-    let close_s = Series::new("session close (kill tree, remove cgroup)", closes);
+    let close_s = Series::new(
+        "session close, given workspace (kill tree, remove cgroup)",
+        closes,
+    );
+
+    // The same with a workspace hands makes: a filesystem of its own, from the
+    // pool of formatted images (the worker keeps one per environment), and
+    // formatted on demand (a geometry the pool does not hold).
+    let pooled = crate::workspace::Geometry {
+        bytes: policy.limits.disk_bytes,
+        inodes: policy.limits.disk_inodes,
+    };
+    cfg.workspaces.keep_ready(pooled, 2);
+    let mut on_demand_policy = (*policy).clone();
+    on_demand_policy.limits.disk_inodes += 1;
+    let on_demand_policy = Arc::new(on_demand_policy);
+    let [made_open, made_close, fresh_open] = rt.block_on(async {
+        let mut v: [Vec<Duration>; 3] = Default::default();
+        for i in 0..args.opens + 5 {
+            // Opens arrive slower than back to back in service; let the pool
+            // refill so this measures the pooled path.
+            let waited = Instant::now();
+            while cfg.workspaces.ready(pooled) == 0 && waited.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let t = Instant::now();
+            let s = open_made(&cfg, &policy).await?;
+            let opened = t.elapsed();
+            let t = Instant::now();
+            s.close().await?;
+            let closed = t.elapsed();
+            let t = Instant::now();
+            let s = open_made(&cfg, &on_demand_policy).await?;
+            let fresh = t.elapsed();
+            s.close().await?;
+            if i >= 5 {
+                for (series, d) in v.iter_mut().zip([opened, closed, fresh]) {
+                    series.push(d);
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(v)
+    })?;
+    let made_open = Series::new(
+        "session open, own workspace filesystem from the pool",
+        made_open,
+    );
+    let made_close = Series::new(
+        "session close, own workspace filesystem (unmount)",
+        made_close,
+    );
+    let fresh_open = Series::new(
+        "session open, own workspace filesystem formatted on demand",
+        fresh_open,
+    );
     rows.push(open_s.row(None));
+    rows.push(made_open.row(Some(&open_s)));
+    rows.push(fresh_open.row(Some(&open_s)));
     rows.push(close_s.row(None));
+    rows.push(made_close.row(Some(&close_s)));
 
     // grep over a generated tree vs rg.
     let tree = scratch.path().join("tree");

@@ -164,6 +164,40 @@ pub fn checks() -> Vec<Check> {
             "file tools never re-follow a symlink after resolving a path (no check-then-use race)"
                 .into(),
     });
+    let workspaces =
+        crate::sandbox::SandboxConfig::from_env().map(|c| c.workspaces.mechanism().clone());
+    let (ok, status, action) = match workspaces {
+        Ok(crate::workspace::Mechanism::LoopExt4 { .. }) => (
+            true,
+            "loop devices + mke2fs".to_string(),
+            "each workspace hands makes is an ext4 image of the policy's limits.disk and limits.disk_inodes, mounted nosuid,nodev; removed by unmounting it".to_string(),
+        ),
+        Ok(crate::workspace::Mechanism::Unavailable(why)) => (
+            false,
+            why,
+            "sessions without --workspace refuse to open unless their policy allows the workspace-disk degradation (a plain, unbounded directory)".to_string(),
+        ),
+        Err(e) => (false, e.to_string(), "no workspace can be made".to_string()),
+    };
+    out.push(Check {
+        feature: "workspace disk",
+        ok,
+        required: false,
+        status,
+        action,
+    });
+    let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default();
+    out.push(Check {
+        feature: "core dumps",
+        ok: true,
+        required: false,
+        status: if pattern.starts_with('|') {
+            "core_pattern is a pipe".into()
+        } else {
+            "core_pattern is a file".into()
+        },
+        action: "session processes run with RLIMIT_CORE 1, the value the kernel honours for pipe handlers too: no crash inside reaches the host".into(),
+    });
     let pidfd = sys::pidfd_open(std::process::id() as i32).is_ok();
     out.push(Check {
         feature: "pidfd",
@@ -210,7 +244,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .call("bash", &serde_json::json!({"command": "/bin/true"}))
                 .await;
             let report = s.confinement().clone();
+            let workspaces = s.workspaces();
             s.close().await?;
+            workspaces.drain(super::DRAIN);
             anyhow::ensure!(!r.is_error, "bash /bin/true failed: {}", r.text_content());
             Ok::<_, anyhow::Error>((opened, report))
         });

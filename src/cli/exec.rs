@@ -40,8 +40,8 @@ fn pipe_pair() -> anyhow::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
 pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let rt = super::runtime()?;
     let code = rt.block_on(async {
-        let session = super::open_session(&args.env, dirs, args.workspace, args.allow_root_workspace)
-                .await?;
+        let session =
+            super::open_session(&args.env, dirs, args.workspace, args.allow_root_workspace).await?;
         let timeout = match args.timeout {
             Some(s) if s > 0.0 => Duration::from_secs_f64(s),
             _ => session.policy().limits.call_timeout,
@@ -71,7 +71,9 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
         });
         let (status, (), ()) = tokio::join!(run, relay_out, relay_err);
         let status = status?;
+        let workspaces = session.workspaces();
         session.close().await.context("closing the session")?;
+        workspaces.drain(super::DRAIN);
         Ok::<_, anyhow::Error>(match status {
             Some(code) => code,
             None => {

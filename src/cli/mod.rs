@@ -53,6 +53,10 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Opens a session of environment `env` on `workspace` (or a fresh one).
+/// How long a command waits, before it exits, for the background removal of
+/// the workspaces it made (what is left is swept by the next worker or command).
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn open_session(
     env: &str,
     dirs: &[PathBuf],

@@ -33,10 +33,12 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
         serde_json::from_str(&args.input).context("the tool input is not valid JSON")?;
     let rt = super::runtime()?;
     rt.block_on(async {
-        let session = super::open_session(&args.env, dirs, args.workspace, args.allow_root_workspace)
-                .await?;
+        let session =
+            super::open_session(&args.env, dirs, args.workspace, args.allow_root_workspace).await?;
         let result = session.call(&args.tool, &input).await;
+        let workspaces = session.workspaces();
         session.close().await.context("closing the session")?;
+        workspaces.drain(super::DRAIN);
         println!("{}", serde_json::to_string_pretty(&result)?);
         Ok(if result.is_error {
             ExitCode::from(1)

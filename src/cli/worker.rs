@@ -32,6 +32,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         if swept > 0 {
             tracing::info!(swept, "removed session groups left by a worker that died");
         }
+        let workspaces = sandbox.workspaces.clone();
         let registry = crate::worker::registry(&config, sandbox);
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -56,6 +57,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         )
         .await?;
         registry.close_all();
+        drop(registry);
+        workspaces.drain(super::DRAIN);
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)

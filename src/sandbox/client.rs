@@ -333,7 +333,10 @@ impl HelperClient {
     /// Kills every process of the session but the helper; true when none is left.
     pub async fn kill_all(&self) -> Result<bool, SandboxError> {
         let id = self.next_id();
-        match self.request(id, &Request::KillAll { id }, Vec::new()).await? {
+        match self
+            .request(id, &Request::KillAll { id }, Vec::new())
+            .await?
+        {
             Response::Killed { ok, .. } => Ok(ok),
             other => Err(SandboxError::Protocol(format!(
                 "expected Killed, got {other:?}"

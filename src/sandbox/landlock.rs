@@ -276,19 +276,24 @@ pub fn enforce_on_current_thread(
 }
 
 /// The ruleset each process the helper starts restricts itself with between fork
-/// and exec: no access right, only signal scoping, so that the process and
-/// everything it starts can signal each other but nothing outside their own
-/// domain, the helper included. `None` below ABI 6, where the pid namespace's
-/// protection of its init is the only layer.
+/// and exec: signal scoping, so that the process and everything it starts can
+/// signal each other but nothing outside their own domain, the helper included.
+/// It takes away no file access: a layer that does not handle `REFER` would
+/// refuse every rename or link across directories (landlock's rule for ABI 1
+/// rulesets), so this one handles it and allows it everywhere, leaving the
+/// decision to the session's own ruleset. `None` below ABI 6, where the pid
+/// namespace's protection of its init is the only layer. Called after
+/// pivot_root: `/` is the sandbox's root.
 pub fn child_scope_ruleset() -> Result<Option<OwnedFd>, LandlockError> {
     let abi = sys::landlock_abi().map_err(LandlockError::Unavailable)?;
     if abi < 6 {
         return Ok(None);
     }
-    sys::landlock_create_ruleset(0, 0, SCOPE_SIGNAL, abi)
-        .map(Some)
-        .map_err(|source| LandlockError::Syscall {
-            op: "create_ruleset (child scope)",
-            source,
-        })
+    let syscall = |op| move |source| LandlockError::Syscall { op, source };
+    let ruleset = sys::landlock_create_ruleset(FS_REFER, 0, SCOPE_SIGNAL, abi)
+        .map_err(syscall("create_ruleset (child scope)"))?;
+    let root = open_path(Path::new("/"))?;
+    sys::landlock_add_path_rule(ruleset.as_fd(), root.as_fd(), FS_REFER)
+        .map_err(syscall("add_rule (child scope)"))?;
+    Ok(Some(ruleset))
 }

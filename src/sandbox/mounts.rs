@@ -26,13 +26,7 @@ const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 /// shown empty (`/dev/null` bound over them, as container runtimes do): the
 /// kernel's command line (boot parameters, sometimes a root device or a secret),
 /// keyring usage of every uid, timers and scheduler state of every host process.
-const PROC_MASKED: [&str; 5] = [
-    "cmdline",
-    "keys",
-    "key-users",
-    "timer_list",
-    "sched_debug",
-];
+const PROC_MASKED: [&str; 5] = ["cmdline", "keys", "key-users", "timer_list", "sched_debug"];
 
 #[derive(Debug, thiserror::Error)]
 #[error("{step} {path:?}: {source}")]
@@ -121,7 +115,6 @@ pub fn build(setup: &Setup, ws_tree: OwnedFd) -> Result<bool, MountError> {
         None::<&str>,
     )
     .map_err(err("make private", Path::new("/")))?;
-
 
     tmpfs(
         root,

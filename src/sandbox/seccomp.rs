@@ -202,12 +202,22 @@ const MODE_ARGS: &[ModeArg] = &[
     (SYS_FCHMODAT2, 2, None, "fchmodat2 (Linux 6.6)"),
     #[cfg(target_arch = "x86_64")]
     (libc::SYS_open, 2, Some(1), "open with O_CREAT/O_TMPFILE"),
-    (libc::SYS_openat, 3, Some(2), "openat with O_CREAT/O_TMPFILE"),
+    (
+        libc::SYS_openat,
+        3,
+        Some(2),
+        "openat with O_CREAT/O_TMPFILE",
+    ),
     #[cfg(target_arch = "x86_64")]
     (libc::SYS_creat, 1, None, "creat"),
     #[cfg(target_arch = "x86_64")]
     (libc::SYS_mknod, 1, None, "mknod makes regular files too"),
-    (libc::SYS_mknodat, 2, None, "mknodat makes regular files too"),
+    (
+        libc::SYS_mknodat,
+        2,
+        None,
+        "mknodat makes regular files too",
+    ),
     #[cfg(target_arch = "x86_64")]
     (libc::SYS_mkdir, 1, None, "mkdir"),
     (libc::SYS_mkdirat, 2, None, "mkdirat"),
@@ -224,9 +234,17 @@ const SYS_FCHMODAT2: i64 = 452;
 /// with no signal handlers (the kernel drops such signals from inside the
 /// namespace) and not dumpable (ptrace refused, and ptrace is denied anyway).
 const OTHER_PROCESS: &[(i64, u8, &str)] = &[
-    (libc::SYS_prlimit64, 0, "set or read another process's limits"),
+    (
+        libc::SYS_prlimit64,
+        0,
+        "set or read another process's limits",
+    ),
     (libc::SYS_sched_setaffinity, 0, "pin another process"),
-    (libc::SYS_sched_setscheduler, 0, "another process's scheduling policy"),
+    (
+        libc::SYS_sched_setscheduler,
+        0,
+        "another process's scheduling policy",
+    ),
     (libc::SYS_sched_setparam, 0, "another process's priority"),
     (libc::SYS_sched_setattr, 0, "another process's scheduling"),
 ];
@@ -235,8 +253,16 @@ const OTHER_PROCESS: &[(i64, u8, &str)] = &[
 /// for the calling process itself (`which` = process, `who` = 0); a process
 /// group or every process of the uid would include the helper.
 const PRIORITY: &[(i64, u64, &str)] = &[
-    (libc::SYS_setpriority, libc::PRIO_PROCESS as u64, "renice other processes"),
-    (libc::SYS_ioprio_set, 1 /* IOPRIO_WHO_PROCESS */, "I/O priority of other processes"),
+    (
+        libc::SYS_setpriority,
+        libc::PRIO_PROCESS as u64,
+        "renice other processes",
+    ),
+    (
+        libc::SYS_ioprio_set,
+        1, /* IOPRIO_WHO_PROCESS */
+        "I/O priority of other processes",
+    ),
 ];
 
 /// Netlink protocols allowed: routing only (`ip`, getaddrinfo). Every other
@@ -286,10 +312,7 @@ impl Default for Profile {
     }
 }
 
-fn filter(
-    rules: BTreeMap<i64, Vec<SeccompRule>>,
-    errno: i32,
-) -> Result<BpfProgram, SeccompError> {
+fn filter(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<BpfProgram, SeccompError> {
     Ok(SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -372,7 +395,11 @@ pub fn programs(profile: Profile) -> Result<Vec<BpfProgram>, SeccompError> {
     for (nr, pid_arg, _why) in OTHER_PROCESS {
         rules.insert(
             *nr,
-            vec![SeccompRule::new(vec![cond(*pid_arg, SeccompCmpOp::Ne, 0)?])?],
+            vec![SeccompRule::new(vec![cond(
+                *pid_arg,
+                SeccompCmpOp::Ne,
+                0,
+            )?])?],
         );
     }
     for (nr, which_self, _why) in PRIORITY {

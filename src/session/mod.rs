@@ -95,12 +95,12 @@ fn degradations(policy: &Policy) -> Vec<LandlockFeature> {
         .iter()
         .filter_map(|d| {
             Some(match d {
-            Degradation::LandlockTruncate => LandlockFeature::LandlockTruncate,
-            Degradation::LandlockNet => LandlockFeature::LandlockNet,
-            Degradation::LandlockIoctl => LandlockFeature::LandlockIoctl,
-            Degradation::LandlockScope => LandlockFeature::LandlockScope,
-            Degradation::WorkspaceDisk => return None,
-        })
+                Degradation::LandlockTruncate => LandlockFeature::LandlockTruncate,
+                Degradation::LandlockNet => LandlockFeature::LandlockNet,
+                Degradation::LandlockIoctl => LandlockFeature::LandlockIoctl,
+                Degradation::LandlockScope => LandlockFeature::LandlockScope,
+                Degradation::WorkspaceDisk => return None,
+            })
         })
         .collect()
 }
@@ -161,15 +161,13 @@ impl Session {
         let workspace = match opts.workspace {
             Some(p) => workspaces.given(&p, opts.allow_root_workspace)?,
             None => {
-                // Named by slot, so whatever a dead worker left under this name is
-                // cleared with the slot.
                 let geometry = Geometry {
                     bytes: limits.disk_bytes,
                     inodes: limits.disk_inodes,
                 };
                 let degraded = policy.allow_degraded.contains(&Degradation::WorkspaceDisk);
-                let (w, name) = (workspaces.clone(), cg_name.clone());
-                tokio::task::spawn_blocking(move || w.create(&name, geometry, degraded))
+                let w = workspaces.clone();
+                tokio::task::spawn_blocking(move || w.create(geometry, degraded))
                     .await
                     .map_err(|e| SandboxError::HelperDied(format!(": workspace task: {e}")))??
             }
@@ -287,6 +285,12 @@ impl Session {
     /// Host path of the workspace.
     pub fn workspace(&self) -> &Path {
         &self.workspace_path
+    }
+
+    /// The workspaces this session's came from (a short-lived process drains
+    /// their background removals before it exits).
+    pub fn workspaces(&self) -> Arc<Workspaces> {
+        self.workspaces.clone()
     }
 
     /// What the helper enforced.
@@ -494,11 +498,7 @@ pub fn sweep_orphans(cfg: &SandboxConfig) -> usize {
             Err(e) => tracing::warn!(group = %name, "removing an orphaned session group: {e}"),
         }
     }
-    // The slot lock is held while a workspace is cleared, so no session can take
-    // the name in between.
-    swept += cfg
-        .workspaces
-        .sweep(|name| slot_of(name).and_then(|n| slot::try_acquire(&cfg.state_dir, n)));
+    swept += cfg.workspaces.sweep();
     swept
 }
 

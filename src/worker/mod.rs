@@ -34,7 +34,21 @@ pub enum WorkerError {
 }
 
 /// The registry a worker serves from.
+/// Formatted workspace images kept ready per environment.
+const WORKSPACES_READY: usize = 2;
+
 pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
+    // Workspace filesystems formatted ahead of time, so that opening a session
+    // only mounts one.
+    for p in &config.policies {
+        sandbox.workspaces.keep_ready(
+            crate::workspace::Geometry {
+                bytes: p.limits.disk_bytes,
+                inodes: p.limits.disk_inodes,
+            },
+            WORKSPACES_READY,
+        );
+    }
     Arc::new(Registry::new(
         sandbox,
         config.policies.iter().cloned(),

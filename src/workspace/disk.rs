@@ -6,19 +6,32 @@
 //! host would honour, and a removal that is an unmount, however the session
 //! shaped its tree.
 //!
-//! Images are formatted ahead of time, a few per geometry, in `pool/`, so that a
-//! session open only attaches and mounts (≈ 1–2 ms). Freed blocks are discarded
-//! (`discard`), which punches holes in the sparse image: the host's disk gives
-//! back what the session deletes.
+//! Each filesystem has a random id: its image is `<images>/<id>.img`, its mount
+//! point `<mounts>/<id>`. The process using one (a session, or the pool) holds an
+//! exclusive `flock` on the image, so a worker that starts can tell a workspace
+//! left by a dead worker (lockable) from a live one, and an id is never used
+//! twice.
+//!
+//! A worker keeps a few filesystems per geometry formatted and mounted ahead of
+//! time ([`Disks::keep_ready`]), so that opening a session takes one off a list.
+//! Removal is split: the mount is detached at once (nothing of the workspace is
+//! reachable on the host after that), the image deleted by a background reaper
+//! (deleting a large sparse file takes the host's filesystem tens of
+//! milliseconds). Freed blocks are discarded (`discard`), which punches holes in
+//! the sparse image: the host's disk gives back what a session deletes.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
+use nix::fcntl::{Flock, FlockArg};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::sandbox::sys;
@@ -30,12 +43,6 @@ pub struct Geometry {
     pub bytes: u64,
     /// Inodes: files, directories and symlinks together.
     pub inodes: u64,
-}
-
-impl Geometry {
-    fn tag(&self) -> String {
-        format!("{}-{}", self.bytes, self.inodes)
-    }
 }
 
 /// How hands makes its workspaces on this host.
@@ -59,19 +66,40 @@ impl Mechanism {
     }
 }
 
+/// A mounted filesystem, held: the lock on its image marks it in use.
+#[derive(Debug)]
+pub struct Mounted {
+    pub id: String,
+    pub at: PathBuf,
+    pub image: PathBuf,
+    _lock: Flock<File>,
+}
+
 #[derive(Debug, Default)]
 struct Pool {
-    /// Geometries to keep ready, and how many of each.
+    /// How many ready filesystems to keep, per geometry.
     wanted: HashMap<Geometry, usize>,
+    ready: HashMap<Geometry, Vec<Mounted>>,
     /// A filler thread is running.
     filling: bool,
 }
 
 #[derive(Debug)]
-pub struct Disks {
-    dir: PathBuf,
+struct Inner {
+    images: PathBuf,
+    mounts: PathBuf,
     mechanism: Mechanism,
-    pool: Arc<(Mutex<Pool>, Condvar)>,
+    pool: Mutex<Pool>,
+    wake: Condvar,
+    reaper: Mutex<Option<mpsc::Sender<Mounted>>>,
+    /// Removals queued and not yet done (for [`Disks::drain`]).
+    pending: Mutex<usize>,
+    drained: Condvar,
+}
+
+#[derive(Debug, Clone)]
+pub struct Disks {
+    inner: Arc<Inner>,
 }
 
 fn find_mke2fs() -> Option<PathBuf> {
@@ -83,7 +111,10 @@ fn find_mke2fs() -> Option<PathBuf> {
 
 fn detect() -> Mechanism {
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    if !filesystems.lines().any(|l| l.trim_end().ends_with("\text4")) {
+    if !filesystems
+        .lines()
+        .any(|l| l.trim_end().ends_with("\text4"))
+    {
         return Mechanism::Unavailable("the kernel has no ext4".into());
     }
     if let Err(e) = std::fs::OpenOptions::new()
@@ -99,42 +130,64 @@ fn detect() -> Mechanism {
     }
 }
 
-/// Unmounts whatever is mounted at `at` (lazily: a mount still referenced by a
-/// dying session's namespace goes once that namespace is gone, and the loop
-/// device detaches itself then). Nothing mounted is not an error.
+/// Detaches whatever is mounted at `at` (every stacked mount). A mount still
+/// referenced by a session's namespace goes with that namespace, and its loop
+/// device detaches itself then. Nothing mounted is not an error.
 pub fn unmount(at: &Path) {
-    loop {
-        match umount2(at, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
-            Ok(()) => continue, // stacked mounts: take them all
-            Err(_) => return,
-        }
+    while umount2(at, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW).is_ok() {}
+}
+
+pub fn random_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
 
+/// Takes the exclusive lock of the image at `path`, without waiting.
+pub fn try_lock(path: &Path) -> Option<Flock<File>> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
+}
+
 impl Disks {
-    pub fn detect(dir: PathBuf) -> Disks {
+    /// Images go to `images`, mount points to `mounts` (both created on use).
+    pub fn detect(images: PathBuf, mounts: PathBuf) -> Disks {
         Disks {
-            dir,
-            mechanism: detect(),
-            pool: Arc::default(),
+            inner: Arc::new(Inner {
+                images,
+                mounts,
+                mechanism: detect(),
+                pool: Mutex::default(),
+                wake: Condvar::new(),
+                reaper: Mutex::default(),
+                pending: Mutex::new(0),
+                drained: Condvar::new(),
+            }),
         }
     }
 
     pub fn mechanism(&self) -> &Mechanism {
-        &self.mechanism
+        &self.inner.mechanism
     }
 
-    pub fn image_path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.img"))
+    fn image_path(&self, id: &str) -> PathBuf {
+        self.inner.images.join(format!("{id}.img"))
     }
 
-    fn pool_dir(&self) -> PathBuf {
-        self.dir.join("pool")
-    }
-
-    /// Names of the images in use (not the pool's).
-    pub fn image_names(&self) -> Vec<String> {
-        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+    /// Ids of the images on disk, in use or not.
+    pub fn image_ids(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(&self.inner.images) else {
             return Vec::new();
         };
         rd.flatten()
@@ -143,24 +196,28 @@ impl Disks {
             .collect()
     }
 
-    /// Formats a new image at `path` (created exclusively).
-    fn format(&self, path: &Path, g: Geometry) -> io::Result<()> {
-        let Mechanism::LoopExt4 { mke2fs } = &self.mechanism else {
-            return Err(io::Error::other("no mechanism"));
+    /// Formats a new image at `path` (created exclusively) and locks it.
+    fn format(&self, path: &Path, g: Geometry) -> io::Result<Flock<File>> {
+        let Mechanism::LoopExt4 { mke2fs } = &self.inner.mechanism else {
+            return Err(io::Error::other("no loop devices or mke2fs on this host"));
         };
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
-        f.set_len(g.bytes)?;
-        drop(f);
+        let locked = Flock::lock(f, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| io::Error::from_raw_os_error(e as i32))?;
+        locked.set_len(g.bytes)?;
         // -m 0: no blocks reserved for root (root is who the workspace's owner
-        // maps from); lazy init and `noinit_itable` at mount keep the image
-        // sparse; `root_owner` makes the root directory the host's root, seen as
-        // the session's uid through the idmap.
+        // maps from); lazy init, and `noinit_itable` at mount, keep the image
+        // sparse; the root directory is the host's root, seen as the session's
+        // uid through the idmap.
         let out = Command::new(mke2fs)
-            .args(["-q", "-F", "-t", "ext4", "-m", "0", "-b", "4096", "-L", "hands"])
+            .args([
+                "-q", "-F", "-t", "ext4", "-m", "0", "-b", "4096", "-L", "hands",
+            ])
             .arg("-N")
             .arg(g.inodes.to_string())
             .args([
@@ -173,189 +230,217 @@ impl Disks {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .output()?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(path);
-            return Err(io::Error::other(format!(
+            .output();
+        let failed = match out {
+            Ok(out) if out.status.success() => None,
+            Ok(out) => Some(format!(
                 "mke2fs failed ({}): {}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            )),
+            Err(e) => Some(format!("running mke2fs: {e}")),
+        };
+        if let Some(why) = failed {
+            let _ = std::fs::remove_file(path);
+            return Err(io::Error::other(why));
         }
-        Ok(())
+        Ok(locked)
     }
 
-    /// A formatted image of `g` at `to`: taken from the pool (a rename, so two
-    /// workers never take the same one), or formatted now.
-    fn take(&self, g: Geometry, to: &Path) -> io::Result<()> {
-        let prefix = format!("{}.", g.tag());
-        if let Ok(rd) = std::fs::read_dir(self.pool_dir()) {
-            for e in rd.flatten() {
-                let name = e.file_name();
-                let Some(n) = name.to_str() else { continue };
-                if n.starts_with(&prefix) && n.ends_with(".img") {
-                    match std::fs::rename(e.path(), to) {
-                        Ok(()) => {
-                            self.refill();
-                            return Ok(());
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
+    /// A new filesystem of `g`, formatted and mounted now.
+    fn make(&self, g: Geometry) -> io::Result<Mounted> {
+        for dir in [&self.inner.images, &self.inner.mounts] {
+            std::fs::create_dir_all(dir)?;
         }
-        self.format(to, g)
-    }
-
-    /// Makes a new filesystem for workspace `name` and mounts it at `at`;
-    /// returns the image's path.
-    pub fn mount_new(&self, name: &str, g: Geometry, at: &Path) -> io::Result<PathBuf> {
-        std::fs::create_dir_all(&self.dir)?;
-        let image = self.image_path(name);
-        self.take(g, &image)?;
-        let result = (|| {
-            match std::fs::create_dir(at) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
+        let id = random_id();
+        let image = self.image_path(&id);
+        let lock = self.format(&image, g)?;
+        let at = self.inner.mounts.join(&id);
+        let mounted = (|| {
+            std::fs::create_dir(&at)?;
             let backing = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
                 .open(&image)?;
-            let (dev, _loop_fd) = sys::loop_attach(backing.as_fd())?;
-            drop(backing);
             // The loop fd stays open until the mount holds the device, so
             // autoclear cannot detach it in between.
+            let (dev, _loop_fd) = sys::loop_attach(backing.as_fd())?;
+            drop(backing);
             mount(
                 Some(&dev),
-                at,
+                &at,
                 Some("ext4"),
                 MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
                 Some("discard,noinit_itable,errors=remount-ro"),
             )
             .map_err(|e| io::Error::other(format!("mounting {}: {e}", dev.display())))?;
             // mke2fs always makes lost+found; a fresh workspace is empty.
-            match std::fs::remove_dir(at.join("lost+found")) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-            Ok(())
+            std::fs::remove_dir(at.join("lost+found"))
         })();
-        match result {
-            Ok(()) => Ok(image),
-            Err(e) => {
-                unmount(at);
-                let _ = std::fs::remove_file(&image);
-                Err(e)
+        if let Err(e) = mounted {
+            unmount(&at);
+            let _ = std::fs::remove_dir(&at);
+            let _ = std::fs::remove_file(&image);
+            return Err(e);
+        }
+        Ok(Mounted {
+            id,
+            at,
+            image,
+            _lock: lock,
+        })
+    }
+
+    /// A mounted, empty filesystem of `g`: from the pool, or made now.
+    pub fn take(&self, g: Geometry) -> io::Result<Mounted> {
+        let ready = lock(&self.inner.pool).ready.get_mut(&g).and_then(Vec::pop);
+        match ready {
+            Some(m) => {
+                self.inner.wake.notify_all();
+                Ok(m)
+            }
+            None => self.make(g),
+        }
+    }
+
+    /// Filesystems of `g` ready to be taken.
+    pub fn ready(&self, g: Geometry) -> usize {
+        lock(&self.inner.pool).ready.get(&g).map_or(0, Vec::len)
+    }
+
+    /// Detaches the filesystem now and deletes its image in the background.
+    pub fn release(&self, m: Mounted) {
+        unmount(&m.at);
+        let sender = {
+            let mut reaper = lock(&self.inner.reaper);
+            if reaper.is_none() {
+                let (tx, rx) = mpsc::channel::<Mounted>();
+                let me = self.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("disk-reaper".into())
+                    .spawn(move || {
+                        for m in rx {
+                            me.delete(m);
+                        }
+                    });
+                if spawned.is_ok() {
+                    *reaper = Some(tx);
+                }
+            }
+            reaper.clone()
+        };
+        *lock(&self.inner.pending) += 1;
+        match sender {
+            Some(tx) => {
+                if let Err(mpsc::SendError(m)) = tx.send(m) {
+                    self.delete(m);
+                }
+            }
+            None => self.delete(m),
+        }
+    }
+
+    /// Deletes a detached filesystem's image and mount point.
+    fn delete(&self, m: Mounted) {
+        if let Err(e) = std::fs::remove_file(&m.image) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::error!(image = %m.image.display(), "deleting a workspace image: {e}");
             }
         }
+        if let Err(e) = std::fs::remove_dir(&m.at) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::error!(at = %m.at.display(), "removing a workspace mount point: {e}");
+            }
+        }
+        drop(m);
+        let mut pending = lock(&self.inner.pending);
+        *pending = pending.saturating_sub(1);
+        self.inner.drained.notify_all();
     }
 
-    /// Asks for `count` ready images of `g` and starts the filler if needed.
+    /// Waits (at most `limit`) until every released image is deleted: before a
+    /// short-lived process (`hands exec`) exits.
+    pub fn drain(&self, limit: Duration) {
+        let start = std::time::Instant::now();
+        let mut pending = lock(&self.inner.pending);
+        while *pending > 0 && start.elapsed() < limit {
+            pending = match self
+                .inner
+                .drained
+                .wait_timeout(pending, Duration::from_millis(50))
+            {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// Removes an image (and its mount) that no process holds: left by a worker
+    /// that died. Returns whether it was removed.
+    pub fn sweep_one(&self, id: &str) -> bool {
+        let image = self.image_path(id);
+        let Some(lock) = try_lock(&image) else {
+            return false;
+        };
+        let at = self.inner.mounts.join(id);
+        unmount(&at);
+        self.delete(Mounted {
+            id: id.to_string(),
+            at,
+            image,
+            _lock: lock,
+        });
+        true
+    }
+
+    /// Asks for `count` ready filesystems of `g` and starts the filler.
     pub fn keep_ready(&self, g: Geometry, count: usize) {
-        if !matches!(self.mechanism, Mechanism::LoopExt4 { .. }) {
+        if !matches!(self.inner.mechanism, Mechanism::LoopExt4 { .. }) {
             return;
         }
-        {
-            let mut pool = lock(&self.pool.0);
-            let want = pool.wanted.entry(g).or_insert(0);
-            *want = (*want).max(count);
-        }
-        self.refill();
-    }
-
-    /// Wakes the filler thread (starting it once).
-    fn refill(&self) {
-        let (lock_, cv) = &*self.pool;
-        let mut pool = lock(lock_);
-        if pool.wanted.is_empty() {
-            return;
-        }
+        let mut pool = lock(&self.inner.pool);
+        let want = pool.wanted.entry(g).or_insert(0);
+        *want = (*want).max(count);
         if pool.filling {
-            cv.notify_all();
+            self.inner.wake.notify_all();
             return;
         }
         pool.filling = true;
         drop(pool);
-        let me = Disks {
-            dir: self.dir.clone(),
-            mechanism: self.mechanism.clone(),
-            pool: self.pool.clone(),
-        };
+        let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("disk-pool".into())
             .spawn(move || me.fill_forever());
         if spawned.is_err() {
-            lock(lock_).filling = false;
+            lock(&self.inner.pool).filling = false;
         }
     }
 
-    fn ready(&self, g: Geometry) -> usize {
-        let prefix = format!("{}.", g.tag());
-        std::fs::read_dir(self.pool_dir())
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| {
-                        e.file_name()
-                            .to_str()
-                            .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".img"))
-                    })
-                    .count()
-            })
-            .unwrap_or(0)
-    }
-
-    /// Formats into `pool/` until every wanted geometry has its count, then
-    /// waits to be woken. Images are formatted under a temporary name and
-    /// renamed into place, so a taker never finds half an image.
+    /// Makes filesystems until every wanted geometry has its count, then waits
+    /// to be woken by a taker.
     fn fill_forever(&self) {
-        let (lock_, cv) = &*self.pool;
         loop {
-            let wanted: Vec<(Geometry, usize)> =
-                lock(lock_).wanted.iter().map(|(g, n)| (*g, *n)).collect();
-            let mut made = false;
-            for (g, n) in wanted {
-                if self.ready(g) >= n {
-                    continue;
+            let short: Option<Geometry> = {
+                let pool = lock(&self.inner.pool);
+                pool.wanted
+                    .iter()
+                    .find(|(g, n)| pool.ready.get(g).map_or(0, Vec::len) < **n)
+                    .map(|(g, _)| *g)
+            };
+            let Some(g) = short else {
+                let pool = lock(&self.inner.pool);
+                let _ = self.inner.wake.wait_timeout(pool, Duration::from_secs(30));
+                continue;
+            };
+            match self.make(g) {
+                Ok(m) => lock(&self.inner.pool).ready.entry(g).or_default().push(m),
+                Err(e) => {
+                    tracing::warn!("preparing a workspace filesystem ahead of time: {e}");
+                    let pool = lock(&self.inner.pool);
+                    let _ = self.inner.wake.wait_timeout(pool, Duration::from_secs(30));
                 }
-                if std::fs::create_dir_all(self.pool_dir()).is_err() {
-                    continue;
-                }
-                let id = random_id();
-                let tmp = self.pool_dir().join(format!(".{}.{id}.tmp", g.tag()));
-                let done = self.pool_dir().join(format!("{}.{id}.img", g.tag()));
-                match self
-                    .format(&tmp, g)
-                    .and_then(|()| std::fs::rename(&tmp, &done))
-                {
-                    Ok(()) => made = true,
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        tracing::warn!("formatting a workspace image ahead of time: {e}");
-                    }
-                }
-            }
-            if !made {
-                let guard = lock(lock_);
-                let _ = cv.wait_timeout(guard, std::time::Duration::from_secs(30));
             }
         }
-    }
-}
-
-fn random_id() -> String {
-    let mut b = [0u8; 8];
-    let _ = getrandom::fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }

@@ -14,10 +14,11 @@
 //!   directory instead (unbounded), removed without recursion ([`remove`]);
 //! - whatever cannot be removed is moved to a quarantine directory, never reused.
 //!
-//! Directories (root-owned, 0700 where they are hands' own):
-//! `<state_dir>/workspaces/<name>` the mount points (and plain directories),
-//! `<data_dir>/disks/<name>.img` the images, `<data_dir>/disks/pool/` images
-//! formatted ahead of time, `<data_dir>/quarantine/` what could not be removed.
+//! Directories (root-owned, 0700): `<state_dir>/workspaces/<id>` the mount
+//! points (and plain directories), `<data_dir>/disks/<id>.img` the images,
+//! `<data_dir>/quarantine/` what could not be removed. Every workspace hands
+//! makes has a new random id, and is locked (`flock`) by the process using it:
+//! a worker that starts removes whatever no one holds.
 
 pub mod disk;
 pub mod remove;
@@ -28,7 +29,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::fcntl::{openat2, Flock, FlockArg, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::fstat;
 
 pub use disk::{Geometry, Mechanism};
@@ -44,8 +45,8 @@ pub enum WorkspaceError {
         #[source]
         source: io::Error,
     },
-    #[error("workspace {name}: this host cannot give it a filesystem of its own ({reason}), and the policy does not allow the `workspace-disk` degradation")]
-    NoDisk { name: String, reason: String },
+    #[error("this host cannot give a workspace a filesystem of its own ({reason}), and the policy does not allow the `workspace-disk` degradation")]
+    NoDisk { reason: String },
 }
 
 fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> WorkspaceError {
@@ -62,10 +63,11 @@ fn nix_io(e: nix::Error) -> io::Error {
 enum Kind {
     /// The operator's directory: never removed.
     Given,
-    /// A filesystem of its own, mounted at `path` from the image `image`.
-    Filesystem { image: PathBuf },
-    /// A plain directory hands made (the `workspace-disk` degradation).
-    Directory,
+    /// A filesystem of its own.
+    Filesystem(disk::Mounted),
+    /// A plain directory hands made (the `workspace-disk` degradation), locked
+    /// while in use.
+    Directory(#[allow(dead_code)] Flock<std::fs::File>),
 }
 
 /// A session's workspace, held open.
@@ -105,8 +107,8 @@ impl Workspace {
     pub fn mechanism(&self) -> &'static str {
         match self.kind {
             Kind::Given => "the operator's directory (not bounded by limits.disk)",
-            Kind::Filesystem { .. } => "a filesystem of its own (loop-mounted ext4 image)",
-            Kind::Directory => "a plain directory (degraded: not bounded by limits.disk)",
+            Kind::Filesystem(_) => "a filesystem of its own (loop-mounted ext4 image)",
+            Kind::Directory(_) => "a plain directory (degraded: not bounded by limits.disk)",
         }
     }
 }
@@ -160,11 +162,21 @@ fn private_dir(dir: &Path) -> Result<(), WorkspaceError> {
     Ok(())
 }
 
+/// A plain directory's lock, without waiting.
+fn try_lock_dir(path: &Path) -> Option<Flock<std::fs::File>> {
+    let f = std::fs::File::open(path).ok()?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
+}
+
+/// A plain directory left unlocked this long is a dead worker's (a new one is
+/// locked right after it is made).
+const DIRECTORY_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Workspaces {
     /// `state_dir` holds the mount points, `data_dir` the images; the mechanism
     /// for hands' own workspaces is detected here.
     pub fn new(state_dir: PathBuf, data_dir: PathBuf) -> Workspaces {
-        let disks = disk::Disks::detect(data_dir.join("disks"));
+        let disks = disk::Disks::detect(data_dir.join("disks"), state_dir.join("workspaces"));
         Workspaces {
             state_dir,
             data_dir,
@@ -214,12 +226,11 @@ impl Workspaces {
         };
         let dir = open_no_symlinks(&abs).map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => refuse(
-                "a component of the path is a symbolic link; give the directory's real path"
-                    .into(),
+                "a component of the path is a symbolic link; give the directory's real path".into(),
             ),
-            Some(libc::ENOTDIR) if abs.is_symlink() => refuse(
-                "it is a symbolic link; give the directory's real path".into(),
-            ),
+            Some(libc::ENOTDIR) if abs.is_symlink() => {
+                refuse("it is a symbolic link; give the directory's real path".into())
+            }
             Some(libc::ENOTDIR) => refuse("not a directory".into()),
             _ => WorkspaceError::Io {
                 path: path.to_path_buf(),
@@ -268,111 +279,104 @@ impl Workspaces {
         })
     }
 
-    /// Makes a new, empty workspace called `name` (a session slot's name). A
-    /// workspace of that name left behind (by a worker that died) is removed or
-    /// quarantined first; the new one never shares a file with it.
+    /// Makes a new, empty workspace: a filesystem of `geometry`, or (only when
+    /// `allow_directory` and this host cannot make filesystems) a plain
+    /// directory. Its name is new; nothing of an earlier workspace is in it.
     pub fn create(
         &self,
-        name: &str,
         geometry: Geometry,
         allow_directory: bool,
     ) -> Result<Workspace, WorkspaceError> {
-        let mounts = self.mount_dir();
         private_dir(&self.state_dir)?;
-        private_dir(&mounts)?;
-        let at = mounts.join(name);
-        self.clear(name);
+        private_dir(&self.mount_dir())?;
+        private_dir(&self.data_dir)?;
         match self.disks.mechanism() {
             Mechanism::LoopExt4 { .. } => {
-                private_dir(&self.data_dir)?;
-                let image = self
+                let mounted = self
                     .disks
-                    .mount_new(name, geometry, &at)
-                    .map_err(io_err(&at, "making its filesystem"))?;
-                match self.finish(&at, Kind::Filesystem { image }) {
-                    Ok(ws) => Ok(ws),
+                    .take(geometry)
+                    .map_err(io_err(&self.mount_dir(), "making a workspace filesystem"))?;
+                let at = mounted.at.clone();
+                match open_empty(&at) {
+                    Ok((dir, uid, gid)) => Ok(Workspace {
+                        path: at,
+                        dir,
+                        uid,
+                        gid,
+                        kind: Kind::Filesystem(mounted),
+                    }),
                     Err(e) => {
-                        self.clear(name);
+                        self.disks.release(mounted);
                         Err(e)
                     }
                 }
             }
             Mechanism::Unavailable(reason) if !allow_directory => Err(WorkspaceError::NoDisk {
-                name: name.to_string(),
                 reason: reason.clone(),
             }),
             Mechanism::Unavailable(_) => {
+                let at = self.mount_dir().join(disk::random_id());
                 std::fs::DirBuilder::new()
                     .mode(0o755)
                     .create(&at)
                     .map_err(io_err(&at, "creating"))?;
-                self.finish(&at, Kind::Directory)
+                let locked = try_lock_dir(&at).ok_or_else(|| WorkspaceError::Refused {
+                    path: at.clone(),
+                    reason: "a new workspace directory is locked by someone else".into(),
+                })?;
+                let (dir, uid, gid) = open_empty(&at)?;
+                Ok(Workspace {
+                    path: at,
+                    dir,
+                    uid,
+                    gid,
+                    kind: Kind::Directory(locked),
+                })
             }
         }
     }
 
-    /// Opens a just-made workspace and checks that it is empty: a fresh
-    /// workspace that holds anything is refused, never handed out.
-    fn finish(&self, at: &Path, kind: Kind) -> Result<Workspace, WorkspaceError> {
-        let dir = open_no_symlinks(at).map_err(io_err(at, "opening"))?;
-        let mut entries = std::fs::read_dir(at).map_err(io_err(at, "listing"))?;
-        if let Some(first) = entries.next() {
-            let what = first
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .unwrap_or_else(|e| e.to_string());
-            return Err(WorkspaceError::Refused {
-                path: at.to_path_buf(),
-                reason: format!("a fresh workspace is not empty ({what})"),
-            });
-        }
-        let st = fstat(dir.as_fd()).map_err(|e| io_err(at, "stat")(nix_io(e)))?;
-        Ok(Workspace {
-            path: at.to_path_buf(),
-            dir,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            kind,
-        })
-    }
-
-    /// Removes a workspace hands made (a given one is left alone). What cannot
-    /// be removed is quarantined; the error says where it went.
+    /// Removes a workspace hands made (a given one is left alone). A
+    /// filesystem is detached now, so nothing of it is reachable on the host
+    /// when this returns, and its image is deleted in the background; a plain
+    /// directory is removed without recursion. What cannot be removed is
+    /// quarantined; the error says where it went.
     pub fn remove(&self, ws: Workspace) -> Result<(), WorkspaceError> {
         let Workspace {
             path, dir, kind, ..
         } = ws;
         drop(dir);
+        match kind {
+            Kind::Given => Ok(()),
+            Kind::Filesystem(mounted) => {
+                self.disks.release(mounted);
+                Ok(())
+            }
+            Kind::Directory(lock) => {
+                let removed = self.remove_directory(&path);
+                drop(lock);
+                removed
+            }
+        }
+    }
+
+    fn remove_directory(&self, path: &Path) -> Result<(), WorkspaceError> {
         let Some(name) = path.file_name().map(OsStr::to_os_string) else {
             return Ok(());
         };
-        match kind {
-            Kind::Given => Ok(()),
-            Kind::Filesystem { image } => {
-                disk::unmount(&path);
-                let mut result = Ok(());
-                if let Err(e) = std::fs::remove_file(&image) {
-                    if e.kind() != io::ErrorKind::NotFound {
-                        result = Err(self.quarantine(&image, e));
-                    }
-                }
-                if let Err(e) = std::fs::remove_dir(&path) {
-                    if e.kind() != io::ErrorKind::NotFound && result.is_ok() {
-                        result = Err(self.quarantine(&path, e));
-                    }
-                }
-                result
-            }
-            Kind::Directory => {
-                let parent = self.mount_dir();
-                let removed = std::fs::File::open(&parent)
-                    .and_then(|p| remove::remove_tree(p.as_fd(), &name));
-                match removed {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(self.quarantine(&path, e)),
-                }
-            }
+        let removed = std::fs::File::open(self.mount_dir())
+            .and_then(|p| remove::remove_tree(p.as_fd(), &name));
+        match removed {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.quarantine(path, e)),
         }
+    }
+
+    /// Waits (at most `limit`) for the background deletion of released
+    /// workspaces: a short-lived process calls it before it exits.
+    pub fn drain(&self, limit: std::time::Duration) {
+        self.disks.drain(limit);
     }
 
     /// Moves `path` out of the way, into the quarantine directory, so that it is
@@ -383,11 +387,7 @@ impl Workspaces {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let to = q.join(format!("{name}.{stamp}"));
+        let to = q.join(format!("{name}.{}", disk::random_id()));
         let moved = private_dir(&q)
             .map_err(|e| io::Error::other(e.to_string()))
             .and_then(|()| std::fs::rename(path, &to));
@@ -397,8 +397,8 @@ impl Workspaces {
                 to.display()
             ),
             Err(e) => format!(
-                "could not be removed ({cause}) nor quarantined ({e}); it stays where it is and \
-                 is never handed out again"
+                "could not be removed ({cause}) nor quarantined ({e}); its name is never \
+                 handed out again"
             ),
         };
         tracing::error!(path = %path.display(), "{reason}");
@@ -408,64 +408,79 @@ impl Workspaces {
         }
     }
 
-    /// Clears whatever a previous holder of `name` left: a mount is detached,
-    /// an image deleted, a directory removed or quarantined. Best effort; what
-    /// is left makes [`Workspaces::finish`] refuse the new workspace.
-    fn clear(&self, name: &str) {
-        let at = self.mount_dir().join(name);
-        disk::unmount(&at);
-        let image = self.disks.image_path(name);
-        match std::fs::remove_file(&image) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                let _ = self.quarantine(&image, e);
-            }
-        }
-        match std::fs::symlink_metadata(&at) {
-            Err(_) => {}
-            Ok(m) if !m.is_dir() => {
-                if let Err(e) = std::fs::remove_file(&at) {
-                    let _ = self.quarantine(&at, e);
-                }
-            }
-            Ok(_) => {
-                let removed = std::fs::File::open(self.mount_dir())
-                    .and_then(|p| remove::remove_tree(p.as_fd(), OsStr::new(name)));
-                if let Err(e) = removed {
-                    let _ = self.quarantine(&at, e);
-                }
-            }
-        }
-    }
-
-    /// Removes the workspaces hands made whose names `claim` can claim (it
-    /// returns a guard, such as the name's slot lock, held while the workspace is
-    /// cleared; `None` when a live session holds the name). Returns how many were
-    /// removed.
-    pub fn sweep<G>(&self, claim: impl Fn(&str) -> Option<G>) -> usize {
-        let mut names: Vec<String> = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(self.mount_dir()) {
-            names.extend(rd.flatten().filter_map(|e| e.file_name().into_string().ok()));
-        }
-        names.extend(self.disks.image_names());
-        names.sort();
-        names.dedup();
+    /// Removes what dead workers left: every image no process holds (with its
+    /// mount), and every plain directory unlocked for a while. Returns how many
+    /// were removed. Live workspaces (locked) are never touched.
+    pub fn sweep(&self) -> usize {
         let mut swept = 0;
-        for name in names {
-            if let Some(_held) = claim(&name) {
-                self.clear(&name);
+        let images = self.disks.image_ids();
+        for id in &images {
+            if self.disks.sweep_one(id) {
                 swept += 1;
             }
+        }
+        let Ok(rd) = std::fs::read_dir(self.mount_dir()) else {
+            return swept;
+        };
+        for e in rd.flatten() {
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            if images.contains(&name) {
+                continue;
+            }
+            let path = e.path();
+            let old = e
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > DIRECTORY_GRACE);
+            if !old {
+                continue;
+            }
+            let Some(lock) = try_lock_dir(&path) else {
+                continue;
+            };
+            disk::unmount(&path);
+            let _ = self.remove_directory(&path);
+            drop(lock);
+            swept += 1;
         }
         swept
     }
 
-    /// Keeps `count` formatted images of `geometry` ready, on a background
-    /// thread, so that opening a session does not wait for `mke2fs`.
+    /// Keeps `count` filesystems of `geometry` formatted and mounted, on a
+    /// background thread, so that opening a session does not wait for them.
     pub fn keep_ready(&self, geometry: Geometry, count: usize) {
-        if private_dir(&self.data_dir).is_ok() {
+        if private_dir(&self.state_dir).is_ok()
+            && private_dir(&self.mount_dir()).is_ok()
+            && private_dir(&self.data_dir).is_ok()
+        {
             self.disks.keep_ready(geometry, count);
         }
     }
+
+    /// Filesystems of `geometry` ready to be taken.
+    pub fn ready(&self, geometry: Geometry) -> usize {
+        self.disks.ready(geometry)
+    }
+}
+
+/// Opens a just-made workspace and checks that it is empty: a fresh workspace
+/// that holds anything is refused, never handed out.
+fn open_empty(at: &Path) -> Result<(OwnedFd, u32, u32), WorkspaceError> {
+    let dir = open_no_symlinks(at).map_err(io_err(at, "opening"))?;
+    let mut entries = std::fs::read_dir(at).map_err(io_err(at, "listing"))?;
+    if let Some(first) = entries.next() {
+        let what = first
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .unwrap_or_else(|e| e.to_string());
+        return Err(WorkspaceError::Refused {
+            path: at.to_path_buf(),
+            reason: format!("a fresh workspace is not empty ({what})"),
+        });
+    }
+    let st = fstat(dir.as_fd()).map_err(|e| io_err(at, "stat")(nix_io(e)))?;
+    Ok((dir, st.st_uid, st.st_gid))
 }

@@ -162,10 +162,21 @@ mod tests {
         for i in 0..3000 {
             nix::sys::stat::mkdirat(fd.as_fd(), "d", Mode::from_bits_truncate(0o755)).unwrap();
             if i % 100 == 0 {
-                nix::fcntl::openat(fd.as_fd(), "f", OFlag::O_CREAT | OFlag::O_WRONLY, Mode::from_bits_truncate(0o644))
-                    .unwrap();
+                nix::fcntl::openat(
+                    fd.as_fd(),
+                    "f",
+                    OFlag::O_CREAT | OFlag::O_WRONLY,
+                    Mode::from_bits_truncate(0o644),
+                )
+                .unwrap();
             }
-            fd = openat(fd.as_fd(), "d", OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+            fd = openat(
+                fd.as_fd(),
+                "d",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+                Mode::empty(),
+            )
+            .unwrap();
         }
         std::os::unix::fs::symlink("/etc", tmp.path().join("t/link")).unwrap();
         drop(fd);

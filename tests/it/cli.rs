@@ -85,7 +85,11 @@ fn exec_uses_the_given_workspace() {
     );
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(dir.path().join("out.txt")).unwrap();
-    assert_eq!((meta.uid(), meta.gid()), (4242, 4242), "owned by the workspace's owner");
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (4242, 4242),
+        "owned by the workspace's owner"
+    );
 }
 
 #[test]

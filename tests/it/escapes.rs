@@ -723,10 +723,48 @@ async fn connect_to_the_hosts_loopback() {
     s.close().await.unwrap();
 }
 
+/// `none` is no network at all: no interface up, and no IP socket of any
+/// protocol (TCP, UDP, MPTCP, ICMP, IPv6) can even be created.
 #[tokio::test(flavor = "multi_thread")]
-async fn network_none_denies_tcp_even_on_loopback() {
+async fn network_none_has_no_interface_and_no_ip_socket() {
     require_sandbox!();
     let s = open_with(policy("strict"), None).await;
+    let (_, out) = py(
+        &s,
+        "import socket\n\
+         for fam, typ, proto in [(2, 1, 0), (2, 2, 0), (2, 1, 262), (10, 1, 0), (10, 2, 0), (2, 2, 1)]:\n\
+         \x20   try:\n\
+         \x20       socket.socket(fam, typ, proto)\n\
+         \x20       print('CREATED', fam, typ, proto)\n\
+         \x20   except OSError as e:\n\
+         \x20       print('DENIED', e.errno)",
+    )
+    .await;
+    assert_eq!(
+        out.matches(&format!("DENIED {}", libc::EAFNOSUPPORT))
+            .count(),
+        6,
+        "every IP socket must be refused: {out}"
+    );
+    let r = bash(
+        &s,
+        "ip -o link show up | wc -l; cat /sys/class/net/lo/operstate 2>/dev/null; ip -o link",
+    )
+    .await;
+    let text = r.text_content();
+    assert!(text.starts_with('0'), "an interface is up: {text}");
+    assert!(text.contains("lo") && !text.contains("state UP"), "{text}");
+    s.close().await.unwrap();
+}
+
+/// With the IP socket refusal switched off, landlock still refuses every TCP
+/// bind and connect under `none`: the second wall holds on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn network_none_denies_tcp_even_without_the_socket_filter() {
+    require_sandbox!();
+    let mut cfg = config();
+    cfg.weakened.inet_guard = true;
+    let s = open_cfg(&cfg, policy("strict"), None).await;
     let (_, out) = py(
         &s,
         "import socket\ns = socket.socket()\n\
@@ -742,6 +780,41 @@ async fn network_none_denies_tcp_even_on_loopback() {
         2,
         "landlock should refuse TCP: {out}"
     );
+    s.close().await.unwrap();
+}
+
+/// MPTCP sockets are not TCP to landlock on every kernel: refused everywhere,
+/// as a kernel without MPTCP would (programs fall back to TCP).
+#[tokio::test(flavor = "multi_thread")]
+async fn mptcp_sockets_are_refused() {
+    require_sandbox!();
+    denied(
+        "report(libc.socket(2, 1, 262))\nreport(libc.socket(10, 1, 262))",
+        "DENIED EPROTONOSUPPORT",
+        2,
+    )
+    .await;
+}
+
+/// Netlink is for `ip` and getaddrinfo: routing only. Kernel uevents of the
+/// host's devices, audit, generic netlink, netfilter and socket diagnostics are
+/// refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn netlink_families_other_than_routing() {
+    require_sandbox!();
+    let s = open(None).await;
+    let (_, out) = py(
+        &s,
+        &syscall_probe(
+            "for proto in [15, 9, 16, 12, 4, 6]:\n    report(libc.socket(16, 3, proto))\n\
+             fd = libc.socket(16, 3, 0)\nprint('ROUTE', 'ok' if fd >= 0 else 'refused')",
+        ),
+    )
+    .await;
+    assert_eq!(out.matches("DENIED EPERM").count(), 6, "{out}");
+    assert!(out.contains("ROUTE ok"), "routing netlink must work: {out}");
+    let r = bash(&s, "ip -brief address show lo").await;
+    assert!(r.text_content().contains("127.0.0.1"), "{r:?}");
     s.close().await.unwrap();
 }
 
@@ -810,4 +883,427 @@ async fn gain_capability_through_setuid_binary() {
         "{r:?}"
     );
     s.close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// What a session leaves on the host. Each attack is checked where it would
+// land: on the host, while the session runs and after it ends.
+
+/// The attack: copy a shell into the workspace and make it set-user-ID root,
+/// so that any user of the host runs it as root. Both layers on: refused inside,
+/// and nothing privileged on the host.
+#[tokio::test(flavor = "multi_thread")]
+async fn setuid_shell_planted_in_the_workspace() {
+    require_sandbox!();
+    let s = open(None).await;
+    let r = bash(
+        &s,
+        "cp /bin/bash /workspace/rootsh && chmod 6755 /workspace/rootsh; \
+         install -m 4755 /usr/bin/id /workspace/rootid; ls -l /workspace",
+    )
+    .await;
+    assert!(
+        r.text_content().contains("Operation not permitted"),
+        "{r:?}"
+    );
+    let host = s.workspace().to_path_buf();
+    let found = privileged_files(&host);
+    assert!(found.is_empty(), "set-ID files on the host: {found:?}");
+    assert!(host.join("rootsh").exists(), "the copy itself is allowed");
+    s.close().await.unwrap();
+    assert!(
+        !host.join("rootsh").exists(),
+        "the workspace outlived its session"
+    );
+}
+
+/// Layer (a) on its own: a workspace the operator gave lives on the host's own
+/// filesystem, which honours set-user-ID bits. Every system call that sets a
+/// mode is refused a mode with set-user-ID or set-group-ID; `openat2`, whose
+/// mode the filter cannot see, does not exist for the session's processes.
+#[tokio::test(flavor = "multi_thread")]
+async fn setid_modes_are_refused_by_every_call_that_sets_one() {
+    require_sandbox!();
+    let ws = user_workspace();
+    let s = open(Some(ws.path())).await;
+    let (_, out) = py(
+        &s,
+        &syscall_probe(
+            r#"import struct
+AT = -100
+open("/workspace/f", "w").close()
+b = lambda s: s.encode()
+report(libc.syscall(90, b("/workspace/f"), 0o4755))                 # chmod
+fd = os.open("/workspace/f", os.O_RDONLY)
+report(libc.syscall(91, fd, 0o2755))                                # fchmod
+report(libc.syscall(268, AT, b("/workspace/f"), 0o6755))            # fchmodat
+report(libc.syscall(452, AT, b("/workspace/f"), 0o4755, 0))         # fchmodat2
+report(libc.syscall(2, b("/workspace/o"), os.O_CREAT | os.O_WRONLY, 0o4755))       # open
+report(libc.syscall(257, AT, b("/workspace/oa"), os.O_CREAT | os.O_WRONLY, 0o2755)) # openat
+report(libc.syscall(257, AT, b("/workspace"), 0o20200000 | os.O_WRONLY, 0o4755))  # O_TMPFILE
+report(libc.syscall(85, b("/workspace/c"), 0o4755))                 # creat
+report(libc.syscall(133, b("/workspace/n"), 0o100000 | 0o4755, 0))  # mknod, a regular file
+report(libc.syscall(259, AT, b("/workspace/na"), 0o100000 | 0o2755, 0))  # mknodat
+report(libc.syscall(83, b("/workspace/d"), 0o2755))                 # mkdir
+report(libc.syscall(258, AT, b("/workspace/da"), 0o4755))           # mkdirat
+how = struct.pack("QQQ", os.O_CREAT | os.O_WRONLY, 0o4755, 0)
+buf = ctypes.create_string_buffer(how)
+report(libc.syscall(437, AT, b("/workspace/o2"), buf, len(how)))    # openat2
+"#,
+        ),
+    )
+    .await;
+    assert_eq!(out.matches("DENIED EPERM").count(), 12, "{out}");
+    assert_eq!(out.matches("DENIED ENOSYS").count(), 1, "openat2: {out}");
+    assert!(!out.contains("ALLOWED"), "{out}");
+    // The ordinary modes still work.
+    let r = bash(
+        &s,
+        "chmod 755 f && mkdir -m 1777 sticky && stat -c %a f sticky",
+    )
+    .await;
+    assert!(!r.is_error && r.text_content().contains("1777"), "{r:?}");
+    let found = privileged_files(ws.path());
+    assert!(found.is_empty(), "set-ID files on the host: {found:?}");
+    s.close().await.unwrap();
+    let found = privileged_files(ws.path());
+    assert!(
+        found.is_empty(),
+        "set-ID files on the host after the session: {found:?}"
+    );
+}
+
+/// Layer (b) on its own: with the seccomp refusal switched off the session can
+/// set the bit, but the workspace hands made is a filesystem mounted nosuid on
+/// the host, so a host user who runs the file does not become root.
+#[tokio::test(flavor = "multi_thread")]
+async fn setuid_file_on_the_workspace_filesystem_grants_nothing_on_the_host() {
+    require_sandbox!();
+    let mut cfg = config();
+    cfg.weakened.setid_guard = true;
+    let s = open_cfg(&cfg, policy("default"), None).await;
+    let r = bash(
+        &s,
+        "cp /usr/bin/id rootid && chmod 4755 rootid && stat -c %a rootid",
+    )
+    .await;
+    assert!(
+        r.text_content().contains("4755"),
+        "the filter is off, so the bit is set inside: {r:?}"
+    );
+    let file = s.workspace().join("rootid");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o7777),
+        (0, 0o4755),
+        "root's set-user-ID file"
+    );
+    let vfs = nix::sys::statvfs::statvfs(s.workspace()).unwrap();
+    assert!(
+        vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOSUID)
+            && vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_NODEV),
+        "{:?}",
+        vfs.flags()
+    );
+    let out = run_as_nobody(&file, &[]);
+    assert!(out.contains("uid=65534"), "{out}");
+    assert!(!out.contains("euid=0"), "the host honoured the bit: {out}");
+    s.close().await.unwrap();
+    assert!(!file.exists());
+}
+
+/// The control for the two tests above: the same file on a filesystem that
+/// honours the bit does make `nobody` root, so `run_as_nobody` can tell.
+#[test]
+fn run_as_nobody_sees_a_set_user_id_file_that_the_host_honours() {
+    let dir = user_workspace();
+    let file = dir.path().join("rootid");
+    std::fs::copy("/usr/bin/id", &file).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    assert!(run_as_nobody(&file, &[]).contains("euid=0"));
+    assert_eq!(privileged_files(dir.path()).len(), 1);
+}
+
+/// A workspace owned by root would make everything the agent writes root's on
+/// the host: refused unless the operator says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_owned_workspace_needs_an_explicit_opt_in() {
+    require_sandbox!();
+    let dir = tempfile::Builder::new().tempdir_in("/var/tmp").unwrap();
+    let opts = |allow| hands::session::SessionOptions {
+        policy: std::sync::Arc::new(policy("default")),
+        workspace: Some(dir.path().to_path_buf()),
+        allow_root_workspace: allow,
+        extra_dirs: Vec::new(),
+    };
+    let err = hands::session::Session::open(&config(), opts(false))
+        .await
+        .err()
+        .expect("a root-owned workspace must be refused");
+    assert!(err.to_string().contains("owned by root"), "{err}");
+    let s = hands::session::Session::open(&config(), opts(true))
+        .await
+        .unwrap();
+    s.close().await.unwrap();
+    // The command line says the same, and names the flag.
+    let out = std::process::Command::new(hands_bin())
+        .args(["exec", "--workspace"])
+        .arg(dir.path())
+        .args(["--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-root-workspace"));
+}
+
+/// File capabilities and ACLs cannot do what the set-user-ID bit cannot:
+/// setting `security.capability` needs CAP_SETFCAP, which no process of a
+/// session has, and an ACL never carries set-ID bits.
+#[tokio::test(flavor = "multi_thread")]
+async fn file_capabilities_and_acls_grant_nothing() {
+    require_sandbox!();
+    let ws = user_workspace();
+    let s = open(Some(ws.path())).await;
+    let (_, out) = py(
+        &s,
+        r#"import os, struct, shutil
+shutil.copy("/usr/bin/id", "/workspace/capid")
+# VFS_CAP_REVISION_2 with cap_setuid (7) permitted and effective.
+cap = struct.pack("<IIIII", 0x02000001, 1 << 7, 1 << 7, 0, 0)
+for name in ["security.capability", "trusted.x", "security.x"]:
+    try:
+        os.setxattr("/workspace/capid", name, cap)
+        print("SET", name)
+    except OSError as e:
+        print("DENIED", name, e.errno)
+# An access ACL (user::rwx group::rwx other::rwx) on a file of our own.
+acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, 7, 0xffffffff) for tag in (1, 4, 0x20))
+os.setxattr("/workspace/capid", "system.posix_acl_access", acl)
+print("MODE %o" % os.stat("/workspace/capid").st_mode)
+"#,
+    )
+    .await;
+    assert_eq!(out.matches("DENIED").count(), 3, "{out}");
+    assert!(out.contains("MODE 100777"), "{out}");
+    let found = privileged_files(ws.path());
+    assert!(found.is_empty(), "privileged files on the host: {found:?}");
+    s.close().await.unwrap();
+}
+
+/// The attack: one session replaces a directory of its workspace with a symlink
+/// to `/`; a later session given that directory would mount the host's root
+/// read-write. Every component is resolved without following a symlink.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symlink_cannot_turn_a_later_workspace_into_the_hosts_root() {
+    require_sandbox!();
+    let ws = user_workspace();
+    for d in ["sub", "dir"] {
+        std::fs::create_dir(ws.path().join(d)).unwrap();
+        std::os::unix::fs::chown(ws.path().join(d), Some(4242), Some(4242)).unwrap();
+    }
+    let s = open(Some(ws.path())).await;
+    sh(
+        &s,
+        "rm -r sub && ln -s / sub && rm -r dir && ln -s /etc dir",
+    )
+    .await;
+    s.close().await.unwrap();
+    for given in [
+        ws.path().join("sub"),
+        ws.path().join("sub/var/tmp"),
+        ws.path().join("dir/.."),
+    ] {
+        let err = hands::session::Session::open(
+            &config(),
+            hands::session::SessionOptions {
+                policy: std::sync::Arc::new(policy("default")),
+                workspace: Some(given.clone()),
+                allow_root_workspace: true,
+                extra_dirs: Vec::new(),
+            },
+        )
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{given:?} was accepted"));
+        assert!(
+            err.to_string().contains("symbolic link"),
+            "{given:?}: {err}"
+        );
+    }
+}
+
+/// `/`, the directories above hands' own and the ones inside them are never a
+/// workspace, whoever owns them and whatever the operator allows.
+#[tokio::test(flavor = "multi_thread")]
+async fn workspaces_that_would_expose_the_host_or_hands_itself() {
+    require_sandbox!();
+    let cfg = config();
+    let inside = cfg.state_dir.join("slots");
+    for (given, reason) in [
+        (std::path::PathBuf::from("/"), "root"),
+        (cfg.state_dir.parent().unwrap().to_path_buf(), "contains"),
+        (cfg.state_dir.clone(), "contains"),
+        (inside, "inside"),
+        (std::path::PathBuf::from("/proc/self"), "/proc"),
+    ] {
+        let err = hands::session::Session::open(
+            &cfg,
+            hands::session::SessionOptions {
+                policy: std::sync::Arc::new(policy("default")),
+                workspace: Some(given.clone()),
+                allow_root_workspace: true,
+                extra_dirs: Vec::new(),
+            },
+        )
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{given:?} was accepted"));
+        assert!(err.to_string().contains(reason), "{given:?}: {err}");
+    }
+}
+
+/// The helper runs as the session's uid: the kernel would let the session's
+/// processes signal it, change its limits and its scheduling. None of it
+/// reaches the helper, and the session keeps working.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_session_cannot_disable_its_helper() {
+    require_sandbox!();
+    let s = open(None).await;
+    let helper = s.helper_pid();
+    let limits_before = std::fs::read_to_string(format!("/proc/{helper}/limits")).unwrap();
+    let _ = bash(
+        &s,
+        "for sig in SEGV BUS KILL TERM STOP INT HUP USR1 33; do kill -s $sig 1; done; \
+         for t in /proc/1/task/*; do kill -SEGV ${t##*/}; done; \
+         prlimit --pid 1 --nofile=4:4; prlimit --pid 1 --as=1000000; \
+         renice -n 19 -p 1; renice -n 19 -u $(id -u); taskset -p 1 1; \
+         chrt -i -p 0 1; ionice -c 3 -p 1; echo done",
+    )
+    .await;
+    let (_, out) = py(
+        &s,
+        &syscall_probe(
+            "report(libc.syscall(302, 1, 7, None, None))           # prlimit64(1, NOFILE)\n\
+             report(libc.syscall(141, 0, 1, 19))                    # setpriority(PROCESS, 1)\n\
+             report(libc.syscall(141, 2, 0, 19))                    # setpriority(USER, self)\n\
+             report(libc.syscall(141, 1, 0, 19))                    # setpriority(PGRP)\n\
+             report(libc.syscall(203, 1, 8, ctypes.byref(ctypes.c_ulong(1))))  # sched_setaffinity\n\
+             report(libc.syscall(251, 1, 1, 7 << 13))               # ioprio_set(PROCESS, 1)\n\
+             report(libc.syscall(302, 0, 7, None, None))            # prlimit64(self)\n",
+        ),
+    )
+    .await;
+    assert_eq!(out.matches("DENIED EPERM").count(), 6, "{out}");
+    assert!(
+        out.contains("ALLOWED 0"),
+        "a process's own limits stay its own: {out}"
+    );
+    assert!(pid_alive(helper as u32), "the helper died");
+    let stat = std::fs::read_to_string(format!("/proc/{helper}/stat")).unwrap();
+    assert!(!stat.contains(") T "), "the helper was stopped: {stat}");
+    let limits_after = std::fs::read_to_string(format!("/proc/{helper}/limits")).unwrap();
+    assert_eq!(limits_before, limits_after);
+    // Still serving: a file tool and a new shell. And the extra landlock layer
+    // of the session's processes (signal scoping) takes no file access away: a
+    // directory moves across directories with rename(2), not a copy.
+    sh(
+        &s,
+        "mkdir a b && python3 -c \"import os; os.rename('a', 'b/a')\"",
+    )
+    .await;
+    let r = tool(&s, "write", json!({"file_path": "ok.txt", "content": "ok"})).await;
+    assert!(!r.is_error, "{r:?}");
+    assert_eq!(sh(&s, "cat ok.txt").await, "ok");
+    s.close().await.unwrap();
+}
+
+/// A call cancelled while its large request is still being written to the
+/// helper must leave the channel framed: the next calls work.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_cancelled_mid_write_leaves_the_helper_channel_framed() {
+    require_sandbox!();
+    let s = open(None).await;
+    let content = "x".repeat(24 << 20);
+    for i in 0..8 {
+        let input = json!({"file_path": format!("big{i}"), "content": content});
+        let call = s.call("write", &input);
+        // Cancelled after the first bytes are on their way.
+        let _ = tokio::time::timeout(std::time::Duration::from_micros(200 + i * 300), call).await;
+    }
+    for i in 0..3 {
+        let r = tool(
+            &s,
+            "write",
+            json!({"file_path": format!("small{i}"), "content": "ok"}),
+        )
+        .await;
+        assert!(!r.is_error, "{r:?}");
+        let r = tool(&s, "read", json!({"file_path": format!("small{i}")})).await;
+        assert!(r.text_content().contains("ok"), "{r:?}");
+    }
+    assert!(sh(&s, "echo alive").await.contains("alive"));
+    s.close().await.unwrap();
+}
+
+/// What the session sees of the host: the kernel's command line, the host path
+/// of the workspace and of the hands binary are hidden.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_paths_and_boot_parameters_are_hidden() {
+    require_sandbox!();
+    let s = open(None).await;
+    let cfg = config();
+    let text = sh(
+        &s,
+        "echo cmdline=$(wc -c < /proc/cmdline); tr '\\0' ' ' < /proc/1/cmdline; echo; \
+         cat /proc/self/mountinfo; cat /proc/keys /proc/key-users /proc/timer_list 2>&1 | wc -c",
+    )
+    .await;
+    assert!(text.contains("cmdline=0"), "{text}");
+    let exe = cfg.helper_exe.display().to_string();
+    assert!(
+        !text.contains(&exe),
+        "the helper's host path is visible: {text}"
+    );
+    let ws = s.workspace().display().to_string();
+    assert!(
+        !text.contains(&ws),
+        "the workspace's host path is visible: {text}"
+    );
+    let state = cfg.state_dir.display().to_string();
+    assert!(
+        !text.contains(&state),
+        "the state directory is visible: {text}"
+    );
+    assert!(
+        text.trim_end().ends_with('0'),
+        "host keys or timers are visible: {text}"
+    );
+    s.close().await.unwrap();
+}
+
+/// The attack: write escape sequences to `/dev/tty`, the terminal of whoever
+/// runs `hands exec`. The sandbox has no controlling terminal.
+#[test]
+fn the_sandbox_cannot_write_to_the_operators_terminal() {
+    if !crate::util::sandbox_available("the_sandbox_cannot_write_to_the_operators_terminal") {
+        return;
+    }
+    // `script` runs hands exec on a new pseudo-terminal, as an operator's shell
+    // would; everything written to that terminal comes back on its stdout.
+    let cmd = format!(
+        "{} exec -- /bin/sh -c 'printf \"\\033]0;TTYMARK\\007TTYMARK\" > /dev/tty; echo rc=$?'",
+        hands_bin()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("rc=") && !text.contains("rc=0"), "{text}");
+    assert!(text.contains("No such device or address"), "{text}");
+    assert!(
+        !text.contains("TTYMARK"),
+        "the sandbox wrote to the terminal: {text}"
+    );
 }

@@ -1,6 +1,7 @@
 //! Resource attacks: each one is held by the session's limits while the worker
 //! (this process) and other sessions keep working.
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use serde_json::json;
@@ -385,4 +386,290 @@ async fn instantly_exiting_commands_never_lose_their_exit() {
         assert_eq!(status, Some(i % 7), "exit {i} lost");
     }
     s.close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// The host's disk, and what a session leaves behind.
+
+/// A session's workspace is a filesystem of the policy's size: writing past it
+/// says "No space left on device" inside, for bytes and for inodes, while the
+/// worker and another session keep working, and the host spends no more than
+/// the limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_workspace_disk_is_bounded_by_the_policy() {
+    require_sandbox!();
+    let mut p = policy("default");
+    p.limits.disk_bytes = 32 << 20;
+    p.limits.disk_inodes = 2048;
+    let s = open_with(p, None).await;
+    let other = open(None).await;
+    let r = bash(
+        &s,
+        "dd if=/dev/zero of=big bs=1M count=200 2>&1; df -k /workspace",
+    )
+    .await;
+    assert!(
+        r.text_content().contains("No space left on device"),
+        "{r:?}"
+    );
+    let r = bash(
+        &s,
+        "rm big; for i in $(seq 4000); do : > f$i || { echo STOPPED at $i; break; }; done 2>&1 | tail -2",
+    )
+    .await;
+    let text = r.text_content();
+    assert!(
+        text.contains("No space left on device") && text.contains("STOPPED"),
+        "{text}"
+    );
+    // The other session and the worker are unaffected.
+    assert_eq!(sh(&other, "echo x > f && cat f").await, "x");
+    // On the host: the image holds at most its size.
+    use std::os::unix::fs::MetadataExt;
+    let images = std::fs::read_dir(config().data_dir.join("disks"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".img"))
+        .map(|e| e.metadata().unwrap())
+        .filter(|m| m.len() == 32 << 20)
+        .collect::<Vec<_>>();
+    assert!(!images.is_empty(), "no image of the policy's size");
+    for m in images {
+        assert!(m.blocks() * 512 <= 33 << 20, "{} bytes", m.blocks() * 512);
+    }
+    s.close().await.unwrap();
+    other.close().await.unwrap();
+}
+
+/// A fresh workspace is empty and new, even when the previous session of the
+/// same slot left a tree behind that is still in use on the host (an open fd
+/// keeps its filesystem busy).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_next_session_of_a_slot_gets_an_empty_new_workspace() {
+    require_sandbox!();
+    let a = open_in_slot_zero(policy("default")).await;
+    sh(
+        &a,
+        "mkdir -p keep/deeper && echo secret-of-a > keep/deeper/f",
+    )
+    .await;
+    let held = std::fs::File::open(a.workspace().join("keep/deeper/f")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let dev_a = std::fs::metadata(a.workspace()).unwrap().dev();
+    let uid_a = a.confinement().uid;
+    a.close().await.unwrap();
+    let b = open_in_slot_zero(policy("default")).await;
+    assert_eq!(b.confinement().uid, uid_a, "not the same slot");
+    assert_ne!(std::fs::metadata(b.workspace()).unwrap().dev(), dev_a);
+    assert_eq!(sh(&b, "ls -A /workspace | wc -l").await, "0");
+    let r = bash(&b, "cat keep/deeper/f").await;
+    assert!(
+        r.is_error && !r.text_content().contains("secret-of-a"),
+        "{r:?}"
+    );
+    b.close().await.unwrap();
+    drop(held);
+}
+
+/// The attack: 16,000 nested directories, which crashed a recursive removal
+/// (and every session with it) at close and again at the next open. Closing is
+/// an unmount; the worker (this process) survives, nothing is left, and the slot
+/// works again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deep_tree_does_not_take_the_worker_down() {
+    require_sandbox!();
+    let s = open_in_slot_zero(policy("default")).await;
+    // Built bottom-up (each new level is a rename at the top), which takes a
+    // second where 16,000 chdirs deeper and deeper take landlock's path walk
+    // half a minute.
+    let r = bash(
+        &s,
+        "python3 -c \"import os\nos.mkdir('d')\nfor i in range(16000):\n    \
+         os.mkdir('t'); os.rename('d', 't/d'); os.rename('t', 'd')\nprint('deep')\"",
+    )
+    .await;
+    assert!(r.text_content().contains("deep"), "{r:?}");
+    let ws = s.workspace().to_path_buf();
+    assert!(depth_of(&ws.join("d")) > 16000, "the tree is not that deep");
+    s.close().await.unwrap();
+    assert!(!ws.join("d").exists(), "the tree outlived its session");
+    let again = open_in_slot_zero(policy("default")).await;
+    assert_eq!(sh(&again, "ls -A | wc -l").await, "0");
+    again.close().await.unwrap();
+    // The remover itself, on a thread with a small stack, for the workspaces
+    // that are plain directories (the `workspace-disk` degradation).
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path().join("t");
+    std::fs::create_dir(&top).unwrap();
+    let mut cur: std::os::fd::OwnedFd = std::fs::File::open(&top).unwrap().into();
+    for _ in 0..16000 {
+        use nix::fcntl::{openat, OFlag};
+        use nix::sys::stat::{mkdirat, Mode};
+        mkdirat(&cur, "d", Mode::from_bits_truncate(0o755)).unwrap();
+        cur = openat(
+            &cur,
+            "d",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
+    drop(cur);
+    let parent: std::os::fd::OwnedFd = std::fs::File::open(dir.path()).unwrap().into();
+    std::thread::Builder::new()
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            hands::workspace::remove::remove_tree(
+                std::os::fd::AsFd::as_fd(&parent),
+                std::ffi::OsStr::new("t"),
+            )
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap();
+    assert!(!top.exists());
+}
+
+/// How many `d` directories are nested under `top` (walked by fd, on the host).
+fn depth_of(top: &std::path::Path) -> usize {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::Mode;
+    let mut cur: std::os::fd::OwnedFd = std::fs::File::open(top).unwrap().into();
+    let mut n = 1;
+    while let Ok(next) = openat(
+        &cur,
+        "d",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    ) {
+        cur = next;
+        n += 1;
+    }
+    n
+}
+
+/// Restores the host's `core_pattern` when dropped.
+struct CorePattern(String);
+
+impl CorePattern {
+    fn set(pattern: &str) -> CorePattern {
+        let old = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
+        std::fs::write("/proc/sys/kernel/core_pattern", pattern).unwrap();
+        CorePattern(old)
+    }
+}
+
+impl Drop for CorePattern {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/core_pattern", self.0.trim_end());
+    }
+}
+
+/// With a pipe `core_pattern` (systemd-coredump, apport) the kernel ignores
+/// RLIMIT_CORE = 0 and hands a crashing process's memory to a root process on
+/// the host. A crash inside a session reaches no handler.
+#[tokio::test(flavor = "multi_thread")]
+async fn core_dumps_never_reach_a_pipe_handler() {
+    require_sandbox!();
+    let dir = tempfile::tempdir().unwrap();
+    let handler = dir.path().join("handler.sh");
+    let log = dir.path().join("dumps.log");
+    std::fs::write(
+        &handler,
+        format!(
+            "#!/bin/sh\necho \"$1 $2\" >> {}\ncat > /dev/null\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _pattern = CorePattern::set(&format!("|{} %p %e", handler.display()));
+    // The control: a host process with RLIMIT_CORE = 0 still reaches the handler.
+    let st = std::process::Command::new("/bin/bash")
+        .args([
+            "-c",
+            "ulimit -c 0; /bin/sleep 30 & sleep 0.2; kill -SEGV $!; wait $!",
+        ])
+        .status()
+        .unwrap();
+    assert!(!st.success());
+    let waited = std::time::Instant::now();
+    while !log.exists() && waited.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let control = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        control.contains("sleep"),
+        "the pipe handler never ran: {control:?}"
+    );
+    std::fs::remove_file(&log).unwrap();
+
+    let s = open(None).await;
+    let r = bash(
+        &s,
+        "ulimit -c unlimited 2>&1; ulimit -c; /bin/sleep 30 & sleep 0.2; kill -SEGV $!; wait; \
+         python3 -c 'import os; os.abort()'; echo crashed",
+    )
+    .await;
+    assert!(r.text_content().contains("crashed"), "{r:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let dumps = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        dumps.is_empty(),
+        "a core dump reached the host's handler: {dumps}"
+    );
+    s.close().await.unwrap();
+}
+
+/// A worker killed with its sessions open leaves their workspaces mounted and
+/// their images on disk. The next worker's sweep removes them (no process holds
+/// their lock) and leaves a live session's workspace alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn workspaces_of_a_worker_that_died_are_swept() {
+    require_sandbox!();
+    let cfg = config();
+    let live = open(None).await;
+    sh(&live, "echo kept > f").await;
+    let mut dead = std::process::Command::new(hands_bin())
+        .args([
+            "exec",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo left > f; echo ready; sleep 300",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(dead.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    // Its workspace: the mount whose file says "left".
+    let mounts = cfg.state_dir.join("workspaces");
+    let find_left = || {
+        std::fs::read_dir(&mounts)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| std::fs::read_to_string(p.join("f")).is_ok_and(|t| t == "left\n"))
+    };
+    let left = find_left().expect("the dying worker's workspace");
+    let id = left.file_name().unwrap().to_string_lossy().into_owned();
+    let image = cfg.data_dir.join("disks").join(format!("{id}.img"));
+    assert!(image.exists());
+    dead.kill().unwrap();
+    dead.wait().unwrap();
+    assert!(hands::session::sweep_orphans(&cfg) >= 1);
+    assert!(
+        find_left().is_none(),
+        "the dead worker's workspace is still there"
+    );
+    assert!(!image.exists(), "its image is still there");
+    assert_eq!(sh(&live, "cat f").await, "kept");
+    assert!(live.workspace().join("f").exists());
+    live.close().await.unwrap();
 }

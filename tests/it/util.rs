@@ -58,8 +58,14 @@ pub fn policy(name: &str) -> Policy {
 }
 
 pub async fn open_with(policy: Policy, workspace: Option<&Path>) -> Session {
+    open_cfg(&config(), policy, workspace).await
+}
+
+/// A session with a sandbox configuration of the test's own (weakened layers,
+/// a single slot).
+pub async fn open_cfg(cfg: &SandboxConfig, policy: Policy, workspace: Option<&Path>) -> Session {
     Session::open(
-        &config(),
+        cfg,
         SessionOptions {
             policy: Arc::new(policy),
             workspace: workspace.map(Path::to_path_buf),
@@ -176,4 +182,106 @@ pub fn pid_alive(pid: u32) -> bool {
         ),
         Err(_) => false,
     }
+}
+
+/// Files under `root` (on the host, symlinks not followed) that carry a
+/// set-user-ID or set-group-ID bit, or file capabilities.
+pub fn privileged_files(root: &Path) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(meta) = e.path().symlink_metadata() else {
+                continue;
+            };
+            let mode = meta.permissions().mode();
+            if meta.is_dir() {
+                stack.push(e.path());
+            }
+            let has_caps = meta.is_file()
+                && std::process::Command::new("python3")
+                    .args([
+                        "-c",
+                        "import os, sys; os.getxattr(sys.argv[1], 'security.capability')",
+                    ])
+                    .arg(e.path())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .map(|st| st.success())
+                    .unwrap_or(false);
+            if mode & 0o6000 != 0 && !meta.is_dir() || has_caps {
+                out.push((e.path(), mode));
+            }
+        }
+    }
+    out
+}
+
+/// Runs `path` on the host as `nobody` (with the right to traverse root-only
+/// directories, so that only the file's own bits decide) and returns its
+/// output: a set-user-ID file that the host honours prints `euid=0`.
+pub fn run_as_nobody(path: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+        ])
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("setpriv");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A temporary directory owned by an unprivileged user (uid and gid 4242), as an
+/// operator's `--workspace` would be, on the host's own filesystem (which honours
+/// set-user-ID bits). Not under `/tmp`, which the sandbox covers.
+pub fn user_workspace() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("hands-userws-")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(4242), Some(4242)).expect("chown");
+    dir
+}
+
+/// Opens a session in slot 0 (uid base + 0), waiting while another test holds
+/// it: for tests that must see the next session of the same slot.
+pub async fn open_in_slot_zero(policy: Policy) -> Session {
+    let mut cfg = config();
+    cfg.slots = 1;
+    let policy = Arc::new(policy);
+    for _ in 0..600 {
+        match Session::open(
+            &cfg,
+            SessionOptions {
+                policy: policy.clone(),
+                workspace: None,
+                allow_root_workspace: false,
+                extra_dirs: Vec::new(),
+            },
+        )
+        .await
+        {
+            Ok(s) => return s,
+            Err(hands::session::SessionError::Slot(_)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("open session: {e}"),
+        }
+    }
+    panic!("slot 0 stayed busy for a minute")
 }
