@@ -14,10 +14,9 @@
 //!
 //! A worker keeps a few filesystems per geometry formatted and mounted ahead of
 //! time ([`Disks::keep_ready`]), so that opening a session takes one off a list.
-//! Removal is split: the mount is detached at once (nothing of the workspace is
-//! reachable on the host after that), the image deleted by a background reaper
-//! (deleting a large sparse file takes the host's filesystem tens of
-//! milliseconds). Freed blocks are discarded (`discard`), which punches holes in
+//! Removal happens on a background reaper (the kernel's teardown of a filesystem
+//! and the deletion of a large sparse file take milliseconds that a session's
+//! close need not wait for); [`Disks::drain`] waits for it. Freed blocks are discarded (`discard`), which punches holes in
 //! the sparse image: the host's disk gives back what a session deletes.
 
 use std::collections::HashMap;
@@ -309,9 +308,11 @@ impl Disks {
         lock(&self.inner.pool).ready.get(&g).map_or(0, Vec::len)
     }
 
-    /// Detaches the filesystem now and deletes its image in the background.
+    /// Detaches the filesystem and deletes its image, in the background: the
+    /// last reference to a filesystem takes the kernel milliseconds to tear
+    /// down (journal, loop device), and deleting a large sparse file takes the
+    /// host's filesystem tens of them. The mount point is root-only meanwhile.
     pub fn release(&self, m: Mounted) {
-        unmount(&m.at);
         let sender = {
             let mut reaper = lock(&self.inner.reaper);
             if reaper.is_none() {
@@ -341,8 +342,9 @@ impl Disks {
         }
     }
 
-    /// Deletes a detached filesystem's image and mount point.
+    /// Detaches a filesystem and deletes its image and mount point.
     fn delete(&self, m: Mounted) {
+        unmount(&m.at);
         if let Err(e) = std::fs::remove_file(&m.image) {
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::error!(image = %m.image.display(), "deleting a workspace image: {e}");

@@ -337,9 +337,9 @@ impl Workspaces {
     }
 
     /// Removes a workspace hands made (a given one is left alone). A
-    /// filesystem is detached now, so nothing of it is reachable on the host
-    /// when this returns, and its image is deleted in the background; a plain
-    /// directory is removed without recursion. What cannot be removed is
+    /// filesystem is detached and its image deleted in the background
+    /// ([`Workspaces::drain`] waits for that); a plain directory is removed now,
+    /// without recursion. What cannot be removed is
     /// quarantined; the error says where it went.
     pub fn remove(&self, ws: Workspace) -> Result<(), WorkspaceError> {
         let Workspace {

@@ -910,7 +910,7 @@ async fn setuid_shell_planted_in_the_workspace() {
     let found = privileged_files(&host);
     assert!(found.is_empty(), "set-ID files on the host: {found:?}");
     assert!(host.join("rootsh").exists(), "the copy itself is allowed");
-    s.close().await.unwrap();
+    close_and_drain(s).await;
     assert!(
         !host.join("rootsh").exists(),
         "the workspace outlived its session"
@@ -1009,7 +1009,7 @@ async fn setuid_file_on_the_workspace_filesystem_grants_nothing_on_the_host() {
     let out = run_as_nobody(&file, &[]);
     assert!(out.contains("uid=65534"), "{out}");
     assert!(!out.contains("euid=0"), "the host honoured the bit: {out}");
-    s.close().await.unwrap();
+    close_and_drain(s).await;
     assert!(!file.exists());
 }
 

@@ -491,7 +491,7 @@ async fn a_deep_tree_does_not_take_the_worker_down() {
     assert!(r.text_content().contains("deep"), "{r:?}");
     let ws = s.workspace().to_path_buf();
     assert!(depth_of(&ws.join("d")) > 16000, "the tree is not that deep");
-    s.close().await.unwrap();
+    close_and_drain(s).await;
     assert!(!ws.join("d").exists(), "the tree outlived its session");
     let again = open_in_slot_zero(policy("default")).await;
     assert_eq!(sh(&again, "ls -A | wc -l").await, "0");

@@ -285,3 +285,11 @@ pub async fn open_in_slot_zero(policy: Policy) -> Session {
     }
     panic!("slot 0 stayed busy for a minute")
 }
+
+/// Closes a session and waits until its workspace is removed from the host (a
+/// filesystem of its own is detached and deleted in the background).
+pub async fn close_and_drain(s: Session) {
+    let workspaces = s.workspaces();
+    s.close().await.expect("close");
+    workspaces.drain(std::time::Duration::from_secs(30));
+}
