@@ -104,7 +104,7 @@ fn edit_resolved(
     } else {
         text.replacen(old, new, 1)
     };
-    let mode = Mode::from_bits_truncate(probe.stat.st_mode & 0o7777);
+    let mode = Mode::from_bits_truncate(probe.stat.st_mode & super::write::KEPT_MODE);
     if let Err(errno) = replace_file(
         located.dir.as_fd(),
         &located.name,

@@ -86,7 +86,7 @@ fn write_resolved(
     };
     let keep_mode = match path::lstat_at(&located) {
         Ok(st) => match path::file_type(&st) {
-            stat::SFlag::S_IFREG => Some(Mode::from_bits_truncate(st.st_mode & 0o7777)),
+            stat::SFlag::S_IFREG => Some(Mode::from_bits_truncate(st.st_mode & KEPT_MODE)),
             stat::SFlag::S_IFDIR => return Ok(Err(Failure::Errno(Errno::EISDIR))),
             stat::SFlag::S_IFLNK => return Err(Raced),
             _ => return Ok(Err(Failure::NotRegular)),
@@ -96,6 +96,12 @@ fn write_resolved(
     };
     Ok(replace_file(located.dir.as_fd(), &located.name, data, keep_mode).map_err(Failure::Errno))
 }
+
+/// The mode bits a rewrite keeps: permissions and the sticky bit. Set-user-ID
+/// and set-group-ID are dropped, as the kernel drops them when an unprivileged
+/// process writes a file in place, and as the session's seccomp filter refuses
+/// to set them.
+pub const KEPT_MODE: u32 = 0o1777;
 
 /// `mkdir -p` of `rel` beneath `root`, one anchored component at a time; returns the
 /// directory opened. Errors follow Python's `Path.mkdir(parents=True, exist_ok=True)`:

@@ -33,10 +33,10 @@ pub enum WorkerError {
     Connector(crate::cma::worker::ConnectorError),
 }
 
-/// The registry a worker serves from.
-/// Formatted workspace images kept ready per environment.
+/// Formatted and mounted workspace filesystems kept ready per environment.
 const WORKSPACES_READY: usize = 2;
 
+/// The registry a worker serves from.
 pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
     // Workspace filesystems formatted ahead of time, so that opening a session
     // only mounts one.
@@ -48,6 +48,27 @@ pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
             },
             WORKSPACES_READY,
         );
+    }
+    // Workspace images are sparse: the data directory's filesystem is only
+    // spent as sessions write. Say so when full sessions could not all fit.
+    let largest = config
+        .policies
+        .iter()
+        .map(|p| p.limits.disk_bytes)
+        .max()
+        .unwrap_or(0);
+    if let Ok(vfs) = nix::sys::statvfs::statvfs(&sandbox.data_dir) {
+        let free = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
+        let worst = largest.saturating_mul(config.capacity as u64);
+        if worst > free {
+            tracing::warn!(
+                data_dir = %sandbox.data_dir.display(),
+                free_bytes = free,
+                worst_case_bytes = worst,
+                "capacity × limits.disk exceeds the free space of the data directory: \
+                 sessions that fill their workspaces could fill it"
+            );
+        }
     }
     Arc::new(Registry::new(
         sandbox,

@@ -925,7 +925,22 @@ async fn setuid_shell_planted_in_the_workspace() {
 async fn setid_modes_are_refused_by_every_call_that_sets_one() {
     require_sandbox!();
     let ws = user_workspace();
+    // A set-user-ID file already there (the host's own doing): rewriting it
+    // with the file tools drops the bit, as an in-place write by the owner would.
+    let planted = ws.path().join("planted");
+    std::fs::write(&planted, "old").unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::os::unix::fs::chown(&planted, Some(4242), Some(4242)).unwrap();
     let s = open(Some(ws.path())).await;
+    let r = tool(
+        &s,
+        "write",
+        json!({"file_path": "planted", "content": "new"}),
+    )
+    .await;
+    assert!(!r.is_error, "{r:?}");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&planted).unwrap().mode() & 0o7777, 0o755);
     let (_, out) = py(
         &s,
         &syscall_probe(
