@@ -58,7 +58,7 @@ pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
         .max()
         .unwrap_or(0);
     if let Ok(vfs) = nix::sys::statvfs::statvfs(&sandbox.data_dir) {
-        let free = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
+        let free = vfs.blocks_available().saturating_mul(vfs.fragment_size());
         let worst = largest.saturating_mul(config.capacity as u64);
         if worst > free {
             tracing::warn!(
