@@ -7,7 +7,8 @@
 //! crosses a symlink, whatever was swapped in between two calls. Writes go to a
 //! fresh temporary file in the target's own directory and are renamed into
 //! place, so a hard link planted at the target is replaced, never written
-//! through.
+//! through. Listings return each file's stat, never its content: what to read,
+//! and how much, is the caller's decision.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -198,16 +199,28 @@ impl Beneath {
         }
     }
 
+    /// Opens the regular file `rel` for reading (a symlink anywhere on the way,
+    /// or at the end, is refused; a FIFO never blocks) with its stat, taken
+    /// through the descriptor.
+    pub fn open_file(&self, rel: &Path) -> io::Result<(std::fs::File, nix::sys::stat::FileStat)> {
+        let fd = self.open_at(
+            rel,
+            OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+            Mode::empty(),
+        )?;
+        let st = nix::sys::stat::fstat(&fd).map_err(nix_io)?;
+        if kind_of(st.st_mode) != Kind::File {
+            return Err(io::Error::other("not a regular file"));
+        }
+        Ok((std::fs::File::from(fd), st))
+    }
+
     /// Every regular file under the directory `rel`, as paths relative to it
-    /// (`/`-separated), with its content, at most `max_files` files of at most
-    /// `max_bytes` each (larger ones are reported as `Err` entries). Symlinks
-    /// and special files are ignored; subdirectories are entered.
-    pub fn files(
-        &self,
-        rel: &Path,
-        max_files: usize,
-        max_bytes: u64,
-    ) -> io::Result<Vec<(String, io::Result<Vec<u8>>)>> {
+    /// (`/`-separated, sorted), with its stat (not its content): at most
+    /// `max_files`, else an error. Symlinks and special files are ignored;
+    /// subdirectories are entered; names that are not UTF-8 are skipped (a
+    /// memory path is UTF-8).
+    pub fn entries(&self, rel: &Path, max_files: usize) -> io::Result<Vec<(String, FileMeta)>> {
         let mut out = Vec::new();
         let mut stack = vec![String::new()];
         while let Some(sub) = stack.pop() {
@@ -226,32 +239,70 @@ impl Beneath {
                     continue;
                 }
                 let Ok(n) = std::str::from_utf8(n) else {
-                    continue; // a memory path is UTF-8; anything else is not ours
+                    continue;
                 };
                 names.push(n.to_string());
             }
-            names.sort();
             for n in names {
+                // Through the directory's own descriptor: the entry as it is now,
+                // not following it.
+                let st = match fstatat(
+                    d.as_fd(),
+                    n.as_str(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                ) {
+                    Ok(st) => st,
+                    Err(nix::Error::ENOENT) => continue,
+                    Err(e) => return Err(nix_io(e)),
+                };
                 let child = if sub.is_empty() {
-                    n.clone()
+                    n
                 } else {
                     format!("{sub}/{n}")
                 };
-                match self.kind(&rel.join(&child))? {
-                    Some(Kind::Dir) => stack.push(child),
-                    Some(Kind::File) => {
+                match kind_of(st.st_mode) {
+                    Kind::Dir => stack.push(child),
+                    Kind::File => {
                         if out.len() >= max_files {
                             return Err(io::Error::other(format!("more than {max_files} files")));
                         }
-                        let data = self.read(&rel.join(&child), max_bytes);
-                        out.push((child, data));
+                        out.push((child, FileMeta::of(&st)));
                     }
-                    _ => {}
+                    Kind::Other => {}
                 }
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
+    }
+}
+
+/// What the sync needs to know of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMeta {
+    pub dev: u64,
+    pub ino: u64,
+    /// The logical size: what reading the file yields, holes included.
+    pub size: u64,
+    /// Bytes allocated on disk (`st_blocks * 512`); far below `size` for a sparse file.
+    pub on_disk: u64,
+    pub nlink: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileMeta {
+    pub fn of(st: &nix::sys::stat::FileStat) -> FileMeta {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        FileMeta {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            on_disk: u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512),
+            nlink: st.st_nlink,
+            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
+            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec),
+        }
     }
 }
 
@@ -293,12 +344,14 @@ mod tests {
         assert!(!outside.path().join("new").exists());
         assert!(b.remove_file(Path::new("mem/secret")).is_err());
         assert!(outside.path().join("secret").exists());
-        assert!(b.files(Path::new("mem"), 10, 10).is_err());
+        assert!(b.entries(Path::new("mem"), 10).is_err());
+        assert!(b.open_file(Path::new("mem/secret")).is_err());
         // A final-component symlink is not followed either.
         std::fs::create_dir(ws.path().join("d")).unwrap();
         std::os::unix::fs::symlink(outside.path().join("secret"), ws.path().join("d/f")).unwrap();
         assert!(b.read(Path::new("d/f"), 100).is_err());
-        assert_eq!(b.files(Path::new("d"), 10, 10).unwrap().len(), 0);
+        assert_eq!(b.entries(Path::new("d"), 10).unwrap().len(), 0);
+        assert!(b.open_file(Path::new("d/f")).is_err());
         assert!(b.read(Path::new("../x"), 100).is_err());
     }
 
@@ -316,9 +369,11 @@ mod tests {
         );
         assert_eq!(b.read(Path::new("m/a"), 10).unwrap(), b"new");
         b.write_atomic(Path::new("m/x/y/z.md"), b"deep").unwrap();
-        let files = b.files(Path::new("m"), 10, 10).unwrap();
+        let files = b.entries(Path::new("m"), 10).unwrap();
         let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
         assert_eq!(names, ["a", "x/y/z.md"]);
+        assert_eq!(files[0].1.size, 3);
+        assert!(b.entries(Path::new("m"), 1).is_err(), "file cap");
         assert!(b.read(Path::new("m/a"), 2).is_err(), "size cap");
     }
 }

@@ -126,6 +126,24 @@ impl hyper::rt::Write for Conn {
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
+    // Vectored writes let hyper queue a large body as it is rather than copy
+    // it into its write buffer (a memory upload is up to tens of MiB).
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_flush(cx),
@@ -242,8 +260,9 @@ pub struct Request<'a> {
     pub path: String,
     pub token: &'a Secret,
     pub beta: Beta,
-    /// A JSON body, already serialised (field order matters to some readers).
-    pub body: Option<String>,
+    /// A JSON body, already serialised (field order matters to some readers);
+    /// `Bytes`, so a retry re-sends it without copying it.
+    pub body: Option<Bytes>,
     /// Extra headers (e.g. `Anthropic-Worker-ID` on poll).
     pub headers: Vec<(&'static str, String)>,
     pub accept: &'static str,
@@ -319,10 +338,7 @@ impl Api {
         for (k, v) in &req.headers {
             b = b.header(*k, v);
         }
-        let body = match &req.body {
-            Some(v) => Bytes::from(v.clone()),
-            None => Bytes::new(),
-        };
+        let body = req.body.clone().unwrap_or_default();
         if req.method == http::Method::POST {
             b = b.header(http::header::CONTENT_TYPE, "application/json");
         }

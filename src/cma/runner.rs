@@ -615,7 +615,7 @@ impl Runner {
                 format!("/v1/sessions/{}/events", self.session_id),
                 &self.cred,
             );
-            req.body = Some(body.clone());
+            req.body = Some(body.clone().into());
             match self.api.send(&req).await {
                 Ok(_) => return true,
                 Err(e) if e.is_fatal_4xx() => {

@@ -53,15 +53,25 @@ impl FsContext {
 
 /// Run one file tool call. `input` is the raw `tool_use.input` JSON; validation
 /// failures become the contract's `ValueError('Invalid arguments for function <name>')`.
+///
+/// A panic anywhere in a tool becomes an error result: the caller always gets a
+/// result to send back (the helper's `ToolDone`), never a call that hangs.
 pub fn run(tool: Tool, input: &Value, ctx: &FsContext) -> ToolResult {
-    match tool {
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match tool {
         Tool::Read => super::read::run(input, ctx),
         Tool::Write => super::write::run(input, ctx),
         Tool::Edit => super::edit::run(input, ctx),
         Tool::Glob => super::glob::run(input, ctx),
         Tool::Grep => super::grep::run(input, ctx),
         Tool::Bash => ToolResult::err("bash is not a file tool"),
-    }
+    }));
+    ran.unwrap_or_else(|panic| {
+        ToolResult::err(format!(
+            "{}: internal error: {}",
+            tool.name(),
+            super::panic_text(&*panic)
+        ))
+    })
 }
 
 /// `<tool>: <fp>: <reason>`, the SDK's text for a failed file operation.

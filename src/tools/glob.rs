@@ -15,6 +15,13 @@
 //! search root; the rest are sorted by modification time, newest first, ties in walk
 //! order (the order the directory lists them), and the first 200 are printed.
 //!
+//! Listings and stats go through descriptors opened beneath the workspace with
+//! `RESOLVE_NO_SYMLINKS` at each entry's real location; a symlink the pattern
+//! follows is resolved with the SDK's rules and followed only to a real location
+//! inside the workspace. A directory swapped for a symlink mid-walk therefore
+//! never lists anything outside the workspace (`pathlib` would list it, and print
+//! what it found there whenever the swap raced its final check).
+//!
 //! Python's odd failures are kept verbatim: `.` raises `IndexError`, `./` an
 //! `AttributeError`, more than 196 parts a `RecursionError`, and an OS error other
 //! than a missing file is printed as Python's `OSError` text. A pattern such as
@@ -22,13 +29,15 @@
 //! checks for cancellation throughout.
 
 use std::collections::HashSet;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::ops::ControlFlow;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::sys::stat;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{self, Mode};
 use serde_json::Value;
 
 use super::fs::{path_error, FsContext};
@@ -61,25 +70,48 @@ pub fn run(input: &Value, ctx: &FsContext) -> ToolResult {
     if pattern.split('/').any(|part| part == "..") {
         return ToolResult::err("glob: '..' is not permitted in the pattern");
     }
-    let root = match input.path.as_deref() {
-        Some(p) if !p.is_empty() => match path::resolve(&ctx.workdir, p) {
-            Ok(resolved) => resolved.path,
-            Err(err) => return path_error("glob", p, err),
-        },
-        _ => ctx.workdir.clone(),
+    let given = input.path.as_deref().filter(|p| !p.is_empty());
+    let resolve = || match given {
+        Some(p) => path::resolve(&ctx.workdir, p),
+        None => Ok(path::Resolved {
+            path: ctx.workdir.clone(),
+            rel: PathBuf::new(),
+        }),
+    };
+    let mut resolved = match resolve() {
+        Ok(resolved) => resolved,
+        Err(err) => return path_error("glob", given.unwrap_or_default(), err),
     };
     let selectors = match compile(pattern) {
         Ok(selectors) => selectors,
         Err(result) => return result,
+    };
+    let Ok(workspace) = path::open_root(&ctx.workdir) else {
+        return ToolResult::ok("no matches");
     };
     let mut walk = Walk {
         selectors: &selectors,
         found: Vec::new(),
         dedup: Vec::new(),
         ctx,
+        workspace: workspace.as_fd(),
     };
-    if is_dir_following(&root).unwrap_or(false) {
-        match walk.select(0, &root, true) {
+    // The root must be a directory (`Path.is_dir()`); it has no symlink, so
+    // meeting one means the tree changed since it was resolved: resolve once more.
+    let mut root_is_dir = walk.is_dir_at(&resolved.rel);
+    if root_is_dir == Err(Errno::ELOOP) {
+        resolved = match resolve() {
+            Ok(resolved) => resolved,
+            Err(err) => return path_error("glob", given.unwrap_or_default(), err),
+        };
+        root_is_dir = walk.is_dir_at(&resolved.rel);
+    }
+    if root_is_dir == Ok(true) {
+        let root = Located {
+            shown: resolved.path.clone(),
+            real: Some(resolved.rel.clone()),
+        };
+        match walk.select(0, &root) {
             ControlFlow::Continue(()) | ControlFlow::Break(Stop::Full) => {}
             ControlFlow::Break(Stop::Cancelled) => return timed_out("glob"),
             ControlFlow::Break(Stop::Os(errno, at)) => {
@@ -92,15 +124,13 @@ pub fn run(input: &Value, ctx: &FsContext) -> ToolResult {
         if ctx.cancelled() {
             return timed_out("glob");
         }
-        // A path reached only through real directories and non-link entries is
-        // already canonical; anything else is resolved like the SDK does.
-        if !found.clean {
-            match path::canonicalize(&found.path) {
-                Ok(canonical) if canonical.starts_with(&root) => {}
-                _ => continue,
-            }
+        // Kept when the entry itself lies under the search root, as the SDK's
+        // canonicalisation decides; its real location was settled anchored.
+        let Some(real) = found.real else { continue };
+        if !real.starts_with(&resolved.rel) {
+            continue;
         }
-        kept.push((mtime(&found.path), found.path));
+        kept.push((walk_mtime(workspace.as_fd(), &real), found.shown));
     }
     if kept.is_empty() {
         return ToolResult::ok("no matches");
@@ -115,9 +145,12 @@ pub fn run(input: &Value, ctx: &FsContext) -> ToolResult {
     ToolResult::ok(lines.join("\n"))
 }
 
-/// `st_mtime` as Python computes the float (`sec + nsec * 1e-9`), 0 when `stat` fails.
-fn mtime(p: &Path) -> f64 {
-    match stat::stat(p) {
+/// `st_mtime` as Python computes the float (`sec + nsec * 1e-9`) of the entry at
+/// `real` (relative to the workspace, no symlink), 0 when it cannot be stat'ed.
+fn walk_mtime(workspace: BorrowedFd<'_>, real: &Path) -> f64 {
+    let st = path::open_beneath(workspace, real, OFlag::O_PATH, Mode::empty())
+        .and_then(|fd| stat::fstat(&fd));
+    match st {
         Ok(st) => st.st_mtime as f64 + st.st_mtime_nsec as f64 * 1e-9,
         Err(_) => 0.0,
     }
@@ -187,11 +220,24 @@ fn compile(pattern: &str) -> Result<Vec<Selector>, ToolResult> {
     Ok(selectors)
 }
 
-/// A path the walk produced; `clean` when every component below the root was seen
-/// as a real (non-symlink) entry.
-struct Found {
-    path: PathBuf,
-    clean: bool,
+/// A path of the walk: as it is printed (the way the pattern reached it, through
+/// followed symlinks too) and where it really is.
+#[derive(Debug, Clone)]
+struct Located {
+    shown: PathBuf,
+    /// Its location relative to the workspace, without any symlink, as
+    /// resolved when it was reached; `None` when it resolves outside the
+    /// workspace or not at all.
+    real: Option<PathBuf>,
+}
+
+impl Located {
+    fn child(&self, name: &OsStr) -> Located {
+        Located {
+            shown: self.shown.join(name),
+            real: self.real.as_ref().map(|r| r.join(name)),
+        }
+    }
 }
 
 enum Stop {
@@ -203,16 +249,33 @@ enum Stop {
 
 type Flow = ControlFlow<Stop>;
 
+/// What a listed entry is, not following it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    Link,
+    Other,
+}
+
+/// The walk. Python's `pathlib` lists and stats by path, following symlinks, so a
+/// directory swapped for a symlink mid-walk is listed through it. Here every
+/// listing and stat goes through a descriptor opened beneath the workspace with
+/// `RESOLVE_NO_SYMLINKS` at the entry's real location; a symlink the pattern
+/// follows (as `pathlib` does) is resolved explicitly with the SDK's rules and
+/// followed only to a real location inside the workspace. Nothing outside the
+/// workspace is ever listed, so no name from outside can be printed.
 struct Walk<'a> {
     selectors: &'a [Selector],
-    found: Vec<Found>,
+    found: Vec<Located>,
     /// The paths already yielded by each `**` selector currently running, innermost
     /// last: a yield passes each of them from the inside out, as nested generators.
     dedup: Vec<HashSet<PathBuf>>,
     ctx: &'a FsContext,
+    workspace: BorrowedFd<'a>,
 }
 
-/// The errors `pathlib` treats as "does not exist".
+/// The errors `pathlib` treats as "does not exist". (An `ELOOP` from an anchored
+/// open means the tree changed under the walk: the entry is gone for it.)
 fn ignored(errno: Errno) -> bool {
     matches!(
         errno,
@@ -224,103 +287,217 @@ fn is_permission(errno: Errno) -> bool {
     matches!(errno, Errno::EACCES | Errno::EPERM)
 }
 
-/// `Path.is_dir()`: follows symlinks; the ignored errors mean `false`.
-fn is_dir_following(p: &Path) -> Result<bool, Errno> {
-    match stat::stat(p) {
-        Ok(st) => Ok(path::is_dir(&st)),
-        Err(errno) if ignored(errno) => Ok(false),
-        Err(errno) => Err(errno),
-    }
-}
-
 impl Walk<'_> {
+    /// Whether the symlink-free `real` is a directory (`Err(ELOOP)`: it is no
+    /// longer symlink-free).
+    fn is_dir_at(&self, real: &Path) -> Result<bool, Errno> {
+        let fd = path::open_beneath(self.workspace, real, OFlag::O_PATH, Mode::empty())?;
+        Ok(path::is_dir(&stat::fstat(&fd)?))
+    }
+
+    /// What the entry at `real` is, not following a final symlink.
+    fn kind_at(&self, real: &Path) -> Result<Kind, Errno> {
+        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW;
+        let fd = path::open_beneath(self.workspace, real, flags, Mode::empty())?;
+        let st = stat::fstat(&fd)?;
+        Ok(match path::file_type(&st) {
+            stat::SFlag::S_IFDIR => Kind::Dir,
+            stat::SFlag::S_IFLNK => Kind::Link,
+            _ => Kind::Other,
+        })
+    }
+
+    /// Resolves the symlink at `at` with the SDK's rules: its real location when
+    /// that lies inside the workspace, `None` when outside (nothing there is ever
+    /// looked at; results below it would be dropped as outside the root anyway).
+    fn follow(&self, at: &Located) -> Result<Option<PathBuf>, Errno> {
+        let Some(real) = &at.real else {
+            return Ok(None);
+        };
+        let canonical = path::canonicalize(&self.ctx.workdir.join(real))?;
+        Ok(canonical
+            .strip_prefix(&self.ctx.workdir)
+            .ok()
+            .map(Path::to_path_buf))
+    }
+
+    /// `Path.is_dir()` of a symlink: follows it (inside the workspace only).
+    fn link_is_dir(&self, link: &Located) -> Result<Option<Located>, Errno> {
+        let Some(real) = self.follow(link)? else {
+            return Ok(None);
+        };
+        match self.is_dir_at(&real) {
+            Ok(true) => Ok(Some(Located {
+                shown: link.shown.clone(),
+                real: Some(real),
+            })),
+            Ok(false) => Ok(None),
+            Err(errno) if ignored(errno) => Ok(None),
+            Err(errno) => Err(errno),
+        }
+    }
+
     /// Run selector `idx` on `parent` (a directory when `idx` is not the end).
-    fn select(&mut self, idx: usize, parent: &Path, clean: bool) -> Flow {
+    fn select(&mut self, idx: usize, parent: &Located) -> Flow {
         if self.ctx.cancelled() {
             return ControlFlow::Break(Stop::Cancelled);
         }
         let Some(selector) = self.selectors.get(idx) else {
-            return self.emit(parent, clean);
+            return self.emit(parent);
         };
         // Parts before the end select directories only.
         let dir_only = idx + 1 < self.selectors.len();
         match selector {
-            Selector::Terminating => self.emit(parent, clean),
-            Selector::Precise(name) => self.precise(idx, parent, name, dir_only, clean),
-            Selector::Wildcard(pattern) => self.wildcard(idx, parent, pattern, dir_only, clean),
+            Selector::Terminating => self.emit(parent),
+            Selector::Precise(name) => self.precise(idx, parent, name, dir_only),
+            Selector::Wildcard(pattern) => self.wildcard(idx, parent, pattern, dir_only),
             Selector::Recursive => {
                 self.dedup.push(HashSet::new());
-                let flow = self.recursive(idx, parent, clean);
+                let flow = self.recursive(idx, parent);
                 self.dedup.pop();
                 flow
             }
         }
     }
 
-    fn emit(&mut self, p: &Path, clean: bool) -> Flow {
+    fn emit(&mut self, p: &Located) -> Flow {
         for seen in self.dedup.iter_mut().rev() {
-            if !seen.insert(p.to_path_buf()) {
+            if !seen.insert(p.shown.clone()) {
                 return ControlFlow::Continue(());
             }
         }
-        self.found.push(Found {
-            path: p.to_path_buf(),
-            clean,
-        });
+        self.found.push(p.clone());
         if self.found.len() >= WALK_MAX_ENTRIES {
             return ControlFlow::Break(Stop::Full);
         }
         ControlFlow::Continue(())
     }
 
-    fn precise(
-        &mut self,
-        idx: usize,
-        parent: &Path,
-        name: &str,
-        dir_only: bool,
-        clean: bool,
-    ) -> Flow {
+    /// An emitted symlink is kept or dropped on where it resolves to.
+    fn emit_entry(&mut self, entry: &Located, kind: Kind) -> Flow {
+        if kind != Kind::Link {
+            return self.emit(entry);
+        }
+        let real = self.follow(entry).ok().flatten();
+        self.emit(&Located {
+            shown: entry.shown.clone(),
+            real,
+        })
+    }
+
+    fn precise(&mut self, idx: usize, parent: &Located, name: &str, dir_only: bool) -> Flow {
         // Python's `exists()`/`is_dir()` answer false for a name with a NUL byte.
         if name.contains('\0') {
             return ControlFlow::Continue(());
         }
-        let child = parent.join(name);
-        let (is_dir, link) = match stat::lstat(&child) {
-            Ok(st) if path::file_type(&st) != stat::SFlag::S_IFLNK => (path::is_dir(&st), false),
-            Ok(_) => match stat::stat(&child) {
-                Ok(st) => (path::is_dir(&st), true),
-                Err(errno) if ignored(errno) => return ControlFlow::Continue(()),
-                Err(errno) if is_permission(errno) => return ControlFlow::Continue(()),
-                Err(errno) => return ControlFlow::Break(Stop::Os(errno, child)),
-            },
+        let child = parent.child(OsStr::new(name));
+        let Some(real) = &child.real else {
+            return ControlFlow::Continue(());
+        };
+        let next = match self.kind_at(real) {
+            Ok(Kind::Link) => {
+                // `exists()`/`is_dir()` follow the link; a dangling one is absent.
+                let Ok(Some(target)) = self.follow(&child) else {
+                    return ControlFlow::Continue(());
+                };
+                let is_dir = match self.is_dir_at(&target) {
+                    Ok(is_dir) => is_dir,
+                    Err(errno) if ignored(errno) || is_permission(errno) => {
+                        return ControlFlow::Continue(())
+                    }
+                    Err(errno) => return ControlFlow::Break(Stop::Os(errno, child.shown)),
+                };
+                if dir_only && !is_dir {
+                    return ControlFlow::Continue(());
+                }
+                Located {
+                    shown: child.shown,
+                    real: Some(target),
+                }
+            }
+            Ok(kind) => {
+                if dir_only && kind != Kind::Dir {
+                    return ControlFlow::Continue(());
+                }
+                child
+            }
             Err(errno) if ignored(errno) || is_permission(errno) => {
                 return ControlFlow::Continue(())
             }
-            Err(errno) => return ControlFlow::Break(Stop::Os(errno, child)),
+            Err(errno) => return ControlFlow::Break(Stop::Os(errno, child.shown)),
         };
-        if dir_only && !is_dir {
-            return ControlFlow::Continue(());
-        }
-        self.select(idx + 1, &child, clean && !link)
+        self.select(idx + 1, &next)
     }
 
     /// The entries of `dir` in directory order, or `None` when Python's selector
-    /// gives up on it silently (permission denied).
-    fn list(dir: &Path) -> Result<Option<Vec<std::fs::DirEntry>>, Stop> {
-        let errno = |err: &std::io::Error| super::fs::errno_of(err);
-        let read = match std::fs::read_dir(dir) {
-            Ok(read) => read,
-            Err(err) if is_permission(errno(&err)) => return Ok(None),
-            Err(err) => return Err(Stop::Os(errno(&err), dir.to_path_buf())),
+    /// gives up on it silently (permission denied). The listing is read through a
+    /// descriptor of the directory's real location; if that is a symlink by now,
+    /// the symlink is followed as `scandir` would, inside the workspace only.
+    fn list(&self, dir: &Located) -> Result<Option<Vec<(OsString, Kind)>>, Stop> {
+        let Some(real) = &dir.real else {
+            return Ok(Some(Vec::new()));
+        };
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY;
+        let opened = match path::open_beneath(self.workspace, real, flags, Mode::empty()) {
+            Err(Errno::ELOOP) => match self.follow(dir) {
+                Ok(Some(target)) => {
+                    path::open_beneath(self.workspace, &target, flags, Mode::empty())
+                }
+                Ok(None) => return Ok(Some(Vec::new())),
+                Err(errno) => Err(errno),
+            },
+            other => other,
+        };
+        let fd = match opened {
+            Ok(fd) => fd,
+            Err(Errno::ELOOP) => return Ok(Some(Vec::new())),
+            Err(errno) if is_permission(errno) => return Ok(None),
+            Err(errno) => return Err(Stop::Os(errno, dir.shown.clone())),
+        };
+        let failed = |errno: Errno| {
+            if is_permission(errno) {
+                Ok(None)
+            } else {
+                Err(Stop::Os(errno, dir.shown.clone()))
+            }
+        };
+        let mut listing = match nix::dir::Dir::from_fd(fd) {
+            Ok(listing) => listing,
+            Err(errno) => return failed(errno),
         };
         let mut entries = Vec::new();
-        for entry in read {
-            match entry {
-                Ok(entry) => entries.push(entry),
-                Err(err) if is_permission(errno(&err)) => return Ok(None),
-                Err(err) => return Err(Stop::Os(errno(&err), dir.to_path_buf())),
+        let mut unknown = Vec::new();
+        for entry in listing.iter() {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(errno) => return failed(errno),
+            };
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
             }
+            let kind = match entry.file_type() {
+                Some(nix::dir::Type::Directory) => Kind::Dir,
+                Some(nix::dir::Type::Symlink) => Kind::Link,
+                Some(_) => Kind::Other,
+                None => {
+                    unknown.push(entries.len());
+                    Kind::Other
+                }
+            };
+            entries.push((OsStr::from_bytes(name).to_os_string(), kind));
+        }
+        for i in unknown {
+            let st = stat::fstatat(
+                listing.as_fd(),
+                entries[i].0.as_os_str(),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            );
+            entries[i].1 = match st.map(|st| path::file_type(&st)) {
+                Ok(stat::SFlag::S_IFDIR) => Kind::Dir,
+                Ok(stat::SFlag::S_IFLNK) => Kind::Link,
+                _ => Kind::Other,
+            };
         }
         Ok(Some(entries))
     }
@@ -328,35 +505,35 @@ impl Walk<'_> {
     fn wildcard(
         &mut self,
         idx: usize,
-        parent: &Path,
+        parent: &Located,
         pattern: &Pattern,
         dir_only: bool,
-        clean: bool,
     ) -> Flow {
-        let entries = match Self::list(parent) {
+        let entries = match self.list(parent) {
             Ok(Some(entries)) => entries,
             Ok(None) => return ControlFlow::Continue(()),
             Err(stop) => return ControlFlow::Break(stop),
         };
-        for entry in entries {
-            let link = entry.file_type().map_or(true, |t| t.is_symlink());
+        for (name, kind) in entries {
+            let child = parent.child(&name);
             if dir_only {
-                let child = entry.path();
-                let is_dir = match entry.file_type() {
-                    Ok(t) if !t.is_symlink() => t.is_dir(),
-                    _ => match is_dir_following(&child) {
-                        Ok(is_dir) => is_dir,
+                let next = match kind {
+                    Kind::Dir => child,
+                    Kind::Other => continue,
+                    Kind::Link => match self.link_is_dir(&child) {
+                        Ok(Some(next)) => next,
+                        Ok(None) => continue,
+                        Err(errno) if ignored(errno) => continue,
                         // Python lets a permission error end this whole listing.
                         Err(errno) if is_permission(errno) => return ControlFlow::Continue(()),
-                        Err(errno) => return ControlFlow::Break(Stop::Os(errno, child)),
+                        Err(errno) => return ControlFlow::Break(Stop::Os(errno, child.shown)),
                     },
                 };
-                if !is_dir {
-                    continue;
+                if pattern.matches(&name) {
+                    self.select(idx + 1, &next)?;
                 }
-            }
-            if pattern.matches(&entry.file_name()) {
-                self.select(idx + 1, &parent.join(entry.file_name()), clean && !link)?;
+            } else if pattern.matches(&name) {
+                self.emit_entry(&child, kind)?;
             }
         }
         ControlFlow::Continue(())
@@ -365,14 +542,14 @@ impl Walk<'_> {
     /// `**`: the successor runs on `dir`, then on each real subdirectory, depth first
     /// in directory order (pre-order, as Python's generator). Iterative, so a deep
     /// tree cannot exhaust the tool thread's stack.
-    fn recursive(&mut self, idx: usize, dir: &Path, clean: bool) -> Flow {
-        self.select(idx + 1, dir, clean)?;
-        let mut stack = vec![Self::subdirs(dir)?.into_iter()];
+    fn recursive(&mut self, idx: usize, dir: &Located) -> Flow {
+        self.select(idx + 1, dir)?;
+        let mut stack = vec![self.subdirs(dir)?.into_iter()];
         while let Some(level) = stack.last_mut() {
             match level.next() {
                 Some(child) => {
-                    self.select(idx + 1, &child, clean)?;
-                    let below = Self::subdirs(&child)?;
+                    self.select(idx + 1, &child)?;
+                    let below = self.subdirs(&child)?;
                     stack.push(below.into_iter());
                 }
                 None => {
@@ -385,13 +562,13 @@ impl Walk<'_> {
 
     /// The real (non-symlink) subdirectories of `dir`, in directory order; none when
     /// Python would give up on it silently.
-    fn subdirs(dir: &Path) -> ControlFlow<Stop, Vec<PathBuf>> {
-        match Self::list(dir) {
+    fn subdirs(&self, dir: &Located) -> ControlFlow<Stop, Vec<Located>> {
+        match self.list(dir) {
             Ok(Some(entries)) => ControlFlow::Continue(
                 entries
                     .into_iter()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| dir.join(e.file_name()))
+                    .filter(|(_, kind)| *kind == Kind::Dir)
+                    .map(|(name, _)| dir.child(&name))
                     .collect(),
             ),
             Ok(None) => ControlFlow::Continue(Vec::new()),

@@ -2,9 +2,9 @@
 //! when it runs `rg --no-config -n --no-heading -e PATTERN -- TARGET` (contract §6.7,
 //! §13.12).
 //!
-//! hands has one engine, ripgrep's own crates in-process (`ignore` for the walk,
-//! `grep-regex` for the matcher, `grep-searcher` for the search), set up the way
-//! ripgrep 13 sets them up:
+//! hands has one engine, ripgrep's own crates in-process (`ignore`'s matchers for
+//! the walk's filters, `grep-regex` for the matcher, `grep-searcher` for the
+//! search), set up the way ripgrep 13 sets them up:
 //!
 //! - a directory target prints `<path>:<line>:<text>`, a file target `<line>:<text>`,
 //!   each line ending with a newline as rg prints it;
@@ -28,14 +28,22 @@
 //! A FIFO or device given as the target is not read ("no matches"), where rg would
 //! block on it.
 //!
+//! Nothing is opened by name: the target is opened beneath the workspace through
+//! no symlink, the walk ([`super::walk`]) lists each directory and reads each
+//! ignore file through descriptors opened the same way, and each file is opened
+//! beneath the walk's root with `RESOLVE_NO_SYMLINKS`. A directory or file swapped
+//! for a symlink mid-walk is skipped, as rg skips symlinks, never followed. A panic
+//! in the walker or a searcher becomes an error line (the call fails with it),
+//! never a call that hangs.
+//!
 //! Speed: one thread walks in sorted order and hands batches of files to a few
 //! searcher threads; the calling thread puts their results back in walk order.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
@@ -44,15 +52,17 @@ use grep_regex::{RegexMatcher, RegexMatcherBuilder};
 use grep_searcher::{
     BinaryDetection, MmapChoice, Searcher, SearcherBuilder, Sink, SinkContext, SinkMatch,
 };
-use ignore::overrides::OverrideBuilder;
-use ignore::types::TypesBuilder;
-use ignore::WalkBuilder;
+use ignore::overrides::{Override, OverrideBuilder};
+use ignore::types::{Types, TypesBuilder};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 use serde_json::Value;
 
 use super::fs::{path_error, FsContext};
 use super::input::{parse_grep, GrepInput, OutputMode};
-use super::path;
-use super::{timed_out, ToolResult};
+use super::walk::{self, Item};
+use super::{path, timed_out, ToolResult};
 
 /// grep-regex's (and ripgrep's) compiled-size cap.
 const REGEX_SIZE_LIMIT: usize = 100 * (1 << 20);
@@ -79,12 +89,17 @@ pub fn run(input: &Value, ctx: &FsContext) -> ToolResult {
         Ok(input) => input,
         Err(invalid) => return invalid,
     };
-    let target = match input.path.as_deref() {
-        Some(p) if !p.is_empty() => match path::resolve(&ctx.workdir, p) {
-            Ok(resolved) => resolved.path,
-            Err(err) => return path_error("grep", p, err),
-        },
-        _ => ctx.workdir.clone(),
+    let given = input.path.as_deref().filter(|p| !p.is_empty());
+    let resolve = || match given {
+        Some(p) => path::resolve(&ctx.workdir, p),
+        None => Ok(path::Resolved {
+            path: ctx.workdir.clone(),
+            rel: PathBuf::new(),
+        }),
+    };
+    let mut resolved = match resolve() {
+        Ok(resolved) => resolved,
+        Err(err) => return path_error("grep", given.unwrap_or_default(), err),
     };
     // The SDK passes the pattern as a process argument, which Python refuses.
     if input.pattern.contains('\0') {
@@ -96,25 +111,90 @@ pub fn run(input: &Value, ctx: &FsContext) -> ToolResult {
     };
     let options = Options::new(&input, ctx);
     // Like rg, flag errors (an unknown type, a bad glob) before looking at the target.
-    let walker = match walk_builder(&input, &target) {
-        Ok(walker) => walker,
+    let filters = match filters(&input, &resolved.path) {
+        Ok(filters) => filters,
         Err(message) => return rg_failed(&message),
     };
-    let meta = match std::fs::metadata(&target) {
-        Ok(meta) => meta,
-        Err(err) => return rg_failed(&format!("{}: {err}", target.display())),
+    let workspace = match path::open_root(&ctx.workdir) {
+        Ok(fd) => fd,
+        Err(errno) => {
+            return rg_failed(walk::os_error_text(&ctx.workdir, errno).trim_end_matches('\n'))
+        }
     };
-    let outcome = if meta.is_dir() {
-        search_tree(ctx, &options, &matcher, &walker)
-    } else if meta.is_file() {
-        search_single(&options, &matcher, &target)
-    } else {
-        Outcome::default()
+    // The target, opened beneath the workspace through no symlink: the resolved
+    // path has none, so meeting one means the tree changed since. Resolve once
+    // more, then give the SDK's text for a path that cannot be settled.
+    let mut raced = false;
+    let target = loop {
+        match open_target(workspace.as_fd(), &resolved.rel) {
+            Ok(target) => break target,
+            Err(Errno::ELOOP) if !raced => {
+                raced = true;
+                resolved = match resolve() {
+                    Ok(resolved) => resolved,
+                    Err(err) => return path_error("grep", given.unwrap_or_default(), err),
+                };
+            }
+            Err(Errno::ELOOP) => {
+                let err = path::PathError::Os(Errno::ELOOP);
+                return path_error("grep", given.unwrap_or_default(), err);
+            }
+            Err(errno) => {
+                return rg_failed(walk::os_error_text(&resolved.path, errno).trim_end_matches('\n'))
+            }
+        }
+    };
+    let outcome = match target {
+        Target::Dir(root) => {
+            let walk = walk::Walk {
+                workspace: workspace.as_fd(),
+                workdir: &ctx.workdir,
+                root: root.as_fd(),
+                root_rel: &resolved.rel,
+                display: &resolved.path,
+                filters: &filters,
+            };
+            search_tree(ctx, &options, &matcher, &walk)
+        }
+        Target::File => {
+            let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+            match path::open_beneath(workspace.as_fd(), &resolved.rel, flags, Mode::empty()) {
+                Ok(fd) => search_single(&options, &matcher, &resolved.path, File::from(fd)),
+                Err(errno) => Outcome {
+                    output: String::new(),
+                    errors: vec![walk::os_error_text(&resolved.path, errno)],
+                },
+            }
+        }
+        Target::Other => Outcome::default(),
     };
     if ctx.cancelled() {
         return timed_out("grep");
     }
     finish(outcome, &options)
+}
+
+/// What the target is.
+enum Target {
+    /// A directory, held open (`O_PATH`) as the walk's root.
+    Dir(OwnedFd),
+    File,
+    /// A FIFO, socket or device: not read ("no matches"), where rg would block.
+    Other,
+}
+
+/// Looks at the target beneath the workspace, through no symlink (`ELOOP` if one
+/// is met).
+fn open_target(workspace: BorrowedFd<'_>, rel: &Path) -> Result<Target, Errno> {
+    let fd = path::open_beneath(workspace, rel, OFlag::O_PATH, Mode::empty())?;
+    let st = nix::sys::stat::fstat(&fd)?;
+    Ok(if path::is_dir(&st) {
+        Target::Dir(fd)
+    } else if path::is_regular(&st) {
+        Target::File
+    } else {
+        Target::Other
+    })
 }
 
 fn rg_failed(stderr: &str) -> ToolResult {
@@ -412,32 +492,20 @@ fn lossy_char_count(bytes: &[u8]) -> usize {
         .sum()
 }
 
-/// Open a file for searching: never through a symlink swapped in after the walk saw
-/// a regular file, never blocking on a FIFO swapped in the same way.
-fn open_for_search(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-}
-
-/// Search one file; `display` is the path printed before each line (walks only).
+/// Search one open file; `display` is the path printed before each line (walks only).
 fn search_file(
     searcher: &mut Searcher,
     matcher: &RegexMatcher,
     options: &Options,
-    path: &Path,
+    mut file: File,
+    shown: &Path,
     display: Option<&[u8]>,
     budget: Budget,
 ) -> FileOutput {
     let explicit = display.is_none();
     let failed = |err: io::Error| FileOutput {
         text: String::new(),
-        error: Some(format!("{}: {err}\n", path.display())),
-    };
-    let mut file = match open_for_search(path) {
-        Ok(file) => file,
-        Err(err) => return failed(err),
+        error: Some(format!("{}: {err}\n", shown.display())),
     };
     let mut printer = Printer::new(display, options, explicit, budget);
     let small = explicit && file.metadata().is_ok_and(|m| m.len() <= SLICE_MAX_BYTES);
@@ -461,14 +529,14 @@ fn search_file(
     }
 }
 
-fn search_single(options: &Options, matcher: &RegexMatcher, target: &Path) -> Outcome {
+fn search_single(options: &Options, matcher: &RegexMatcher, target: &Path, file: File) -> Outcome {
     let mut searcher = options.searcher(true);
     let budget = Budget {
         chars: options.output_limit,
         lines: options.head_limit,
     };
     // A file target prints no path, except as the whole line of `-l`.
-    let mut result = search_file(&mut searcher, matcher, options, target, None, budget);
+    let mut result = search_file(&mut searcher, matcher, options, file, target, None, budget);
     if options.mode == OutputMode::FilesWithMatches && !result.text.is_empty() {
         result.text = format!(
             "{}\n",
@@ -481,13 +549,6 @@ fn search_single(options: &Options, matcher: &RegexMatcher, target: &Path) -> Ou
     }
 }
 
-/// One walk result, in walk order.
-enum Item {
-    File(PathBuf),
-    /// A directory or entry the walk could not read (rg's stderr line).
-    Error(String),
-}
-
 struct Batch {
     seq: usize,
     items: Vec<Item>,
@@ -498,6 +559,9 @@ struct Shared<'a> {
     ctx: &'a FsContext,
     options: &'a Options,
     matcher: &'a RegexMatcher,
+    /// The walk's root (files are opened beneath it) and its printed path.
+    root: BorrowedFd<'a>,
+    display: &'a Path,
     /// Raised when no more output is useful (cap reached) or the call is cancelled.
     stop: AtomicBool,
     /// Characters and lines already printed: each file's budget derives from them.
@@ -523,38 +587,33 @@ impl Shared<'_> {
     }
 }
 
-fn walk_builder(input: &GrepInput, root: &Path) -> Result<WalkBuilder, String> {
-    let mut builder = WalkBuilder::new(root);
-    builder
-        .hidden(true)
-        .parents(true)
-        .ignore(true)
-        .git_ignore(true)
-        .git_exclude(true)
-        .git_global(false)
-        .require_git(true)
-        .follow_links(false)
-        .sort_by_file_name(|a, b| a.cmp(b));
-    builder.add_custom_ignore_filename(".rgignore");
-    if let Some(glob) = input.glob.as_deref() {
-        let mut overrides = OverrideBuilder::new(root);
-        overrides.add(glob).map_err(|err| err.to_string())?;
-        builder.overrides(overrides.build().map_err(|err| err.to_string())?);
-    }
-    if let Some(name) = input.file_type.as_deref() {
-        let mut types = TypesBuilder::new();
-        types.add_defaults();
-        types.select(name);
-        builder.types(types.build().map_err(|err| err.to_string())?);
-    }
-    Ok(builder)
+/// grep's `glob` and `type` inputs, built as rg builds them.
+fn filters(input: &GrepInput, root: &Path) -> Result<walk::Filters, String> {
+    let overrides = match input.glob.as_deref() {
+        Some(glob) => {
+            let mut overrides = OverrideBuilder::new(root);
+            overrides.add(glob).map_err(|err| err.to_string())?;
+            overrides.build().map_err(|err| err.to_string())?
+        }
+        None => Override::empty(),
+    };
+    let types = match input.file_type.as_deref() {
+        Some(name) => {
+            let mut types = TypesBuilder::new();
+            types.add_defaults();
+            types.select(name);
+            types.build().map_err(|err| err.to_string())?
+        }
+        None => Types::empty(),
+    };
+    Ok(walk::Filters { overrides, types })
 }
 
 fn search_tree(
     ctx: &FsContext,
     options: &Options,
     matcher: &RegexMatcher,
-    builder: &WalkBuilder,
+    walk: &walk::Walk<'_>,
 ) -> Outcome {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -563,6 +622,8 @@ fn search_tree(
         ctx,
         options,
         matcher,
+        root: walk.root,
+        display: walk.display,
         stop: AtomicBool::new(false),
         printed_chars: AtomicUsize::new(0),
         printed_lines: AtomicUsize::new(0),
@@ -573,7 +634,7 @@ fn search_tree(
 
     std::thread::scope(|scope| {
         let shared = &shared;
-        scope.spawn(move || walk(shared, builder, &batch_tx));
+        scope.spawn(move || walk_in_batches(shared, walk, &batch_tx));
         for _ in 0..threads {
             let done_tx = done_tx.clone();
             let batch_rx = &batch_rx;
@@ -584,73 +645,41 @@ fn search_tree(
     })
 }
 
-/// The walker thread: sorted walk, files and errors in batches.
-fn walk(shared: &Shared<'_>, builder: &WalkBuilder, batches: &mpsc::SyncSender<Batch>) {
+/// The walker thread: sorted walk, files and errors in batches. A panic in the
+/// walk ends it with an error line (the call then fails), never a hung call.
+fn walk_in_batches(shared: &Shared<'_>, walk: &walk::Walk<'_>, batches: &mpsc::SyncSender<Batch>) {
     let mut seq = 0;
     let mut batch_size = FIRST_BATCH_FILES;
     let mut items = Vec::with_capacity(batch_size);
-    for entry in builder.build() {
-        if shared.stopped() {
-            return;
-        }
-        match entry {
-            Ok(entry) => {
-                if entry.file_type().is_some_and(|t| t.is_file()) {
-                    items.push(Item::File(entry.into_path()));
+    let walked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        walk.run(&|| shared.stopped(), &mut |item| {
+            #[cfg(test)]
+            tests::maybe_panic(&item);
+            items.push(item);
+            if items.len() >= batch_size {
+                batch_size = (batch_size * 2).min(MAX_BATCH_FILES);
+                let batch = Batch {
+                    seq,
+                    items: std::mem::replace(&mut items, Vec::with_capacity(batch_size)),
+                };
+                if batches.send(batch).is_err() {
+                    return false;
                 }
+                seq += 1;
             }
-            Err(err) => items.push(Item::Error(walk_error_text(&err))),
-        }
-        if items.len() >= batch_size {
-            batch_size = (batch_size * 2).min(MAX_BATCH_FILES);
-            let batch = Batch {
-                seq,
-                items: std::mem::replace(&mut items, Vec::with_capacity(batch_size)),
-            };
-            if batches.send(batch).is_err() {
-                return;
-            }
-            seq += 1;
-        }
+            true
+        });
+    }));
+    if let Err(panic) = walked {
+        items.push(Item::Error(format!(
+            "{}: internal error while walking: {}\n",
+            walk.display.display(),
+            super::panic_text(&*panic)
+        )));
     }
     if !items.is_empty() {
         let _ = batches.send(Batch { seq, items });
     }
-}
-
-/// rg's stderr line for a walk error: `<path>: <OS error>`. The walker wraps the OS
-/// error in its own text (which names the path again); rg 13 printed only the OS part.
-fn walk_error_text(err: &ignore::Error) -> String {
-    match err {
-        ignore::Error::WithDepth { err, .. } => walk_error_text(err),
-        ignore::Error::WithPath { path, err } => match err.io_error().and_then(os_code) {
-            Some(code) => format!(
-                "{}: {}\n",
-                path.display(),
-                io::Error::from_raw_os_error(code)
-            ),
-            None => format!("{}: {err}\n", path.display()),
-        },
-        other => format!("{other}\n"),
-    }
-}
-
-/// The OS error code at the bottom of a chain of wrapped errors.
-fn os_code(err: &io::Error) -> Option<i32> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = current {
-        if let Some(code) = e
-            .downcast_ref::<io::Error>()
-            .and_then(io::Error::raw_os_error)
-        {
-            return Some(code);
-        }
-        current = match e.downcast_ref::<io::Error>().and_then(io::Error::get_ref) {
-            Some(inner) => Some(inner),
-            None => e.source(),
-        };
-    }
-    None
 }
 
 /// A searcher thread: takes batches until the walker is done, discarding them once
@@ -679,20 +708,56 @@ fn search_batches(
                     text: String::new(),
                     error: Some(message),
                 },
-                Item::File(path) => search_file(
-                    &mut searcher,
-                    shared.matcher,
-                    shared.options,
-                    &path,
-                    Some(path.as_os_str().as_bytes()),
-                    shared.budget(),
-                ),
+                Item::File(rel) => match search_walked(shared, &mut searcher, &rel) {
+                    Some(output) => output,
+                    None => continue,
+                },
             });
         }
         if done.send((batch.seq, outputs)).is_err() {
             return;
         }
     }
+}
+
+/// Opens and searches one walked file beneath the walk's root, through no
+/// symlink. `None`: the file became a symlink since it was listed, and is
+/// skipped as one. A panic becomes this file's error line.
+fn search_walked(shared: &Shared<'_>, searcher: &mut Searcher, rel: &Path) -> Option<FileOutput> {
+    let shown = shared.display.join(rel);
+    let searched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+        let file = match path::open_beneath(shared.root, rel, flags, Mode::empty()) {
+            Ok(fd) => File::from(fd),
+            Err(Errno::ELOOP) => return None,
+            Err(errno) => {
+                return Some(FileOutput {
+                    text: String::new(),
+                    error: Some(walk::os_error_text(&shown, errno)),
+                })
+            }
+        };
+        let display = shown.as_os_str().as_bytes();
+        Some(search_file(
+            searcher,
+            shared.matcher,
+            shared.options,
+            file,
+            &shown,
+            Some(display),
+            shared.budget(),
+        ))
+    }));
+    searched.unwrap_or_else(|panic| {
+        Some(FileOutput {
+            text: String::new(),
+            error: Some(format!(
+                "{}: internal error while searching: {}\n",
+                shown.display(),
+                super::panic_text(&*panic)
+            )),
+        })
+    })
 }
 
 /// The calling thread: puts batches back in walk order and stops everything once
@@ -1031,7 +1096,7 @@ mod tests {
             }),
         };
         assert_eq!(
-            walk_error_text(&err),
+            walk::error_text(&err),
             "/w/locked: Permission denied (os error 13)\n"
         );
     }
@@ -1043,6 +1108,33 @@ mod tests {
         assert_eq!(
             grep(&ctx, json!({"pattern": "foo", "path": "inv.txt"})),
             (false, "1:foo\u{fffd}\u{fffd} bad\n".into())
+        );
+    }
+
+    static PANIC_NAME: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+    /// The walker's test hook: panics on the item named in [`PANIC_NAME`].
+    pub(super) fn maybe_panic(item: &Item) {
+        let name = PANIC_NAME.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let (Some(name), Item::File(rel)) = (name, item) {
+            if rel.ends_with(&name) {
+                panic!("test panic at {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_panic_in_the_walker_is_an_error_result_not_a_hang() {
+        let (_g, ctx) = setup();
+        put(&ctx, "a.txt", "foo\n");
+        put(&ctx, "walker-panics-here.txt", "foo\n");
+        *PANIC_NAME.lock().unwrap() = Some("walker-panics-here.txt".into());
+        let (err, text) = grep_w(&ctx, json!({"pattern": "foo"}));
+        *PANIC_NAME.lock().unwrap() = None;
+        assert!(err, "{text}");
+        assert!(
+            text.starts_with("grep: rg failed: W: internal error while walking: test panic at walker-panics-here.txt"),
+            "{text}"
         );
     }
 

@@ -14,6 +14,7 @@ pub mod grep;
 pub mod input;
 pub mod path;
 pub mod read;
+pub mod walk;
 pub mod write;
 
 use serde::{Deserialize, Serialize};
@@ -138,4 +139,13 @@ impl ToolResult {
 /// The contract's runner-level text when a call outlives the call timeout.
 pub fn timed_out(tool: &str) -> ToolResult {
     ToolResult::err(format!("tool {} timed out", path::py_repr(tool)))
+}
+
+/// The message of a caught panic, for the error result that replaces it.
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".into())
 }

@@ -194,7 +194,8 @@ Request log (every non-/_fake request, in arrival order)
         environment_key|sessions_token|none|unknown, environment_id?, session_id?,
         work_id?}, status, fault (rule id if one answered/shaped it).
         query= is a regex searched in the raw query string. completed=1 keeps only requests whose response has been fully sent (or that were
-        dropped); wait_count blocks until >= K requests match the filters.
+        dropped); wait_count blocks until >= K requests match the filters;
+        bodies=0 leaves out body and body_text (body_len stays).
   POST /_fake/requests/clear
 
 Fault injection. Every rule counts every request its filters match ("matched"),
@@ -1946,6 +1947,9 @@ class FakeControlPlane:
                     break
                 st.cond.wait(rem)
                 res = sel()
+        if query.get("bodies") in ("0", "false"):
+            # Without the bodies (large uploads would make the answer huge).
+            res = [{k: v for k, v in r.items() if k not in ("body", "body_text")} for r in res]
         out = {"requests": copy.deepcopy(res), "last_seq": len(st.requests)}
         if want:
             out["timed_out"] = timed_out

@@ -942,12 +942,28 @@ impl Served {
 
     /// Runs one call and returns its result (text, is_error).
     async fn call(&self, sid: &str, event: Value) -> (String, bool) {
+        self.fake.call(sid, event).await
+    }
+
+    async fn bash(&self, sid: &str, id: &str, command: &str) -> String {
+        self.call(sid, bash_use(id, command)).await.0
+    }
+}
+
+impl Fake {
+    /// Appends one call to the session's history and returns its result
+    /// (text, is_error) once a worker posted it.
+    async fn call(&self, sid: &str, event: Value) -> (String, bool) {
         let id = event["id"].as_str().unwrap().to_string();
-        self.append(sid, json!([event])).await;
+        self.control(
+            "POST",
+            &format!("/_fake/sessions/{sid}/events"),
+            Some(json!({"events": [event]})),
+        )
+        .await;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let log = self
-                .fake
                 .control("GET", &format!("/_fake/sessions/{sid}"), None)
                 .await;
             if let Some(e) = log["events"]
@@ -961,10 +977,6 @@ impl Served {
             assert!(std::time::Instant::now() < deadline, "no result for {id}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-
-    async fn bash(&self, sid: &str, id: &str, command: &str) -> String {
-        self.call(sid, bash_use(id, command)).await.0
     }
 }
 
@@ -2066,4 +2078,327 @@ async fn memory_sync_conflicts_refusals_wipes_and_a_lost_marker() {
         ["/a.md", "/b.md", "/c.md", "/zz.md"]
     );
     s.finish().await.unwrap();
+}
+
+// ---- memory sync under a hostile folder (issue #10, finding #5) -------------
+
+/// `hands worker --config` as a process of its own, serving an environment
+/// of a fake: its memory is its own to measure, and SIGTERM is a real
+/// shutdown.
+struct WorkerProcess {
+    fake: Fake,
+    env: Value,
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl WorkerProcess {
+    async fn start() -> WorkerProcess {
+        let fake = Fake::start();
+        let env = fake
+            .control("POST", "/_fake/environments", Some(json!({})))
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("key"), env["key"].as_str().unwrap()).unwrap();
+        let config = dir.path().join("worker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "worker_id = \"it-memory-worker\"\ncapacity = 2\n\n[anthropic]\n\
+                 environment_id = \"{}\"\nenvironment_key_file = \"key\"\n\
+                 environment = \"default\"\nmax_idle_secs = 0\n\
+                 memory_sync_interval_secs = 5\nbase_url = \"{}\"\n",
+                env["id"].as_str().unwrap(),
+                fake.url()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
+        let child = Command::new(crate::util::hands_bin())
+            .args(["worker", "--config"])
+            .arg(&config)
+            .env("HANDS_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("hands worker starts");
+        WorkerProcess {
+            fake,
+            env,
+            child,
+            dir,
+        }
+    }
+
+    /// A `/proc/<pid>/status` figure in KiB (`VmHWM`: the peak RSS).
+    fn status_kib(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {status}"))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default()
+    }
+
+    /// A session with one read-write memory store at `/mnt/memory/notes`, its
+    /// item running in the worker; returns (session id, work id, store id).
+    async fn session_with_store(&self) -> (String, String, String) {
+        let m = self
+            .fake
+            .control(
+                "POST",
+                "/_fake/memory_stores",
+                Some(json!({"memories": []})),
+            )
+            .await;
+        let store = m["id"].as_str().unwrap().to_string();
+        let c = self
+            .fake
+            .control(
+                "POST",
+                "/_fake/sessions",
+                Some(json!({
+                    "environment_id": self.env["id"],
+                    "resources": [{"type": "memory_store", "memory_store_id": store, "mount_path": "/mnt/memory/notes", "access": "read_write"}],
+                    "events": [],
+                    "work": {"ttl_seconds": 10},
+                })),
+            )
+            .await;
+        (
+            c["session"]["id"].as_str().unwrap().to_string(),
+            c["work"]["id"].as_str().unwrap().to_string(),
+            store,
+        )
+    }
+
+    /// SIGTERM; how long the worker took to exit (killed after 120 s).
+    fn terminate(&mut self) -> Duration {
+        let started = std::time::Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        while self.child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(120) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        started.elapsed()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// 400 hard links to one sparse 8 MiB file: 3.2 GB of logical content on a
+/// few kilobytes of disk. The agent plants them in a memory folder from bash.
+const HARD_LINK_ATTACK: &str = "F=$(readlink -f /mnt/memory/notes) && printf 'hello ' > $F/big \
+     && truncate -s 8M $F/big && for i in $(seq 400); do ln $F/big $F/l$i; done \
+     && echo $(ls $F | wc -l) files, $(du -sk $F | cut -f1) KiB on disk";
+
+/// Issue #10, finding #5: the sync after the attack held every file in
+/// memory at once (the worker grew from 13 MB to 6.7 GB). Now files are
+/// hashed one at a time, the inode once, and uploaded one at a time: the
+/// worker's peak RSS stays small, and it keeps serving the item.
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_sync_of_hard_links_to_a_sparse_file_keeps_the_worker_small() {
+    needs_fake!();
+    let w = WorkerProcess::start().await;
+    let (sid, _work, store) = w.session_with_store().await;
+    let (planted, err) = w
+        .fake
+        .call(&sid, bash_use("toolu_1", HARD_LINK_ATTACK))
+        .await;
+    assert!(!err && planted.starts_with("401 files"), "{planted}");
+    let before = w.status_kib("VmHWM");
+    // The next call after the interval starts the sync.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    w.fake.call(&sid, bash_use("toolu_2", "true")).await;
+    // The sync has hashed the folder and reached its uploads.
+    let uploads = w
+        .fake
+        .control(
+            "GET",
+            &format!("/_fake/requests?endpoint=E13&memory_store_id={store}&bodies=0&completed=1&wait_count=1&timeout_ms=120000"),
+            None,
+        )
+        .await;
+    assert!(
+        !uploads["requests"].as_array().unwrap().is_empty(),
+        "the sync never uploaded:\n{}",
+        w.log()
+    );
+    // The worker keeps serving the item meanwhile.
+    let (alive, err) = w.fake.call(&sid, bash_use("toolu_3", "echo alive")).await;
+    assert_eq!((alive.trim(), err), ("alive", false));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let peak = w.status_kib("VmHWM");
+    eprintln!(
+        "worker peak RSS: {} MiB before the sync, {} MiB after it ({} uploads seen)",
+        before / 1024,
+        peak / 1024,
+        requests_of(
+            &w.fake,
+            &format!("endpoint=E13&bodies=0&memory_store_id={store}")
+        )
+        .await
+        .len()
+    );
+    assert!(
+        peak < 300 * 1024,
+        "the worker's peak RSS reached {} MiB",
+        peak / 1024
+    );
+    // 401 memories of one content the server refuses (413, above its 1 MiB):
+    // sent once, the others refused without being sent.
+    let sent = requests_of(
+        &w.fake,
+        &format!("endpoint=E13&bodies=0&memory_store_id={store}"),
+    )
+    .await;
+    assert!(
+        sent.len() < 10,
+        "{} uploads of one refused content",
+        sent.len()
+    );
+}
+
+/// Issue #10, finding #5: a worker shutting down while a large sync is in
+/// progress (here: the sync's first upload held by a slow server) cancels the
+/// sync and gives the item only the bounded flush, which reads nothing again
+/// (the hash cache) and sends the refused content once. Before, the flush read
+/// the whole folder again and re-sent every link until its 30 s bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_shutdown_during_a_large_memory_sync_is_prompt() {
+    needs_fake!();
+    let mut w = WorkerProcess::start().await;
+    let (sid, work, store) = w.session_with_store().await;
+    let (planted, _) = w
+        .fake
+        .call(&sid, bash_use("toolu_1", HARD_LINK_ATTACK))
+        .await;
+    assert!(planted.starts_with("401 files"), "{planted}");
+    w.fake
+        .control(
+            "POST",
+            "/_fake/faults",
+            Some(json!({"endpoint": "E13", "times": 1, "action": "delay", "delay_ms": 60000})),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    w.fake.call(&sid, bash_use("toolu_2", "true")).await;
+    // The sync is in its uploads, the first one held.
+    w.fake
+        .control(
+            "GET",
+            &format!("/_fake/requests?endpoint=E13&memory_store_id={store}&bodies=0&wait_count=1&timeout_ms=120000"),
+            None,
+        )
+        .await;
+    let took = w.terminate();
+    eprintln!("the worker exited {took:?} after SIGTERM");
+    assert!(
+        took < Duration::from_secs(20),
+        "shutdown took {took:?}:\n{}",
+        w.log()
+    );
+    // The item was torn down properly: force-stopped.
+    let item = w
+        .fake
+        .control("GET", &format!("/_fake/work/{work}"), None)
+        .await;
+    assert!(!item["stops"].as_array().unwrap().is_empty(), "{item}");
+}
+
+/// Issue #10, finding #5: what a sync sends is bounded (64 MiB of content);
+/// the rest goes with the next sync, none of it lost. Nine 7.5 MiB text files
+/// (67.5 MiB) take two syncs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_memory_sync_past_the_send_budget_completes_in_the_next_sync() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    s.fake
+        .control(
+            "POST",
+            "/_fake/config",
+            Some(json!({"max_memory_bytes": 16 << 20})),
+        )
+        .await;
+    let m = store(&s, json!([])).await;
+    let (sid, work) = s
+        .session_spec(json!({
+            "resources": [{"type": "memory_store", "memory_store_id": m, "mount_path": "/mnt/memory/big", "access": "read_write"}],
+            "events": [],
+            "work": {"ttl_seconds": 10},
+        }))
+        .await;
+    // 5898240 random bytes are 7.5 MiB of base64 text.
+    let out = s
+        .bash(
+            &sid,
+            "toolu_1",
+            "for i in 1 2 3 4 5 6 7 8 9; do head -c 5898240 /dev/urandom | base64 -w0 > /mnt/memory/big/f$i.md; done; \
+             cat /mnt/memory/big/f*.md | wc -c",
+        )
+        .await;
+    assert_eq!(out.trim(), (9 * 7_864_320).to_string());
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    s.bash(&sid, "toolu_2", "true").await;
+    until("the first sync's uploads", || async {
+        remote(&s, &m).await.len() >= 8
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        remote(&s, &m).await.len(),
+        8,
+        "the first sync sends 64 MiB (eight files), not more"
+    );
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    s.bash(&sid, "toolu_3", "true").await;
+    until("the next sync sends the rest", || async {
+        remote(&s, &m).await.len() == 9
+    })
+    .await;
+    let local = s
+        .bash(&sid, "toolu_4", "cd /mnt/memory/big && sha256sum f*.md")
+        .await;
+    let r = remote(&s, &m).await;
+    for line in local.lines() {
+        let (sha, name) = line.split_once("  ").unwrap();
+        let content = &r[&format!("/{name}")];
+        assert_eq!(sha, hex_sha256(content.as_bytes()), "{name} arrived whole");
+    }
+    s.append(&sid, json!([end_turn()])).await;
+    s.work_state(&work, "stopped").await;
+    s.finish().await.unwrap();
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+async fn requests_of(fake: &Fake, query: &str) -> Vec<Value> {
+    fake.control("GET", &format!("/_fake/requests?{query}"), None)
+        .await["requests"]
+        .as_array()
+        .unwrap()
+        .clone()
 }

@@ -4,6 +4,7 @@
 //! confinement that stops it is removed.
 
 use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -204,6 +205,137 @@ async fn symlink_swapped_in_during_file_tool() {
     let outside = sh(&s, "cat /tmp/other/f").await;
     assert_eq!(outside, token, "a write went through the raced symlink");
     eprintln!("{inside} of 300 reads resolved inside the workspace");
+    s.close().await.unwrap();
+}
+
+/// The same race against the walking tools. A host thread exchanges a real
+/// directory of the workspace with a symlink to `/etc` (visible inside the
+/// sandbox, read-only, outside `/workspace`) as fast as it can, with
+/// `renameat2(RENAME_EXCHANGE)`, so `real` is always one or the other. grep and
+/// glob, through `real` and over the whole workspace, must never return
+/// anything of `/etc`: no `PRETTY_NAME` line of `/etc/os-release`, no name
+/// that exists only there, no path outside the workspace. The kernel boundary
+/// would hold either way (the tools run in the sandbox); this is the tools' own
+/// rule. Every call is bounded: none may hang, none may panic.
+#[tokio::test(flavor = "multi_thread")]
+async fn directory_swapped_for_a_symlink_during_grep_and_glob() {
+    require_sandbox!();
+    let fx = HostFixture::new();
+    let ws = fx.ws();
+    std::fs::create_dir_all(ws.join("real/sub")).unwrap();
+    let inside = ["real/a.txt", "real/b.txt", "real/sub/c.txt", "top.txt"];
+    for f in inside {
+        std::fs::write(ws.join(f), "NAME=inside\n").unwrap();
+    }
+    std::os::unix::fs::symlink("/etc", ws.join("lnk")).unwrap();
+    // The session's uid owns the workspace through the idmapping.
+    let s = open(Some(&ws)).await;
+    let seen = sh(
+        &s,
+        "grep -c PRETTY_NAME /etc/os-release; ls /workspace/lnk/os-release",
+    )
+    .await;
+    assert!(
+        seen.starts_with('1'),
+        "the target is visible inside: {seen}"
+    );
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swaps = {
+        let (stop, ws) = (stop.clone(), ws.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let exchanged = nix::fcntl::renameat2(
+                    nix::fcntl::AT_FDCWD,
+                    &ws.join("real"),
+                    nix::fcntl::AT_FDCWD,
+                    &ws.join("lnk"),
+                    nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                );
+                if exchanged.is_err() {
+                    break; // the fixture is gone: the test failed
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    let allowed: Vec<String> = inside
+        .iter()
+        .flat_map(|f| {
+            // Either name of the exchanged pair may be printed for a file of it.
+            [
+                format!("/workspace/{f}"),
+                format!("/workspace/{}", f.replacen("real/", "lnk/", 1)),
+            ]
+        })
+        .chain(
+            [
+                "/workspace/real",
+                "/workspace/lnk",
+                "/workspace/real/sub",
+                "/workspace/lnk/sub",
+            ]
+            .map(String::from),
+        )
+        .collect();
+    let calls = [
+        ("grep", json!({"pattern": "NAME", "path": "real"})),
+        ("grep", json!({"pattern": "NAME"})),
+        (
+            "grep",
+            json!({"pattern": "NAME", "path": "real", "output_mode": "files_with_matches"}),
+        ),
+        ("glob", json!({"pattern": "real/*"})),
+        ("glob", json!({"pattern": "**/*"})),
+        ("glob", json!({"pattern": "*", "path": "real"})),
+    ];
+    let (mut answered, mut errors) = (0, 0);
+    for round in 0..200 {
+        for (name, input) in &calls {
+            let r = tokio::time::timeout(Duration::from_secs(20), tool(&s, name, input.clone()))
+                .await
+                .unwrap_or_else(|_| panic!("{name} {input} hung (round {round})"));
+            let text = r.text_content();
+            assert!(
+                !text.contains("PRETTY_NAME") && !text.contains("os-release"),
+                "{name} {input} returned /etc through the raced symlink (round {round}): {text}"
+            );
+            assert!(
+                !text.contains("panic") && !text.contains("internal error"),
+                "{name} {input} (round {round}): {text}"
+            );
+            // Every path named, in a result or an error, is one of the workspace's.
+            for (at, _) in text.match_indices("/workspace/") {
+                let named: String = text[at..]
+                    .chars()
+                    .take_while(|c| !matches!(c, ':' | ' ' | '\n' | '\''))
+                    .collect();
+                assert!(
+                    allowed.contains(&named),
+                    "{name} {input} named a path that is not the workspace's (round {round}): {named}\n{text}"
+                );
+            }
+            if r.is_error {
+                errors += 1;
+                continue;
+            }
+            answered += 1;
+            if *name == "grep" && text != "no matches" {
+                for line in text.lines() {
+                    assert!(
+                        line.ends_with("NAME=inside") || line.starts_with("/workspace/"),
+                        "grep {input} (round {round}): {line}"
+                    );
+                }
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = swaps.join().unwrap();
+    eprintln!("{answered} answers, {errors} errors (refused or raced paths), {n} exchanges");
+    assert!(answered > 0, "some calls must get through");
     s.close().await.unwrap();
 }
 
