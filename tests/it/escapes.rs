@@ -1103,6 +1103,10 @@ report(libc.syscall(437, AT, b("/workspace/o2"), buf, len(how)))    # openat2
     assert_eq!(out.matches("DENIED EPERM").count(), 12, "{out}");
     assert_eq!(out.matches("DENIED ENOSYS").count(), 1, "openat2: {out}");
     assert!(!out.contains("ALLOWED"), "{out}");
+    // Nor can one be brought in: a hard link to a set-user-ID program of the
+    // read-only paths crosses mounts (and the host protects hard links).
+    let r = bash(&s, "ln /usr/bin/su su || ln /usr/bin/passwd pw").await;
+    assert!(r.is_error, "{r:?}");
     // The ordinary modes still work.
     let r = bash(
         &s,
