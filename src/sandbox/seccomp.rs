@@ -416,6 +416,8 @@ pub fn programs(profile: Profile) -> Result<Vec<BpfProgram>, SeccompError> {
     let mut clone3 = BTreeMap::new();
     clone3.insert(libc::SYS_clone3, vec![]);
     out.push(filter(clone3, libc::ENOSYS)?);
+    #[cfg(target_arch = "x86_64")]
+    out.push(x32_program());
 
     // MPTCP escapes landlock's TCP rules on some kernels; a kernel built without
     // it answers EPROTONOSUPPORT, and programs that try it fall back to TCP.
@@ -448,6 +450,27 @@ pub fn programs(profile: Profile) -> Result<Vec<BpfProgram>, SeccompError> {
         out.push(filter(inet, libc::EAFNOSUPPORT)?);
     }
     Ok(out)
+}
+
+/// The x32 ABI: on x86_64 the same system calls exist again with bit 30 set in
+/// their number, under the same audit architecture, so a deny list keyed by
+/// number would not see them. Kernels built with x32 and booted with it enabled
+/// would run them. Refused outright with EPERM (a kernel without x32 says
+/// ENOSYS, so the escape suite can tell this filter answered).
+#[cfg(target_arch = "x86_64")]
+fn x32_program() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    let ins = |code: u16, jt: u8, jf: u8, k: u32| sock_filter { code, jt, jf, k };
+    let (ld_w_abs, jge_k, ret_k) = (0x20, 0x35, 0x06);
+    vec![
+        // A = seccomp_data.nr
+        ins(ld_w_abs, 0, 0, 0),
+        // if A >= X32_SYSCALL_BIT: errno, else allow
+        ins(jge_k, 0, 1, X32_SYSCALL_BIT),
+        ins(ret_k, 0, 0, 0x0005_0000 | libc::EPERM as u32),
+        ins(ret_k, 0, 0, 0x7fff_0000),
+    ]
 }
 
 /// The filter added to every process the helper starts: `openat2` → ENOSYS
