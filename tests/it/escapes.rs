@@ -880,7 +880,7 @@ async fn network_none_has_no_interface_and_no_ip_socket() {
     );
     let r = bash(
         &s,
-        "ip -o link show up | wc -l; cat /sys/class/net/lo/operstate 2>/dev/null; ip -o link",
+        "ip link set lo up 2>/dev/null; echo up=$?; ip -o link show up | wc -l; ip -o link",
     )
     .await;
     let text = r.text_content();
