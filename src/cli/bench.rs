@@ -128,6 +128,7 @@ async fn open(cfg: &SandboxConfig, policy: &Arc<Policy>, ws: &Path) -> anyhow::R
             policy: policy.clone(),
             workspace: Some(ws.to_path_buf()),
             extra_dirs: Vec::new(),
+            journal: None,
         },
     )
     .await?)

@@ -364,6 +364,7 @@ async fn measure(
             policy,
             workspace: Some(ws.clone()),
             extra_dirs: Vec::new(),
+            journal: None,
         },
     )
     .await?;

@@ -68,6 +68,7 @@ pub async fn open_session(
             policy: Arc::new(policy),
             workspace,
             extra_dirs: Vec::new(),
+            journal: None,
         },
     )
     .await

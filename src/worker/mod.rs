@@ -35,11 +35,10 @@ pub enum WorkerError {
 
 /// The registry a worker serves from.
 pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
-    Arc::new(Registry::new(
-        sandbox,
-        config.policies.iter().cloned(),
-        config.capacity,
-    ))
+    Arc::new(
+        Registry::new(sandbox, config.policies.iter().cloned(), config.capacity)
+            .with_journal_limits(config.journal),
+    )
 }
 
 /// The routes a worker serves on every connection, tunnelled or not:

@@ -64,6 +64,7 @@ pub async fn open_with(policy: Policy, workspace: Option<&Path>) -> Session {
             policy: Arc::new(policy),
             workspace: workspace.map(Path::to_path_buf),
             extra_dirs: Vec::new(),
+            journal: None,
         },
     )
     .await
