@@ -46,6 +46,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// are closed unanswered.
 const REFUSING: usize = 32;
 
+/// How long a refused connection's answer may take to send, and how long the
+/// gateway then waits for the client to close.
+const REFUSAL_LINGER: Duration = Duration::from_millis(250);
+
 /// How long in-flight API requests may take to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -319,11 +323,20 @@ fn refuse(mut tcp: TcpStream, refusing: &Arc<Semaphore>, max: usize) {
              retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        // The answer fits the socket's buffer: a client that does not read
+        // cannot hold this slot.
+        let sent = tokio::time::timeout(REFUSAL_LINGER, async {
             tcp.write_all(answer.as_bytes()).await?;
-            tcp.shutdown().await?;
-            // Read what the client sent until it closes: closing with unread
-            // data would send a reset, which can destroy the answer in flight.
+            tcp.shutdown().await
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return;
+        }
+        // Read what the client sent until it closes, for a moment: closing
+        // with unread data sends a reset, which can destroy the answer before
+        // the client reads it.
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
             let mut sink = [0u8; 1024];
             while tcp.read(&mut sink).await? > 0 {}
             Ok::<_, io::Error>(())
