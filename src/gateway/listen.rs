@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use super::Gateway;
 
 /// Descriptors kept out of both budgets: the listeners, the runtime's own,
-/// stdio, certificate reloads, and connections being refused ([`REFUSING`]).
+/// stdio, certificate reloads, and connections being refused (32 at most).
 pub const FD_RESERVE: u64 = 128;
 
 /// Each listener's budget when `max_connections` is not set and the

@@ -2,7 +2,9 @@
 //! end and agent loops come in. It accepts worker connections with mTLS (a
 //! client certificate is required; its identity becomes the worker id), keeps
 //! a registry of connected workers ([`workers::Workers`]), and serves the HTTP
-//! API of [`api`] with Prometheus metrics.
+//! API of [`api`] with Prometheus metrics. Each listener has its own
+//! connection budget, and API connections their timers ([`listen`]), so that
+//! what anyone can open on the API never starves the tunnels.
 //!
 //! A gateway keeps no session state: a session id carries its worker id, so
 //! replicas behind one load balancer route any request to the right worker as
