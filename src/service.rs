@@ -8,7 +8,8 @@
 //! Calls go through the session's journal (`session::journal`): a call runs on
 //! its own task until it finishes, whoever watches it; each stream is a
 //! forwarder that follows the journal record, so a repeated `Call` or an
-//! `Attach` resumes delivery and never executes again.
+//! `Attach` resumes delivery and never executes again — or, once the journal
+//! has dropped the result to stay within its budget, answers `RESULT_EXPIRED`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -162,7 +163,7 @@ impl v1::sandbox_server::Sandbox for SandboxService {
     type CallStream = EventStream;
 
     async fn call(&self, req: Request<v1::CallRequest>) -> Result<Response<EventStream>, Status> {
-        let deadline = grpc_timeout(req.metadata());
+        let timeout = grpc_timeout(req.metadata())?;
         let r = req.into_inner();
         if !valid_id(&r.call_id) {
             return Err(RegistryError::InvalidId(r.call_id).into());
@@ -175,28 +176,21 @@ impl v1::sandbox_server::Sandbox for SandboxService {
                 format!("input_json is not JSON: {e}"),
             )
         })?;
-        let mut ends_at = None;
-        let (rec, executed_now) = match session.journal().begin(&r.call_id, &r.tool, &r.input_json)
-        {
-            Ok(Begin::New(rec)) => {
-                let (s, run) = (session.clone(), rec.clone());
-                // The call runs on its own task: a client that goes away does not
-                // stop it, and its result waits in the journal.
-                tokio::spawn(async move { s.run_journaled(&run, &input).await });
-                if let Some(d) = deadline {
-                    // A deadline is a cancel of the call this request started.
-                    ends_at = Some(tokio::time::Instant::now() + d);
-                    let rec = rec.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(d).await;
-                        rec.cancel();
-                    });
+        // Checked: a deadline too far to represent is no deadline.
+        let deadline = timeout.and_then(|d| tokio::time::Instant::now().checked_add(d));
+        let (rec, executed_now, ends_at) =
+            match session.journal().begin(&r.call_id, &r.tool, &r.input_json) {
+                Ok(Begin::New(rec)) => {
+                    let (s, run) = (session.clone(), rec.clone());
+                    // The call runs on its own task: a client that goes away does
+                    // not stop it, and its result waits in the journal. A
+                    // deadline is a cancel of the call this request started.
+                    tokio::spawn(async move { s.run_journaled(&run, &input, deadline).await });
+                    (rec, true, deadline)
                 }
-                (rec, true)
-            }
-            Ok(Begin::Existing(rec)) => (rec, false),
-            Err(e) => return Err(journal_status(e)),
-        };
+                Ok(Begin::Existing(rec)) => (rec, false, None),
+                Err(e) => return Err(journal_status(e)),
+            };
         Ok(Response::new(forward(
             rec,
             executed_now,
@@ -244,6 +238,8 @@ fn journal_status(e: JournalError) -> Status {
         JournalError::InputMismatch(_) => (Code::AlreadyExists, "CALL_INPUT_MISMATCH"),
         JournalError::NotFound(_) => (Code::NotFound, "CALL_NOT_FOUND"),
         JournalError::OffsetExpired { .. } => (Code::OutOfRange, "OUTPUT_OFFSET_EXPIRED"),
+        JournalError::Expired { .. } => (Code::FailedPrecondition, "RESULT_EXPIRED"),
+        JournalError::Full { .. } => (Code::ResourceExhausted, "JOURNAL_FULL"),
     };
     status(code, reason, e.to_string())
 }
@@ -279,6 +275,14 @@ fn forward(
         let mut offset = from_offset;
         loop {
             let snapshot = state.borrow_and_update().clone();
+            if let CallState::Expired { why, .. } = snapshot {
+                let e = JournalError::Expired {
+                    call_id: rec.call_id.clone(),
+                    why,
+                };
+                let _ = tx.send(Err(journal_status(e))).await;
+                return;
+            }
             if output {
                 while offset < snapshot.output_end() {
                     let (at, data) = match rec.read_output(offset, OUTPUT_CHUNK) {
@@ -337,18 +341,74 @@ fn forward(
     Box::pin(ReceiverStream::new(rx))
 }
 
-/// The client's deadline (`grpc-timeout`: digits and a unit H M S m u n).
-fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let v = md.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
+/// The client's deadline, from `grpc-timeout`: at most 8 digits and a unit
+/// (H M S m u n), as the gRPC spec writes it; so at most 99,999,999 hours, and
+/// no arithmetic on it can overflow. Anything else is refused rather than
+/// ignored: a client that meant a deadline must not get a call without one.
+fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Result<Option<Duration>, Status> {
+    let Some(v) = md.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let bad = || {
+        status(
+            Code::InvalidArgument,
+            "INVALID_TIMEOUT",
+            format!(
+                "grpc-timeout {:?} is not 1 to 8 digits and a unit (H, M, S, m, u, n)",
+                String::from_utf8_lossy(v.as_bytes())
+            ),
+        )
+    };
+    parse_grpc_timeout(v.as_bytes()).ok_or_else(bad).map(Some)
+}
+
+fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    // 8 digits: at most 99,999,999, so the products below fit a u64.
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_the_spec_s_eight_digits_and_a_unit() {
+        let p = |s: &str| parse_grpc_timeout(s.as_bytes());
+        assert_eq!(p("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(p("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(p("99999999H"), Some(Duration::from_secs(99_999_999 * 3600)));
+        assert_eq!(p("1n"), Some(Duration::from_nanos(1)));
+        for bad in [
+            "18446744073709551615S",
+            "18446744073709551615H",
+            "123456789S",
+            "S",
+            "",
+            "5",
+            "5s",
+            "-5S",
+            "+5S",
+            " 5S",
+            "5 S",
+            "\u{663}S",
+        ] {
+            assert_eq!(p(bad), None, "{bad:?}");
+        }
+        // The largest valid deadline is still an instant.
+        let far = p("99999999H").unwrap();
+        assert!(tokio::time::Instant::now().checked_add(far).is_some());
+    }
 }

@@ -1,6 +1,6 @@
 //! Small helpers the daemons share: an error with its causes on one line (for
-//! logs), a constant-time comparison of secrets, and waiting for a shutdown
-//! flag.
+//! logs), a constant-time comparison of secrets, waiting for a shutdown flag,
+//! and the allocator setting that lets freed tool results leave the RSS.
 
 /// An error and its sources, `: `-separated. hyper and rustls put the useful
 /// part ("certificate expired", "keep-alive timed out") in a source.
@@ -27,6 +27,21 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Resolves once `rx` reads true (or its sender is gone).
 pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Allocations from this size up get an mmap of their own, returned to the
+/// kernel when freed.
+pub const MMAP_THRESHOLD: usize = 1 << 20;
+
+/// Makes large buffers (tool results, frames, request bodies: up to 64 MiB
+/// each) go back to the kernel when freed, so that a daemon's RSS follows what
+/// it holds (measured: 60 reads of a 20 MiB PDF left 1.4 GiB resident after
+/// their session closed under glibc's default). Called once at daemon start;
+/// a failure is logged, not fatal.
+pub fn return_large_buffers_to_the_kernel() {
+    if let Err(e) = crate::sandbox::sys::set_malloc_mmap_threshold(MMAP_THRESHOLD) {
+        tracing::warn!(error = %e, "setting the allocator's mmap threshold");
+    }
 }
 
 #[cfg(test)]

@@ -131,6 +131,7 @@ async fn open(cfg: &SandboxConfig, policy: &Arc<Policy>, ws: &Path) -> anyhow::R
             // The bench's own temporary directory.
             allow_root_workspace: true,
             extra_dirs: Vec::new(),
+            journal: None,
         },
     )
     .await?)
@@ -145,6 +146,7 @@ async fn open_made(cfg: &SandboxConfig, policy: &Arc<Policy>) -> anyhow::Result<
             workspace: None,
             allow_root_workspace: false,
             extra_dirs: Vec::new(),
+            journal: None,
         },
     )
     .await?)

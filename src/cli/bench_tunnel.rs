@@ -366,6 +366,7 @@ async fn measure(
             // The bench's own temporary directory.
             allow_root_workspace: true,
             extra_dirs: Vec::new(),
+            journal: None,
         },
     )
     .await?;

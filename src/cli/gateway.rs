@@ -16,6 +16,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = crate::gateway::Config::load(&args.config)?;
+    crate::util::return_large_buffers_to_the_kernel();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -74,6 +74,7 @@ pub async fn open_session(
             workspace,
             allow_root_workspace,
             extra_dirs: Vec::new(),
+            journal: None,
         },
     )
     .await

@@ -23,6 +23,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.config.display()
     );
     let sandbox = crate::sandbox::SandboxConfig::from_env().context("sandbox configuration")?;
+    crate::util::return_large_buffers_to_the_kernel();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

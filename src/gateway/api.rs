@@ -20,7 +20,13 @@
 //! the gateway waits for the worker to reconnect (`api.reconnect_wait_secs`)
 //! and resumes the call from the output offset it had reached; if the worker
 //! does not come back, the answer says so (503 `WORKER_UNAVAILABLE`) and the
-//! call may still be running, so the same block can be posted again later.
+//! call may still be running, so the same block can be posted again later. A
+//! block posted again after the worker's journal dropped its result is 410
+//! `RESULT_EXPIRED`: it ran once and does not run again.
+//!
+//! Connections are served by [`super::listen`] (its budget and timers); a
+//! request body that pauses longer than `api.idle_timeout_secs` is 408
+//! `BODY_TIMEOUT`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,6 +90,8 @@ impl From<tonic::Status> for ApiError {
             Code::NotFound => StatusCode::NOT_FOUND,
             Code::AlreadyExists => StatusCode::CONFLICT,
             Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            // The call ran; its result is gone and it will not run again.
+            Code::FailedPrecondition if reason_of(&s) == "RESULT_EXPIRED" => StatusCode::GONE,
             Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
             Code::OutOfRange => StatusCode::RANGE_NOT_SATISFIABLE,
             Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
@@ -180,30 +188,57 @@ fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
 }
 
-/// The request body, at most [`crate::service::MAX_MESSAGE`] bytes.
-async fn read_body(body: axum::body::Body) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(body, crate::service::MAX_MESSAGE)
-        .await
-        .map_err(|e| {
-            let mut too_large = false;
-            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(inner) = src {
-                too_large |= inner.is::<http_body_util::LengthLimitError>();
-                src = inner.source();
-            }
-            if too_large {
+/// The request body, at most [`crate::service::MAX_MESSAGE`] bytes, with at
+/// most `api.idle_timeout_secs` between two of its chunks (a client that
+/// stops sending mid-body does not hold its connection forever).
+async fn read_body(gw: &Gateway, body: axum::body::Body) -> Result<axum::body::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut body = http_body_util::Limited::new(body, crate::service::MAX_MESSAGE);
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let frame = tokio::time::timeout(gw.body_idle_timeout, body.frame())
+            .await
+            .map_err(|_| {
                 ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "PAYLOAD_TOO_LARGE",
+                    StatusCode::REQUEST_TIMEOUT,
+                    "BODY_TIMEOUT",
                     format!(
-                        "the request body is over the {} MiB message limit",
-                        crate::service::MAX_MESSAGE >> 20
+                        "no part of the request body arrived for {} s",
+                        gw.body_idle_timeout.as_secs()
                     ),
                 )
-            } else {
-                bad_request(format!("reading the request body: {e}"))
+            })?;
+        match frame {
+            None => return Ok(buf.freeze()),
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    buf.extend_from_slice(&data);
+                }
             }
-        })
+            Some(Err(e)) => return Err(body_error(&*e)),
+        }
+    }
+}
+
+fn body_error(e: &(dyn std::error::Error + 'static)) -> ApiError {
+    let mut too_large = false;
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(inner) = src {
+        too_large |= inner.is::<http_body_util::LengthLimitError>();
+        src = inner.source();
+    }
+    if too_large {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!(
+                "the request body is over the {} MiB message limit",
+                crate::service::MAX_MESSAGE >> 20
+            ),
+        )
+    } else {
+        bad_request(format!("reading the request body: {e}"))
+    }
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
@@ -229,7 +264,7 @@ async fn open_session(
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     authorize(&gw, &headers)?;
-    let body = read_body(body).await?;
+    let body = read_body(&gw, body).await?;
     let body: OpenBody = if body.iter().all(u8::is_ascii_whitespace) {
         serde_json::from_str("{}").expect("static")
     } else {
@@ -538,7 +573,7 @@ async fn tool_use(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     authorize(&gw, &headers)?;
-    let block = parse_json(&read_body(body).await?)?;
+    let block = parse_json(&read_body(&gw, body).await?)?;
     let obj = block
         .as_object()
         .ok_or_else(|| bad_request("a tool_use block is a JSON object {id, name, input}"))?;

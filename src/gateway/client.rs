@@ -89,6 +89,26 @@ impl ApiClient {
         body: Option<&Value>,
         accept: &str,
     ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+        let body = bytes::Bytes::from(body.map(|b| b.to_string()).unwrap_or_default());
+        let reused = self.conn.as_ref().is_some_and(|c| !c.is_closed());
+        match self.send_once(method, path, body.clone(), accept).await {
+            // The gateway closed the kept-alive connection (its idle timeout)
+            // as this request went out; hyper had not sent it, so sending it
+            // again on a new connection cannot run anything twice.
+            Err(ClientError::Http(e)) if reused && (e.is_canceled() || e.is_closed()) => {
+                self.send_once(method, path, body, accept).await
+            }
+            r => r,
+        }
+    }
+
+    async fn send_once(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: bytes::Bytes,
+        accept: &str,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
         let req = http::Request::builder()
             .method(method)
             .uri(path)
@@ -99,9 +119,7 @@ impl ApiClient {
             )
             .header(http::header::ACCEPT, accept)
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(bytes::Bytes::from(
-                body.map(|b| b.to_string()).unwrap_or_default(),
-            )))?;
+            .body(Full::new(body))?;
         let send = self.sender().await?;
         match send.send_request(req).await {
             Ok(r) => Ok(r),

@@ -8,16 +8,27 @@
 //! key = "/etc/hands/pki/gateway-key.pem"
 //! allowed_workers = ["build-host-1"]  # optional: only these worker identities
 //! keepalive_secs = 15                 # HTTP/2 PING interval towards workers
+//! max_connections = 1024              # tunnel connections at once (default: see below)
 //!
 //! [api]                               # the agent loop's HTTP API
 //! listen = "127.0.0.1:7780"
 //! token_file = "/etc/hands/gateway-token"  # bearer token; else $HANDS_GATEWAY_TOKEN
 //! reconnect_wait_secs = 30            # how long a call waits for its worker to come back
+//! max_connections = 1024              # API connections at once; more are answered 503 and closed
+//! header_read_timeout_secs = 10       # a request's head must arrive within this
+//! idle_timeout_secs = 60              # a kept-alive connection may wait this long for its next request
 //! ```
 //!
 //! Unknown keys are rejected. Relative paths are relative to the file. The
 //! token is read once at startup and never logged; an API without a token is
 //! refused, there is no unauthenticated mode.
+//!
+//! The two listeners have separate connection budgets, so that connections to
+//! the API (which anyone who reaches its port can open) can never take the
+//! descriptors worker tunnels need. Both budgets must fit the process's
+//! descriptor limit, which the gateway raises to its hard limit at start;
+//! without `max_connections`, each listener gets 1024 or, when the limit is
+//! lower, half of what it leaves (see [`super::listen::Budgets`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,6 +56,8 @@ struct RawTunnel {
     allowed_workers: Option<Vec<String>>,
     #[serde(default = "default_keepalive")]
     keepalive_secs: u64,
+    #[serde(default)]
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +68,12 @@ struct RawApi {
     token_file: Option<PathBuf>,
     #[serde(default = "default_reconnect_wait")]
     reconnect_wait_secs: u64,
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(default = "default_header_read_timeout")]
+    header_read_timeout_secs: u64,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout_secs: u64,
 }
 
 fn default_keepalive() -> u64 {
@@ -62,6 +81,12 @@ fn default_keepalive() -> u64 {
 }
 fn default_reconnect_wait() -> u64 {
     30
+}
+fn default_header_read_timeout() -> u64 {
+    10
+}
+fn default_idle_timeout() -> u64 {
+    60
 }
 
 /// A validated gateway configuration.
@@ -74,6 +99,16 @@ pub struct Config {
     pub api_listen: SocketAddr,
     pub token: String,
     pub reconnect_wait: Duration,
+    /// Tunnel connections at once; `None`: derived from the descriptor limit.
+    pub tunnel_max_connections: Option<usize>,
+    /// API connections at once; `None`: derived from the descriptor limit.
+    pub api_max_connections: Option<usize>,
+    /// How long a request's head may take to arrive: from the connection's
+    /// start for its first request, from the first byte for later ones.
+    pub header_read_timeout: Duration,
+    /// How long a connection may sit between requests, and how long a client
+    /// may leave a response unread or a request body unsent.
+    pub idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -85,6 +120,10 @@ impl std::fmt::Debug for Config {
             .field("allowed_workers", &self.allowed_workers)
             .field("api_listen", &self.api_listen)
             .field("token", &"<redacted>")
+            .field("tunnel_max_connections", &self.tunnel_max_connections)
+            .field("api_max_connections", &self.api_max_connections)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("idle_timeout", &self.idle_timeout)
             .finish()
     }
 }
@@ -126,6 +165,25 @@ impl Config {
                 "must be between 1 and 3600".into(),
             ));
         }
+        for (key, v) in [
+            ("tunnel.max_connections", raw.tunnel.max_connections),
+            ("api.max_connections", raw.api.max_connections),
+        ] {
+            if v.is_some_and(|n| !(1..=1_000_000).contains(&n)) {
+                return Err(invalid(key, "must be between 1 and 1000000".into()));
+            }
+        }
+        for (key, v) in [
+            (
+                "api.header_read_timeout_secs",
+                raw.api.header_read_timeout_secs,
+            ),
+            ("api.idle_timeout_secs", raw.api.idle_timeout_secs),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(invalid(key, "must be between 1 and 3600".into()));
+            }
+        }
         let token = match &raw.api.token_file {
             Some(f) => {
                 let p = base.join(f);
@@ -157,6 +215,10 @@ impl Config {
             api_listen,
             token,
             reconnect_wait: Duration::from_secs(raw.api.reconnect_wait_secs),
+            tunnel_max_connections: raw.tunnel.max_connections,
+            api_max_connections: raw.api.max_connections,
+            header_read_timeout: Duration::from_secs(raw.api.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(raw.api.idle_timeout_secs),
         })
     }
 }

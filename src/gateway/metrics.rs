@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -23,9 +24,19 @@ struct Histogram {
 pub struct Metrics {
     counters: Mutex<BTreeMap<(&'static str, String), u64>>,
     durations: Mutex<BTreeMap<String, Histogram>>,
+    /// API connections open now (a gauge; the listener's tasks move it).
+    api_connections: AtomicU64,
 }
 
-const HELP: [(&str, &str, &str); 6] = [
+/// Counters with labels: no `0` line is printed for them before they count.
+const LABELLED: [&str; 4] = [
+    "hands_gateway_tunnels_rejected_total",
+    "hands_gateway_tool_calls_total",
+    "hands_gateway_api_connections_timed_out_total",
+    "hands_gateway_accept_errors_total",
+];
+
+const HELP: [(&str, &str, &str); 9] = [
     (
         "hands_gateway_tunnels_accepted_total",
         "counter",
@@ -34,7 +45,7 @@ const HELP: [(&str, &str, &str); 6] = [
     (
         "hands_gateway_tunnels_rejected_total",
         "counter",
-        "Worker tunnel connections refused, by reason (tls, identity, http2, info).",
+        "Worker tunnel connections refused, by reason (tls, identity, http2, info, limit).",
     ),
     (
         "hands_gateway_sessions_opened_total",
@@ -55,6 +66,21 @@ const HELP: [(&str, &str, &str); 6] = [
         "hands_gateway_http_unauthorized_total",
         "counter",
         "API requests refused for a missing or wrong bearer token.",
+    ),
+    (
+        "hands_gateway_api_connections_refused_total",
+        "counter",
+        "API connections answered 503 and closed: api.max_connections were open.",
+    ),
+    (
+        "hands_gateway_api_connections_timed_out_total",
+        "counter",
+        "API connections closed by a timer, by reason (header_read, idle, stalled_reader).",
+    ),
+    (
+        "hands_gateway_accept_errors_total",
+        "counter",
+        "Failed accepts (e.g. EMFILE), by listener (api, tunnel); each pauses the listener.",
     ),
 ];
 
@@ -78,6 +104,14 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .entry((name, labels))
             .or_default() += 1;
+    }
+
+    pub fn api_connection_opened(&self) {
+        self.api_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn api_connection_closed(&self) {
+        self.api_connections.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn observe_call(&self, tool: &str, took: Duration) {
@@ -104,6 +138,11 @@ impl Metrics {
             out,
             "# HELP hands_gateway_tunnels_connected Tunnel connections up.\n# TYPE hands_gateway_tunnels_connected gauge\nhands_gateway_tunnels_connected {tunnels}"
         );
+        let _ = writeln!(
+            out,
+            "# HELP hands_gateway_api_connections API connections open.\n# TYPE hands_gateway_api_connections gauge\nhands_gateway_api_connections {}",
+            self.api_connections.load(Ordering::Relaxed)
+        );
         let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         for (name, kind, help) in HELP {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -118,10 +157,7 @@ impl Metrics {
                     }
                 }
             }
-            if !any
-                && !name.ends_with("_rejected_total")
-                && name != "hands_gateway_tool_calls_total"
-            {
+            if !any && !LABELLED.contains(&name) {
                 let _ = writeln!(out, "{name} 0");
             }
         }

@@ -2,7 +2,9 @@
 //! end and agent loops come in. It accepts worker connections with mTLS (a
 //! client certificate is required; its identity becomes the worker id), keeps
 //! a registry of connected workers ([`workers::Workers`]), and serves the HTTP
-//! API of [`api`] with Prometheus metrics.
+//! API of [`api`] with Prometheus metrics. Each listener has its own
+//! connection budget, and API connections their timers ([`listen`]), so that
+//! what anyone can open on the API never starves the tunnels.
 //!
 //! A gateway keeps no session state: a session id carries its worker id, so
 //! replicas behind one load balancer route any request to the right worker as
@@ -11,6 +13,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod listen;
 pub mod metrics;
 pub mod workers;
 
@@ -28,6 +31,8 @@ pub struct Gateway {
     pub metrics: metrics::Metrics,
     token: String,
     reconnect_wait: Duration,
+    /// The longest pause in a request body being received.
+    body_idle_timeout: Duration,
 }
 
 /// Where a running gateway listens.
@@ -47,8 +52,8 @@ pub enum GatewayError {
     },
     #[error("tunnel TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
-    #[error("HTTP API: {0}")]
-    Api(std::io::Error),
+    #[error("connection budgets: {0}")]
+    Budgets(#[from] listen::BudgetError),
 }
 
 /// `WORKER_ID:SUFFIX`, with a random suffix. None when the worker id is too
@@ -81,8 +86,10 @@ async fn bind(
 pub async fn run(
     config: Config,
     on_bound: impl FnOnce(Bound, Arc<Gateway>),
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), GatewayError> {
+    let budgets =
+        listen::Budgets::resolve(config.tunnel_max_connections, config.api_max_connections)?;
     let tls = Arc::new(crate::tls::ServerTls::server(config.tls.clone())?);
     let tunnel_listener = bind("the tunnel listener", config.tunnel_listen).await?;
     let api_listener = bind("the API listener", config.api_listen).await?;
@@ -98,11 +105,18 @@ pub async fn run(
         )?,
         api: local(&api_listener, "the API listener", config.api_listen)?,
     };
+    tracing::info!(
+        tunnel = budgets.tunnel,
+        api = budgets.api,
+        nofile = budgets.nofile,
+        "connection budgets"
+    );
     let gw = Arc::new(Gateway {
         workers: workers::Workers::default(),
         metrics: metrics::Metrics::default(),
         token: config.token.clone(),
         reconnect_wait: config.reconnect_wait,
+        body_idle_timeout: config.idle_timeout,
     });
     on_bound(bound, gw.clone());
 
@@ -115,22 +129,17 @@ pub async fn run(
         let mut stop = shutdown.clone();
         async move {
             let mut tunnels = tokio::task::JoinSet::new();
-            loop {
-                let (tcp, peer) = tokio::select! {
-                    r = tunnel_listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accepting a tunnel connection");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    },
-                    () = crate::util::stopped(&mut stop) => break,
+            let mut gate = listen::TunnelGate::new(budgets.tunnel);
+            let mut acceptor = listen::Acceptor::new(tunnel_listener, "tunnel", gw.clone());
+            while let Some((tcp, peer)) = acceptor.accept(&mut stop).await {
+                let Some(permit) = gate.admit(&gw, peer) else {
+                    continue;
                 };
                 let gw = gw.clone();
                 let tls = tls.get();
                 let cfg = accept_cfg.clone();
                 tunnels.spawn(async move {
+                    let _permit = permit;
                     let registered_gw = gw.clone();
                     let r = workers::serve_tunnel(tcp, peer, tls, &cfg, &gw.workers, |id| {
                         registered_gw
@@ -157,18 +166,19 @@ pub async fn run(
             tunnels.shutdown().await;
         }
     };
-    let api = async {
-        use axum::serve::ListenerExt;
-        let api_listener = api_listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(api_listener, api::router(gw.clone()))
-            .with_graceful_shutdown(async move { crate::util::stopped(&mut shutdown).await })
-            .await
-            .map_err(GatewayError::Api)
-    };
-    let ((), api) = tokio::join!(accept, api);
-    api
+    let api = listen::serve_api(
+        api_listener,
+        api::router(gw.clone()),
+        listen::ApiLimits {
+            max_connections: budgets.api,
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+        },
+        gw.clone(),
+        shutdown,
+    );
+    tokio::join!(accept, api);
+    Ok(())
 }
 
 #[cfg(test)]

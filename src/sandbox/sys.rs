@@ -2,7 +2,9 @@
 //! confinement needs and that `nix` does not wrap (clone into namespaces, landlock,
 //! the new mount API for idmapped mounts, the capability bounding set, securebits,
 //! pidfds, SCM_RIGHTS reception, bringing `lo` up, loop devices, signal
-//! dispositions, and the last confinement step of a child between fork and exec).
+//! dispositions, and the last confinement step of a child between fork and exec),
+//! and one allocator setting (`mallopt`) the daemons make so that freed tool
+//! results leave their RSS.
 //!
 //! Every wrapper is small, returns `io::Result`, and states its invariant in a
 //! `// SAFETY:` line. Policy (which rules, which order) lives in the callers.
@@ -719,4 +721,27 @@ pub fn loop_attach(backing: BorrowedFd<'_>) -> io::Result<(std::path::PathBuf, O
         }
     }
     Err(io::Error::other("no free loop device after 64 tries"))
+}
+
+/// Makes glibc's malloc serve every allocation of `bytes` or more with an mmap
+/// of its own, unmapped when freed (`mallopt(M_MMAP_THRESHOLD)`). By default
+/// the threshold is dynamic: it climbs to the size of the first large buffer
+/// freed (up to 32 MiB), after which buffers of a tool result's size come from
+/// the heap, and freed ones stay in the process's RSS instead of returning to
+/// the kernel. A no-op on other C libraries.
+pub fn set_malloc_mmap_threshold(bytes: usize) -> io::Result<()> {
+    #[cfg(target_env = "gnu")]
+    {
+        let value = libc::c_int::try_from(bytes)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: mallopt sets one allocator parameter under the allocator's
+        // own lock; no pointer crosses, and any value is defined behaviour
+        // (an out-of-range one is refused with 0).
+        if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, value) } != 1 {
+            return Err(io::Error::other("mallopt(M_MMAP_THRESHOLD) refused"));
+        }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = bytes;
+    Ok(())
 }

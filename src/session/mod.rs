@@ -61,6 +61,9 @@ pub struct SessionOptions {
     /// Workspace subdirectories created before the sandbox starts, shown
     /// elsewhere or read-only inside it (see [`ExtraDir`]).
     pub extra_dirs: Vec<ExtraDir>,
+    /// The worker's journals, whose budget this session's call journal shares;
+    /// `None` gives the session a journal of its own with the default limits.
+    pub journal: Option<Arc<journal::JournalStore>>,
 }
 
 /// An open session.
@@ -82,12 +85,6 @@ pub struct Session {
     journal: journal::Journal,
     closed: bool,
 }
-
-/// How long finished calls stay in the journal, how many are kept, and how much
-/// output of each.
-const JOURNAL_RETENTION: Duration = Duration::from_secs(15 * 60);
-const JOURNAL_MAX_FINISHED: usize = 1024;
-const JOURNAL_OUTPUT_BYTES: usize = 1 << 20;
 
 fn degradations(policy: &Policy) -> Vec<LandlockFeature> {
     policy
@@ -265,11 +262,10 @@ impl Session {
             _slot: slot,
             bash: Mutex::new(BashSession::default()),
             env,
-            journal: journal::Journal::new(
-                JOURNAL_RETENTION,
-                JOURNAL_MAX_FINISHED,
-                JOURNAL_OUTPUT_BYTES,
-            ),
+            journal: match &opts.journal {
+                Some(store) => store.journal(),
+                None => journal::Journal::standalone(journal::Limits::default()),
+            },
             closed: false,
         })
     }
@@ -322,17 +318,31 @@ impl Session {
     }
 
     /// Executes a journaled call to its end: its output goes to the record as it
-    /// is produced, a cancel stops it (for bash: the shell and every process of
-    /// the session are killed, and the shell needs a restart), and the result is
-    /// recorded whoever is watching.
-    pub async fn run_journaled(&self, rec: &journal::CallRecord, input: &Value) {
+    /// is produced, a cancel or the `deadline` stops it (for bash: the shell and
+    /// every process of the session are killed, and the shell needs a restart),
+    /// and the result is recorded whoever is watching.
+    pub async fn run_journaled(
+        &self,
+        rec: &journal::CallRecord,
+        input: &Value,
+        deadline: Option<tokio::time::Instant>,
+    ) {
         let sink = |bytes: &[u8]| rec.append_output(bytes);
         let run = self
             .call_inner(&rec.tool, input, &rec.call_id, Some(&sink))
             .instrument(tracing::info_span!("tool", session_id = %self.id, call_id = %rec.call_id, tool = %rec.tool));
+        let stop = async {
+            match deadline {
+                Some(d) => tokio::select! {
+                    () = rec.cancelled() => {}
+                    () = tokio::time::sleep_until(d) => {}
+                },
+                None => rec.cancelled().await,
+            }
+        };
         let (result, outcome) = tokio::select! {
             r = run => r,
-            _ = rec.cancelled() => {
+            () = stop => {
                 if rec.tool == "bash" {
                     self.bash.lock().await.abort(&self.helper).await;
                 }

@@ -55,6 +55,10 @@ pub struct Registry {
     sessions: std::sync::Mutex<HashMap<String, Entry>>,
     /// Serialises opens: two concurrent opens of one id must create one session.
     opening: Mutex<()>,
+    /// Every session's call journal, within one budget. A closed session's
+    /// journal is released when the session is dropped (the registry keeps no
+    /// reference to a closed session).
+    journals: Arc<super::journal::JournalStore>,
 }
 
 impl Registry {
@@ -72,7 +76,19 @@ impl Registry {
             capacity,
             sessions: Default::default(),
             opening: Mutex::new(()),
+            journals: super::journal::JournalStore::new(Default::default()),
         }
+    }
+
+    /// This registry with the call journal's budget set to `limits`.
+    pub fn with_journal_limits(mut self, limits: super::journal::Limits) -> Registry {
+        self.journals = super::journal::JournalStore::new(limits);
+        self
+    }
+
+    /// The call journals of every session, and their budget.
+    pub fn journals(&self) -> &Arc<super::journal::JournalStore> {
+        &self.journals
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -144,6 +160,7 @@ impl Registry {
                     workspace: None,
                     allow_root_workspace: false,
                     extra_dirs,
+                    journal: Some(self.journals.clone()),
                 },
             )
             .await?,

@@ -134,6 +134,25 @@ impl ToolResult {
             .collect::<Vec<_>>()
             .join("")
     }
+
+    /// The heap memory this result holds (its texts and base64 data), for the
+    /// call journal's byte budget.
+    pub fn heap_bytes(&self) -> usize {
+        let blocks = self.content.capacity() * std::mem::size_of::<ContentBlock>();
+        blocks
+            + self
+                .content
+                .iter()
+                .map(|b| match b {
+                    ContentBlock::Text { text } => text.capacity(),
+                    ContentBlock::Image { source } | ContentBlock::Document { source } => {
+                        source.kind.capacity()
+                            + source.media_type.capacity()
+                            + source.data.capacity()
+                    }
+                })
+                .sum::<usize>()
+    }
 }
 
 /// The contract's runner-level text when a call outlives the call timeout.

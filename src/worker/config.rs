@@ -18,7 +18,15 @@
 //! connections = 1                   # connections kept per endpoint
 //! proxy = "http://proxy.corp:3128"  # HTTP CONNECT proxy; "env" (default) = HTTPS_PROXY/NO_PROXY; "none"
 //! keepalive_secs = 15               # HTTP/2 PING interval; a silent peer is dropped within twice this
+//!
+//! [journal]                         # finished results kept so a resumed call gets them again
+//! session_bytes = "256MiB"          # held per session (results, output tails, call ids)
+//! worker_bytes = "1GiB"             # held over every session of the worker
+//! retention_secs = 900              # a result is dropped this long after its call finished
 //! ```
+//!
+//! A dropped result leaves its call id behind: asking for that call again is
+//! refused with `RESULT_EXPIRED`, never a second run (see `session::journal`).
 //!
 //! Unknown keys are rejected, so a typo never passes silently. Relative paths
 //! are relative to the configuration file.
@@ -48,6 +56,36 @@ struct RawConfig {
     tunnel: Option<RawTunnel>,
     #[serde(default)]
     anthropic: Option<crate::cma::config::Raw>,
+    #[serde(default)]
+    journal: Option<RawJournal>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJournal {
+    #[serde(default)]
+    session_bytes: Option<RawSize>,
+    #[serde(default)]
+    worker_bytes: Option<RawSize>,
+    #[serde(default)]
+    retention_secs: Option<u64>,
+}
+
+/// A size: bytes, or a string with a binary unit ("256MiB").
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl RawSize {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            RawSize::Bytes(n) => Ok(*n),
+            RawSize::Text(t) => crate::policy::units::parse_size(t),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +137,8 @@ pub struct Config {
     pub tunnel: Option<TunnelConfig>,
     /// The Claude Managed Agents connector (`[anthropic]`).
     pub anthropic: Option<crate::cma::config::AnthropicConfig>,
+    /// The call journal's budget (`[journal]`).
+    pub journal: crate::session::journal::Limits,
 }
 
 pub use crate::configfile::ConfigError;
@@ -181,6 +221,7 @@ impl Config {
                 Some(c)
             }
         };
+        let journal = journal_limits(raw.journal, &invalid)?;
         Ok(Config {
             worker_id: raw.worker_id,
             capacity: raw.capacity,
@@ -188,8 +229,62 @@ impl Config {
             listen,
             tunnel,
             anthropic,
+            journal,
         })
     }
+}
+
+fn journal_limits(
+    raw: Option<RawJournal>,
+    invalid: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<crate::session::journal::Limits, ConfigError> {
+    let mut limits = crate::session::journal::Limits::default();
+    let Some(raw) = raw else {
+        return Ok(limits);
+    };
+    // At least one maximal message: below that, every result but the newest
+    // would be dropped as soon as it finished.
+    let min = crate::service::MAX_MESSAGE as u64;
+    let size = |key, v: &Option<RawSize>, default| match v {
+        None => Ok(default),
+        Some(v) => match v.bytes() {
+            Ok(n) if n >= min => Ok(n),
+            Ok(n) => Err(invalid(
+                key,
+                format!("{n} bytes is below the 64 MiB minimum"),
+            )),
+            Err(m) => Err(invalid(key, m)),
+        },
+    };
+    limits.session_bytes = size(
+        "journal.session_bytes",
+        &raw.session_bytes,
+        limits.session_bytes,
+    )?;
+    limits.worker_bytes = size(
+        "journal.worker_bytes",
+        &raw.worker_bytes,
+        limits.worker_bytes.max(limits.session_bytes),
+    )?;
+    if limits.worker_bytes < limits.session_bytes {
+        return Err(invalid(
+            "journal.worker_bytes",
+            format!(
+                "{} bytes is below journal.session_bytes ({})",
+                limits.worker_bytes, limits.session_bytes
+            ),
+        ));
+    }
+    if let Some(secs) = raw.retention_secs {
+        if !(1..=7 * 24 * 3600).contains(&secs) {
+            return Err(invalid(
+                "journal.retention_secs",
+                "must be between 1 and 604800 (a week)".into(),
+            ));
+        }
+        limits.retention = Duration::from_secs(secs);
+    }
+    Ok(limits)
 }
 
 fn tunnel_config(
@@ -297,6 +392,21 @@ mod tests {
             "{names:?}"
         );
         assert_eq!(c.listen.unwrap().port(), 7700);
+        assert_eq!(c.journal, crate::session::journal::Limits::default());
+    }
+
+    #[test]
+    fn the_journal_budget_is_configurable() {
+        let c = parse(
+            "worker_id = \"w1\"\n[journal]\nsession_bytes = \"512MiB\"\nworker_bytes = 4294967296\nretention_secs = 60",
+        )
+        .unwrap();
+        assert_eq!(c.journal.session_bytes, 512 << 20);
+        assert_eq!(c.journal.worker_bytes, 4 << 30);
+        assert_eq!(c.journal.retention, Duration::from_secs(60));
+        // A session budget over the default worker budget raises the latter.
+        let c = parse("worker_id = \"w1\"\n[journal]\nsession_bytes = \"2GiB\"").unwrap();
+        assert_eq!(c.journal.worker_bytes, 2 << 30);
     }
 
     #[test]
@@ -311,6 +421,23 @@ mod tests {
                 "environments",
             ),
             ("worker_id = \"w\"\nlisen = \"127.0.0.1:1\"", "lisen"),
+            (
+                "worker_id = \"w\"\n[journal]\nsession_bytes = \"1MiB\"",
+                "journal.session_bytes",
+            ),
+            (
+                "worker_id = \"w\"\n[journal]\nsession_bytes = \"1GB\"",
+                "journal.session_bytes",
+            ),
+            (
+                "worker_id = \"w\"\n[journal]\nsession_bytes = \"2GiB\"\nworker_bytes = \"1GiB\"",
+                "journal.worker_bytes",
+            ),
+            (
+                "worker_id = \"w\"\n[journal]\nretention_secs = 0",
+                "journal.retention_secs",
+            ),
+            ("worker_id = \"w\"\n[journal]\nbytes = 1", "bytes"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains("worker.toml") && e.contains(key), "{text}: {e}");

@@ -70,11 +70,10 @@ pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
             );
         }
     }
-    Arc::new(Registry::new(
-        sandbox,
-        config.policies.iter().cloned(),
-        config.capacity,
-    ))
+    Arc::new(
+        Registry::new(sandbox, config.policies.iter().cloned(), config.capacity)
+            .with_journal_limits(config.journal),
+    )
 }
 
 /// The routes a worker serves on every connection, tunnelled or not:

@@ -1203,6 +1203,7 @@ async fn a_root_owned_workspace_needs_an_explicit_opt_in() {
         workspace: Some(dir.path().to_path_buf()),
         allow_root_workspace: allow,
         extra_dirs: Vec::new(),
+        journal: None,
     };
     let err = hands::session::Session::open(&config(), opts(false))
         .await
@@ -1288,6 +1289,7 @@ async fn a_symlink_cannot_turn_a_later_workspace_into_the_hosts_root() {
                 workspace: Some(given.clone()),
                 allow_root_workspace: true,
                 extra_dirs: Vec::new(),
+                journal: None,
             },
         )
         .await
@@ -1321,6 +1323,7 @@ async fn workspaces_that_would_expose_the_host_or_hands_itself() {
                 workspace: Some(given.clone()),
                 allow_root_workspace: true,
                 extra_dirs: Vec::new(),
+                journal: None,
             },
         )
         .await

@@ -655,3 +655,243 @@ async fn an_oversized_message_is_refused_and_the_worker_serves_on() {
     assert_eq!(after.text_content(), "still serving");
     close(&mut c, "big").await;
 }
+
+/// A service over `registry` on loopback, with message limits raised for
+/// large results.
+async fn serve_registry(registry: Arc<Registry>) -> SandboxClient<Channel> {
+    let svc = SandboxService::new(registry, "worker-test".into(), detect_isolation());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc.into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    SandboxClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20)
+}
+
+/// Issue #13: a `grpc-timeout` past what an Instant can hold panicked the
+/// task serving the call (after the call had started). The spec allows at
+/// most 8 digits; anything else is refused before anything runs, and the
+/// worker serves on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_out_of_range_grpc_timeout_is_refused_and_the_worker_serves_on() {
+    require_sandbox!();
+    let mut c = serve(4).await;
+    opened(&mut c, "t1").await;
+    for (id, timeout) in [
+        ("huge-s", "18446744073709551615S"),
+        ("huge-h", "18446744073709551615H"),
+        ("nine", "123456789n"),
+        ("unit", "5x"),
+    ] {
+        let mut r = tonic::Request::new(req(
+            "t1",
+            id,
+            "bash",
+            r#"{"command":"echo ran >> ran.txt"}"#,
+            false,
+        ));
+        r.metadata_mut()
+            .insert("grpc-timeout", timeout.parse().unwrap());
+        let e = match c.call(r).await {
+            Err(e) => e,
+            Ok(s) => collect_result(s.into_inner())
+                .await
+                .expect_err("an invalid grpc-timeout is refused"),
+        };
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (Code::InvalidArgument, "INVALID_TIMEOUT"),
+            "{timeout}: {e}"
+        );
+    }
+    // The largest valid one is a deadline like any other.
+    let mut r = tonic::Request::new(req("t1", "max", "bash", r#"{"command":"echo ok"}"#, false));
+    r.metadata_mut()
+        .insert("grpc-timeout", "99999999H".parse().unwrap());
+    let events = collect(c.call(r).await.unwrap().into_inner()).await;
+    assert_eq!(finished(&events).text_content(), "ok");
+    let check = run(
+        &mut c,
+        "t1",
+        "check",
+        "bash",
+        r#"{"command":"cat ran.txt 2>/dev/null | wc -l"}"#,
+    )
+    .await;
+    assert_eq!(check.text_content(), "0", "a refused call never runs");
+    close(&mut c, "t1").await;
+}
+
+async fn collect_result(
+    mut s: tonic::Streaming<v1::CallEvent>,
+) -> Result<Vec<v1::CallEvent>, tonic::Status> {
+    let mut out = Vec::new();
+    while let Some(e) = s.message().await? {
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// Issue #6: at-most-once holds after a result leaves the journal. The
+/// journal keeps 1024 results per session; the call pushed out leaves a
+/// tombstone, and asking for it again is `RESULT_EXPIRED`, never a second run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_whose_result_expired_is_never_run_again() {
+    require_sandbox!();
+    let mut c = serve(4).await;
+    opened(&mut c, "x1").await;
+    let once = r#"{"command":"echo run >> runs.txt; wc -l < runs.txt"}"#;
+    assert_eq!(
+        run(&mut c, "x1", "c0", "bash", once).await.text_content(),
+        "1"
+    );
+    for i in 0..1030 {
+        run(
+            &mut c,
+            "x1",
+            &format!("g{i}"),
+            "glob",
+            r#"{"pattern":"*.none"}"#,
+        )
+        .await;
+    }
+    let e = call(&mut c, "x1", "c0", "bash", once).await.unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "RESULT_EXPIRED"),
+        "{e}"
+    );
+    assert!(e.message().contains("will not run again"), "{e}");
+    let e = c
+        .attach(v1::AttachRequest {
+            session_id: "x1".into(),
+            call_id: "c0".into(),
+            from_offset: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "RESULT_EXPIRED");
+    // Other input under the expired id is still a mismatch.
+    let e = call(&mut c, "x1", "c0", "bash", r#"{"command":"true"}"#)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "CALL_INPUT_MISMATCH");
+    let check = run(
+        &mut c,
+        "x1",
+        "check",
+        "bash",
+        r#"{"command":"wc -l < runs.txt"}"#,
+    )
+    .await;
+    assert_eq!(check.text_content(), "1", "the expired call ran again");
+    close(&mut c, "x1").await;
+}
+
+/// Issue #6: 60 reads of a 20 MB PDF grew the worker by 1.6 GB, still held
+/// after the session closed. Large results now stay within the journal's
+/// byte budget (per session and per worker, oldest dropped first), the
+/// dropped ones answer `RESULT_EXPIRED`, and closing the sessions releases
+/// every byte. The worker's RSS is printed, not asserted.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_results_stay_within_the_journal_budget_and_are_released_at_close() {
+    require_sandbox!();
+    // Freed buffers go back to the kernel, as `hands worker` sets it up.
+    hands::util::return_large_buffers_to_the_kernel();
+    let limits = hands::session::journal::Limits {
+        session_bytes: 24 << 20,
+        worker_bytes: 40 << 20,
+        ..Default::default()
+    };
+    let policies = hands::policy::PolicySet::builtin()
+        .iter()
+        .cloned()
+        .collect::<Vec<_>>();
+    let registry = Arc::new(Registry::new(config(), policies, 4).with_journal_limits(limits));
+    let mut c = serve_registry(registry.clone()).await;
+    for s in ["big1", "big2"] {
+        opened(&mut c, s).await;
+        run(
+            &mut c,
+            s,
+            "mk",
+            "bash",
+            r#"{"command":"head -c 4000000 /dev/urandom > doc.pdf"}"#,
+        )
+        .await;
+    }
+    let rss_before = rss_kib();
+    let journals = registry.journals().clone();
+    for i in 0..24 {
+        let s = if i % 2 == 0 { "big1" } else { "big2" };
+        let r = run(
+            &mut c,
+            s,
+            &format!("r{i}"),
+            "read",
+            r#"{"file_path":"doc.pdf"}"#,
+        )
+        .await;
+        assert!(!r.is_error, "{}", r.text_content());
+        let session_bytes = registry.get(s).unwrap().journal().bytes();
+        assert!(
+            session_bytes <= limits.session_bytes,
+            "{s}: {session_bytes} bytes over the session budget"
+        );
+        assert!(
+            journals.bytes() <= limits.worker_bytes,
+            "{} bytes over the worker budget",
+            journals.bytes()
+        );
+    }
+    // Each result is ~5.3 MB of base64: the worker holds 7 of the 24.
+    let held = journals.results_held();
+    assert!((4..=8).contains(&held), "{held} results held");
+    let rss_full = rss_kib();
+    // The oldest ones answer with a reason, never a second run.
+    let e = call(&mut c, "big1", "r0", "read", r#"{"file_path":"doc.pdf"}"#)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e).as_str()),
+        (Code::FailedPrecondition, "RESULT_EXPIRED")
+    );
+    // The newest is still delivered on a repeated Call.
+    let events = call(&mut c, "big2", "r23", "read", r#"{"file_path":"doc.pdf"}"#)
+        .await
+        .unwrap();
+    assert!(matches!(
+        events[0].event,
+        Some(v1::call_event::Event::Started(ref s)) if !s.executed_now
+    ));
+    assert!(matches!(
+        events.last().and_then(|e| e.event.as_ref()),
+        Some(v1::call_event::Event::Finished(_))
+    ));
+    close(&mut c, "big1").await;
+    close(&mut c, "big2").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while journals.bytes() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} bytes still journaled after both sessions closed",
+            journals.bytes()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(journals.results_held(), 0);
+    let rss_closed = rss_kib();
+    eprintln!(
+        "worker RSS: {} MiB before, {} MiB with the journal full ({} results held), {} MiB after close",
+        rss_before / 1024,
+        rss_full / 1024,
+        held,
+        rss_closed / 1024
+    );
+}

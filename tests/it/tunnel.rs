@@ -92,10 +92,21 @@ impl Gw {
 }
 
 async fn gateway(pki: &Pki, cert: &(PathBuf, PathBuf), listen: &str, extra: &str) -> Gw {
+    gateway_with(pki, cert, listen, extra, "").await
+}
+
+/// [`gateway`] with extra keys in `[api]` too.
+async fn gateway_with(
+    pki: &Pki,
+    cert: &(PathBuf, PathBuf),
+    listen: &str,
+    extra: &str,
+    api_extra: &str,
+) -> Gw {
     let dir = tempfile::tempdir().unwrap().keep();
     std::fs::write(dir.join("token"), TOKEN).unwrap();
     let toml = format!(
-        "[tunnel]\nlisten = \"{listen}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nkeepalive_secs = 5\n{extra}\n\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"token\"\nreconnect_wait_secs = 20\n",
+        "[tunnel]\nlisten = \"{listen}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nkeepalive_secs = 5\n{extra}\n\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"token\"\nreconnect_wait_secs = 20\n{api_extra}\n",
         pki.ca_pem, cert.0, cert.1
     );
     let path = dir.join("gateway.toml");
@@ -1321,4 +1332,465 @@ fn the_readme_demo_runs_and_exits_zero() {
             "the transcript lacks {step:?}:\n{stdout}"
         );
     }
+}
+
+// ---- the API's connection budget and timers ----------------------------------
+
+/// Waits until the peer closes `tcp` (EOF or reset) and returns how long that
+/// took, or `Err` when it is still open after `within`. With `trickle`, one
+/// more byte of a header is sent every 500 ms meanwhile, as slowloris does.
+async fn closed_within(
+    tcp: &mut tokio::net::TcpStream,
+    within: Duration,
+    trickle: bool,
+) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let left = within
+            .checked_sub(t0.elapsed())
+            .ok_or_else(|| format!("still open after {within:?}"))?;
+        tokio::select! {
+            r = tcp.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return Ok(t0.elapsed()),
+                Ok(_) => {} // an answer (a 408, say) before the close
+            },
+            _ = tick.tick(), if trickle => {
+                if tcp.write_all(b"x").await.is_err() {
+                    return Ok(t0.elapsed());
+                }
+            }
+            () = tokio::time::sleep(left) => return Err(format!("still open after {within:?}")),
+        }
+    }
+}
+
+/// `GET path` on a new connection: (status, body); `Err` says whether the
+/// connection was closed without an answer or gave none within 5 s.
+async fn try_get(api: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(api)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let _ = tcp.write_all(req.as_bytes()).await;
+        let mut resp = Vec::new();
+        let _ = tcp.read_to_end(&mut resp).await;
+        let text = String::from_utf8_lossy(&resp).to_string();
+        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+        match (status, text.split_once("\r\n\r\n")) {
+            (Some(status), Some((_, body))) => Ok((status, body.to_string())),
+            _ => Err(format!("closed without an answer: {text:?}")),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .unwrap_or_else(|_| Err("no answer within 5 s".into()))
+}
+
+async fn raw_get(api: SocketAddr, path: &str) -> Option<(u16, String)> {
+    try_get(api, path).await.ok()
+}
+
+/// Reads one response's head and body (`Content-Length` framed) from a
+/// kept-alive connection.
+async fn read_response(tcp: &mut tokio::net::TcpStream) -> String {
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+        resp.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&resp).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return text;
+            }
+        }
+    }
+}
+
+async fn wait_metric(gw: &Gw, line_prefix: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = gw.metric(line_prefix);
+        if v > 0 {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{line_prefix} never counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue #9: connections that send half a header, or nothing, no longer stay
+/// open forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slowloris_connection_is_closed_within_the_header_read_timeout() {
+    let pki = Pki::new();
+    let gw = gateway_with(
+        &pki,
+        &pki.gateway("gateway", 30),
+        "127.0.0.1:0",
+        "",
+        "header_read_timeout_secs = 2\nidle_timeout_secs = 60",
+    )
+    .await;
+    // Half a header, then one byte every 500 ms: never a complete head.
+    let mut slow = tokio::net::TcpStream::connect(gw.bound.api).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(gw.bound.api).await.unwrap();
+    let (slow, silent) = tokio::join!(
+        closed_within(&mut slow, Duration::from_secs(15), true),
+        closed_within(&mut silent, Duration::from_secs(15), false),
+    );
+    let slow = slow.expect("a slowloris connection is closed");
+    let silent = silent.expect("a connection that sends nothing is closed");
+    eprintln!("closed after {slow:?} (slowloris) and {silent:?} (silent); timeout 2 s");
+    assert!(
+        wait_metric(
+            &gw,
+            "hands_gateway_api_connections_timed_out_total{reason=\"header_read\"}"
+        )
+        .await
+            >= 2
+    );
+    assert_eq!(
+        raw_get(gw.bound.api, "/healthz").await,
+        Some((200, "ok\n".into()))
+    );
+    gw.stop().await;
+}
+
+/// A kept-alive connection waiting for its next request is closed after the
+/// idle timeout; a call that runs longer than both timers, plain or streamed,
+/// is not cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_api_connection_is_closed_but_a_long_call_is_not() {
+    require_sandbox!();
+    let pki = Pki::new();
+    let gw = gateway_with(
+        &pki,
+        &pki.gateway("gateway", 30),
+        "127.0.0.1:0",
+        "",
+        "header_read_timeout_secs = 2\nidle_timeout_secs = 2",
+    )
+    .await;
+    let wk = worker(
+        &pki.ca_pem,
+        "w-idle",
+        &pki.worker("w-idle", 30),
+        &[gw.bound.tunnel],
+        "",
+    )
+    .await;
+    let mut api = gw.api();
+    wait_workers(&mut api, 1).await;
+
+    let mut idle = tokio::net::TcpStream::connect(gw.bound.api).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut idle).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let took = closed_within(&mut idle, Duration::from_secs(15), false)
+        .await
+        .expect("an idle kept-alive connection is closed");
+    eprintln!("idle connection closed after {took:?}; timeout 2 s");
+    wait_metric(
+        &gw,
+        "hands_gateway_api_connections_timed_out_total{reason=\"idle\"}",
+    )
+    .await;
+
+    let sid = open(&mut api).await;
+    let r = tool(
+        &mut api,
+        &sid,
+        "long",
+        "bash",
+        json!({"command": "sleep 5; echo done"}),
+    )
+    .await;
+    assert_eq!(text(&r), "done");
+    let (status, events) = api
+        .stream(
+            "POST",
+            &format!("/v1/sessions/{sid}/tool_use"),
+            Some(&json!({"id": "quiet", "name": "bash", "input": {"command": "sleep 5; echo streamed"}})),
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "tool_result", "{events:?}");
+    assert_eq!(text(&last.data), "streamed");
+    wk.stop().await;
+    gw.stop().await;
+}
+
+/// With `api.max_connections` open, another API connection is answered 503
+/// `TOO_MANY_CONNECTIONS` and closed, connections already accepted keep
+/// working, and the slots come back when connections close.
+#[tokio::test(flavor = "multi_thread")]
+async fn api_connections_past_max_connections_get_a_503_and_accepted_ones_keep_working() {
+    let pki = Pki::new();
+    let gw = gateway_with(
+        &pki,
+        &pki.gateway("gateway", 30),
+        "127.0.0.1:0",
+        "",
+        "max_connections = 4\nheader_read_timeout_secs = 60\nidle_timeout_secs = 60",
+    )
+    .await;
+    let mut api = gw.api();
+    let a = api.request("GET", "/v1/workers", None).await.unwrap();
+    assert_eq!(a.status, 200);
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(gw.bound.api).await.unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.metric("hands_gateway_api_connections ") < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle connections were not accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = raw_get(gw.bound.api, "/healthz")
+        .await
+        .expect("a connection past the limit is answered");
+    assert_eq!(status, 503, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["type"], "TOO_MANY_CONNECTIONS", "{body}");
+    assert!(gw.metric("hands_gateway_api_connections_refused_total") >= 1);
+    // The connection accepted before the limit was reached serves on.
+    let a = api.request("GET", "/v1/tools", None).await.unwrap();
+    assert_eq!(a.status, 200);
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if raw_get(gw.bound.api, "/healthz").await.map(|r| r.0) == Some(200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slots never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await;
+}
+
+/// A client that stops reading its response (here the 11 MB answer of a
+/// `read` of an 8 MB PDF) is dropped once the connection's writes have been
+/// blocked for the idle timeout; the call's result stays in the worker's
+/// journal, and posting the same `tool_use` again gets it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout() {
+    require_sandbox!();
+    let pki = Pki::new();
+    let gw = gateway_with(
+        &pki,
+        &pki.gateway("gateway", 30),
+        "127.0.0.1:0",
+        "",
+        "idle_timeout_secs = 2",
+    )
+    .await;
+    let wk = worker(
+        &pki.ca_pem,
+        "w-stalled",
+        &pki.worker("w-stalled", 30),
+        &[gw.bound.tunnel],
+        "",
+    )
+    .await;
+    let mut api = gw.api();
+    wait_workers(&mut api, 1).await;
+    let sid = open(&mut api).await;
+    tool(
+        &mut api,
+        &sid,
+        "mk",
+        "bash",
+        json!({"command": "head -c 8000000 /dev/urandom > big.pdf"}),
+    )
+    .await;
+    let body = json!({"id": "big", "name": "read", "input": {"file_path": "big.pdf"}}).to_string();
+    // A small receive buffer, or loopback autotuning would let this client
+    // take in 32 MiB before the gateway's writes block.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 << 10).unwrap();
+    let mut raw = socket.connect(gw.bound.api).await.unwrap();
+    let req = format!(
+        "POST /v1/sessions/{sid}/tool_use HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    raw.write_all(req.as_bytes()).await.unwrap();
+    wait_metric(
+        &gw,
+        "hands_gateway_api_connections_timed_out_total{reason=\"stalled_reader\"}",
+    )
+    .await;
+    let r = tool(
+        &mut api,
+        &sid,
+        "big",
+        "read",
+        json!({"file_path": "big.pdf"}),
+    )
+    .await;
+    assert_eq!(
+        r["content"][0]["type"], "document",
+        "{}",
+        r["content"][0]["type"]
+    );
+    drop(raw);
+    wk.stop().await;
+    gw.stop().await;
+}
+
+/// `hands gateway` in its own process with a descriptor limit of `nofile`:
+/// the child and the addresses it printed.
+async fn gateway_process(
+    pki: &Pki,
+    cert: &(PathBuf, PathBuf),
+    nofile: u32,
+) -> (tokio::process::Child, SocketAddr, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let toml = format!(
+        "[tunnel]\nlisten = \"127.0.0.1:0\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nkeepalive_secs = 5\n\n[api]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"token\"\n",
+        pki.ca_pem, cert.0, cert.1
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut child = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n {nofile} && exec \"$0\" gateway --config \"$1\""
+        ))
+        .arg(crate::util::hands_bin())
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let (mut tunnel, mut api) = (None, None);
+    while tunnel.is_none() || api.is_none() {
+        let mut line = String::new();
+        let n = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line),
+        )
+        .await
+        .expect("the gateway starts")
+        .unwrap();
+        assert!(n > 0, "the gateway exited");
+        if let Some(a) = line.trim().strip_prefix("tunnel listening on ") {
+            tunnel = Some(a.parse().unwrap());
+        } else if let Some(a) = line.trim().strip_prefix("api listening on ") {
+            api = Some(a.parse().unwrap());
+        }
+    }
+    (child, tunnel.unwrap(), api.unwrap())
+}
+
+/// Issue #9, the attack as reported: a flood of API connections that send
+/// nothing, more than the gateway has descriptors. Tunnels have their own
+/// budget, so a worker still connects; the connection an agent had before the
+/// flood still works; new API connections get a 503 until the flood ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_api_connection_flood_cannot_starve_tunnels_or_accepted_connections() {
+    require_sandbox!();
+    let pki = Pki::new();
+    let gcert = pki.gateway("gateway", 30);
+    let (mut child, tunnel, api_addr) = gateway_process(&pki, &gcert, 256).await;
+    let mut api = ApiClient::new(api_addr, TOKEN);
+    let a = api.request("GET", "/v1/workers", None).await.unwrap();
+    assert_eq!(a.status, 200);
+    // 600 connections that send nothing: more than the gateway's 256
+    // descriptors. Without a token, as the attack needs none.
+    // A connect that is not even answered (the listen backlog full because
+    // nothing accepts) ends the flood: the gateway is already down.
+    let mut flood = Vec::new();
+    for _ in 0..600 {
+        let c = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(api_addr),
+        );
+        match c.await {
+            Ok(Ok(c)) => flood.push(c),
+            Ok(Err(_)) => {}
+            Err(_) => {
+                eprintln!(
+                    "the API stopped accepting after {} connections",
+                    flood.len()
+                );
+                break;
+            }
+        }
+    }
+    let wk = worker(
+        &pki.ca_pem,
+        "w-flood",
+        &pki.worker("w-flood", 30),
+        &[tunnel],
+        "",
+    )
+    .await;
+    wait_workers(&mut api, 1).await;
+    let sid = open(&mut api).await;
+    let r = tool(
+        &mut api,
+        &sid,
+        "f1",
+        "bash",
+        json!({"command": "echo through the flood"}),
+    )
+    .await;
+    assert_eq!(text(&r), "through the flood");
+    // A new API connection is answered 503 (or, when the gateway is already
+    // answering 32 of them, closed at once): never left hanging.
+    let answer = try_get(api_addr, "/healthz").await;
+    eprintln!("a new API connection during the flood: {answer:?}");
+    match &answer {
+        Ok((503, body)) => assert!(body.contains("TOO_MANY_CONNECTIONS"), "{body}"),
+        Err(e) if e.starts_with("closed") => {}
+        other => panic!("a new API connection during the flood: {other:?}"),
+    }
+    drop(flood);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if raw_get(api_addr, "/healthz").await.map(|r| r.0) == Some(200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the API never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, metrics) = raw_get(api_addr, "/metrics").await.unwrap();
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("hands_gateway_api_connections_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(refused > 0, "{metrics}");
+    wk.stop().await;
+    let _ = child.kill().await;
 }

@@ -73,6 +73,7 @@ pub async fn open_cfg(cfg: &SandboxConfig, policy: Policy, workspace: Option<&Pa
             // itself is tested on its own.
             allow_root_workspace: true,
             extra_dirs: Vec::new(),
+            journal: None,
         },
     )
     .await
@@ -272,6 +273,7 @@ pub async fn open_in_slot_zero(policy: Policy) -> Session {
                 workspace: None,
                 allow_root_workspace: false,
                 extra_dirs: Vec::new(),
+                journal: None,
             },
         )
         .await
