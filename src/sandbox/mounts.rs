@@ -101,7 +101,7 @@ fn tmpfs(dst: &Path, opts: &str, flags: MsFlags) -> Result<(), MountError> {
 ///    took from the directory fd it resolved, so no path is looked up here;
 /// 5. private `/tmp` and `/dev/shm` tmpfs, a `/dev` tmpfs with the usual device
 ///    nodes bound in, `/proc` of the session's pid namespace with the host's
-///    files of [`PROC_MASKED`] shown empty;
+///    files of `PROC_MASKED` shown empty;
 /// 6. pivot_root into the new root, detach the old one, remount `/` read-only.
 ///
 /// Returns whether the workspace is idmapped.
