@@ -144,6 +144,7 @@ impl Session {
     /// 4. start the helper in it, which confines itself and reports `Ready`.
     pub async fn open(cfg: &SandboxConfig, opts: SessionOptions) -> Result<Session, SessionError> {
         let id = new_id();
+        let started = std::time::Instant::now();
         let slot = slot::acquire(&cfg.state_dir, cfg.slots)?;
         let cg_name = format!("s{}", slot.n);
         let stale = cfg.cgroups.open(&cg_name);
@@ -170,6 +171,7 @@ impl Session {
             }
         };
         let workspace_path = workspace.path().to_path_buf();
+        let workspace_ready = started.elapsed();
         let cleanup_workspace = |ws: Workspace| {
             if let Err(e) = workspaces.remove(ws) {
                 tracing::warn!("removing the workspace of a session that did not open: {e}");
@@ -240,6 +242,7 @@ impl Session {
             weakened_setid_guard: cfg.weakened.setid_guard,
             weakened_inet_guard: cfg.weakened.inet_guard,
         };
+        let cgroup_ready = started.elapsed();
         let helper = match HelperClient::start(cfg, &setup, workspace.dir(), &cgroup).await {
             Ok(h) => h,
             Err(e) => {
@@ -249,7 +252,17 @@ impl Session {
                 return Err(e.into());
             }
         };
-        tracing::debug!(session_id = %id, env = %policy.name, uid, slot = slot.n, workspace = %workspace.mechanism(), "session open");
+        tracing::debug!(
+            session_id = %id,
+            env = %policy.name,
+            uid,
+            slot = slot.n,
+            workspace = %workspace.mechanism(),
+            workspace_ms = workspace_ready.as_secs_f64() * 1e3,
+            cgroup_ms = cgroup_ready.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "session open"
+        );
         let env = sandbox_env(&policy);
         Ok(Session {
             id,
