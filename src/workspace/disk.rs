@@ -162,11 +162,20 @@ pub fn try_lock(path: &Path) -> Option<Flock<File>> {
 impl Disks {
     /// Images go to `images`, mount points to `mounts` (both created on use).
     pub fn detect(images: PathBuf, mounts: PathBuf) -> Disks {
+        Disks::with(images, mounts, detect())
+    }
+
+    /// No filesystems, for `why`.
+    pub fn unavailable(images: PathBuf, mounts: PathBuf, why: String) -> Disks {
+        Disks::with(images, mounts, Mechanism::Unavailable(why))
+    }
+
+    fn with(images: PathBuf, mounts: PathBuf, mechanism: Mechanism) -> Disks {
         Disks {
             inner: Arc::new(Inner {
                 images,
                 mounts,
-                mechanism: detect(),
+                mechanism,
                 pool: Mutex::default(),
                 wake: Condvar::new(),
                 reaper: Mutex::default(),

@@ -184,6 +184,22 @@ impl Workspaces {
         }
     }
 
+    /// As on a host without loop devices or `mke2fs`, whatever this one has:
+    /// every workspace hands makes is a plain directory (when the policy allows
+    /// the `workspace-disk` degradation).
+    pub fn without_filesystems(state_dir: PathBuf, data_dir: PathBuf) -> Workspaces {
+        let disks = disk::Disks::unavailable(
+            data_dir.join("disks"),
+            state_dir.join("workspaces"),
+            "filesystems switched off".into(),
+        );
+        Workspaces {
+            state_dir,
+            data_dir,
+            disks,
+        }
+    }
+
     /// How hands makes workspaces on this host.
     pub fn mechanism(&self) -> &Mechanism {
         self.disks.mechanism()

@@ -673,3 +673,72 @@ async fn workspaces_of_a_worker_that_died_are_swept() {
     assert!(live.workspace().join("f").exists());
     live.close().await.unwrap();
 }
+
+/// The `workspace-disk` degradation (a host without loop devices): workspaces
+/// are plain directories. One that cannot be removed (here an immutable file,
+/// as `EMFILE` or an operator's `chattr` would) is quarantined, never handed out
+/// again, and the next workspace is a new, empty directory; a refused policy
+/// never gets a directory at all; a deep tree is removed without recursion.
+#[test]
+fn plain_directory_workspaces_are_removed_or_quarantined_never_reused() {
+    use hands::workspace::{Geometry, Workspaces};
+    let state = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let w = Workspaces::without_filesystems(state.path().into(), data.path().into());
+    let g = Geometry {
+        bytes: 1 << 30,
+        inodes: 1 << 16,
+    };
+    let err = w.create(g, false).unwrap_err();
+    assert!(err.to_string().contains("workspace-disk"), "{err}");
+
+    let a = w.create(g, true).unwrap();
+    let a_path = a.path().to_path_buf();
+    std::fs::write(a_path.join("stuck"), "a's file").unwrap();
+    let chattr = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(a_path.join("stuck"))
+        .status()
+        .unwrap();
+    assert!(
+        chattr.success(),
+        "chattr +i needs a filesystem with attributes"
+    );
+    let err = w.remove(a).unwrap_err();
+    assert!(err.to_string().contains("quarantine"), "{err}");
+    assert!(!a_path.exists(), "left under its old name");
+    let quarantined: Vec<_> = std::fs::read_dir(data.path().join("quarantine"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(quarantined.len(), 1);
+    let b = w.create(g, true).unwrap();
+    assert_ne!(b.path(), a_path);
+    assert_eq!(std::fs::read_dir(b.path()).unwrap().count(), 0);
+    // A deep tree in it goes without recursion.
+    let mut cur: std::os::fd::OwnedFd = std::fs::File::open(b.path()).unwrap().into();
+    for _ in 0..3000 {
+        use nix::fcntl::{openat, OFlag};
+        use nix::sys::stat::{mkdirat, Mode};
+        mkdirat(&cur, "d", Mode::from_bits_truncate(0o755)).unwrap();
+        cur = openat(
+            &cur,
+            "d",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
+    drop(cur);
+    let b_path = b.path().to_path_buf();
+    w.remove(b).unwrap();
+    assert!(!b_path.exists());
+    // Clean up what the test made immutable.
+    for q in quarantined {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(q.join("stuck"))
+            .status();
+    }
+}
