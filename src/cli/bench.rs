@@ -125,31 +125,15 @@ where
 async fn open(cfg: &SandboxConfig, policy: &Arc<Policy>, ws: &Path) -> anyhow::Result<Session> {
     Ok(Session::open(
         cfg,
-        SessionOptions {
-            policy: policy.clone(),
-            workspace: Some(ws.to_path_buf()),
-            // The bench's own temporary directory.
-            allow_root_workspace: true,
-            extra_dirs: Vec::new(),
-            journal: None,
-        },
+        // The bench's own temporary directory.
+        SessionOptions::new(policy.clone()).in_dir(ws.to_path_buf(), true),
     )
     .await?)
 }
 
 /// A session whose workspace hands makes (a filesystem of its own).
 async fn open_made(cfg: &SandboxConfig, policy: &Arc<Policy>) -> anyhow::Result<Session> {
-    Ok(Session::open(
-        cfg,
-        SessionOptions {
-            policy: policy.clone(),
-            workspace: None,
-            allow_root_workspace: false,
-            extra_dirs: Vec::new(),
-            journal: None,
-        },
-    )
-    .await?)
+    Ok(Session::open(cfg, SessionOptions::new(policy.clone())).await?)
 }
 
 fn run_status(cmd: &mut Command) -> anyhow::Result<()> {

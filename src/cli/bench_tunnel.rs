@@ -360,14 +360,8 @@ async fn measure(
     std::fs::write(ws.join("file20k.txt"), &text)?;
     let local = crate::session::Session::open(
         &cfg,
-        crate::session::SessionOptions {
-            policy,
-            workspace: Some(ws.clone()),
-            // The bench's own temporary directory.
-            allow_root_workspace: true,
-            extra_dirs: Vec::new(),
-            journal: None,
-        },
+        // The bench's own temporary directory.
+        crate::session::SessionOptions::new(policy).in_dir(ws.clone(), true),
     )
     .await?;
 

@@ -66,6 +66,27 @@ pub struct SessionOptions {
     pub journal: Option<Arc<journal::JournalStore>>,
 }
 
+impl SessionOptions {
+    /// A session of `policy` in a workspace hands makes, with no extra
+    /// directories and a journal of its own.
+    pub fn new(policy: Arc<Policy>) -> SessionOptions {
+        SessionOptions {
+            policy,
+            workspace: None,
+            allow_root_workspace: false,
+            extra_dirs: Vec::new(),
+            journal: None,
+        }
+    }
+
+    /// In the directory `workspace`, owned by root only if `allow_root` says so.
+    pub fn in_dir(mut self, workspace: PathBuf, allow_root: bool) -> SessionOptions {
+        self.workspace = Some(workspace);
+        self.allow_root_workspace = allow_root;
+        self
+    }
+}
+
 /// An open session.
 pub struct Session {
     id: String,

@@ -71,13 +71,7 @@ pub fn run(input: &Value, ctx: &FsContext) -> ToolResult {
         return ToolResult::err("glob: '..' is not permitted in the pattern");
     }
     let given = input.path.as_deref().filter(|p| !p.is_empty());
-    let resolve = || match given {
-        Some(p) => path::resolve(&ctx.workdir, p),
-        None => Ok(path::Resolved {
-            path: ctx.workdir.clone(),
-            rel: PathBuf::new(),
-        }),
-    };
+    let resolve = || path::resolve_or_workdir(&ctx.workdir, given);
     let mut resolved = match resolve() {
         Ok(resolved) => resolved,
         Err(err) => return path_error("glob", given.unwrap_or_default(), err),

@@ -44,7 +44,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 
@@ -90,13 +90,7 @@ pub fn run(input: &Value, ctx: &FsContext) -> ToolResult {
         Err(invalid) => return invalid,
     };
     let given = input.path.as_deref().filter(|p| !p.is_empty());
-    let resolve = || match given {
-        Some(p) => path::resolve(&ctx.workdir, p),
-        None => Ok(path::Resolved {
-            path: ctx.workdir.clone(),
-            rel: PathBuf::new(),
-        }),
-    };
+    let resolve = || path::resolve_or_workdir(&ctx.workdir, given);
     let mut resolved = match resolve() {
         Ok(resolved) => resolved,
         Err(err) => return path_error("grep", given.unwrap_or_default(), err),
@@ -811,6 +805,7 @@ mod tests {
     use crate::tools::Tool;
     use serde_json::json;
     use std::os::unix::fs::symlink;
+    use std::path::PathBuf;
 
     use crate::tools::fs::testutil::setup;
 

@@ -188,6 +188,18 @@ pub struct Resolved {
 }
 
 /// Resolve a tool's path argument like the SDK's `resolve_path`.
+/// [`resolve`] for a tool's optional `path` input: none (or empty) is the
+/// working directory itself.
+pub fn resolve_or_workdir(workdir: &Path, given: Option<&str>) -> Result<Resolved, PathError> {
+    match given {
+        Some(p) => resolve(workdir, p),
+        None => Ok(Resolved {
+            path: workdir.to_path_buf(),
+            rel: PathBuf::new(),
+        }),
+    }
+}
+
 pub fn resolve(workdir: &Path, p: &str) -> Result<Resolved, PathError> {
     let joined = if p.starts_with('/') {
         PathBuf::from(p)

@@ -1192,27 +1192,36 @@ fn run_as_nobody_sees_a_set_user_id_file_that_the_host_honours() {
     assert_eq!(privileged_files(dir.path()).len(), 1);
 }
 
+/// Opens a session in the directory `given`, which must be refused; returns
+/// the error's text.
+async fn refused_workspace(
+    cfg: &hands::sandbox::SandboxConfig,
+    given: &std::path::Path,
+    allow_root: bool,
+) -> String {
+    let opts = hands::session::SessionOptions::new(std::sync::Arc::new(policy("default")))
+        .in_dir(given.to_path_buf(), allow_root);
+    match hands::session::Session::open(cfg, opts).await {
+        Ok(_) => panic!("{given:?} was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// A workspace owned by root would make everything the agent writes root's on
 /// the host: refused unless the operator says so.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_root_owned_workspace_needs_an_explicit_opt_in() {
     require_sandbox!();
     let dir = tempfile::Builder::new().tempdir_in("/var/tmp").unwrap();
-    let opts = |allow| hands::session::SessionOptions {
-        policy: std::sync::Arc::new(policy("default")),
-        workspace: Some(dir.path().to_path_buf()),
-        allow_root_workspace: allow,
-        extra_dirs: Vec::new(),
-        journal: None,
-    };
-    let err = hands::session::Session::open(&config(), opts(false))
-        .await
-        .err()
-        .expect("a root-owned workspace must be refused");
-    assert!(err.to_string().contains("owned by root"), "{err}");
-    let s = hands::session::Session::open(&config(), opts(true))
-        .await
-        .unwrap();
+    let err = refused_workspace(&config(), dir.path(), false).await;
+    assert!(err.contains("owned by root"), "{err}");
+    let s = hands::session::Session::open(
+        &config(),
+        hands::session::SessionOptions::new(std::sync::Arc::new(policy("default")))
+            .in_dir(dir.path().to_path_buf(), true),
+    )
+    .await
+    .unwrap();
     s.close().await.unwrap();
     // The command line says the same, and names the flag.
     let out = std::process::Command::new(hands_bin())
@@ -1282,23 +1291,8 @@ async fn a_symlink_cannot_turn_a_later_workspace_into_the_hosts_root() {
         ws.path().join("sub/var/tmp"),
         ws.path().join("dir/.."),
     ] {
-        let err = hands::session::Session::open(
-            &config(),
-            hands::session::SessionOptions {
-                policy: std::sync::Arc::new(policy("default")),
-                workspace: Some(given.clone()),
-                allow_root_workspace: true,
-                extra_dirs: Vec::new(),
-                journal: None,
-            },
-        )
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("{given:?} was accepted"));
-        assert!(
-            err.to_string().contains("symbolic link"),
-            "{given:?}: {err}"
-        );
+        let err = refused_workspace(&config(), &given, true).await;
+        assert!(err.contains("symbolic link"), "{given:?}: {err}");
     }
 }
 
@@ -1316,20 +1310,8 @@ async fn workspaces_that_would_expose_the_host_or_hands_itself() {
         (inside, "inside"),
         (std::path::PathBuf::from("/proc/self"), "/proc"),
     ] {
-        let err = hands::session::Session::open(
-            &cfg,
-            hands::session::SessionOptions {
-                policy: std::sync::Arc::new(policy("default")),
-                workspace: Some(given.clone()),
-                allow_root_workspace: true,
-                extra_dirs: Vec::new(),
-                journal: None,
-            },
-        )
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("{given:?} was accepted"));
-        assert!(err.to_string().contains(reason), "{given:?}: {err}");
+        let err = refused_workspace(&cfg, &given, true).await;
+        assert!(err.contains(reason), "{given:?}: {err}");
     }
 }
 

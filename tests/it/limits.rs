@@ -501,20 +501,7 @@ async fn a_deep_tree_does_not_take_the_worker_down() {
     let dir = tempfile::tempdir().unwrap();
     let top = dir.path().join("t");
     std::fs::create_dir(&top).unwrap();
-    let mut cur: std::os::fd::OwnedFd = std::fs::File::open(&top).unwrap().into();
-    for _ in 0..16000 {
-        use nix::fcntl::{openat, OFlag};
-        use nix::sys::stat::{mkdirat, Mode};
-        mkdirat(&cur, "d", Mode::from_bits_truncate(0o755)).unwrap();
-        cur = openat(
-            &cur,
-            "d",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-            Mode::empty(),
-        )
-        .unwrap();
-    }
-    drop(cur);
+    nest(&top, 16000);
     let parent: std::os::fd::OwnedFd = std::fs::File::open(dir.path()).unwrap().into();
     std::thread::Builder::new()
         .stack_size(128 * 1024)
@@ -529,6 +516,23 @@ async fn a_deep_tree_does_not_take_the_worker_down() {
         .unwrap()
         .unwrap();
     assert!(!top.exists());
+}
+
+/// Nests `n` directories named `d` under `top` (by fd: no path grows long).
+fn nest(top: &std::path::Path, n: usize) {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    let mut cur: std::os::fd::OwnedFd = std::fs::File::open(top).unwrap().into();
+    for _ in 0..n {
+        mkdirat(&cur, "d", Mode::from_bits_truncate(0o755)).unwrap();
+        cur = openat(
+            &cur,
+            "d",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
 }
 
 /// How many `d` directories are nested under `top` (walked by fd, on the host).
@@ -717,20 +721,7 @@ fn plain_directory_workspaces_are_removed_or_quarantined_never_reused() {
     assert_ne!(b.path(), a_path);
     assert_eq!(std::fs::read_dir(b.path()).unwrap().count(), 0);
     // A deep tree in it goes without recursion.
-    let mut cur: std::os::fd::OwnedFd = std::fs::File::open(b.path()).unwrap().into();
-    for _ in 0..3000 {
-        use nix::fcntl::{openat, OFlag};
-        use nix::sys::stat::{mkdirat, Mode};
-        mkdirat(&cur, "d", Mode::from_bits_truncate(0o755)).unwrap();
-        cur = openat(
-            &cur,
-            "d",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-            Mode::empty(),
-        )
-        .unwrap();
-    }
-    drop(cur);
+    nest(b.path(), 3000);
     let b_path = b.path().to_path_buf();
     w.remove(b).unwrap();
     assert!(!b_path.exists());

@@ -19,18 +19,7 @@ async fn serve(capacity: usize) -> SandboxClient<Channel> {
         .iter()
         .cloned()
         .collect::<Vec<_>>();
-    let registry = Arc::new(Registry::new(config(), policies, capacity));
-    let svc = SandboxService::new(registry, "worker-test".into(), detect_isolation());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(svc.into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    SandboxClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
+    serve_registry(Arc::new(Registry::new(config(), policies, capacity))).await
 }
 
 fn reason(s: &tonic::Status) -> String {

@@ -95,6 +95,26 @@ async fn gateway(pki: &Pki, cert: &(PathBuf, PathBuf), listen: &str, extra: &str
     gateway_with(pki, cert, listen, extra, "").await
 }
 
+/// A gateway on loopback with these `[api]` settings.
+async fn api_gateway(pki: &Pki, api_extra: &str) -> Gw {
+    gateway_with(
+        pki,
+        &pki.gateway("gateway", 30),
+        "127.0.0.1:0",
+        "",
+        api_extra,
+    )
+    .await
+}
+
+/// A worker `id` connected to `gw`, and an API client that has seen it.
+async fn one_worker(pki: &Pki, gw: &Gw, id: &str) -> (Wk, ApiClient) {
+    let wk = worker(&pki.ca_pem, id, &pki.worker(id, 30), &[gw.bound.tunnel], "").await;
+    let mut api = gw.api();
+    wait_workers(&mut api, 1).await;
+    (wk, api)
+}
+
 /// [`gateway`] with extra keys in `[api]` too.
 async fn gateway_with(
     pki: &Pki,
@@ -1439,14 +1459,7 @@ async fn wait_metric(gw: &Gw, line_prefix: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slowloris_connection_is_closed_within_the_header_read_timeout() {
     let pki = Pki::new();
-    let gw = gateway_with(
-        &pki,
-        &pki.gateway("gateway", 30),
-        "127.0.0.1:0",
-        "",
-        "header_read_timeout_secs = 2\nidle_timeout_secs = 60",
-    )
-    .await;
+    let gw = api_gateway(&pki, "header_read_timeout_secs = 2\nidle_timeout_secs = 60").await;
     // Half a header, then one byte every 500 ms: never a complete head.
     let mut slow = tokio::net::TcpStream::connect(gw.bound.api).await.unwrap();
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
@@ -1482,24 +1495,8 @@ async fn a_slowloris_connection_is_closed_within_the_header_read_timeout() {
 async fn an_idle_api_connection_is_closed_but_a_long_call_is_not() {
     require_sandbox!();
     let pki = Pki::new();
-    let gw = gateway_with(
-        &pki,
-        &pki.gateway("gateway", 30),
-        "127.0.0.1:0",
-        "",
-        "header_read_timeout_secs = 2\nidle_timeout_secs = 2",
-    )
-    .await;
-    let wk = worker(
-        &pki.ca_pem,
-        "w-idle",
-        &pki.worker("w-idle", 30),
-        &[gw.bound.tunnel],
-        "",
-    )
-    .await;
-    let mut api = gw.api();
-    wait_workers(&mut api, 1).await;
+    let gw = api_gateway(&pki, "header_read_timeout_secs = 2\nidle_timeout_secs = 2").await;
+    let (wk, mut api) = one_worker(&pki, &gw, "w-idle").await;
 
     let mut idle = tokio::net::TcpStream::connect(gw.bound.api).await.unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -1550,11 +1547,8 @@ async fn an_idle_api_connection_is_closed_but_a_long_call_is_not() {
 #[tokio::test(flavor = "multi_thread")]
 async fn api_connections_past_max_connections_get_a_503_and_accepted_ones_keep_working() {
     let pki = Pki::new();
-    let gw = gateway_with(
+    let gw = api_gateway(
         &pki,
-        &pki.gateway("gateway", 30),
-        "127.0.0.1:0",
-        "",
         "max_connections = 4\nheader_read_timeout_secs = 60\nidle_timeout_secs = 60",
     )
     .await;
@@ -1603,24 +1597,8 @@ async fn api_connections_past_max_connections_get_a_503_and_accepted_ones_keep_w
 async fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout() {
     require_sandbox!();
     let pki = Pki::new();
-    let gw = gateway_with(
-        &pki,
-        &pki.gateway("gateway", 30),
-        "127.0.0.1:0",
-        "",
-        "idle_timeout_secs = 2",
-    )
-    .await;
-    let wk = worker(
-        &pki.ca_pem,
-        "w-stalled",
-        &pki.worker("w-stalled", 30),
-        &[gw.bound.tunnel],
-        "",
-    )
-    .await;
-    let mut api = gw.api();
-    wait_workers(&mut api, 1).await;
+    let gw = api_gateway(&pki, "idle_timeout_secs = 2").await;
+    let (wk, mut api) = one_worker(&pki, &gw, "w-stalled").await;
     let sid = open(&mut api).await;
     tool(
         &mut api,

@@ -266,18 +266,7 @@ pub async fn open_in_slot_zero(policy: Policy) -> Session {
     cfg.slots = 1;
     let policy = Arc::new(policy);
     for _ in 0..600 {
-        match Session::open(
-            &cfg,
-            SessionOptions {
-                policy: policy.clone(),
-                workspace: None,
-                allow_root_workspace: false,
-                extra_dirs: Vec::new(),
-                journal: None,
-            },
-        )
-        .await
-        {
+        match Session::open(&cfg, SessionOptions::new(policy.clone())).await {
             Ok(s) => return s,
             Err(hands::session::SessionError::Slot(_)) => {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await
