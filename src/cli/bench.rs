@@ -416,6 +416,7 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
     rows.push(fresh_open.row(Some(&open_s)));
     rows.push(close_s.row(None));
     rows.push(made_close.row(Some(&close_s)));
+    cfg.workspaces.shutdown(super::DRAIN);
 
     // grep over a generated tree vs rg.
     let tree = scratch.path().join("tree");

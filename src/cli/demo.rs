@@ -85,6 +85,8 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
     let w_config = crate::worker::Config::load(&w_toml)?;
     let sandbox = crate::sandbox::SandboxConfig::from_env().context("sandbox configuration")?;
     crate::session::sweep_orphans(&sandbox);
+    let workspaces = sandbox.workspaces.clone();
+    crate::worker::prepare_workspaces(&w_config, &sandbox);
     let registry = crate::worker::registry(&w_config, sandbox);
     let worker = {
         let registry = registry.clone();
@@ -102,6 +104,8 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
     stop_gateway.send_replace(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), gateway).await;
     registry.close_all();
+    drop(registry);
+    workspaces.shutdown(super::DRAIN);
     if args.keep {
         let kept = dir.keep();
         note(&format!("kept {}", kept.display()));

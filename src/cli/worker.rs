@@ -34,6 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             tracing::info!(swept, "removed session groups left by a worker that died");
         }
         let workspaces = sandbox.workspaces.clone();
+        crate::worker::prepare_workspaces(&config, &sandbox);
         let registry = crate::worker::registry(&config, sandbox);
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -59,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .await?;
         registry.close_all();
         drop(registry);
-        workspaces.drain(super::DRAIN);
+        workspaces.shutdown(super::DRAIN);
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)

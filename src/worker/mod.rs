@@ -36,8 +36,11 @@ pub enum WorkerError {
 /// Formatted and mounted workspace filesystems kept ready per environment.
 const WORKSPACES_READY: usize = 2;
 
-/// The registry a worker serves from.
-pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
+/// Prepares the host for this worker's sessions: keeps workspace filesystems
+/// of each environment's size formatted and mounted ahead of time (so opening a
+/// session only takes one), and warns when sessions that fill their workspaces
+/// could fill the data directory.
+pub fn prepare_workspaces(config: &Config, sandbox: &SandboxConfig) {
     // Workspace filesystems formatted ahead of time, so that opening a session
     // only mounts one.
     for p in &config.policies {
@@ -70,6 +73,10 @@ pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
             );
         }
     }
+}
+
+/// The registry a worker serves from.
+pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
     Arc::new(
         Registry::new(sandbox, config.policies.iter().cloned(), config.capacity)
             .with_journal_limits(config.journal),

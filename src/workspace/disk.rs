@@ -405,6 +405,19 @@ impl Disks {
         true
     }
 
+    /// Stops keeping filesystems ready and releases the ready ones (a worker
+    /// that stops leaves nothing mounted behind).
+    pub fn empty_pool(&self) {
+        let ready: Vec<Mounted> = {
+            let mut pool = lock(&self.inner.pool);
+            pool.wanted.clear();
+            pool.ready.drain().flat_map(|(_, v)| v).collect()
+        };
+        for m in ready {
+            self.release(m);
+        }
+    }
+
     /// Asks for `count` ready filesystems of `g` and starts the filler.
     pub fn keep_ready(&self, g: Geometry, count: usize) {
         if !matches!(self.inner.mechanism, Mechanism::LoopExt4 { .. }) {
@@ -445,7 +458,15 @@ impl Disks {
                 continue;
             };
             match self.make(g) {
-                Ok(m) => lock(&self.inner.pool).ready.entry(g).or_default().push(m),
+                Ok(m) => {
+                    let mut pool = lock(&self.inner.pool);
+                    if pool.wanted.contains_key(&g) {
+                        pool.ready.entry(g).or_default().push(m);
+                    } else {
+                        drop(pool);
+                        self.release(m);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!("preparing a workspace filesystem ahead of time: {e}");
                     let pool = lock(&self.inner.pool);

@@ -395,6 +395,14 @@ impl Workspaces {
         self.disks.drain(limit);
     }
 
+    /// Releases the filesystems kept ready and waits (at most `limit`) until
+    /// every released workspace is gone: a worker that stops leaves nothing
+    /// mounted. What is still in use by a session is left to that session.
+    pub fn shutdown(&self, limit: std::time::Duration) {
+        self.disks.empty_pool();
+        self.disks.drain(limit);
+    }
+
     /// Moves `path` out of the way, into the quarantine directory, so that it is
     /// never found again under its old name. Returns the error to report.
     fn quarantine(&self, path: &Path, cause: io::Error) -> WorkspaceError {
