@@ -75,6 +75,7 @@ pub async fn open_session(
             allow_root_workspace,
             extra_dirs: Vec::new(),
             journal: None,
+            kept: None,
         },
     )
     .await

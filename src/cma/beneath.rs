@@ -199,6 +199,29 @@ impl Beneath {
         }
     }
 
+    /// Removes the directory `rel` and everything under it (absent is fine),
+    /// without recursion and without following a symlink anywhere: a symlink
+    /// inside is unlinked, not followed.
+    pub fn remove_tree(&self, rel: &Path) -> io::Result<()> {
+        let (parent, name) = split(rel)?;
+        let dir = match self.dir(parent) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match crate::workspace::remove::remove_tree(dir.as_fd(), name) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            // A file (or symlink) where the directory was: removed as such.
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOTDIR)
+                    || e.raw_os_error() == Some(libc::ELOOP) =>
+            {
+                self.remove_file(rel)
+            }
+            other => other,
+        }
+    }
+
     /// Opens the regular file `rel` for reading (a symlink anywhere on the way,
     /// or at the end, is refused; a FIFO never blocks) with its stat, taken
     /// through the descriptor.

@@ -14,7 +14,13 @@
 //! memory_sync_interval_secs = 15   # memory stores: >= 5; 0 disables memory handling
 //! memory_sync_deletions = "enabled"   # "enabled" | "log_only" | "disabled"
 //! stream_read_timeout_secs = 600   # no byte on the event stream this long: reconnect
+//! workspace_retention_secs = 604800   # a session's kept workspace, unused this long, goes
 //! ```
+//!
+//! Each session's workspace is kept on this host between its work items and
+//! removed when the session is seen terminated, archived or deleted, or when no
+//! item of it has run for `workspace_retention_secs` (7 days by default; swept
+//! at start and every hour).
 //!
 //! The key is never in argv or the configuration file itself, and is never logged.
 
@@ -51,6 +57,12 @@ pub struct Raw {
     memory_sync_deletions: super::memory::Deletions,
     #[serde(default = "default_read_timeout")]
     stream_read_timeout_secs: u64,
+    #[serde(default = "default_retention")]
+    workspace_retention_secs: u64,
+}
+
+fn default_retention() -> u64 {
+    7 * 24 * 3600
 }
 
 fn default_read_timeout() -> u64 {
@@ -88,6 +100,8 @@ pub struct AnthropicConfig {
     /// Bounds on skill archives (not in the file: the defaults of
     /// [`super::skills::SkillLimits`]).
     pub skill_limits: super::skills::SkillLimits,
+    /// A session's kept workspace unused this long is removed.
+    pub workspace_retention: Duration,
 }
 
 impl Raw {
@@ -163,6 +177,7 @@ impl Raw {
             memory_deletions: self.memory_sync_deletions,
             stream_read_timeout: Duration::from_secs(self.stream_read_timeout_secs.max(1)),
             skill_limits: Default::default(),
+            workspace_retention: Duration::from_secs(self.workspace_retention_secs.max(1)),
         })
     }
 }

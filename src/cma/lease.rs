@@ -98,6 +98,15 @@ impl Lease {
         }
     }
 
+    /// How long the next attempt may take: one interval, and never past the
+    /// TTL since the last success. `None` once the TTL has passed: the lease is
+    /// lost, and no further heartbeat may go out with a stale
+    /// `last_heartbeat` (it would extend a lease that is someone else's).
+    pub fn next_attempt(&self, now: Instant) -> Option<Duration> {
+        let left = (self.last_success + self.ttl).checked_duration_since(now)?;
+        (!left.is_zero()).then(|| left.min(self.interval))
+    }
+
     /// The query value of the next heartbeat.
     pub fn expected(&self) -> &str {
         &self.last
@@ -181,6 +190,17 @@ mod tests {
             Some(EndReason::AssumedLost)
         );
         assert!(!EndReason::LeaseLost.force_stop() && !EndReason::AssumedLost.may_post());
+        // Past the TTL since the last success no attempt goes out; before it an
+        // attempt may take at most what is left of it.
+        let mut l = Lease::new(t0);
+        l.record(ok("active", true), t0);
+        assert_eq!(l.next_attempt(t0), Some(Duration::from_secs(5)));
+        assert_eq!(
+            l.next_attempt(t0 + Duration::from_secs(8)),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(l.next_attempt(t0 + Duration::from_secs(10)), None);
+        assert_eq!(l.next_attempt(t0 + Duration::from_secs(11)), None);
         assert!(EndReason::HeartbeatStop.force_stop() && EndReason::RunnerDone.may_post());
     }
 }

@@ -612,6 +612,21 @@ impl Memory {
             last: Instant::now(),
         };
         for i in 0..m.stores.len() {
+            // The session's workspace is kept between its items, and every
+            // item removes its folders at the end: files here now are not ours.
+            let occupied = match m.fs.entries(&m.stores[i].plan.rel, MAX_FILES) {
+                Ok(files) => !files.is_empty(),
+                Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+            };
+            if occupied {
+                return Err(MemoryError::Store {
+                    store: m.stores[i].plan.id.clone(),
+                    message: format!(
+                        "something already exists at the memory store's path: {}; it must not exist when the session starts",
+                        m.stores[i].plan.shown_at.display()
+                    ),
+                });
+            }
             m.download_store(i)
                 .await
                 .map_err(|message| MemoryError::Store {
@@ -828,6 +843,27 @@ impl Memory {
         };
         if tokio::time::timeout(FINAL_BOUND, run).await.is_err() {
             tracing::warn!("the final memory flush did not finish within 30 s");
+        }
+    }
+
+    /// At the end of the item (contract §8.6 "dispose"): deletes each store's
+    /// folder, since the session's workspace is kept for its next item, which
+    /// downloads the store again. A folder whose marker is wrong while files
+    /// remain is kept, with a warning: it is not ours to delete.
+    pub fn dispose(&self) {
+        for (i, s) in self.stores.iter().enumerate() {
+            let files = self
+                .fs
+                .entries(&s.plan.rel, MAX_FILES + 1)
+                .unwrap_or_default();
+            let ours = self.marker_ok(i) || files.is_empty();
+            if !ours {
+                tracing::warn!(store = %s.plan.id, "memory folder kept: its marker is not this store's and files remain");
+                continue;
+            }
+            if let Err(e) = self.fs.remove_tree(&s.plan.rel) {
+                tracing::warn!(store = %s.plan.id, error = %e, "removing the memory folder");
+            }
         }
     }
 

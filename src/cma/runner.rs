@@ -75,6 +75,8 @@ struct State {
     idle_deferred: bool,
     idle_since: Option<Instant>,
     stop: bool,
+    /// `session.status_terminated` or `session.deleted` was seen.
+    session_ended: bool,
 }
 
 pub struct Runner {
@@ -151,6 +153,12 @@ impl Runner {
     }
 
     /// Ticks once per call executed (memory stores sync after calls, §8.4).
+    /// Whether the session was seen terminated or deleted (its workspace need
+    /// not be kept for a later item).
+    pub fn session_ended(&self) -> bool {
+        self.st().session_ended
+    }
+
     pub fn yielded(&self) -> watch::Receiver<u64> {
         self.yielded.subscribe()
     }
@@ -297,6 +305,7 @@ impl Runner {
             }
             "session.status_terminated" | "session.deleted" => {
                 st.stop = true;
+                st.session_ended = true;
                 self.wake.notify_one();
             }
             _ => {}
@@ -382,6 +391,7 @@ impl Runner {
                     // never revived, so hands ends the item now.
                     "session.status_terminated" | "session.deleted" => {
                         st.stop = true;
+                        st.session_ended = true;
                         self.wake.notify_one();
                     }
                     _ => {}

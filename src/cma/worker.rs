@@ -67,7 +67,19 @@ struct Shared {
     env_key: Secret,
     worker_id: String,
     registry: Arc<Registry>,
+    /// One handler at a time per session: an item served again (a re-queue
+    /// after a lease this worker believes lost) or the session's next item
+    /// waits until the previous handler has torn its sandbox down and released
+    /// the session's kept workspace. Entries go when no handler holds them.
+    #[allow(clippy::type_complexity)]
+    sessions: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// How often kept workspaces past their retention are looked for.
+const RETENTION_SWEEP: Duration = Duration::from_secs(3600);
+
+/// How long a handler waits for its sandbox to be released after closing it.
+const RELEASE_WAIT: Duration = Duration::from_secs(30);
 
 /// Serves the environment until `shutdown`; returns an error when the
 /// environment key is refused (401/403/404 on poll), as the official worker does.
@@ -86,7 +98,25 @@ pub async fn run(
         env_key,
         worker_id,
         registry,
+        sessions: Default::default(),
     });
+    // Kept workspaces past their retention: at start, then every hour.
+    let sweeper = {
+        let workspaces = shared.registry.sandbox().workspaces.clone();
+        let retention = shared.cfg.workspace_retention;
+        tokio::spawn(async move {
+            loop {
+                let w = workspaces.clone();
+                let swept = tokio::task::spawn_blocking(move || w.sweep_kept(retention))
+                    .await
+                    .unwrap_or(0);
+                if swept > 0 {
+                    tracing::info!(swept, "kept workspaces past their retention removed");
+                }
+                tokio::time::sleep(RETENTION_SWEEP).await;
+            }
+        })
+    };
     let mut items = tokio::task::JoinSet::new();
     let (mut poll_failures, mut ack_failures) = (0u32, 0u32);
     let result = loop {
@@ -159,6 +189,7 @@ pub async fn run(
     };
     // Shutdown: every item runs its teardown (and force-stop).
     while items.join_next().await.is_some() {}
+    sweeper.abort();
     result
 }
 
@@ -167,7 +198,53 @@ fn backoff60(n: u32) -> Duration {
     Duration::from_secs_f64(2f64.powi(n.min(10) as i32).min(60.0) + super::http::unit())
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Deletes the skill directories an item installed (contract §7.4), anchored
+/// in the workspace: the agent may have replaced any of them with a symlink.
+fn dispose_skills(workspace: &std::path::Path, installed: &[std::path::PathBuf]) {
+    if installed.is_empty() {
+        return;
+    }
+    let fs = match super::beneath::Beneath::open(workspace) {
+        Ok(fs) => fs,
+        Err(e) => {
+            tracing::warn!(error = %e, "opening the workspace to remove skills");
+            return;
+        }
+    };
+    for dest in installed {
+        let Ok(rel) = dest.strip_prefix(workspace) else {
+            continue;
+        };
+        if let Err(e) = fs.remove_tree(rel) {
+            tracing::warn!(skill = %rel.display(), error = %e, "removing an installed skill");
+        }
+    }
+}
+
 impl Shared {
+    /// The session's turn lock (see `Shared::sessions`).
+    fn session_turn(&self, session_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.sessions)
+            .entry(session_id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Drops the session's turn lock when no handler holds or waits for it.
+    fn forget_turn(&self, session_id: &str) {
+        let mut map = lock(&self.sessions);
+        if map
+            .get(session_id)
+            .is_some_and(|t| Arc::strong_count(t) == 1)
+        {
+            map.remove(session_id);
+        }
+    }
+
     fn env_path(&self, rest: &str) -> String {
         format!("/v1/environments/{}{rest}", self.cfg.environment_id)
     }
@@ -238,11 +315,27 @@ impl Shared {
     ) {
         let mut lease = Lease::new(Instant::now());
         let mut ended = lease_tx.subscribe();
+        let end = |reason: EndReason| {
+            tracing::info!(work = %item.id, ?reason, "lease ended");
+            lease_tx.send_if_modified(|r| {
+                if r.is_none() {
+                    *r = Some(reason);
+                    true
+                } else {
+                    false
+                }
+            });
+        };
         loop {
             if ended.borrow().is_some() {
                 return;
             }
-            let interval = lease.interval;
+            // Past the TTL since the last successful heartbeat, the lease is
+            // lost: nothing more goes out for this claim.
+            let Some(attempt) = lease.next_attempt(Instant::now()) else {
+                end(EndReason::AssumedLost);
+                return;
+            };
             let req = Request::new(
                 http::Method::POST,
                 format!(
@@ -253,7 +346,7 @@ impl Shared {
                 ),
                 cred,
             );
-            let beat = match tokio::time::timeout(interval, self.api.send(&req)).await {
+            let beat = match tokio::time::timeout(attempt, self.api.send(&req)).await {
                 Ok(Ok(a)) => match a.json() {
                     Ok(v) => Beat::Ok(v),
                     Err(_) => Beat::Transient,
@@ -265,15 +358,7 @@ impl Shared {
                 Err(_) => Beat::Transient,
             };
             if let Some(reason) = lease.record(beat, Instant::now()) {
-                tracing::info!(work = %item.id, ?reason, "lease ended");
-                lease_tx.send_if_modified(|r| {
-                    if r.is_none() {
-                        *r = Some(reason);
-                        true
-                    } else {
-                        false
-                    }
-                });
+                end(reason);
                 return;
             }
             ttl_tx.send_replace(Some(lease.ttl));
@@ -297,9 +382,23 @@ impl Shared {
         }
         let (lease_tx, lease_rx) = watch::channel(None::<EndReason>);
         let (ttl_tx, ttl_rx) = watch::channel(None::<Duration>);
-        let sandbox_id = format!("cma-{}", item.id);
+        // A sandbox of this claim alone: a claim of the same item served
+        // again never finds, shares or closes it.
+        let sandbox_id = format!("cma-{}-{}", item.id, crate::workspace::disk::random_id());
         let memory: tokio::sync::Mutex<Option<Memory>> = tokio::sync::Mutex::new(None);
         let clean_end = std::sync::atomic::AtomicBool::new(false);
+        // Set when the session is seen terminated, archived or deleted: its
+        // kept workspace goes at the end of this item.
+        let session_over = std::sync::atomic::AtomicBool::new(false);
+        // This handler's turn on the session (see `Shared::sessions`), held
+        // from before its sandbox opens until after it is released.
+        let turn = self.session_turn(&item.session_id);
+        let held: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>> =
+            std::sync::Mutex::new(None);
+        let installed: std::sync::Mutex<Vec<std::path::PathBuf>> =
+            std::sync::Mutex::new(Vec::new());
+        let sandbox_weak: std::sync::Mutex<Option<std::sync::Weak<crate::session::Session>>> =
+            std::sync::Mutex::new(None);
         let mut work = Box::pin(async {
             let req = Request::new(
                 http::Method::GET,
@@ -316,11 +415,21 @@ impl Shared {
             let session = match session {
                 Ok(s) => s,
                 Err(e) => {
+                    if e.status() == Some(404) {
+                        // Deleted: nothing of it is needed any more.
+                        session_over.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
                     tracing::error!(work = %item.id, error = %e, "fetching the session failed");
                     return;
                 }
             };
+            if !session["archived_at"].is_null() {
+                // Served as the SDK worker serves it, but no later item will
+                // come: its workspace goes at the end of this one.
+                session_over.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             if super::runner::session_status(&session) == "terminated" {
+                session_over.store(true, std::sync::atomic::Ordering::SeqCst);
                 return;
             }
             // Memory stores (§3.3 steps 1, 5, 7): their folders are part of
@@ -340,9 +449,18 @@ impl Shared {
                 return;
             }
             let extra = plans.iter().map(memory::StorePlan::extra_dir).collect();
+            if turn.try_lock().is_err() {
+                tracing::info!(work = %item.id, session = %item.session_id, "waiting for the session's previous handler to finish");
+            }
+            *lock(&held) = Some(turn.clone().lock_owned().await);
             let sandbox = match self
                 .registry
-                .open_with(&sandbox_id, &self.cfg.environment, extra)
+                .open_in(
+                    &sandbox_id,
+                    &self.cfg.environment,
+                    extra,
+                    Some(item.session_id.clone()),
+                )
                 .await
             {
                 Ok((s, _)) => s,
@@ -351,7 +469,8 @@ impl Shared {
                     return;
                 }
             };
-            skills::stage_all(
+            *lock(&sandbox_weak) = Some(Arc::downgrade(&sandbox));
+            let staged = skills::stage_all(
                 &self.api,
                 &cred,
                 &session,
@@ -359,6 +478,7 @@ impl Shared {
                 self.cfg.skill_limits,
             )
             .await;
+            *lock(&installed) = staged;
             if let (false, Some(interval)) = (plans.is_empty(), self.cfg.memory_sync) {
                 match Memory::download(
                     self.api.clone(),
@@ -400,6 +520,9 @@ impl Shared {
                 () = runner.run() => clean_end.store(true, std::sync::atomic::Ordering::SeqCst),
                 () = syncs => {}
             }
+            if runner.session_ended() {
+                session_over.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         });
         let heartbeat = self.heartbeat(&item, &cred, &lease_tx, &ttl_tx);
         tokio::pin!(heartbeat);
@@ -435,7 +558,8 @@ impl Shared {
             Some(EndReason::LeaseLost | EndReason::AssumedLost)
         );
         let teardown = async {
-            if let Ok(sandbox) = self.registry.get(&sandbox_id) {
+            let sandbox = self.registry.get(&sandbox_id).ok();
+            if let Some(sandbox) = &sandbox {
                 sandbox.kill_processes().await;
             }
             if let Some(mut m) = memory.lock().await.take() {
@@ -446,6 +570,14 @@ impl Shared {
                 } else {
                     m.flush().await;
                 }
+                // The workspace is kept for the session's next item, which
+                // downloads the stores again (§8.6 dispose).
+                m.dispose();
+            }
+            // And installs its skills again (§7.4): what this item installed goes.
+            if let Some(sandbox) = &sandbox {
+                let installed = std::mem::take(&mut *lock(&installed));
+                dispose_skills(sandbox.workspace(), &installed);
             }
         };
         tokio::pin!(teardown);
@@ -456,9 +588,42 @@ impl Shared {
                 () = &mut teardown => break,
             }
         }
-        // Teardown: every process of the item dies with its sandbox session,
-        // and its workspace (skills and memory folders included) with it.
+        // Teardown: every process of the item dies with its sandbox session.
+        // Its workspace is kept for the session's next item, unless the session
+        // is over; either way the next handler of the session waits until this
+        // sandbox is released.
         self.registry.close(&sandbox_id);
+        let weak = lock(&sandbox_weak).take();
+        if let Some(weak) = weak {
+            let deadline = Instant::now() + RELEASE_WAIT;
+            while weak.strong_count() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if weak.strong_count() > 0 {
+                tracing::warn!(work = %item.id, "the item's sandbox is still held after 30 s");
+            }
+        }
+        if session_over.load(std::sync::atomic::Ordering::SeqCst) && !item.session_id.is_empty() {
+            let workspaces = self.registry.sandbox().workspaces.clone();
+            let key = item.session_id.clone();
+            match tokio::task::spawn_blocking(move || workspaces.delete_kept(&key)).await {
+                Ok(Ok(true)) => {
+                    tracing::info!(session = %item.session_id, "the session is over: its workspace was removed")
+                }
+                Ok(Ok(false)) => {
+                    tracing::warn!(session = %item.session_id, "the session is over but its workspace is in use; the retention sweep removes it")
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(session = %item.session_id, error = %e, "removing the workspace of a finished session")
+                }
+                Err(e) => {
+                    tracing::error!(session = %item.session_id, error = %e, "removing the workspace of a finished session")
+                }
+            }
+        }
+        drop(lock(&held).take());
+        drop(turn);
+        self.forget_turn(&item.session_id);
         lease_tx.send_if_modified(|r| {
             if r.is_none() {
                 *r = Some(EndReason::RunnerDone);

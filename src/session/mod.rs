@@ -64,6 +64,10 @@ pub struct SessionOptions {
     /// The worker's journals, whose budget this session's call journal shares;
     /// `None` gives the session a journal of its own with the default limits.
     pub journal: Option<Arc<journal::JournalStore>>,
+    /// Without `workspace`: keep the workspace under this key when the session
+    /// ends, and open the one kept under it when there is one (a Claude Managed
+    /// Agents session's id: every work item of the session finds its files).
+    pub kept: Option<String>,
 }
 
 impl SessionOptions {
@@ -76,6 +80,7 @@ impl SessionOptions {
             allow_root_workspace: false,
             extra_dirs: Vec::new(),
             journal: None,
+            kept: None,
         }
     }
 
@@ -186,9 +191,13 @@ impl Session {
                 };
                 let degraded = policy.allow_degraded.contains(&Degradation::WorkspaceDisk);
                 let w = workspaces.clone();
-                tokio::task::spawn_blocking(move || w.create(geometry, degraded))
-                    .await
-                    .map_err(|e| SandboxError::HelperDied(format!(": workspace task: {e}")))??
+                let kept = opts.kept.clone();
+                tokio::task::spawn_blocking(move || match kept {
+                    Some(key) => w.open_kept(&key, geometry, degraded),
+                    None => w.create(geometry, degraded),
+                })
+                .await
+                .map_err(|e| SandboxError::HelperDied(format!(": workspace task: {e}")))??
             }
         };
         let workspace_path = workspace.path().to_path_buf();

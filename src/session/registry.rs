@@ -98,6 +98,12 @@ impl Registry {
         }
     }
 
+    /// The sandbox settings sessions are opened with (their workspaces among
+    /// them).
+    pub fn sandbox(&self) -> &SandboxConfig {
+        &self.cfg
+    }
+
     /// The environments sessions can be opened in.
     pub fn environments(&self) -> impl Iterator<Item = &Policy> {
         self.policies.values().map(|p| p.as_ref())
@@ -126,6 +132,18 @@ impl Registry {
         id: &str,
         environment: &str,
         extra_dirs: Vec<crate::sandbox::proto::ExtraDir>,
+    ) -> Result<(Arc<Session>, bool), RegistryError> {
+        self.open_in(id, environment, extra_dirs, None).await
+    }
+
+    /// [`Registry::open_with`], in the workspace kept under `kept` (see
+    /// [`SessionOptions::kept`]) when one is given.
+    pub async fn open_in(
+        &self,
+        id: &str,
+        environment: &str,
+        extra_dirs: Vec<crate::sandbox::proto::ExtraDir>,
+        kept: Option<String>,
     ) -> Result<(Arc<Session>, bool), RegistryError> {
         if !valid_id(id) {
             return Err(RegistryError::InvalidId(id.to_string()));
@@ -161,6 +179,7 @@ impl Registry {
                     allow_root_workspace: false,
                     extra_dirs,
                     journal: Some(self.journals.clone()),
+                    kept,
                 },
             )
             .await?,

@@ -12,6 +12,10 @@
 //! left by a dead worker (lockable) from a live one, and an id is never used
 //! twice.
 //!
+//! A *kept* filesystem has a name instead (a Claude Managed Agents session's
+//! id) and an image under `<kept>/`: released, it is unmounted and its image
+//! stays, so the next item of the same session mounts the same files again.
+//!
 //! A worker keeps a few filesystems per geometry formatted and mounted ahead of
 //! time ([`Disks::keep_ready`]), so that opening a session takes one off a list.
 //! Removal happens on a background reaper (the kernel's teardown of a filesystem
@@ -86,6 +90,8 @@ struct Pool {
 #[derive(Debug)]
 struct Inner {
     images: PathBuf,
+    /// Images of kept workspaces (see [`Disks::open_kept`]).
+    kept: PathBuf,
     mounts: PathBuf,
     mechanism: Mechanism,
     pool: Mutex<Pool>,
@@ -129,6 +135,58 @@ fn detect() -> Mechanism {
     }
 }
 
+/// Attaches `image` to a loop device and mounts it at `at` (created if
+/// missing), `nosuid,nodev`. A `fresh` filesystem loses mke2fs's `lost+found`:
+/// a new workspace is empty.
+fn attach_and_mount(image: &Path, at: &Path, fresh: bool) -> io::Result<()> {
+    let mounted = (|| {
+        match std::fs::create_dir(at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let backing = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(image)?;
+        // The loop fd stays open until the mount holds the device, so
+        // autoclear cannot detach it in between.
+        let (dev, _loop_fd) = sys::loop_attach(backing.as_fd())?;
+        drop(backing);
+        mount(
+            Some(&dev),
+            at,
+            Some("ext4"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
+            Some("discard,noinit_itable,errors=remount-ro"),
+        )
+        .map_err(|e| io::Error::other(format!("mounting {}: {e}", dev.display())))?;
+        if fresh {
+            std::fs::remove_dir(at.join("lost+found"))?;
+        }
+        Ok(())
+    })();
+    if mounted.is_err() {
+        unmount(at);
+        let _ = std::fs::remove_dir(at);
+    }
+    mounted
+}
+
+/// Whether some loop device is still backed by `image` (its filesystem not yet
+/// torn down).
+fn backs_a_loop_device(image: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir("/sys/block") else {
+        return false;
+    };
+    let want = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
+    rd.flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
+        .any(|b| Path::new(b.trim_end()) == want)
+}
+
 /// Detaches whatever is mounted at `at` (every stacked mount). A mount still
 /// referenced by a session's namespace goes with that namespace, and its loop
 /// device detaches itself then. Nothing mounted is not an error.
@@ -160,20 +218,22 @@ pub fn try_lock(path: &Path) -> Option<Flock<File>> {
 }
 
 impl Disks {
-    /// Images go to `images`, mount points to `mounts` (both created on use).
-    pub fn detect(images: PathBuf, mounts: PathBuf) -> Disks {
-        Disks::with(images, mounts, detect())
+    /// Images go to `images`, kept ones to `kept`, mount points to `mounts`
+    /// (all created on use).
+    pub fn detect(images: PathBuf, kept: PathBuf, mounts: PathBuf) -> Disks {
+        Disks::with(images, kept, mounts, detect())
     }
 
     /// No filesystems, for `why`.
-    pub fn unavailable(images: PathBuf, mounts: PathBuf, why: String) -> Disks {
-        Disks::with(images, mounts, Mechanism::Unavailable(why))
+    pub fn unavailable(images: PathBuf, kept: PathBuf, mounts: PathBuf, why: String) -> Disks {
+        Disks::with(images, kept, mounts, Mechanism::Unavailable(why))
     }
 
-    fn with(images: PathBuf, mounts: PathBuf, mechanism: Mechanism) -> Disks {
+    fn with(images: PathBuf, kept: PathBuf, mounts: PathBuf, mechanism: Mechanism) -> Disks {
         Disks {
             inner: Arc::new(Inner {
                 images,
+                kept,
                 mounts,
                 mechanism,
                 pool: Mutex::default(),
@@ -264,31 +324,7 @@ impl Disks {
         let image = self.image_path(&id);
         let lock = self.format(&image, g)?;
         let at = self.inner.mounts.join(&id);
-        let mounted = (|| {
-            std::fs::create_dir(&at)?;
-            let backing = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-                .open(&image)?;
-            // The loop fd stays open until the mount holds the device, so
-            // autoclear cannot detach it in between.
-            let (dev, _loop_fd) = sys::loop_attach(backing.as_fd())?;
-            drop(backing);
-            mount(
-                Some(&dev),
-                &at,
-                Some("ext4"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
-                Some("discard,noinit_itable,errors=remount-ro"),
-            )
-            .map_err(|e| io::Error::other(format!("mounting {}: {e}", dev.display())))?;
-            // mke2fs always makes lost+found; a fresh workspace is empty.
-            std::fs::remove_dir(at.join("lost+found"))
-        })();
-        if let Err(e) = mounted {
-            unmount(&at);
-            let _ = std::fs::remove_dir(&at);
+        if let Err(e) = attach_and_mount(&image, &at, true) {
             let _ = std::fs::remove_file(&image);
             return Err(e);
         }
@@ -298,6 +334,110 @@ impl Disks {
             image,
             _lock: lock,
         })
+    }
+
+    /// The kept filesystem `name` (see [`Disks::open_kept`]), mounted: the same
+    /// files as when it was last released, or a new, empty one the first time.
+    /// `None` when another process holds it.
+    pub fn open_kept(&self, name: &str, g: Geometry) -> io::Result<Option<Mounted>> {
+        for dir in [&self.inner.kept, &self.inner.mounts] {
+            std::fs::create_dir_all(dir)?;
+        }
+        let image = self.inner.kept.join(format!("{name}.img"));
+        let at = self.inner.mounts.join(name);
+        let (lock, fresh) = match try_lock(&image) {
+            Some(l) => (l, false),
+            None if image.exists() => return Ok(None),
+            None => (self.format(&image, g)?, true),
+        };
+        // Whatever a dead worker left mounted here goes first, and the image
+        // must not still back a loop device: one filesystem mounted twice is
+        // corrupted. A release that detached lazily ends within moments.
+        unmount(&at);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while backs_a_loop_device(&image) {
+            if std::time::Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "{} is still attached to a loop device; not mounting it twice",
+                    image.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Err(e) = attach_and_mount(&image, &at, fresh) {
+            if fresh {
+                let _ = std::fs::remove_file(&image);
+            }
+            return Err(e);
+        }
+        Ok(Some(Mounted {
+            id: name.to_string(),
+            at,
+            image,
+            _lock: lock,
+        }))
+    }
+
+    /// Unmounts a kept filesystem and keeps its image, stamped with the time of
+    /// its last use (what retention counts from).
+    pub fn release_kept(&self, m: Mounted) {
+        // A plain unmount first: the session's namespace is gone by now, so
+        // this is the last reference, and when it returns the filesystem is
+        // clean on disk. A lazy detach only if something still holds it.
+        if umount2(&m.at, MntFlags::UMOUNT_NOFOLLOW).is_err() {
+            unmount(&m.at);
+        }
+        let _ = std::fs::remove_dir(&m.at);
+        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&m.image) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+        drop(m);
+    }
+
+    /// Unmounts the kept filesystem `name` when no process holds it (a dead
+    /// worker left it mounted); its image stays. Whether it was unmounted.
+    pub fn unmount_stale_kept(&self, name: &str) -> bool {
+        let image = self.inner.kept.join(format!("{name}.img"));
+        let Some(lock) = try_lock(&image) else {
+            return false;
+        };
+        let at = self.inner.mounts.join(name);
+        unmount(&at);
+        let _ = std::fs::remove_dir(&at);
+        drop(lock);
+        true
+    }
+
+    /// Deletes the kept filesystem `name` unless a process holds it; `false`
+    /// when one does.
+    pub fn delete_kept(&self, name: &str) -> bool {
+        let image = self.inner.kept.join(format!("{name}.img"));
+        let Some(lock) = try_lock(&image) else {
+            return !image.exists();
+        };
+        let at = self.inner.mounts.join(name);
+        unmount(&at);
+        let _ = std::fs::remove_dir(&at);
+        if let Err(e) = std::fs::remove_file(&image) {
+            tracing::error!(image = %image.display(), "deleting a kept workspace: {e}");
+        }
+        drop(lock);
+        true
+    }
+
+    /// Names of the kept filesystems, with the time each was last used.
+    pub fn kept(&self) -> Vec<(String, std::time::SystemTime)> {
+        let Ok(rd) = std::fs::read_dir(&self.inner.kept) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let name = name.strip_suffix(".img")?.to_string();
+                let used = e.metadata().ok()?.modified().ok()?;
+                Some((name, used))
+            })
+            .collect()
     }
 
     /// A mounted, empty filesystem of `g`: from the pool, or made now.

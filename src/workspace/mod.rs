@@ -68,6 +68,11 @@ enum Kind {
     /// A plain directory hands made (the `workspace-disk` degradation), locked
     /// while in use.
     Directory(#[allow(dead_code)] Flock<std::fs::File>),
+    /// A kept filesystem: unmounted at the end, its files kept for the next
+    /// session of the same key.
+    Kept(disk::Mounted),
+    /// A kept plain directory (the `workspace-disk` degradation).
+    KeptDirectory(#[allow(dead_code)] Flock<std::fs::File>),
 }
 
 /// A session's workspace, held open.
@@ -109,6 +114,10 @@ impl Workspace {
             Kind::Given => "the operator's directory (not bounded by limits.disk)",
             Kind::Filesystem(_) => "a filesystem of its own (loop-mounted ext4 image)",
             Kind::Directory(_) => "a plain directory (degraded: not bounded by limits.disk)",
+            Kind::Kept(_) => "a kept filesystem of its own (loop-mounted ext4 image)",
+            Kind::KeptDirectory(_) => {
+                "a kept plain directory (degraded: not bounded by limits.disk)"
+            }
         }
     }
 }
@@ -176,7 +185,11 @@ impl Workspaces {
     /// `state_dir` holds the mount points, `data_dir` the images; the mechanism
     /// for hands' own workspaces is detected here.
     pub fn new(state_dir: PathBuf, data_dir: PathBuf) -> Workspaces {
-        let disks = disk::Disks::detect(data_dir.join("disks"), state_dir.join("workspaces"));
+        let disks = disk::Disks::detect(
+            data_dir.join("disks"),
+            data_dir.join("kept"),
+            state_dir.join("workspaces"),
+        );
         Workspaces {
             state_dir,
             data_dir,
@@ -190,6 +203,7 @@ impl Workspaces {
     pub fn without_filesystems(state_dir: PathBuf, data_dir: PathBuf) -> Workspaces {
         let disks = disk::Disks::unavailable(
             data_dir.join("disks"),
+            data_dir.join("kept"),
             state_dir.join("workspaces"),
             "filesystems switched off".into(),
         );
@@ -373,7 +387,155 @@ impl Workspaces {
                 drop(lock);
                 removed
             }
+            Kind::Kept(mounted) => {
+                self.disks.release_kept(mounted);
+                Ok(())
+            }
+            Kind::KeptDirectory(lock) => {
+                if let Ok(f) = std::fs::File::open(&path) {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
+                drop(lock);
+                Ok(())
+            }
         }
+    }
+
+    fn kept_dirs(&self) -> PathBuf {
+        self.data_dir.join("kept")
+    }
+
+    /// A workspace that outlives its sessions, found again by `key` (a Claude
+    /// Managed Agents session id): the files its last session left, or a new,
+    /// empty one the first time. Bounded and mounted like any workspace hands
+    /// makes; removed only by [`Workspaces::delete_kept`] or the retention sweep
+    /// ([`Workspaces::sweep_kept`]), never while a session holds it.
+    pub fn open_kept(
+        &self,
+        key: &str,
+        geometry: Geometry,
+        allow_directory: bool,
+    ) -> Result<Workspace, WorkspaceError> {
+        private_dir(&self.state_dir)?;
+        private_dir(&self.mount_dir())?;
+        private_dir(&self.data_dir)?;
+        private_dir(&self.kept_dirs())?;
+        let name = kept_name(key);
+        let busy = || WorkspaceError::Refused {
+            path: self.kept_dirs().join(&name),
+            reason: "the kept workspace is in use by another process".into(),
+        };
+        match self.disks.mechanism() {
+            Mechanism::LoopExt4 { .. } => {
+                let mounted = self
+                    .disks
+                    .open_kept(&name, geometry)
+                    .map_err(io_err(&self.kept_dirs(), "mounting a kept workspace"))?
+                    .ok_or_else(busy)?;
+                let at = mounted.at.clone();
+                let opened = open_no_symlinks(&at)
+                    .map_err(io_err(&at, "opening"))
+                    .and_then(|dir| {
+                        let st = fstat(dir.as_fd()).map_err(|e| io_err(&at, "stat")(nix_io(e)))?;
+                        Ok((dir, st))
+                    });
+                match opened {
+                    Ok((dir, st)) => Ok(Workspace {
+                        path: at,
+                        dir,
+                        uid: st.st_uid,
+                        gid: st.st_gid,
+                        kind: Kind::Kept(mounted),
+                    }),
+                    Err(e) => {
+                        self.disks.release_kept(mounted);
+                        Err(e)
+                    }
+                }
+            }
+            Mechanism::Unavailable(reason) if !allow_directory => Err(WorkspaceError::NoDisk {
+                reason: reason.clone(),
+            }),
+            Mechanism::Unavailable(_) => {
+                let at = self.kept_dirs().join(format!("{name}.dir"));
+                match std::fs::DirBuilder::new().mode(0o755).create(&at) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(io_err(&at, "creating")(e)),
+                }
+                let locked = try_lock_dir(&at).ok_or_else(busy)?;
+                let dir = open_no_symlinks(&at).map_err(io_err(&at, "opening"))?;
+                let st = fstat(dir.as_fd()).map_err(|e| io_err(&at, "stat")(nix_io(e)))?;
+                Ok(Workspace {
+                    path: at,
+                    dir,
+                    uid: st.st_uid,
+                    gid: st.st_gid,
+                    kind: Kind::KeptDirectory(locked),
+                })
+            }
+        }
+    }
+
+    /// Deletes the kept workspace of `key`. `Ok(false)` when a session holds
+    /// it (it stays); `Ok(true)` when it is gone (or never was).
+    pub fn delete_kept(&self, key: &str) -> Result<bool, WorkspaceError> {
+        let name = kept_name(key);
+        let dir = self.kept_dirs().join(format!("{name}.dir"));
+        if dir.exists() {
+            let Some(lock) = try_lock_dir(&dir) else {
+                return Ok(false);
+            };
+            let removed = std::fs::File::open(self.kept_dirs())
+                .and_then(|p| remove::remove_tree(p.as_fd(), OsStr::new(&format!("{name}.dir"))));
+            drop(lock);
+            if let Err(e) = removed {
+                return Err(self.quarantine(&dir, e));
+            }
+        }
+        Ok(self.disks.delete_kept(&name))
+    }
+
+    /// Deletes every kept workspace unused for longer than `retention` that
+    /// no session holds. Returns how many went.
+    pub fn sweep_kept(&self, retention: std::time::Duration) -> usize {
+        let old = |t: std::time::SystemTime| t.elapsed().is_ok_and(|age| age > retention);
+        let mut swept = 0;
+        for (name, used) in self.disks.kept() {
+            if old(used) && self.disks.delete_kept(&name) {
+                tracing::info!(workspace = %name, "kept workspace past its retention removed");
+                swept += 1;
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(self.kept_dirs()) {
+            for e in rd.flatten() {
+                let Some(name) = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".dir"))
+                    .map(str::to_string)
+                else {
+                    continue;
+                };
+                let used = e.metadata().ok().and_then(|m| m.modified().ok());
+                if used.is_some_and(old) {
+                    let Some(lock) = try_lock_dir(&e.path()) else {
+                        continue;
+                    };
+                    let removed = std::fs::File::open(self.kept_dirs()).and_then(|p| {
+                        remove::remove_tree(p.as_fd(), OsStr::new(&format!("{name}.dir")))
+                    });
+                    drop(lock);
+                    match removed {
+                        Ok(()) => swept += 1,
+                        Err(e2) => {
+                            let _ = self.quarantine(&e.path(), e2);
+                        }
+                    }
+                }
+            }
+        }
+        swept
     }
 
     fn remove_directory(&self, path: &Path) -> Result<(), WorkspaceError> {
@@ -453,6 +615,14 @@ impl Workspaces {
             if images.contains(&name) {
                 continue;
             }
+            if self.kept_dirs().join(format!("{name}.img")).exists() {
+                // A kept workspace a dead worker left mounted: unmounted, its
+                // files kept for the session's next item.
+                if self.disks.unmount_stale_kept(&name) {
+                    swept += 1;
+                }
+                continue;
+            }
             let path = e.path();
             let old = e
                 .metadata()
@@ -507,4 +677,25 @@ fn open_empty(at: &Path) -> Result<(OwnedFd, u32, u32), WorkspaceError> {
     }
     let st = fstat(dir.as_fd()).map_err(|e| io_err(at, "stat")(nix_io(e)))?;
     Ok((dir, st.st_uid, st.st_gid))
+}
+
+/// The file name of the kept workspace of `key`: the key itself when it is a
+/// plain identifier (operators find a session's workspace by its id), else a
+/// digest of it.
+fn kept_name(key: &str) -> String {
+    let plain = !key.is_empty()
+        && key.len() <= 100
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        format!("kept-{key}")
+    } else {
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        let hex: String = digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("kept-h{hex}")
+    }
 }

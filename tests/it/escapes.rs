@@ -1459,3 +1459,49 @@ fn the_sandbox_cannot_write_to_the_operators_terminal() {
         "the sandbox wrote to the terminal: {text}"
     );
 }
+
+/// Workspaces are private to hands: whatever modes the agent gives its files
+/// (umask 000, chmod 666), no other user of the host can list or read them,
+/// because every directory above a workspace is root's alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_host_user_cannot_read_a_workspace() {
+    require_sandbox!();
+    let s = open(None).await;
+    sh(
+        &s,
+        "umask 000; echo private-notes > notes.txt; chmod 666 notes.txt; mkdir -m 777 open",
+    )
+    .await;
+    let file = s.workspace().join("notes.txt");
+    let as_nobody = |args: &[&str]| {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(args)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let out = as_nobody(&["cat", file.to_str().unwrap()]);
+    assert!(
+        !out.contains("private-notes") && out.contains("Permission denied"),
+        "{out}"
+    );
+    let cfg = config();
+    for dir in [
+        cfg.state_dir.join("workspaces"),
+        cfg.data_dir.clone(),
+        cfg.data_dir.join("disks"),
+    ] {
+        let out = as_nobody(&["ls", dir.to_str().unwrap()]);
+        assert!(
+            out.contains("Permission denied"),
+            "{}: {out}",
+            dir.display()
+        );
+    }
+    s.close().await.unwrap();
+}

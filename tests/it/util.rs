@@ -74,6 +74,7 @@ pub async fn open_cfg(cfg: &SandboxConfig, policy: Policy, workspace: Option<&Pa
             allow_root_workspace: true,
             extra_dirs: Vec::new(),
             journal: None,
+            kept: None,
         },
     )
     .await
