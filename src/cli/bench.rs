@@ -411,11 +411,45 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
         "session open, own workspace filesystem formatted on demand",
         fresh_open,
     );
+    // A Claude Managed Agents session's next item: its kept filesystem is
+    // mounted again (the first open formats it; not measured).
+    let key = format!("bench-{}", std::process::id());
+    let [kept_open, kept_close] = rt.block_on(async {
+        let mut v: [Vec<Duration>; 2] = Default::default();
+        for i in 0..args.opens + 5 {
+            let mut o = SessionOptions::new(policy.clone());
+            o.kept = Some(key.clone());
+            let t = Instant::now();
+            let s = Session::open(&cfg, o).await?;
+            let opened = t.elapsed();
+            let t = Instant::now();
+            s.close().await?;
+            let closed = t.elapsed();
+            if i >= 5 {
+                v[0].push(opened);
+                v[1].push(closed);
+            }
+        }
+        Ok::<_, anyhow::Error>(v)
+    })?;
+    if let Err(e) = cfg.workspaces.delete_kept(&key) {
+        tracing::warn!(error = %e, "removing the bench's kept workspace");
+    }
+    let kept_open = Series::new(
+        "session open, kept workspace filesystem (a session's next item)",
+        kept_open,
+    );
+    let kept_close = Series::new(
+        "session close, kept workspace filesystem (sync, unmount)",
+        kept_close,
+    );
     rows.push(open_s.row(None));
     rows.push(made_open.row(Some(&open_s)));
     rows.push(fresh_open.row(Some(&open_s)));
+    rows.push(kept_open.row(Some(&open_s)));
     rows.push(close_s.row(None));
     rows.push(made_close.row(Some(&close_s)));
+    rows.push(kept_close.row(Some(&close_s)));
     cfg.workspaces.shutdown(super::DRAIN);
 
     // grep over a generated tree vs rg.
