@@ -7,17 +7,19 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+/// Causes are part of each message and not also a `source()`, so that a
+/// printer of error chains shows them once.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {}", cause.to_string().trim_end())]
     Parse {
         path: PathBuf,
-        source: Box<toml::de::Error>,
+        cause: Box<toml::de::Error>,
     },
     #[error("{path}: {key}: {message}")]
     Invalid {
@@ -25,21 +27,25 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
+    /// A policy file the configuration's environments are looked up in; the
+    /// error names that file and its key.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
 }
 
 /// The text of the file at `path`.
 pub fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 
 /// `text` (from `path`) as the raw type `T`.
 pub fn parse<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|source| ConfigError::Parse {
+    toml::from_str(text).map_err(|cause| ConfigError::Parse {
         path: path.to_path_buf(),
-        source: Box::new(source),
+        cause: Box::new(cause),
     })
 }
 

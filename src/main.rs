@@ -13,9 +13,11 @@ use clap::{Parser, Subcommand};
     about = "The self-hosted hands of an AI agent: every tool call confined"
 )]
 struct Cli {
-    /// Directory of environment policies (<name>.toml); repeatable. Also
-    /// $HANDS_POLICY_DIR, then /etc/hands/policies, then the built-in policies.
-    #[arg(long, global = true)]
+    /// Directory of environment policies (<name>.toml); repeatable. Searched
+    /// first, then $HANDS_POLICY_DIR, a worker configuration's policy_dirs,
+    /// /etc/hands/policies, and the built-in policies; the first file of a name
+    /// wins. `hands policy list` shows the result.
+    #[arg(long, global = true, value_name = "DIR")]
     policy_dir: Vec<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -65,6 +67,12 @@ enum PolicyCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Show every environment the lookup finds (with --config: the ones that
+    /// worker would offer) and the file each comes from.
+    List(hands::cli::policy::ListArgs),
+    /// Print the policy file of an environment as the lookup finds it (a
+    /// starting point for a policy of your own).
+    Show(hands::cli::policy::ShowArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,25 +83,29 @@ fn main() -> ExitCode {
     }
     hands::cli::init_logging();
     let cli = Cli::parse();
-    let dirs = hands::cli::policy_dirs(&cli.policy_dir);
+    let lookup = hands::cli::policy_lookup(&cli.policy_dir);
     let result = match cli.command {
-        Command::Demo(args) => hands::cli::demo::run(args),
+        Command::Demo(args) => hands::cli::demo::run(args, &lookup),
         Command::Conformance(args) => hands::cli::conformance::run(args),
-        Command::Worker(args) => hands::cli::worker::run(args),
+        Command::Worker(args) => hands::cli::worker::run(args, &lookup),
         Command::Gateway(args) => hands::cli::gateway::run(args),
-        Command::Exec(args) => hands::cli::exec::run(args, &dirs),
-        Command::Tool(args) => hands::cli::tool::run(args, &dirs),
-        Command::Doctor(args) => hands::cli::doctor::run(args),
-        Command::Bench(args) => hands::cli::bench::run(args, &dirs),
+        Command::Exec(args) => hands::cli::exec::run(args, &lookup),
+        Command::Tool(args) => hands::cli::tool::run(args, &lookup),
+        Command::Doctor(args) => hands::cli::doctor::run(args, &lookup),
+        Command::Bench(args) => hands::cli::bench::run(args, &lookup),
         Command::Pki(PkiCommand::Init(args)) => hands::cli::pki::init(args),
         Command::Policy(PolicyCommand::Check { files }) => {
             hands::cli::policy::check(&files).map(|()| ExitCode::SUCCESS)
         }
+        Command::Policy(PolicyCommand::List(args)) => hands::cli::policy::list(args, &lookup),
+        Command::Policy(PolicyCommand::Show(args)) => hands::cli::policy::show(args, &lookup),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("hands: {e:#}");
+            // Each cause once: a layer whose message already carries the next
+            // one's (some libraries' do) is not followed by it again.
+            eprintln!("hands: {}", hands::util::error_chain(e.as_ref()));
             ExitCode::from(2)
         }
     }

@@ -1,5 +1,6 @@
 //! A development PKI: a CA and the certificates of a gateway (TLS server) and a
-//! worker (TLS client), for `hands pki init`, `hands demo` and the tests. Keys are
+//! worker (TLS client), for `hands pki init`, `hands demo` and the tests; and
+//! more worker certificates from a CA made earlier ([`issue_worker`]). Keys are
 //! ECDSA P-256. Production deployments bring their own CA (an internal PKI,
 //! cert-manager); nothing in hands requires this one.
 
@@ -13,19 +14,37 @@ use rcgen::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("generating {what}: {source}")]
+    #[error("generating {what}: {cause}")]
     Generate {
         what: &'static str,
-        source: rcgen::Error,
+        cause: rcgen::Error,
     },
     #[error("invalid name {0:?}: neither an IP address nor a DNS name")]
     Name(String),
     #[error("{0} exists; pass --force to replace the development PKI")]
     Exists(PathBuf),
-    #[error("writing {path}: {source}")]
+    #[error(
+        "worker {id:?} already has a certificate: {path} exists (another worker id gets \
+         one of its own; --force replaces the whole development PKI)"
+    )]
+    WorkerExists { id: String, path: PathBuf },
+    #[error(
+        "{dir} already holds a development CA and its gateway certificate: --gateway-name \
+         applies only to a new PKI (--force replaces the whole of it)"
+    )]
+    GatewayNames { dir: PathBuf },
+    #[error("reading {path}: {cause}")]
+    Read {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    /// The existing CA cannot issue: unparsable, not matching its key, expired.
+    #[error("{path}: {message}")]
+    Ca { path: PathBuf, message: String },
+    #[error("writing {path}: {cause}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -67,7 +86,7 @@ impl Default for Options {
 }
 
 fn gen(what: &'static str) -> impl FnOnce(rcgen::Error) -> PkiError {
-    move |source| PkiError::Generate { what, source }
+    move |cause| PkiError::Generate { what, cause }
 }
 
 fn params(cn: &str, days: i64) -> CertificateParams {
@@ -86,10 +105,11 @@ fn params(cn: &str, days: i64) -> CertificateParams {
 }
 
 /// A CA that can issue more certificates (tests issue expired or foreign ones
-/// from the same CA).
+/// from the same CA; `hands pki init` more workers from the CA of an earlier run).
 pub struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
+    issuer: Issuer<'static, KeyPair>,
+    /// The end of the CA's validity: nothing it issues outlives it.
+    not_after: time::OffsetDateTime,
     pub issued: Issued,
 }
 
@@ -108,10 +128,62 @@ impl Ca {
             key_pem: key.serialize_pem(),
         };
         Ok(Ca {
-            params,
-            key,
+            not_after: params.not_after,
+            issuer: Issuer::new(params, key),
             issued,
         })
+    }
+
+    /// The CA written earlier at `cert` (`ca.pem`) and `key` (`ca-key.pem`):
+    /// the key must be the certificate's, and the certificate a CA still valid.
+    pub fn load(cert: &Path, key: &Path) -> Result<Ca, PkiError> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|cause| PkiError::Read {
+                path: path.to_path_buf(),
+                cause,
+            })
+        };
+        let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+        let bad = |path: &Path, message: String| PkiError::Ca {
+            path: path.to_path_buf(),
+            message,
+        };
+        let key_pair =
+            KeyPair::from_pem(&key_pem).map_err(|e| bad(key, format!("not a private key: {e}")))?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| bad(cert, format!("not a PEM certificate: {e}")))?;
+        let x509 = pem
+            .parse_x509()
+            .map_err(|e| bad(cert, format!("not a certificate: {e}")))?;
+        if !x509.is_ca() {
+            return Err(bad(cert, "not a CA certificate".into()));
+        }
+        if *x509.public_key().subject_public_key.data != *key_pair.public_key_raw() {
+            return Err(bad(
+                key,
+                format!("not the key of the CA certificate {}", cert.display()),
+            ));
+        }
+        let not_after = x509.validity().not_after.to_datetime();
+        if not_after <= time::OffsetDateTime::now_utc() {
+            return Err(bad(
+                cert,
+                format!("the CA expired on {not_after}; --force makes a new development PKI"),
+            ));
+        }
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair)
+            .map_err(|e| bad(cert, format!("cannot issue from this CA: {e}")))?;
+        Ok(Ca {
+            issuer,
+            not_after,
+            issued: Issued { cert_pem, key_pem },
+        })
+    }
+
+    /// `p` with its validity cut at the CA's own.
+    fn within(&self, mut p: CertificateParams) -> CertificateParams {
+        p.not_after = p.not_after.min(self.not_after);
+        p
     }
 
     /// A gateway (TLS server) certificate for `names` (DNS names or IPs).
@@ -131,9 +203,9 @@ impl Ca {
         }
         gw.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         gw.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let issuer = Issuer::new(self.params.clone(), &self.key);
-        let cert = gw
-            .signed_by(&key, &issuer)
+        let cert = self
+            .within(gw)
+            .signed_by(&key, &self.issuer)
             .map_err(gen("the gateway certificate"))?;
         Ok(Issued {
             cert_pem: cert.pem(),
@@ -152,9 +224,9 @@ impl Ca {
         )];
         wk.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         wk.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let issuer = Issuer::new(self.params.clone(), &self.key);
-        let cert = wk
-            .signed_by(&key, &issuer)
+        let cert = self
+            .within(wk)
+            .signed_by(&key, &self.issuer)
             .map_err(gen("the worker certificate"))?;
         Ok(Issued {
             cert_pem: cert.pem(),
@@ -183,20 +255,90 @@ pub const FILES: [&str; 6] = [
     "worker-key.pem",
 ];
 
-/// Writes the PKI into `dir` (created 0700 if missing): certificates 0644, keys
-/// 0600, each written to a temporary file and renamed. Refuses to replace any
-/// existing file unless `force`.
-pub fn write(dir: &Path, pki: &DevPki, force: bool) -> Result<(), PkiError> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let werr = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| PkiError::Write { path, source }
-    };
+fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError {
+    let path = path.to_path_buf();
+    move |cause| PkiError::Write { path, cause }
+}
+
+/// Creates `dir` (0700) if it is missing.
+fn make_dir(dir: &Path) -> Result<(), PkiError> {
+    use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(werr(dir))?;
+        .map_err(write_error(dir))
+}
+
+/// Writes `text` to `dir/name` through a temporary file and a rename: keys
+/// (`*-key.pem`) 0600, certificates 0644.
+fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf, PkiError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mode = if name.ends_with("-key.pem") {
+        0o600
+    } else {
+        0o644
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(write_error(&tmp))?;
+    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(write_error(&tmp))?;
+    f.sync_all().map_err(write_error(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(write_error(&path))?;
+    Ok(path)
+}
+
+/// The certificate and key files of a worker issued from an existing CA.
+pub fn worker_files(worker_id: &str) -> [String; 2] {
+    [
+        format!("worker-{worker_id}.pem"),
+        format!("worker-{worker_id}-key.pem"),
+    ]
+}
+
+/// Whether `dir` holds a development CA (`ca.pem` and `ca-key.pem`).
+pub fn has_ca(dir: &Path) -> bool {
+    dir.join(FILES[0]).exists() && dir.join(FILES[1]).exists()
+}
+
+/// Issues a certificate for one more worker from the CA already in `dir`
+/// (see [`has_ca`]) and writes it as [`worker_files`]; nothing else in `dir`
+/// changes. Refused when that worker already has a certificate there: its own
+/// files, or `worker.pem` of the first run naming the same worker.
+pub fn issue_worker(dir: &Path, worker_id: &str, days: i64) -> Result<[PathBuf; 2], PkiError> {
+    let exists = |path: PathBuf| PkiError::WorkerExists {
+        id: worker_id.to_string(),
+        path,
+    };
+    let first = dir.join("worker.pem");
+    if crate::tls::worker_identity_of_file(&first).is_ok_and(|id| id == worker_id) {
+        return Err(exists(first));
+    }
+    let [cert_name, key_name] = worker_files(worker_id);
+    for name in [&cert_name, &key_name] {
+        if dir.join(name).exists() {
+            return Err(exists(dir.join(name)));
+        }
+    }
+    let ca = Ca::load(&dir.join(FILES[0]), &dir.join(FILES[1]))?;
+    let issued = ca.worker(worker_id, days)?;
+    // The key first: a certificate is never left without its key.
+    let key = write_file(dir, &key_name, &issued.key_pem)?;
+    let cert = write_file(dir, &cert_name, &issued.cert_pem)?;
+    Ok([cert, key])
+}
+
+/// Writes the PKI into `dir` (created 0700 if missing): certificates 0644, keys
+/// 0600, each written to a temporary file and renamed. Refuses to replace any
+/// existing file unless `force`.
+pub fn write(dir: &Path, pki: &DevPki, force: bool) -> Result<(), PkiError> {
+    make_dir(dir)?;
     if !force {
         for f in FILES {
             let p = dir.join(f);
@@ -214,23 +356,55 @@ pub fn write(dir: &Path, pki: &DevPki, force: bool) -> Result<(), PkiError> {
         &pki.worker.key_pem,
     ];
     for (name, text) in FILES.iter().zip(contents) {
-        let path = dir.join(name);
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let mode = if name.ends_with("-key.pem") {
-            0o600
-        } else {
-            0o644
-        };
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(werr(&tmp))?;
-        std::io::Write::write_all(&mut f, text.as_bytes()).map_err(werr(&tmp))?;
-        f.sync_all().map_err(werr(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(werr(&path))?;
+        write_file(dir, name, text)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_existing_ca_issues_only_with_its_own_key_and_never_past_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = generate(&Options {
+            days: 10,
+            ..Default::default()
+        })
+        .unwrap();
+        write(dir.path(), &pki, false).unwrap();
+        let ca = Ca::load(&dir.path().join("ca.pem"), &dir.path().join("ca-key.pem")).unwrap();
+        // Asked for a year, the certificate ends with the CA (11 days).
+        let issued = ca.worker("w2", 365).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(issued.cert_pem.as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        assert_eq!(cert.validity().not_after.to_datetime(), ca.not_after);
+        let (_, ca_pem) = x509_parser::pem::parse_x509_pem(ca.issued.cert_pem.as_bytes()).unwrap();
+        assert_eq!(cert.issuer(), ca_pem.parse_x509().unwrap().subject());
+
+        // Another CA's key, or a certificate that is no CA, is refused.
+        let other = generate(&Options::default()).unwrap();
+        std::fs::write(dir.path().join("other-key.pem"), &other.ca.key_pem).unwrap();
+        let error = Ca::load(
+            &dir.path().join("ca.pem"),
+            &dir.path().join("other-key.pem"),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            error.to_string().contains("not the key of the CA"),
+            "{error}"
+        );
+        let error = Ca::load(
+            &dir.path().join("worker.pem"),
+            &dir.path().join("worker-key.pem"),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            error.to_string().contains("not a CA certificate"),
+            "{error}"
+        );
+    }
 }

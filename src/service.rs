@@ -314,6 +314,7 @@ fn forward(
                     Outcome::Completed => v1::Outcome::Completed,
                     Outcome::TimedOut => v1::Outcome::TimedOut,
                     Outcome::Cancelled => v1::Outcome::Cancelled,
+                    Outcome::Shutdown => v1::Outcome::Shutdown,
                 };
                 if outcome == v1::Outcome::Cancelled
                     && deadline.is_some_and(|d| tokio::time::Instant::now() >= d)

@@ -29,14 +29,22 @@ pub const WORKER_URI_PREFIX: &str = "urn:hands:worker:";
 pub enum TlsError {
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
+    // The cause is part of the message and not also a `source()`, so that a
+    // printer of error chains shows it once.
     #[error("TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
+    Config(rustls::Error),
     #[error("client certificate verifier: {0}")]
     Verifier(String),
     #[error("{0:?} is not a valid TLS server name")]
     ServerName(String),
     #[error("certificate: {0}")]
     Certificate(String),
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> Self {
+        TlsError::Config(e)
+    }
 }
 
 /// The three files one end of the tunnel needs.

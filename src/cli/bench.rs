@@ -184,11 +184,12 @@ fn count_lines(s: &str) -> usize {
         .count()
 }
 
-pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result<ExitCode> {
+    super::require_root("hands bench")?;
     if args.tunnel {
-        return super::bench_tunnel::run(args.iterations, args.json);
+        return super::bench_tunnel::run(args.iterations, args.json, lookup);
     }
-    let policy: Policy = crate::policy::find("default", dirs)?;
+    let policy: Policy = lookup.load()?.policy("default")?;
     let policy = Arc::new(policy);
     let cfg = SandboxConfig::from_env()?;
     let rt = super::runtime()?;

@@ -209,15 +209,23 @@ where
     Ok((conc * per) as f64 / t0.elapsed().as_secs_f64())
 }
 
-pub fn run(iterations: usize, json_out: bool) -> anyhow::Result<ExitCode> {
+pub fn run(
+    iterations: usize,
+    json_out: bool,
+    lookup: &crate::policy::lookup::Lookup,
+) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(bench(iterations, json_out))
+    rt.block_on(bench(iterations, json_out, lookup))
 }
 
-async fn bench(n: usize, json_out: bool) -> anyhow::Result<ExitCode> {
+async fn bench(
+    n: usize,
+    json_out: bool,
+    lookup: &crate::policy::lookup::Lookup,
+) -> anyhow::Result<ExitCode> {
     let dir = tempfile::Builder::new().prefix("hands-bench-").tempdir()?;
     let d = dir.path();
     let pki = crate::pki::generate(&crate::pki::Options {
@@ -251,7 +259,14 @@ async fn bench(n: usize, json_out: bool) -> anyhow::Result<ExitCode> {
         ),
     )?;
     let exe = std::env::current_exe()?;
-    let mut worker = Command::new(&exe)
+    let mut worker = Command::new(&exe);
+    // The same lookup as this process ($HANDS_POLICY_DIR is inherited).
+    for dir in lookup.dirs() {
+        if dir.origin == crate::policy::lookup::Origin::Flag {
+            worker.arg("--policy-dir").arg(&dir.path);
+        }
+    }
+    let mut worker = worker
         .arg("worker")
         .arg("--config")
         .arg(d.join("worker.toml"))
@@ -259,7 +274,7 @@ async fn bench(n: usize, json_out: bool) -> anyhow::Result<ExitCode> {
         .spawn()
         .context("starting the worker")?;
     let worker_pid = worker.id();
-    let result = measure(n, &bound, debug, worker_pid, d).await;
+    let result = measure(n, &bound, debug, worker_pid, d, lookup).await;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(worker_pid as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -288,6 +303,7 @@ async fn measure(
     debug: SocketAddr,
     worker_pid: u32,
     d: &std::path::Path,
+    lookup: &crate::policy::lookup::Lookup,
 ) -> anyhow::Result<(Vec<Row>, serde_json::Value)> {
     let mut api = ApiClient::new(bound.api, TOKEN);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -354,7 +370,7 @@ async fn measure(
 
     // The in-process baseline: a session of this process.
     let cfg = crate::sandbox::SandboxConfig::from_env()?;
-    let policy = Arc::new(crate::policy::find("default", &[])?);
+    let policy = Arc::new(lookup.load()?.policy("default")?);
     let ws = d.join("ws");
     std::fs::create_dir(&ws)?;
     std::fs::write(ws.join("file20k.txt"), &text)?;

@@ -1,7 +1,8 @@
 //! `hands doctor`: the kernel features hands relies on, whether this host has
-//! them, and what the worker does about each; then a live probe that opens a
-//! session and runs `/bin/true` in it. Exits non-zero when a required feature is
-//! missing or the probe fails.
+//! them, and what the worker does about each; the environments the policy
+//! lookup finds; then a live probe that opens a session and runs `/bin/true`
+//! in it. Exits non-zero when a required feature is missing, a policy file is
+//! invalid, or the probe fails.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -213,8 +214,33 @@ pub fn checks() -> Vec<Check> {
     out
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let checks = checks();
+/// The environments the lookup finds, as a row of the report.
+fn policies(lookup: &crate::policy::lookup::Lookup) -> Check {
+    let (ok, status) = match lookup.load() {
+        Ok(catalog) => {
+            let local = catalog
+                .iter()
+                .filter(|e| e.source != crate::policy::lookup::Source::BuiltIn)
+                .count();
+            (
+                true,
+                format!("{} environments, {local} from files", catalog.len()),
+            )
+        }
+        Err(e) => (false, e.to_string()),
+    };
+    Check {
+        feature: "policies",
+        ok,
+        required: true,
+        status,
+        action: "every policy file is validated at start; `hands policy list` shows each environment and its file".into(),
+    }
+}
+
+pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result<ExitCode> {
+    let mut checks = checks();
+    checks.push(policies(lookup));
     let mut failed = false;
     println!(
         "{:<18} {:<6} {:<34} what hands does",
@@ -238,7 +264,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let rt = super::runtime()?;
         let probe = rt.block_on(async {
             let t = Instant::now();
-            let s = super::open_session("default", &super::policy_dirs(&[]), None, false).await?;
+            let s = super::open_session("default", lookup, None, false).await?;
             let opened = t.elapsed();
             let r = s
                 .call("bash", &serde_json::json!({"command": "/bin/true"}))
@@ -263,7 +289,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ),
             Err(e) => {
                 failed = true;
-                println!("{:<18} {:<6} {:#}", "session probe", "FAIL", e);
+                println!(
+                    "{:<18} {:<6} {}",
+                    "session probe",
+                    "FAIL",
+                    crate::util::error_chain(e.as_ref())
+                );
             }
         }
     }

@@ -1,12 +1,22 @@
 //! `hands exec --env NAME [--workspace DIR] -- CMD…`: run a command (no shell) in
 //! a fresh session, relay its stdin, stdout and stderr, and exit with its status.
 //! Output is relayed through pipes, never by handing the sandbox our terminal.
+//!
+//! Exit status, as a shell's: the command's own; 124 when it timed out; 127
+//! when there is no such command in the sandbox, 126 when it cannot be
+//! executed; 2 when the session could not be made. A command killed at the
+//! session's memory limit, or refused forks at its pids limit, is told on
+//! stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+
+use crate::policy::lookup::Lookup;
+use crate::sandbox::SandboxError;
+use crate::session::SessionError;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 
@@ -37,11 +47,30 @@ fn pipe_pair() -> anyhow::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")
 }
 
-pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+/// The shell's exit status and words for a command that could not start:
+/// 127 when there is no such program, 126 when it cannot be executed.
+fn not_started(program: &str, errno: Option<i32>, message: &str) -> Option<(i32, String)> {
+    match errno? {
+        libc::ENOENT if !program.contains('/') => Some((
+            127,
+            format!("{program}: command not found in the sandbox (not on its PATH)"),
+        )),
+        libc::ENOENT => Some((127, format!("{program}: no such file in the sandbox"))),
+        libc::EACCES | libc::ENOEXEC | libc::EISDIR | libc::EPERM => {
+            Some((126, format!("{program}: cannot execute: {message}")))
+        }
+        _ => None,
+    }
+}
+
+pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
+    super::require_root("hands exec")?;
     let rt = super::runtime()?;
     let code = rt.block_on(async {
         let session =
-            super::open_session(&args.env, dirs, args.workspace, args.allow_root_workspace).await?;
+            super::open_session(&args.env, lookup, args.workspace, args.allow_root_workspace)
+                .await?;
+        let before = session.limit_events();
         let timeout = match args.timeout {
             Some(s) if s > 0.0 => Duration::from_secs_f64(s),
             _ => session.policy().limits.call_timeout,
@@ -70,10 +99,29 @@ pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
             let _ = tokio::io::copy(&mut i, &mut stdin_w).await;
         });
         let (status, (), ()) = tokio::join!(run, relay_out, relay_err);
-        let status = status?;
+        let notes =
+            crate::session::limit_notes(before, session.limit_events(), &session.policy().limits);
         let workspaces = session.workspaces();
         session.close().await.context("closing the session")?;
         workspaces.drain(super::DRAIN);
+        for note in notes {
+            eprintln!("hands: {note}");
+        }
+        let status = match status {
+            Ok(status) => status,
+            Err(SessionError::Sandbox(SandboxError::Spawn {
+                program,
+                message,
+                errno,
+            })) => match not_started(&program, errno, &message) {
+                Some((code, words)) => {
+                    eprintln!("hands: {words}");
+                    return Ok(code);
+                }
+                None => anyhow::bail!("{program}: {message}"),
+            },
+            Err(e) => return Err(e.into()),
+        };
         Ok::<_, anyhow::Error>(match status {
             Some(code) => code,
             None => {

@@ -9,8 +9,9 @@ use anyhow::Context;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The gateway's configuration (TOML; see `src/gateway/config.rs`).
-    #[arg(long)]
+    /// The gateway's configuration (TOML): every key is documented in
+    /// docs/gateway.md of the hands repository.
+    #[arg(long, value_name = "FILE")]
     config: PathBuf,
 }
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::policy::lookup::Lookup;
 use crate::policy::Policy;
 use crate::sandbox::SandboxConfig;
 use crate::session::{Session, SessionOptions};
@@ -32,15 +33,25 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Where policies are looked up: flags, `$HANDS_POLICY_DIR`, `/etc/hands/policies`
-/// (the built-in policies come last, inside `policy::find`).
-pub fn policy_dirs(flags: &[PathBuf]) -> Vec<PathBuf> {
-    let mut dirs = flags.to_vec();
-    if let Some(d) = std::env::var_os("HANDS_POLICY_DIR") {
-        dirs.push(PathBuf::from(d));
-    }
-    dirs.push(PathBuf::from("/etc/hands/policies"));
-    dirs
+/// Where every command looks environments up: `--policy-dir` flags,
+/// `$HANDS_POLICY_DIR`, `/etc/hands/policies`, then the built-in policies (a
+/// worker adds its configuration's `policy_dirs`; see `crate::policy::lookup`).
+pub fn policy_lookup(flags: &[PathBuf]) -> Lookup {
+    Lookup::from_command_line(flags)
+}
+
+/// Refuses to go on unless this process is root: sessions need namespaces,
+/// cgroups, idmapped mounts and loop devices. Checked before anything is
+/// created, so that an unprivileged run leaves nothing behind.
+pub fn require_root(command: &str) -> anyhow::Result<()> {
+    let euid = nix::unistd::geteuid();
+    anyhow::ensure!(
+        euid.is_root(),
+        "{command} must run as root (this process runs as uid {euid}): each session is \
+         built from namespaces, cgroups and idmapped mounts, then runs as an unprivileged \
+         uid of its own"
+    );
+    Ok(())
 }
 
 /// A runtime for one-shot commands: one thread, since a single caller gains
@@ -52,19 +63,19 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Opens a session of environment `env` on `workspace` (or a fresh one).
 /// How long a command waits, before it exits, for the background removal of
 /// the workspaces it made (what is left is swept by the next worker or command).
 pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Opens a session of environment `env` (looked up in `lookup`) on
+/// `workspace` (or a fresh one).
 pub async fn open_session(
     env: &str,
-    dirs: &[PathBuf],
+    lookup: &Lookup,
     workspace: Option<PathBuf>,
     allow_root_workspace: bool,
 ) -> anyhow::Result<Session> {
-    let policy: Policy =
-        crate::policy::find(env, dirs).with_context(|| format!("environment {env:?}"))?;
+    let policy: Policy = lookup.load()?.policy(env)?;
     let cfg = SandboxConfig::from_env().context("sandbox configuration")?;
     crate::session::sweep_orphans(&cfg);
     Session::open(

@@ -28,13 +28,15 @@ pub struct Args {
     input: String,
 }
 
-pub fn run(args: Args, dirs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result<ExitCode> {
+    super::require_root("hands tool")?;
     let input: serde_json::Value =
         serde_json::from_str(&args.input).context("the tool input is not valid JSON")?;
     let rt = super::runtime()?;
     rt.block_on(async {
         let session =
-            super::open_session(&args.env, dirs, args.workspace, args.allow_root_workspace).await?;
+            super::open_session(&args.env, lookup, args.workspace, args.allow_root_workspace)
+                .await?;
         let result = session.call(&args.tool, &input).await;
         let workspaces = session.workspaces();
         session.close().await.context("closing the session")?;

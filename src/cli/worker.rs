@@ -1,22 +1,36 @@
 //! `hands worker --config FILE`: the daemon. Dials its gateways when a
 //! `[tunnel]` is configured, and prints `listening on ADDR` on stdout once the
 //! debug listener is bound; SIGTERM or SIGINT stops it (tunnels end with
-//! GOAWAY), closing every session and so killing everything they started.
+//! GOAWAY; running calls get `shutdown_grace_secs`, then are cut short),
+//! closing every session and so killing everything they started.
+//!
+//! Exit status: 0 after a stop by signal; [`EXIT_KEY_REFUSED`] when the
+//! Claude Managed Agents connector's environment key is missing or refused
+//! (restarting cannot help: a unit names it in `RestartPreventExitStatus=`);
+//! 2 for any other error (configuration, policies, not root, …).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 
+use crate::policy::lookup::Lookup;
+
+/// EX_CONFIG of sysexits.h: the environment key could not be read, or the
+/// control plane refused it (401, 403 or 404 on poll).
+pub const EXIT_KEY_REFUSED: u8 = 78;
+
 #[derive(clap::Args)]
 pub struct Args {
-    /// The worker's configuration (TOML; see `src/worker/config.rs`).
-    #[arg(long)]
+    /// The worker's configuration (TOML): every key is documented in
+    /// docs/worker.md of the hands repository.
+    #[arg(long, value_name = "FILE")]
     config: PathBuf,
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let config = crate::worker::Config::load(&args.config)?;
+pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
+    super::require_root("hands worker")?;
+    let config = crate::worker::Config::load(&args.config, lookup)?;
     anyhow::ensure!(
         config.listen.is_some() || config.tunnel.is_some() || config.anthropic.is_some(),
         "{}: nothing to serve: set `listen`, a [tunnel] or an [anthropic] table",
@@ -24,11 +38,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     let sandbox = crate::sandbox::SandboxConfig::from_env().context("sandbox configuration")?;
     crate::util::return_large_buffers_to_the_kernel();
+    for p in &config.policies {
+        if let Some(source) = config.sources.get(&p.name) {
+            tracing::info!(environment = %p.name, %source, "offering environment");
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(async {
+    let served = rt.block_on(async {
         let swept = crate::session::sweep_orphans(&sandbox);
         if swept > 0 {
             tracing::info!(swept, "removed session groups left by a worker that died");
@@ -46,7 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             stop.send_replace(true);
         });
-        crate::worker::serve(
+        let served = crate::worker::serve(
             &config,
             registry.clone(),
             |addr| {
@@ -57,11 +76,34 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             None,
             shutdown,
         )
-        .await?;
+        .await;
         registry.close_all();
         drop(registry);
         workspaces.shutdown(super::DRAIN);
-        Ok::<_, anyhow::Error>(())
+        Ok::<_, anyhow::Error>(served)
     })?;
-    Ok(ExitCode::SUCCESS)
+    match served {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(crate::worker::WorkerError::Connector(c)) if key_problem(&c) => {
+            eprintln!("hands: {}", crate::worker::WorkerError::Connector(c));
+            eprintln!(
+                "hands: exiting with status {EXIT_KEY_REFUSED}: a restart cannot fix the \
+                 environment key (RestartPreventExitStatus={EXIT_KEY_REFUSED})"
+            );
+            Ok(ExitCode::from(EXIT_KEY_REFUSED))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether the connector stopped because of its environment key: it could
+/// not be read, or the control plane refused it.
+fn key_problem(e: &crate::cma::worker::ConnectorError) -> bool {
+    use crate::cma::worker::ConnectorError;
+    match e {
+        ConnectorError::Secret(_) => true,
+        // The connector stops on an API error only when the poll is refused
+        // (401, 403, 404); a bad base URL has no status.
+        ConnectorError::Api(api) => api.status().is_some(),
+    }
 }

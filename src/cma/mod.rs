@@ -1,5 +1,7 @@
 //! The Claude Managed Agents connector: hands as the environment worker of a
-//! `self_hosted` environment (contract: `anthropic-environment-worker.md`).
+//! `self_hosted` environment (the contract as hands implements it:
+//! `docs/claude-managed-agents.md`; the `§` numbers in this module's comments are
+//! those of the official SDK worker's contract it was written from).
 //! It polls the environment's work queue, holds each item's lease, follows
 //! the session's event stream and runs every `agent.tool_use` of the six tools
 //! in that item's own sandbox session.

@@ -146,7 +146,8 @@ pub async fn run(
                 continue;
             }
             Err(e) if e.is_fatal_4xx() => {
-                tracing::error!(error = %e, "the environment refused the poll; stopping the connector");
+                // The error is returned, and reported once by the caller.
+                tracing::info!(status = ?e.status(), "the environment refused the poll; stopping the connector");
                 break Err(e.into());
             }
             Err(e) => {

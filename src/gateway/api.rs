@@ -538,6 +538,7 @@ fn outcome_name(o: i32) -> &'static str {
         Ok(v1::Outcome::Completed) => "completed",
         Ok(v1::Outcome::TimedOut) => "timed_out",
         Ok(v1::Outcome::Cancelled) => "cancelled",
+        Ok(v1::Outcome::Shutdown) => "shutdown",
         _ => "unspecified",
     }
 }

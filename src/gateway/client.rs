@@ -12,21 +12,35 @@ use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("connecting to {addr}: {source}")]
+    #[error("connecting to {addr}: {cause}")]
     Connect {
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("HTTP: {0}")]
-    Http(#[from] hyper::Error),
+    // hyper's messages leave their cause out: it is added here, and not
+    // also a `source()`, so that a printer of error chains shows it once.
+    #[error("HTTP: {}", crate::util::error_chain(.0))]
+    Http(hyper::Error),
     #[error("building the request: {0}")]
-    Request(#[from] http::Error),
+    Request(http::Error),
     #[error("{method} {path}: the answer is not JSON: {body}")]
     NotJson {
         method: String,
         path: String,
         body: String,
     },
+}
+
+impl From<hyper::Error> for ClientError {
+    fn from(e: hyper::Error) -> Self {
+        ClientError::Http(e)
+    }
+}
+
+impl From<http::Error> for ClientError {
+    fn from(e: http::Error) -> Self {
+        ClientError::Request(e)
+    }
 }
 
 /// An answer: status, the `hands-outcome` header if any, and the JSON body.
@@ -68,9 +82,9 @@ impl ApiClient {
         if self.conn.is_none() {
             let tcp = tokio::net::TcpStream::connect(self.addr)
                 .await
-                .map_err(|source| ClientError::Connect {
+                .map_err(|cause| ClientError::Connect {
                     addr: self.addr,
-                    source,
+                    cause,
                 })?;
             let _ = tcp.set_nodelay(true);
             let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;

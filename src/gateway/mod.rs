@@ -44,16 +44,30 @@ pub struct Bound {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("binding {what} {addr}: {source}")]
+    #[error("binding {what} {addr}: {cause}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
+    // Causes are part of each message and not also a `source()`, so that a
+    // printer of error chains shows them once.
     #[error("tunnel TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(crate::tls::TlsError),
     #[error("connection budgets: {0}")]
-    Budgets(#[from] listen::BudgetError),
+    Budgets(listen::BudgetError),
+}
+
+impl From<crate::tls::TlsError> for GatewayError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        GatewayError::Tls(e)
+    }
+}
+
+impl From<listen::BudgetError> for GatewayError {
+    fn from(e: listen::BudgetError) -> Self {
+        GatewayError::Budgets(e)
+    }
 }
 
 /// `WORKER_ID:SUFFIX`, with a random suffix. None when the worker id is too
@@ -79,7 +93,7 @@ async fn bind(
 ) -> Result<tokio::net::TcpListener, GatewayError> {
     tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| GatewayError::Bind { what, addr, source })
+        .map_err(|cause| GatewayError::Bind { what, addr, cause })
 }
 
 /// Runs the gateway until `shutdown` turns true.
@@ -95,7 +109,7 @@ pub async fn run(
     let api_listener = bind("the API listener", config.api_listen).await?;
     let local = |l: &tokio::net::TcpListener, what, addr| {
         l.local_addr()
-            .map_err(|source| GatewayError::Bind { what, addr, source })
+            .map_err(|cause| GatewayError::Bind { what, addr, cause })
     };
     let bound = Bound {
         tunnel: local(

@@ -9,10 +9,13 @@
 //! [`Policy::from_toml_str`] checks every value once and the rest of the crate trusts
 //! the resulting [`Policy`].
 //!
-//! Lookup ([`find`]): `<dir>/<name>.toml` in each configured directory in order, then
-//! the policies compiled into the binary (`default`, `strict`, `build`, the files of
-//! `policies/`), so `hands exec --env default` works on a fresh machine. A local file
-//! that exists but is invalid is an error, never a silent fall-back to the built-in.
+//! Lookup ([`lookup`]): the command line's directories, `$HANDS_POLICY_DIR`, a worker
+//! configuration's `policy_dirs`, `/etc/hands/policies`, then the policies compiled
+//! into the binary (`default`, `strict`, `build`, the files of `policies/`), so
+//! `hands exec --env default` works on a fresh machine. Every file found is
+//! validated: an invalid one is an error, never a silent fall-back to the built-in.
+//!
+//! The operator's reference for every key is `docs/policy.md`.
 //!
 //! # Schema
 //!
@@ -64,15 +67,14 @@
 //! - `network.mode`: both give the session a network namespace of its own. `"none"`:
 //!   no interface up, not even `lo`, and landlock denies every TCP bind and connect as
 //!   a second wall. `"loopback"`: only `lo` up, so a process may serve and reach
-//!   itself, nothing else. Egress through the allowlist proxy (DESIGN §4) will be a
-//!   third mode.
+//!   itself, nothing else. Egress through an allowlist proxy will be a third mode.
 //! - `limits.call_timeout` must be strictly greater than `limits.bash_timeout`: with
 //!   equal deadlines the two race and the model sees either bash's own
 //!   `bash command timed out` or the runner's `tool 'bash' timed out` (the SDK keeps
 //!   the same 30 s margin, 120 s vs 150 s, for the same reason).
 //! - `limits.output_bytes` and `limits.file_bytes` have an upper bound because the
-//!   worker buffers that much per call; without one a policy could defeat the flat
-//!   worker memory DESIGN §2 promises.
+//!   worker buffers that much per call; without one a policy could defeat the
+//!   worker's flat memory use.
 //! - `env`: names match `[A-Za-z_][A-Za-z0-9_]*`; values contain no NUL. Reserved (the
 //!   worker sets them and a policy must not override them): `PS1`, `PS2`, `TERM` (the
 //!   bash tool's output framing depends on them), the proxy variables `HTTP_PROXY`,
@@ -90,6 +92,7 @@
 //!   anything else is rejected. Empty (the default) means fail closed: an environment whose
 //!   confinement the kernel cannot fully enforce is not offered.
 
+pub mod lookup;
 mod raw;
 pub mod units;
 
@@ -237,19 +240,24 @@ impl fmt::Display for Degradation {
 /// bad value also carries the dotted key (`limits.memory`, `filesystem.read_only[2]`).
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("{}: cannot read: {source}", path.display())]
-    Read {
+    // Causes are part of the message and not also a `source()`, so that a
+    // printer of error chains shows them once.
+    #[error("{}: cannot read: {cause}", path.display())]
+    Read { path: PathBuf, cause: io::Error },
+    /// A directory of the lookup that cannot be listed (or, named explicitly,
+    /// does not exist).
+    #[error("policy directory {} (from {origin}): {cause}", path.display())]
+    Dir {
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        origin: lookup::Origin,
+        cause: io::Error,
     },
     /// TOML syntax, a missing or unknown key, or a value of the wrong type; toml's
     /// message carries the line, column and key.
-    #[error("{}: {}", path.display(), source.to_string().trim_end())]
+    #[error("{}: {}", path.display(), cause.to_string().trim_end())]
     Parse {
         path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
+        cause: Box<toml::de::Error>,
     },
     #[error("{}: {key}: {message}", path.display())]
     Invalid {
@@ -351,9 +359,9 @@ impl Policy {
                 name: name.to_string(),
             });
         }
-        let raw: RawPolicy = toml::from_str(text).map_err(|source| PolicyError::Parse {
+        let raw: RawPolicy = toml::from_str(text).map_err(|cause| PolicyError::Parse {
             path: path.to_path_buf(),
-            source: Box::new(source),
+            cause: Box::new(cause),
         })?;
         Validator { path }.policy(name, raw)
     }
@@ -368,50 +376,21 @@ impl Policy {
                 })
             }
         };
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| PolicyError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Policy::from_toml_str(&name, &text, path)
     }
 }
 
-/// The environments of one directory (or the built-in ones), by name.
+/// The built-in environments, by name.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     policies: BTreeMap<String, Policy>,
 }
 
 impl PolicySet {
-    /// Loads every `*.toml` file of `dir` (not recursive), skipping hidden files
-    /// (editor locks such as `.#default.toml`). Any other invalid file fails the whole
-    /// load: an environment silently missing is worse than a worker that refuses to
-    /// start with a clear message. Files are validated in name order so the error
-    /// reported is deterministic.
-    pub fn load_dir(dir: &Path) -> Result<PolicySet> {
-        let read_dir_error = |source| PolicyError::Read {
-            path: dir.to_path_buf(),
-            source,
-        };
-        let mut paths = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(read_dir_error)? {
-            let path = entry.map_err(read_dir_error)?.path();
-            let hidden = path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-            if !hidden && path.extension().is_some_and(|e| e == "toml") {
-                paths.push(path);
-            }
-        }
-        paths.sort();
-        let mut set = PolicySet::default();
-        for path in paths {
-            let policy = Policy::load(&path)?;
-            set.policies.insert(policy.name.clone(), policy);
-        }
-        Ok(set)
-    }
-
     /// The policies compiled into the binary.
     pub fn builtin() -> PolicySet {
         let policies = BUILTIN
@@ -446,31 +425,9 @@ impl PolicySet {
     }
 }
 
-/// The policy of environment `name`: the first `<dir>/<name>.toml` among `dirs`,
-/// else the built-in policy of that name.
-pub fn find(name: &str, dirs: &[PathBuf]) -> Result<Policy> {
-    // Checked before any path is built from it: `../x` or `/etc/x` must never reach
-    // the filesystem.
-    if !is_valid_name(name) {
-        return Err(PolicyError::Name {
-            path: None,
-            name: name.to_string(),
-        });
-    }
-    for dir in dirs {
-        let path = dir.join(format!("{name}.toml"));
-        match std::fs::read_to_string(&path) {
-            Ok(text) => return Policy::from_toml_str(name, &text, &path),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(PolicyError::Read { path, source }),
-        }
-    }
-    builtin(name).unwrap_or_else(|| {
-        Err(PolicyError::NotFound {
-            name: name.to_string(),
-            searched: dirs.to_vec(),
-        })
-    })
+/// The text of the built-in policy `name`, if there is one.
+pub fn builtin_text(name: &str) -> Option<&'static str> {
+    BUILTIN.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }
 
 /// The built-in policy `name`, if there is one.
@@ -840,7 +797,14 @@ allow_degraded = ["landlock-net", "landlock-scope"]
     #[test]
     fn shipped_policies_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-        let set = PolicySet::load_dir(&dir).unwrap();
+        let set = lookup::Lookup::new(&[dir], None, None).load().unwrap();
+        let set = PolicySet {
+            policies: set
+                .iter()
+                .filter(|e| matches!(e.source, lookup::Source::File(_)))
+                .map(|e| (e.policy.name.clone(), e.policy.clone()))
+                .collect(),
+        };
         for (name, _) in BUILTIN {
             assert!(set.get(name).is_some(), "policies/{name}.toml is missing");
         }
@@ -1072,7 +1036,8 @@ allow_degraded = ["landlock-net", "landlock-scope"]
             long.as_str(),
         ] {
             assert!(!is_valid_name(bad), "{bad}");
-            let error = find(bad, &[]).unwrap_err();
+            let catalog = lookup::Lookup::builtin_only().load().unwrap();
+            let error = catalog.get(bad).unwrap_err();
             assert!(
                 matches!(error, PolicyError::Name { path: None, .. }),
                 "{error:?}"
@@ -1093,20 +1058,23 @@ allow_degraded = ["landlock-net", "landlock-scope"]
         let local = dir.path().join("default.toml");
         std::fs::write(&local, with_line("pids", "pids = 64")).unwrap();
         std::fs::write(dir.path().join("other.toml"), VALID).unwrap();
-        std::fs::write(dir.path().join(".#lock.toml"), "garbage").unwrap();
-        std::fs::write(dir.path().join("notes.txt"), "garbage").unwrap();
         let empty = tempfile::tempdir().unwrap();
-        let dirs = [empty.path().to_path_buf(), dir.path().to_path_buf()];
+        let lookup = lookup::Lookup::new(
+            &[empty.path().to_path_buf(), dir.path().to_path_buf()],
+            None,
+            None,
+        );
+        let catalog = lookup.load().unwrap();
 
         // A local file wins over the built-in of the same name.
-        assert_eq!(find("default", &dirs).unwrap().limits.pids, 64);
+        assert_eq!(catalog.policy("default").unwrap().limits.pids, 64);
         // Names with no local file fall back to the built-ins.
         assert_eq!(
-            find("strict", &dirs).unwrap().network.mode,
+            catalog.policy("strict").unwrap().network.mode,
             NetworkMode::None
         );
-        assert_eq!(find("build", &[]).unwrap().name, "build");
-        let error = find("nope", &dirs).unwrap_err();
+        assert_eq!(catalog.policy("other").unwrap().name, "other");
+        let error = catalog.get("nope").unwrap_err();
         assert!(matches!(error, PolicyError::NotFound { .. }), "{error:?}");
         assert!(
             error
@@ -1115,21 +1083,15 @@ allow_degraded = ["landlock-net", "landlock-scope"]
             "{error}"
         );
 
-        let set = PolicySet::load_dir(dir.path()).unwrap();
-        assert_eq!(
-            set.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
-            ["default", "other"]
-        );
-
         // A broken local file is an error, never a silent fall-back to the built-in.
         std::fs::write(&local, "[filesystem]\n").unwrap();
-        let error = find("default", &dirs).unwrap_err();
+        let error = lookup.load().unwrap_err();
         assert!(
             matches!(error, PolicyError::Parse { ref path, .. } if *path == local),
             "{error:?}"
         );
-        assert!(PolicySet::load_dir(dir.path()).is_err());
 
+        std::fs::write(dir.path().join("notes.txt"), "garbage").unwrap();
         let error = Policy::load(&dir.path().join("notes.txt")).unwrap_err();
         assert!(matches!(error, PolicyError::FileName { .. }), "{error:?}");
         let error = Policy::load(&dir.path().join("missing.toml")).unwrap_err();

@@ -42,17 +42,17 @@ pub struct CgroupLimits {
 pub enum CgroupError {
     #[error("no usable cgroup hierarchy: {0}")]
     Unavailable(String),
-    #[error("cgroup {path}: {op}: {source}")]
+    #[error("cgroup {path}: {op}: {cause}")]
     Op {
         path: String,
         op: &'static str,
-        source: cgroups_rs::error::Error,
+        cause: cgroups_rs::error::Error,
     },
-    #[error("cgroup {path}: {op}: {source}")]
+    #[error("cgroup {path}: {op}: {cause}")]
     Io {
         path: String,
         op: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("cgroup {path}: processes still alive after {waited:?}")]
     NotEmpty { path: String, waited: Duration },
@@ -176,6 +176,27 @@ impl Cgroups {
         }
     }
 
+    /// The directory of group `rel` for controller `ctl` (`memory`, `pids`).
+    fn controller_dir(&self, ctl: cgroups_rs::Controllers, rel: &str) -> PathBuf {
+        match self.version {
+            CgroupVersion::V2 => self.v2_root.join(rel),
+            CgroupVersion::V1 => cgroups_rs::hierarchies::V1::new()
+                .get_mount_point(ctl)
+                .unwrap_or_default()
+                .join(rel),
+        }
+    }
+
+    fn session(&self, cg: Cgroup, rel: String) -> SessionCgroup {
+        SessionCgroup {
+            memory_dir: self.controller_dir(cgroups_rs::Controllers::Mem, &rel),
+            pids_dir: self.controller_dir(cgroups_rs::Controllers::Pids, &rel),
+            cg,
+            rel,
+            version: self.version,
+        }
+    }
+
     fn load(&self, rel: &str) -> Cgroup {
         match self.version {
             CgroupVersion::V1 => Cgroup::load_with_specified_controllers(
@@ -192,10 +213,10 @@ impl Cgroups {
     pub fn create(&self, name: &str, limits: CgroupLimits) -> Result<SessionCgroup, CgroupError> {
         let rel = format!("{PARENT}/{name}");
         let cg = self.load(&rel);
-        cg.create().map_err(|source| CgroupError::Op {
+        cg.create().map_err(|cause| CgroupError::Op {
             path: rel.clone(),
             op: "create",
-            source,
+            cause,
         })?;
         if self.version == CgroupVersion::V2 {
             // Delegate the controllers down to the session group: cgroups-rs only
@@ -209,11 +230,7 @@ impl Cgroups {
                 let _ = std::fs::write(&ctl, &enable);
             }
         }
-        let session = SessionCgroup {
-            cg,
-            rel,
-            version: self.version,
-        };
+        let session = self.session(cg, rel);
         session.apply(limits)?;
         Ok(session)
     }
@@ -240,11 +257,7 @@ impl Cgroups {
     /// Opens an existing session group by name (no creation).
     pub fn open(&self, name: &str) -> SessionCgroup {
         let rel = format!("{PARENT}/{name}");
-        SessionCgroup {
-            cg: self.load(&rel),
-            rel,
-            version: self.version,
-        }
+        self.session(self.load(&rel), rel)
     }
 }
 
@@ -254,6 +267,34 @@ pub struct SessionCgroup {
     cg: Cgroup,
     rel: String,
     version: CgroupVersion,
+    /// The group's directory in the memory and pids hierarchies (one and the
+    /// same on v2), where the kernel counts the limits' events.
+    memory_dir: PathBuf,
+    pids_dir: PathBuf,
+}
+
+/// How often a session hit its limits so far (counters only grow).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitEvents {
+    /// Processes the OOM killer killed because the group reached its memory
+    /// limit (v1 `memory.oom_control` oom_kill, v2 `memory.events` oom_kill).
+    pub oom_kills: u64,
+    /// Forks refused because the group reached its pids limit (`pids.events`
+    /// max, v1 and v2).
+    pub pids_refused: u64,
+}
+
+/// The value of `key` in a flat-keyed cgroup file (`key value` lines).
+fn counter(path: &Path, key: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == key).then(|| v.trim().parse().ok())?
+            })
+        })
+        .unwrap_or(0)
 }
 
 impl SessionCgroup {
@@ -261,10 +302,10 @@ impl SessionCgroup {
         &self,
         op: &'static str,
     ) -> impl FnOnce(cgroups_rs::error::Error) -> CgroupError + '_ {
-        move |source| CgroupError::Op {
+        move |cause| CgroupError::Op {
             path: self.rel.clone(),
             op,
-            source,
+            cause,
         }
     }
 
@@ -344,9 +385,21 @@ impl SessionCgroup {
     /// How many times the memory limit was hit and the OOM killer ran (v1
     /// `memory.oom_control` oom_kill / v2 `memory.events` oom_kill).
     pub fn oom_kills(&self) -> u64 {
-        let mem: Option<&MemController> = self.cg.controller_of();
-        mem.map(|m| m.memory_stat().oom_control.oom_kill)
-            .unwrap_or(0)
+        self.limit_events().oom_kills
+    }
+
+    /// The group's limit counters, read from the files the kernel keeps
+    /// (cgroups-rs reads no `memory.events` on v2). A counter the kernel does
+    /// not offer reads as 0.
+    pub fn limit_events(&self) -> LimitEvents {
+        let memory_file = match self.version {
+            CgroupVersion::V1 => "memory.oom_control",
+            CgroupVersion::V2 => "memory.events",
+        };
+        LimitEvents {
+            oom_kills: counter(&self.memory_dir.join(memory_file), "oom_kill"),
+            pids_refused: counter(&self.pids_dir.join("pids.events"), "max"),
+        }
     }
 }
 
@@ -401,5 +454,20 @@ mod tests {
         cg.add_process(4242).unwrap();
         assert_eq!(read("cgroup.procs").trim(), "4242");
         assert_eq!(cgs.existing(), vec!["s7".to_string()]);
+        // The limits' counters, as the kernel writes them.
+        assert_eq!(cg.limit_events(), LimitEvents::default());
+        std::fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 12\noom 2\noom_kill 2\noom_group_kill 0\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("pids.events"), "max 5\n").unwrap();
+        assert_eq!(
+            cg.limit_events(),
+            LimitEvents {
+                oom_kills: 2,
+                pids_refused: 5
+            }
+        );
     }
 }

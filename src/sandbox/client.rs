@@ -23,10 +23,10 @@ use crate::tools::{Tool, ToolResult};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Host {
         what: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
@@ -38,10 +38,18 @@ pub enum SandboxError {
     Protocol(String),
     #[error("session helper did not answer within {0:?}")]
     Timeout(Duration),
+    /// The program could not be started (`errno` ENOENT: there is no such
+    /// program in the sandbox).
+    #[error("{program}: {message}")]
+    Spawn {
+        program: String,
+        message: String,
+        errno: Option<i32>,
+    },
 }
 
 fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> SandboxError {
-    move |source| SandboxError::Host { what, source }
+    move |cause| SandboxError::Host { what, cause }
 }
 
 enum ExitSlot {
@@ -295,6 +303,7 @@ impl HelperClient {
         kill_all_on_exit: bool,
     ) -> Result<(i32, oneshot::Receiver<i32>), SandboxError> {
         let id = self.next_id();
+        let program = argv.first().cloned().unwrap_or_default();
         let req = Request::Spawn {
             id,
             argv,
@@ -320,9 +329,10 @@ impl HelperClient {
                 }
                 Ok((pid, rx))
             }
-            Response::SpawnFailed { error, .. } => Err(SandboxError::Host {
-                what: "starting the command in the sandbox",
-                source: std::io::Error::other(error),
+            Response::SpawnFailed { error, errno, .. } => Err(SandboxError::Spawn {
+                program,
+                message: error,
+                errno,
             }),
             other => Err(SandboxError::Protocol(format!(
                 "expected Spawned, got {other:?}"

@@ -290,6 +290,7 @@ fn serve(
                     Err(e) => Response::SpawnFailed {
                         id,
                         error: e.to_string(),
+                        errno: e.raw_os_error(),
                     },
                 };
                 drop(procs);

@@ -155,16 +155,16 @@ pub enum LandlockError {
         abi: u32,
         missing: Vec<&'static str>,
     },
-    #[error("landlock {op} {path:?}: {source}")]
+    #[error("landlock {op} {path:?}: {cause}")]
     Rule {
         op: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("landlock {op}: {source}")]
+    #[error("landlock {op}: {cause}")]
     Syscall {
         op: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -172,7 +172,7 @@ fn open_path(p: &Path) -> Result<OwnedFd, LandlockError> {
     open(p, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| LandlockError::Rule {
         op: "open",
         path: p.to_path_buf(),
-        source: e.into(),
+        cause: e.into(),
     })
 }
 
@@ -215,10 +215,10 @@ pub fn enforce_on_current_thread(
         0
     };
     let ruleset =
-        sys::landlock_create_ruleset(handled_fs, handled_net, scoped, abi).map_err(|source| {
+        sys::landlock_create_ruleset(handled_fs, handled_net, scoped, abi).map_err(|cause| {
             LandlockError::Syscall {
                 op: "create_ruleset",
-                source,
+                cause,
             }
         })?;
 
@@ -238,8 +238,8 @@ pub fn enforce_on_current_thread(
         for p in paths {
             let fd = match open_path(p) {
                 Ok(fd) => fd,
-                Err(LandlockError::Rule { source, .. })
-                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                Err(LandlockError::Rule { cause, .. })
+                    if cause.raw_os_error() == Some(libc::ENOENT) =>
                 {
                     continue
                 }
@@ -251,11 +251,11 @@ pub fn enforce_on_current_thread(
             if !p.is_dir() {
                 access &= FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV;
             }
-            sys::landlock_add_path_rule(ruleset.as_fd(), fd.as_fd(), access).map_err(|source| {
+            sys::landlock_add_path_rule(ruleset.as_fd(), fd.as_fd(), access).map_err(|cause| {
                 LandlockError::Rule {
                     op: "add_rule",
                     path: p.clone(),
-                    source,
+                    cause,
                 }
             })?;
         }
@@ -266,10 +266,10 @@ pub fn enforce_on_current_thread(
     } else {
         0
     };
-    sys::landlock_restrict_self(ruleset.as_fd(), flags).map_err(|source| {
+    sys::landlock_restrict_self(ruleset.as_fd(), flags).map_err(|cause| {
         LandlockError::Syscall {
             op: "restrict_self",
-            source,
+            cause,
         }
     })?;
     Ok(LandlockReport { abi, missing })
@@ -289,7 +289,7 @@ pub fn child_scope_ruleset() -> Result<Option<OwnedFd>, LandlockError> {
     if abi < 6 {
         return Ok(None);
     }
-    let syscall = |op| move |source| LandlockError::Syscall { op, source };
+    let syscall = |op| move |cause| LandlockError::Syscall { op, cause };
     let ruleset = sys::landlock_create_ruleset(FS_REFER, 0, SCOPE_SIGNAL, abi)
         .map_err(syscall("create_ruleset (child scope)"))?;
     let root = open_path(Path::new("/"))?;

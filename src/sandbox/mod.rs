@@ -71,7 +71,7 @@ impl SandboxConfig {
             Some(p) => PathBuf::from(p),
             None => std::env::current_exe().map_err(|e| SandboxError::Host {
                 what: "locating the hands executable",
-                source: e,
+                cause: e,
             })?,
         };
         let cgroups = cgroup::Cgroups::detect()?;

@@ -29,12 +29,11 @@ const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 const PROC_MASKED: [&str; 5] = ["cmdline", "keys", "key-users", "timer_list", "sched_debug"];
 
 #[derive(Debug, thiserror::Error)]
-#[error("{step} {path:?}: {source}")]
+#[error("{step} {path:?}: {cause}")]
 pub struct MountError {
     pub step: &'static str,
     pub path: PathBuf,
-    #[source]
-    pub source: std::io::Error,
+    pub cause: std::io::Error,
 }
 
 fn err<E: Into<std::io::Error>>(step: &'static str, path: &Path) -> impl FnOnce(E) -> MountError {
@@ -42,7 +41,7 @@ fn err<E: Into<std::io::Error>>(step: &'static str, path: &Path) -> impl FnOnce(
     move |e| MountError {
         step,
         path,
-        source: e.into(),
+        cause: e.into(),
     }
 }
 

@@ -156,6 +156,9 @@ pub enum Response {
     SpawnFailed {
         id: u64,
         error: String,
+        /// The errno of the failed exec (ENOENT: no such program), if any.
+        #[serde(default)]
+        errno: Option<i32>,
     },
     /// A spawned process ended: exit code, or 128 + signal number.
     Exited {

@@ -285,12 +285,26 @@ fn bit_set(arg: u8, bit: u64) -> Result<SeccompCondition, SeccompError> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
+    // Causes are part of each message and not also a `source()`, so that a
+    // printer of error chains shows them once.
     #[error("building the seccomp filter: {0}")]
-    Build(#[from] seccompiler::Error),
+    Build(seccompiler::Error),
     #[error("building the seccomp filter: {0}")]
-    Backend(#[from] seccompiler::BackendError),
+    Backend(seccompiler::BackendError),
     #[error("installing the seccomp filter: {0}")]
     Install(seccompiler::Error),
+}
+
+impl From<seccompiler::Error> for SeccompError {
+    fn from(e: seccompiler::Error) -> Self {
+        SeccompError::Build(e)
+    }
+}
+
+impl From<seccompiler::BackendError> for SeccompError {
+    fn from(e: seccompiler::BackendError) -> Self {
+        SeccompError::Backend(e)
+    }
 }
 
 /// What varies between sessions.

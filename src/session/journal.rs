@@ -39,6 +39,18 @@ pub enum Outcome {
     Completed,
     TimedOut,
     Cancelled,
+    /// Cut short because the worker shut down (see [`JournalStore::cut_short`]).
+    Shutdown,
+}
+
+/// Why a running call was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelCause {
+    /// `Cancel`, or the deadline of the request that started it.
+    Requested,
+    /// The worker is shutting down and its grace period for running calls,
+    /// this long, is over.
+    Shutdown { grace: Duration },
 }
 
 /// Why a finished call's result is no longer held.
@@ -177,6 +189,10 @@ pub struct CallRecord {
     output: Mutex<OutputLog>,
     output_cap: usize,
     cancel: Notify,
+    /// Set by the first cancel; read once the call has stopped.
+    cause: Mutex<Option<CancelCause>>,
+    /// When the call started (shutdown logs how long calls have run).
+    pub started: Instant,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -246,11 +262,23 @@ impl CallRecord {
 
     /// Asks the running call to stop; false when it already finished.
     pub fn cancel(&self) -> bool {
+        self.cancel_for(CancelCause::Requested)
+    }
+
+    /// Asks the running call to stop, for `cause` (the first cause given is
+    /// the one reported); false when it already finished.
+    pub fn cancel_for(&self, cause: CancelCause) -> bool {
         if self.is_finished() {
             return false;
         }
+        lock(&self.cause).get_or_insert(cause);
         self.cancel.notify_one();
         true
+    }
+
+    /// Why the call was asked to stop, if it was.
+    pub fn cancel_cause(&self) -> Option<CancelCause> {
+        *lock(&self.cause)
     }
 
     /// Resolves when `cancel` was called (a permit is kept if it came first).
@@ -460,6 +488,32 @@ impl JournalStore {
             .map(|s| s.held.len())
             .sum()
     }
+
+    /// The calls still running, over every session, oldest first.
+    pub fn running(&self) -> Vec<Arc<CallRecord>> {
+        let mut calls: Vec<Arc<CallRecord>> = lock(&self.inner)
+            .sessions
+            .values()
+            .flat_map(|s| s.calls.values())
+            .filter_map(|e| match e {
+                Entry::Live(rec) if !rec.is_finished() => Some(rec.clone()),
+                _ => None,
+            })
+            .collect();
+        calls.sort_by_key(|r| r.started);
+        calls
+    }
+
+    /// Stops every running call because the worker shuts down after giving
+    /// them `grace`: each ends with [`Outcome::Shutdown`] and a result saying
+    /// so. Returns the calls it stopped.
+    pub fn cut_short(&self, grace: Duration) -> Vec<Arc<CallRecord>> {
+        let calls = self.running();
+        for rec in &calls {
+            rec.cancel_for(CancelCause::Shutdown { grace });
+        }
+        calls
+    }
 }
 
 /// A session's journal: its calls in the worker's [`JournalStore`]. Dropping
@@ -533,6 +587,8 @@ impl Journal {
                 }),
                 output_cap: limits.output_bytes,
                 cancel: Notify::new(),
+                cause: Mutex::new(None),
+                started: Instant::now(),
             });
             let s = st.sessions.get_mut(&key).expect("created above");
             s.calls

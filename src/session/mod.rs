@@ -38,10 +38,10 @@ pub enum SessionError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Cgroup(#[from] crate::sandbox::cgroup::CgroupError),
-    #[error("workspace {path}: {source}")]
+    #[error("workspace {path}: {cause}")]
     Workspace {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Workspaces(#[from] WorkspaceError),
@@ -210,28 +210,28 @@ impl Session {
         for d in &opts.extra_dirs {
             let bad = |e: String| SessionError::Workspace {
                 path: d.rel.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+                cause: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
             };
             if let Err(e) = d.validate() {
                 cleanup_workspace(workspace);
                 return Err(bad(e));
             }
             let p = workspace_path.join(&d.rel);
-            if let Err(source) = std::fs::DirBuilder::new()
+            if let Err(cause) = std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&p)
             {
                 cleanup_workspace(workspace);
-                return Err(SessionError::Workspace { path: p, source });
+                return Err(SessionError::Workspace { path: p, cause });
             }
         }
         let root_dir = cfg.state_dir.join("root");
-        if let Err(source) = std::fs::create_dir_all(&root_dir) {
+        if let Err(cause) = std::fs::create_dir_all(&root_dir) {
             cleanup_workspace(workspace);
             return Err(SessionError::Workspace {
                 path: root_dir,
-                source,
+                cause,
             });
         }
 
@@ -389,10 +389,22 @@ impl Session {
                 if rec.tool == "bash" {
                     self.bash.lock().await.abort(&self.helper).await;
                 }
-                (
-                    ToolResult::err(format!("tool {} cancelled", crate::tools::path::py_repr(&rec.tool))),
-                    journal::Outcome::Cancelled,
-                )
+                let tool = crate::tools::path::py_repr(&rec.tool);
+                match rec.cancel_cause() {
+                    Some(journal::CancelCause::Shutdown { grace }) => (
+                        ToolResult::err(format!(
+                            "tool {tool} cut short: the worker is shutting down (calls still \
+                             running {}s after it was told to stop are killed, with every \
+                             process they started)",
+                            grace.as_secs()
+                        )),
+                        journal::Outcome::Shutdown,
+                    ),
+                    Some(journal::CancelCause::Requested) | None => (
+                        ToolResult::err(format!("tool {tool} cancelled")),
+                        journal::Outcome::Cancelled,
+                    ),
+                }
             }
         };
         rec.finish(result, outcome);
@@ -404,7 +416,37 @@ impl Session {
         self.call_inner(name, input, call_id, None).await.0
     }
 
+    /// Runs the call; when the session hit its memory or pids limit meanwhile,
+    /// the result says so (the kernel's own trace is a bare `Killed`, or a
+    /// `fork: Resource temporarily unavailable`). The counters are the
+    /// session's: a limit hit by another call running at the same time in
+    /// the session is reported too.
     async fn call_inner(
+        &self,
+        name: &str,
+        input: &Value,
+        call_id: &str,
+        sink: Option<crate::tools::bash::OutputSink<'_>>,
+    ) -> (ToolResult, journal::Outcome) {
+        let before = self.limit_events();
+        let (mut result, outcome) = self.call_tool(name, input, call_id, sink).await;
+        let after = self.limit_events();
+        let limits = &self.policy.limits;
+        for note in limit_notes(before, after, limits) {
+            result.append_note(&note);
+        }
+        (result, outcome)
+    }
+
+    /// The session's limit counters (zero when it has no cgroup any more).
+    pub fn limit_events(&self) -> crate::sandbox::cgroup::LimitEvents {
+        self.cgroup
+            .as_ref()
+            .map(SessionCgroup::limit_events)
+            .unwrap_or_default()
+    }
+
+    async fn call_tool(
         &self,
         name: &str,
         input: &Value,
@@ -529,6 +571,30 @@ impl Session {
             .map_err(|e| SandboxError::HelperDied(format!(": cleanup task: {e}")))??;
         Ok(())
     }
+}
+
+/// What the session's limits did between two readings of its counters, in
+/// words for the model and the operator: processes killed at the memory limit,
+/// forks refused at the pids limit.
+pub fn limit_notes(
+    before: crate::sandbox::cgroup::LimitEvents,
+    after: crate::sandbox::cgroup::LimitEvents,
+    limits: &crate::policy::Limits,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    if after.oom_kills > before.oom_kills {
+        notes.push(format!(
+            "killed: the session's memory limit ({}) was reached",
+            crate::policy::units::format_size(limits.memory_bytes)
+        ));
+    }
+    if after.pids_refused > before.pids_refused {
+        notes.push(format!(
+            "processes refused: the session's pids limit ({}) was reached",
+            limits.pids
+        ));
+    }
+    notes
 }
 
 /// Removes what dead workers left behind: every session group and every

@@ -18,11 +18,8 @@ pub struct Slot {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
-    #[error("creating {path}: {source}")]
-    Dir {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("creating {path}: {cause}")]
+    Dir { path: String, cause: std::io::Error },
     #[error("all {0} session slots are in use on this host")]
     Exhausted(u32),
 }
@@ -45,9 +42,9 @@ pub fn try_acquire(state_dir: &Path, n: u32) -> Option<Slot> {
 /// from the pid so that concurrent workers rarely contend on the same lock file.
 pub fn acquire(state_dir: &Path, max: u32) -> Result<Slot, SlotError> {
     let dir = state_dir.join("slots");
-    std::fs::create_dir_all(&dir).map_err(|source| SlotError::Dir {
+    std::fs::create_dir_all(&dir).map_err(|cause| SlotError::Dir {
         path: dir.display().to_string(),
-        source,
+        cause,
     })?;
     let start = (std::process::id() * 7) % max.max(1);
     for i in 0..max {

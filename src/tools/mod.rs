@@ -123,6 +123,21 @@ impl ToolResult {
         }
     }
 
+    /// Adds `note` as a line of its own after the result's text (in place of
+    /// `(no output)`).
+    pub fn append_note(&mut self, note: &str) {
+        match self.content.last_mut() {
+            Some(ContentBlock::Text { text }) if text == NO_OUTPUT => *text = note.to_string(),
+            Some(ContentBlock::Text { text }) => {
+                text.push('\n');
+                text.push_str(note);
+            }
+            _ => self.content.push(ContentBlock::Text {
+                text: note.to_string(),
+            }),
+        }
+    }
+
     /// The concatenated text of all text blocks (for tests and the CLI).
     pub fn text_content(&self) -> String {
         self.content

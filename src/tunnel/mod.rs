@@ -157,19 +157,19 @@ struct Slot {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
-    #[error("connecting to {endpoint}: {source}")]
+    #[error("connecting to {endpoint}: {cause}")]
     Tcp {
         endpoint: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Proxy(#[from] proxy::ProxyError),
-    #[error("TLS handshake with {endpoint}: {source}")]
+    #[error("TLS handshake with {endpoint}: {cause}")]
     Handshake {
         endpoint: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error("{endpoint}: timed out after {timeout:?}")]
     Timeout { endpoint: String, timeout: Duration },
@@ -247,9 +247,9 @@ impl Slot {
                 )
                 .await
                 {
-                    Ok(r) => r.map_err(|source| DialError::Tcp {
+                    Ok(r) => r.map_err(|cause| DialError::Tcp {
                         endpoint: e.to_string(),
-                        source,
+                        cause,
                     })?,
                     Err(_) => {
                         return Err(DialError::Timeout {
@@ -265,9 +265,9 @@ impl Slot {
         let name = crate::tls::server_name(name)?;
         let connector = tokio_rustls::TlsConnector::from(self.tls.get());
         match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
-            Ok(r) => r.map_err(|source| DialError::Handshake {
+            Ok(r) => r.map_err(|cause| DialError::Handshake {
                 endpoint: e.to_string(),
-                source,
+                cause,
             }),
             Err(_) => Err(DialError::Timeout {
                 endpoint: e.to_string(),

@@ -34,10 +34,10 @@ impl std::fmt::Display for Proxy {
 pub enum ProxyError {
     #[error("proxy URL {0:?}: {1}")]
     Url(String, &'static str),
-    #[error("connecting to proxy {proxy}: {source}")]
+    #[error("connecting to proxy {proxy}: {cause}")]
     Connect {
         proxy: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("proxy {proxy} refused CONNECT {target}: {status}")]
     Refused {
@@ -108,9 +108,9 @@ impl Proxy {
         let fut = async {
             let mut stream = TcpStream::connect((self.host.as_str(), self.port))
                 .await
-                .map_err(|source| ProxyError::Connect {
+                .map_err(|cause| ProxyError::Connect {
                     proxy: proxy.clone(),
-                    source,
+                    cause,
                 })?;
             let _ = stream.set_nodelay(true);
             let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");

@@ -5,9 +5,11 @@
 //! ```toml
 //! worker_id = "build-host-1"        # identity in Info (the tunnel's client certificate later)
 //! capacity = 16                     # most sessions open at once
-//! policy_dirs = ["/etc/hands/policies"]   # searched before the built-in policies
+//! policy_dirs = ["policies"]       # searched after --policy-dir and $HANDS_POLICY_DIR,
+//!                                   # before /etc/hands/policies and the built-in policies
 //! environments = ["default", "strict"]    # offered environments (default: every policy found)
 //! listen = "127.0.0.1:7700"         # optional debug listener: loopback addresses only
+//! shutdown_grace_secs = 20          # on SIGTERM, how long running calls may still finish
 //!
 //! [tunnel]                          # the outbound mTLS tunnel to one or more gateways
 //! endpoints = ["gw-a.example:7443", "gw-b.example:7443"]
@@ -29,7 +31,10 @@
 //! refused with `RESULT_EXPIRED`, never a second run (see `session::journal`).
 //!
 //! Unknown keys are rejected, so a typo never passes silently. Relative paths
-//! are relative to the configuration file.
+//! (`policy_dirs` included) are relative to the configuration file. The
+//! policies are found by `crate::policy::lookup`, the same lookup every command
+//! uses; an invalid policy file is an error naming the file and the key. The
+//! operator's reference for every key is `docs/worker.md`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,6 +42,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::policy::lookup::{Lookup, Source};
 use crate::policy::Policy;
 use crate::tunnel::{Backoff, Endpoint, ProxyChoice, TunnelConfig};
 
@@ -52,6 +58,8 @@ struct RawConfig {
     environments: Option<Vec<String>>,
     #[serde(default)]
     listen: Option<String>,
+    #[serde(default)]
+    shutdown_grace_secs: Option<u64>,
     #[serde(default)]
     tunnel: Option<RawTunnel>,
     #[serde(default)]
@@ -132,8 +140,14 @@ fn default_capacity() -> usize {
 pub struct Config {
     pub worker_id: String,
     pub capacity: usize,
+    /// The offered environments, in name order.
     pub policies: Vec<Policy>,
+    /// Where each offered environment's policy comes from, by name.
+    pub sources: std::collections::BTreeMap<String, Source>,
     pub listen: Option<SocketAddr>,
+    /// On SIGTERM, how long running calls may still finish before they are
+    /// cut short.
+    pub shutdown_grace: Duration,
     pub tunnel: Option<TunnelConfig>,
     /// The Claude Managed Agents connector (`[anthropic]`).
     pub anthropic: Option<crate::cma::config::AnthropicConfig>,
@@ -143,12 +157,26 @@ pub struct Config {
 
 pub use crate::configfile::ConfigError;
 
+/// The default of `shutdown_grace_secs`: under Kubernetes' default
+/// termination grace (30 s) and systemd's stop timeout (90 s), so that cut
+/// short calls are still reported and sessions closed before a SIGKILL.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 impl Config {
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        Config::from_toml_str(&crate::configfile::read(path)?, path)
+    /// Reads the configuration at `path`; its environments are looked up in
+    /// `lookup` (the command line's directories) with the file's `policy_dirs`.
+    pub fn load(path: &Path, lookup: &Lookup) -> Result<Config, ConfigError> {
+        Config::from_toml_str(&crate::configfile::read(path)?, path, lookup)
     }
 
-    pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    /// The lookup a configuration file adds its `policy_dirs` to, without
+    /// validating anything else (`hands policy list --config`).
+    pub fn policy_lookup(path: &Path, lookup: &Lookup) -> Result<Lookup, ConfigError> {
+        let raw: RawConfig = crate::configfile::parse(&crate::configfile::read(path)?, path)?;
+        Ok(lookup.with_config_dirs(path, &raw.policy_dirs))
+    }
+
+    pub fn from_toml_str(text: &str, path: &Path, lookup: &Lookup) -> Result<Config, ConfigError> {
         let raw: RawConfig = crate::configfile::parse(text, path)?;
         let invalid = crate::configfile::invalid(path);
         if !crate::session::registry::valid_id(&raw.worker_id) {
@@ -160,32 +188,36 @@ impl Config {
         if raw.capacity == 0 || raw.capacity > 4096 {
             return Err(invalid("capacity", "must be between 1 and 4096".into()));
         }
+        let catalog = lookup.with_config_dirs(path, &raw.policy_dirs).load()?;
         let names: Vec<String> = match raw.environments {
             Some(names) => names,
-            None => {
-                let mut names: Vec<String> = crate::policy::PolicySet::builtin()
-                    .iter()
-                    .map(|p| p.name.clone())
-                    .collect();
-                for dir in &raw.policy_dirs {
-                    if let Ok(set) = crate::policy::PolicySet::load_dir(dir) {
-                        names.extend(set.iter().map(|p| p.name.clone()));
-                    }
-                }
-                names.sort();
-                names.dedup();
-                names
-            }
+            None => catalog.iter().map(|e| e.policy.name.clone()).collect(),
         };
         if names.is_empty() {
             return Err(invalid("environments", "no environment to offer".into()));
         }
         let mut policies = Vec::new();
+        let mut sources = std::collections::BTreeMap::new();
         for name in &names {
-            let p = crate::policy::find(name, &raw.policy_dirs)
+            let entry = catalog
+                .get(name)
                 .map_err(|e| invalid("environments", e.to_string()))?;
-            policies.push(p);
+            if sources.insert(name.clone(), entry.source.clone()).is_some() {
+                return Err(invalid("environments", format!("{name:?} is listed twice")));
+            }
+            policies.push(entry.policy.clone());
         }
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
+        let shutdown_grace = match raw.shutdown_grace_secs {
+            None => DEFAULT_SHUTDOWN_GRACE,
+            Some(s) if s <= 3600 => Duration::from_secs(s),
+            Some(_) => {
+                return Err(invalid(
+                    "shutdown_grace_secs",
+                    "must be between 0 and 3600".into(),
+                ))
+            }
+        };
         let listen = match raw.listen {
             None => None,
             Some(a) => {
@@ -226,7 +258,9 @@ impl Config {
             worker_id: raw.worker_id,
             capacity: raw.capacity,
             policies,
+            sources,
             listen,
+            shutdown_grace,
             tunnel,
             anthropic,
             journal,
@@ -379,7 +413,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::from_toml_str(text, Path::new("worker.toml"))
+        Config::from_toml_str(text, Path::new("worker.toml"), &Lookup::builtin_only())
     }
 
     #[test]

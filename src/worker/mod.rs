@@ -2,10 +2,19 @@
 //! outbound mTLS tunnel (`crate::tunnel`) and the loopback debug listener. Both
 //! serve the same routes: `hands.v1.Sandbox` with gRPC health and reflection
 //! (so `grpcurl` works).
+//!
+//! Stopping ([`serve`] once `shutdown` turns true): the tunnels end with
+//! GOAWAY and the debug listener stops accepting, so no call starts; the
+//! calls still running get `shutdown_grace` to finish, and the worker logs
+//! which ones it waits for. Those still running then are cut short: killed
+//! with every process they started, their result saying so (outcome
+//! `SHUTDOWN`, never a normal result). The results get [`DELIVERY`] to reach
+//! their callers, then the servers are dropped whatever they still hold.
 
 pub mod config;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -16,22 +25,29 @@ use crate::session::registry::Registry;
 
 pub use config::Config;
 
+/// Causes are part of each message (with their own causes, for libraries
+/// whose messages leave them out) and not also a `source()`, so that a printer
+/// of error chains shows them once.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("binding the debug listener {addr}: {source}")]
+    #[error("binding the debug listener {addr}: {cause}")]
     Bind {
         addr: std::net::SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("serving: {0}")]
-    Serve(#[from] tonic::transport::Error),
-    #[error("gRPC reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("serving: {}", crate::util::error_chain(.0))]
+    Serve(tonic::transport::Error),
+    #[error("gRPC reflection: {}", crate::util::error_chain(.0))]
+    Reflection(tonic_reflection::server::Error),
     #[error("tunnel TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
-    #[error("Claude Managed Agents connector: {0}")]
+    Tls(crate::tls::TlsError),
+    #[error("Claude Managed Agents connector: {}", crate::util::error_chain(.0))]
     Connector(crate::cma::worker::ConnectorError),
 }
+
+/// How long cut-short results (and finished ones) have to reach their callers
+/// once every call has ended, before the servers are dropped.
+pub const DELIVERY: Duration = Duration::from_secs(5);
 
 /// Formatted and mounted workspace filesystems kept ready per environment.
 const WORKSPACES_READY: usize = 2;
@@ -94,7 +110,8 @@ pub async fn routes(
     health.set_serving::<SandboxServer<SandboxService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::DESCRIPTOR_SET)
-        .build_v1()?;
+        .build_v1()
+        .map_err(WorkerError::Reflection)?;
     let mut routes = tonic::service::RoutesBuilder::default();
     routes
         .add_service(health_service)
@@ -103,21 +120,33 @@ pub async fn routes(
     Ok(routes.routes())
 }
 
-/// Serves every configured way in (the tunnel's connections and the debug
-/// listener) until `shutdown` turns true. `on_bound` learns the debug
-/// listener's bound address (the configured port may be 0).
+/// Serves every configured way in (the tunnel's connections, the debug
+/// listener and the Claude Managed Agents connector) until `stop` turns true,
+/// or until the connector gives up (its environment key refused): then the
+/// rest stops too, so that a worker never runs on half-dead, and the
+/// connector's error is returned. `on_bound` learns the debug listener's
+/// bound address (the configured port may be 0).
 pub async fn serve(
     config: &Config,
     registry: Arc<Registry>,
     on_bound: impl FnOnce(std::net::SocketAddr),
     tunnel_states: Option<watch::Sender<Vec<crate::tunnel::SlotState>>>,
-    shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
+    // What every part below stops on: the caller's `stop`, or the connector's end.
+    let (stop_all, shutdown) = watch::channel(false);
+    let forward = async {
+        crate::util::stopped(&mut stop).await;
+        stop_all.send_replace(true);
+        std::future::pending::<()>().await
+    };
     let cma_registry = registry.clone();
+    let journals = registry.journals().clone();
     let routes = routes(config, registry).await?;
     let tunnel = match &config.tunnel {
         Some(t) => {
-            let tls = Arc::new(crate::tls::ClientTls::client(t.tls.clone())?);
+            let tls =
+                Arc::new(crate::tls::ClientTls::client(t.tls.clone()).map_err(WorkerError::Tls)?);
             Some(crate::tunnel::run(
                 Arc::new(t.clone()),
                 tls,
@@ -134,10 +163,10 @@ pub async fn serve(
         };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|source| WorkerError::Bind { addr, source })?;
+            .map_err(|cause| WorkerError::Bind { addr, cause })?;
         let bound = listener
             .local_addr()
-            .map_err(|source| WorkerError::Bind { addr, source })?;
+            .map_err(|cause| WorkerError::Bind { addr, cause })?;
         on_bound(bound);
         let mut stop = shutdown.clone();
         tonic::transport::Server::builder()
@@ -150,7 +179,8 @@ pub async fn serve(
                     let _ = stop.wait_for(|s| *s).await;
                 },
             )
-            .await?;
+            .await
+            .map_err(WorkerError::Serve)?;
         Ok::<_, WorkerError>(())
     };
     let tunnel = async {
@@ -167,10 +197,118 @@ pub async fn serve(
                 shutdown.clone(),
             )
             .await
-            .map_err(WorkerError::Connector),
+            .map_err(WorkerError::Connector)
+            .inspect_err(|_| {
+                // The error itself is the caller's to report, once.
+                tracing::info!("the connector stopped; stopping the worker");
+                stop_all.send_replace(true);
+            }),
             None => Ok(()),
         }
     };
-    let (debug, (), anthropic) = tokio::join!(debug, tunnel, anthropic);
-    debug.and(anthropic)
+    // The hands.v1 servers wait for their running calls when they stop; that
+    // wait is bounded here. The connector's items have their own, bounded
+    // teardown (memory flush), which this does not cut.
+    let hands_v1 = async {
+        let servers = async {
+            let (debug, ()) = tokio::join!(debug, tunnel);
+            debug
+        };
+        tokio::select! {
+            r = servers => r,
+            () = drain(&journals, config.shutdown_grace, shutdown.clone()) => {
+                tracing::warn!(
+                    delivery_secs = DELIVERY.as_secs(),
+                    "stopping: connections still open after every call ended; closing them"
+                );
+                Ok(())
+            }
+        }
+    };
+    let both = async {
+        let (hands_v1, anthropic) = tokio::join!(hands_v1, anthropic);
+        hands_v1.and(anthropic)
+    };
+    tokio::select! {
+        r = both => r,
+        () = forward => unreachable!("never resolves"),
+    }
+}
+
+/// One line per call: its id, tool and how long it has run.
+fn describe(calls: &[Arc<crate::session::journal::CallRecord>]) -> String {
+    calls
+        .iter()
+        .map(|c| {
+            format!(
+                "{} ({}, running {:.1}s)",
+                c.call_id,
+                c.tool,
+                c.started.elapsed().as_secs_f64()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Once `shutdown` turns true: waits up to `grace` for the running calls
+/// (saying which), cuts short those still running, then gives the results
+/// [`DELIVERY`] to reach their callers. Resolves only after all of that; the
+/// servers normally finish first.
+async fn drain(
+    journals: &crate::session::journal::JournalStore,
+    grace: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    crate::util::stopped(&mut shutdown).await;
+    let deadline = tokio::time::Instant::now() + grace;
+    let running = journals.running();
+    if running.is_empty() {
+        tracing::info!("stopping: no call is running");
+    } else {
+        tracing::warn!(
+            calls = running.len(),
+            grace_secs = grace.as_secs(),
+            "stopping: waiting up to {}s for {} running call(s) to finish: {}",
+            grace.as_secs(),
+            running.len(),
+            describe(&running)
+        );
+    }
+    loop {
+        let running = journals.running();
+        if running.is_empty() {
+            break;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            let cut = journals.cut_short(grace);
+            tracing::warn!(
+                calls = cut.len(),
+                "stopping: cutting short {} call(s) still running after {}s: {}",
+                cut.len(),
+                grace.as_secs(),
+                describe(&cut)
+            );
+            // A cut-short call ends as soon as its processes are killed; the
+            // wait for that is bounded all the same.
+            let killed = tokio::time::Instant::now() + DELIVERY;
+            while !journals.running().is_empty() {
+                if tokio::time::Instant::now() >= killed {
+                    let left = journals.running();
+                    tracing::error!(
+                        calls = left.len(),
+                        "stopping: {} call(s) did not end when cut short: {}",
+                        left.len(),
+                        describe(&left)
+                    );
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            break;
+        }
+        tokio::time::sleep((deadline - now).min(Duration::from_millis(100))).await;
+    }
+    tokio::time::sleep(DELIVERY).await;
 }

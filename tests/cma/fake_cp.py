@@ -2,8 +2,9 @@
 """A faithful fake of the Claude Managed Agents (CMA) control plane, as seen by a
 self-hosted environment worker.
 
-Reference: /work/shared/anthropic-environment-worker.md (the "contract"); endpoint
-numbers E1-E15 are its section 2.3. Python 3.11 standard library only.
+Reference: docs/claude-managed-agents.md (the "contract", as the official SDK worker
+and hands implement it); endpoint numbers E1-E15 are its endpoint table. Python 3.11
+standard library only.
 
 Run it:     python3 tests/cma/fake_cp.py [--port 0] [--host 127.0.0.1] [--config JSON] [--verbose]
             prints exactly one line ``listening on 127.0.0.1:PORT`` to stdout, then

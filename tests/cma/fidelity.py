@@ -2,7 +2,7 @@
 """Fidelity check: run the OFFICIAL Python SDK environment worker
 (``anthropic.lib.environments.EnvironmentWorker``, anthropic 2.10.0) against the
 fake control plane in ``fake_cp.py`` and check that what the fake sees matches the
-contract (/work/shared/anthropic-environment-worker.md).
+contract (docs/claude-managed-agents.md).
 
     python3 tests/cma/fidelity.py [--verbose] [--only NAME[,NAME...]] [--keep]
 
@@ -1143,7 +1143,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the temporary workdir")
     args = ap.parse_args()
     t_start = time.monotonic()
-    print(f"anthropic {anthropic.__version__}; contract: /work/shared/anthropic-environment-worker.md", flush=True)
+    print(f"anthropic {anthropic.__version__}; contract: docs/claude-managed-agents.md", flush=True)
 
     handler = ListHandler()
     lg = logging.getLogger("anthropic")

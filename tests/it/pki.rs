@@ -113,17 +113,80 @@ fn pki_init_makes_a_ca_and_server_and_client_certificates() {
         assert_eq!(a, b, "{key} does not belong to {cert}");
     }
 
-    // An existing PKI is never replaced silently.
+    // An existing PKI is never replaced silently: the same worker again is
+    // refused.
     let before = std::fs::read(dir.join("ca-key.pem")).unwrap();
     let out = Command::new(hands_bin())
         .args(["pki", "init"])
         .arg(&dir)
+        .args(["--worker-id", "host-7"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("exists") && err.contains("--force"), "{err}");
+    assert!(err.contains("exists") && err.contains("host-7"), "{err}");
     assert_eq!(std::fs::read(dir.join("ca-key.pem")).unwrap(), before);
+}
+
+/// A second worker gets its certificate from the CA already there, without
+/// `--force`: the CA, the gateway's and the first worker's files are left as
+/// they are, and both workers chain to the same CA.
+#[test]
+fn pki_init_issues_another_worker_certificate_from_the_existing_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    let init = |id: &str| {
+        Command::new(hands_bin())
+            .args(["pki", "init"])
+            .arg(&dir)
+            .args(["--worker-id", id])
+            .output()
+            .unwrap()
+    };
+    let out = init("w1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before: Vec<Vec<u8>> = hands::pki::FILES
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect();
+    let out = init("w2");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after: Vec<Vec<u8>> = hands::pki::FILES
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect();
+    assert_eq!(before, after, "the existing PKI changed");
+    assert!(stdout.contains("worker-w2.pem"), "{stdout}");
+    let mode = std::fs::metadata(dir.join("worker-w2-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let (ok, text) = openssl(
+        &["verify", "-CAfile", "ca.pem", "worker.pem", "worker-w2.pem"],
+        &dir,
+    );
+    assert!(ok && text.contains("worker-w2.pem: OK"), "{text}");
+    assert_eq!(
+        hands::tls::worker_identity_of_file(&dir.join("worker-w2.pem")).unwrap(),
+        "w2"
+    );
+    let (_, a) = openssl(&["x509", "-in", "worker-w2.pem", "-noout", "-pubkey"], &dir);
+    let (_, b) = openssl(&["pkey", "-in", "worker-w2-key.pem", "-pubout"], &dir);
+    assert_eq!(a, b);
+    // The same worker twice is refused: its certificate exists.
+    let out = init("w2");
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]

@@ -229,7 +229,8 @@ async fn worker(
     );
     let path = dir.join("worker.toml");
     std::fs::write(&path, toml).unwrap();
-    let config = hands::worker::Config::load(&path).unwrap();
+    let config =
+        hands::worker::Config::load(&path, &hands::policy::lookup::Lookup::builtin_only()).unwrap();
     let registry = hands::worker::registry(&config, crate::util::config());
     let (stop, shutdown) = watch::channel(false);
     let (states_tx, states) = watch::channel(Vec::new());

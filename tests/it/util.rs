@@ -45,8 +45,27 @@ pub fn config() -> SandboxConfig {
     cfg
 }
 
+/// The `hands` binary the process-level tests run: this build's, or the one
+/// `$HANDS_TEST_BIN` names (to run them against another build, such as the
+/// one before a change, and see them fail there).
 pub fn hands_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_hands")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("HANDS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hands").into())
+    })
+}
+
+/// The text of a built-in policy with each `(from, to)` replacement made
+/// (each `from` must occur), for policy files of a test's own.
+pub fn policy_text(name: &str, replace: &[(&str, &str)]) -> String {
+    let mut text = hands::policy::builtin_text(name)
+        .unwrap_or_else(|| panic!("no built-in policy {name}"))
+        .to_string();
+    for (from, to) in replace {
+        assert!(text.contains(from), "{name}.toml has no {from:?}");
+        text = text.replace(from, to);
+    }
+    text
 }
 
 /// A built-in policy, possibly modified.
