@@ -1,7 +1,8 @@
 //! The worker daemon: one session registry, and the ways brains reach it: the
 //! outbound mTLS tunnel (`crate::tunnel`) and the loopback debug listener. Both
 //! serve the same routes: `hands.v1.Sandbox` with gRPC health and reflection
-//! (so `grpcurl` works).
+//! (so `grpcurl` works). While it serves, sessions left idle by their clients
+//! are closed (`[sessions] idle_timeout_secs`).
 
 pub mod config;
 
@@ -79,7 +80,8 @@ pub fn prepare_workspaces(config: &Config, sandbox: &SandboxConfig) {
 pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
     Arc::new(
         Registry::new(sandbox, config.policies.iter().cloned(), config.capacity)
-            .with_journal_limits(config.journal),
+            .with_journal_limits(config.journal)
+            .with_idle_timeout(config.session_idle_timeout),
     )
 }
 
@@ -114,6 +116,15 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
     let cma_registry = registry.clone();
+    // The instance id tells this process apart from another with the same
+    // worker_id (the gateway's log names it when both connect).
+    tracing::info!(
+        worker_id = %config.worker_id,
+        instance_id = %registry.instance_id(),
+        session_idle_timeout_secs = registry.idle_timeout().map_or(0, |t| t.as_secs()),
+        "worker serving"
+    );
+    let idle = registry.clone().close_idle_until(shutdown.clone());
     let routes = routes(config, registry).await?;
     let tunnel = match &config.tunnel {
         Some(t) => {
@@ -171,6 +182,15 @@ pub async fn serve(
             None => Ok(()),
         }
     };
-    let (debug, (), anthropic) = tokio::join!(debug, tunnel, anthropic);
+    // The sweep runs beside the ways in, and must not hold serve() open once
+    // they have ended (a failed bind returns at once).
+    let idle = async {
+        idle.await;
+        std::future::pending::<()>().await
+    };
+    let (debug, (), anthropic) = tokio::select! {
+        r = async { tokio::join!(debug, tunnel, anthropic) } => r,
+        () = idle => unreachable!("pending never resolves"),
+    };
     debug.and(anthropic)
 }
