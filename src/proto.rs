@@ -102,6 +102,7 @@ mod tests {
                 ("Info", false),
                 ("OpenSession", false),
                 ("CloseSession", false),
+                ("ListSessions", false),
                 ("Call", true),
                 ("Attach", true),
                 ("Cancel", false),

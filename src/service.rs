@@ -47,7 +47,9 @@ impl From<RegistryError> for Status {
                 (Code::AlreadyExists, "SESSION_ENVIRONMENT_MISMATCH")
             }
             RegistryError::AtCapacity(_) => (Code::ResourceExhausted, "AT_CAPACITY"),
-            RegistryError::SessionNotFound(_) => (Code::NotFound, "SESSION_NOT_FOUND"),
+            RegistryError::SessionNotFound(_) | RegistryError::ClosedIdle { .. } => {
+                (Code::NotFound, "SESSION_NOT_FOUND")
+            }
             RegistryError::Open(_) => (Code::FailedPrecondition, "SANDBOX_UNAVAILABLE"),
         };
         status(code, reason, e.to_string())
@@ -130,6 +132,8 @@ impl v1::sandbox_server::Sandbox for SandboxService {
             capacity: self.registry.capacity() as u32,
             open_sessions: self.registry.open_sessions() as u32,
             isolation: Some(self.isolation.clone()),
+            instance_id: self.registry.instance_id().to_string(),
+            session_idle_timeout_ms: millis(self.registry.idle_timeout()),
         }))
     }
 
@@ -160,6 +164,33 @@ impl v1::sandbox_server::Sandbox for SandboxService {
         }))
     }
 
+    async fn list_sessions(
+        &self,
+        _req: Request<v1::ListSessionsRequest>,
+    ) -> Result<Response<v1::ListSessionsResponse>, Status> {
+        let sessions = self
+            .registry
+            .list()
+            .into_iter()
+            .map(|s| v1::SessionInfo {
+                session_id: s.id,
+                environment: s.environment,
+                opened_at_unix_ms: s
+                    .opened_at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+                // The monotonic clock's age: the wall clock may have stepped.
+                age_ms: s.activity.age.as_millis() as u64,
+                running_calls: s.activity.running,
+                idle_ms: s.activity.idle.as_millis() as u64,
+                calls: s.activity.calls,
+                idle_timeout_ms: millis(s.idle_timeout),
+            })
+            .collect();
+        Ok(Response::new(v1::ListSessionsResponse { sessions }))
+    }
+
     type CallStream = EventStream;
 
     async fn call(&self, req: Request<v1::CallRequest>) -> Result<Response<EventStream>, Status> {
@@ -182,10 +213,14 @@ impl v1::sandbox_server::Sandbox for SandboxService {
             match session.journal().begin(&r.call_id, &r.tool, &r.input_json) {
                 Ok(Begin::New(rec)) => {
                     let (s, run) = (session.clone(), rec.clone());
+                    // Running from now: before Started reaches the client.
+                    let running = session.activity().start();
                     // The call runs on its own task: a client that goes away does
                     // not stop it, and its result waits in the journal. A
                     // deadline is a cancel of the call this request started.
-                    tokio::spawn(async move { s.run_journaled(&run, &input, deadline).await });
+                    tokio::spawn(
+                        async move { s.run_journaled(&run, &input, deadline, running).await },
+                    );
                     (rec, true, deadline)
                 }
                 Ok(Begin::Existing(rec)) => (rec, false, None),
@@ -231,6 +266,11 @@ impl v1::sandbox_server::Sandbox for SandboxService {
         };
         Ok(Response::new(v1::CancelResponse { cancelled }))
     }
+}
+
+/// A duration for the protocol: milliseconds, 0 for none.
+fn millis(d: Option<Duration>) -> u64 {
+    d.map_or(0, |d| d.as_millis().max(1) as u64)
 }
 
 fn journal_status(e: JournalError) -> Status {

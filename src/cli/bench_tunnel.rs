@@ -86,6 +86,12 @@ impl v1::sandbox_server::Sandbox for UnconfinedRead {
     ) -> Result<tonic::Response<v1::CloseSessionResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("baseline"))
     }
+    async fn list_sessions(
+        &self,
+        _: tonic::Request<v1::ListSessionsRequest>,
+    ) -> Result<tonic::Response<v1::ListSessionsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("baseline"))
+    }
     type CallStream = Events;
     async fn call(
         &self,

@@ -120,6 +120,25 @@ case!(info, |t, c| {
     Ok(())
 });
 
+case!(info_identifies_the_process, |t, _c| {
+    let first = r(t.info().await, "Info")?;
+    let again = r(t.info().await, "second Info")?;
+    let id = first["instance_id"].as_str().unwrap_or_default();
+    need!(
+        (1..=64).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')),
+        "instance_id {id:?} is not 1 to 64 characters of [A-Za-z0-9._-]"
+    );
+    need!(
+        again["instance_id"] == first["instance_id"],
+        "instance_id changed between two Info calls: {id:?}, then {}",
+        again["instance_id"]
+    );
+    Ok(())
+});
+
 case!(open_session_is_idempotent, |t, c| {
     let id = c.id("idem");
     let (sid, created) = r(t.open(&id, &c.env).await, "first OpenSession")?;
@@ -713,6 +732,67 @@ case!(escape_system_is_read_only, |t, c| {
     Ok(())
 });
 
+/// The listed session `sid`, if any.
+async fn listed(t: &mut dyn Target, sid: &str) -> Result<Option<serde_json::Value>, String> {
+    let all = r(t.list().await, "ListSessions")?;
+    Ok(all.into_iter().find(|s| s["session_id"] == sid))
+}
+
+fn field(s: &serde_json::Value, name: &str) -> u64 {
+    s[name].as_u64().unwrap_or(u64::MAX)
+}
+
+case!(list_sessions_shows_open_sessions, |t, c| {
+    let sid = session(t, c, "list").await?;
+    text(t, &sid, "e", "bash", json!({"command": "echo listed"})).await?;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let Some(s) = listed(t, &sid).await? else {
+        return Err(format!("the open session {sid} is not listed"));
+    };
+    need!(s["environment"] == c.env.as_str(), "environment: {s}");
+    need!(field(&s, "running_calls") == 0, "running_calls: {s}");
+    need!(field(&s, "calls") == 1, "calls: {s}");
+    let (idle, age) = (field(&s, "idle_ms"), field(&s, "age_ms"));
+    need!(
+        (300..=60_000).contains(&idle) && idle <= age,
+        "idle_ms {idle} after 400 ms without a call (age_ms {age}): {s}"
+    );
+    need!(
+        r(t.close(&sid).await, "CloseSession")?,
+        "the close said closed=false"
+    );
+    need!(
+        listed(t, &sid).await?.is_none(),
+        "the closed session {sid} is still listed"
+    );
+    Ok(())
+});
+
+case!(list_sessions_counts_running_calls, |t, c| {
+    let sid = session(t, c, "running").await?;
+    let input = json!({"command": "sleep 30"}).to_string();
+    r(
+        t.start_and_leave(&sid, "long", "bash", &input).await,
+        "start",
+    )?;
+    let s = listed(t, &sid).await?.ok_or("the session is not listed")?;
+    need!(
+        field(&s, "running_calls") == 1 && field(&s, "idle_ms") == 0,
+        "with a call running (its stream gone): {s}"
+    );
+    need!(
+        r(t.cancel(&sid, "long").await, "Cancel")?,
+        "Cancel said cancelled=false"
+    );
+    r(t.attach(&sid, "long", 0).await, "Attach")?;
+    let s = listed(t, &sid).await?.ok_or("the session is not listed")?;
+    need!(
+        field(&s, "running_calls") == 0 && field(&s, "calls") == 1,
+        "after the call ended: {s}"
+    );
+    Ok(())
+});
+
 /// Every case, in run order.
 pub fn all() -> Vec<Case> {
     macro_rules! list {
@@ -722,8 +802,11 @@ pub fn all() -> Vec<Case> {
     }
     list![
         info,
+        info_identifies_the_process,
         open_session_is_idempotent,
         close_session_is_idempotent,
+        list_sessions_shows_open_sessions,
+        list_sessions_counts_running_calls,
         write_then_read,
         edit_requires_a_unique_match,
         glob_lists_matches,
@@ -759,6 +842,9 @@ pub fn all() -> Vec<Case> {
 fn grpc_only(name: &str) -> bool {
     matches!(
         name,
-        "open_session_is_idempotent" | "deadline_cancels_the_call" | "error_invalid_input_json"
+        "info_identifies_the_process"
+            | "open_session_is_idempotent"
+            | "deadline_cancels_the_call"
+            | "error_invalid_input_json"
     )
 }

@@ -66,8 +66,12 @@ pub type R<T> = Result<T, Rejection>;
 #[tonic::async_trait]
 pub trait Target: Send {
     fn kind(&self) -> Kind;
-    /// Identity and offer: `{worker_id, protocols, environments:[{name, tools}]}`.
+    /// Identity and offer: `{worker_id, instance_id, protocols,
+    /// environments:[{name, tools}]}` (`instance_id` over gRPC only).
     async fn info(&mut self) -> R<Value>;
+    /// The open sessions: `[{session_id, environment, age_ms, idle_ms,
+    /// running_calls, calls}]` (a gateway's: of every worker it reaches).
+    async fn list(&mut self) -> R<Vec<Value>>;
     /// Opens a session (`id` is honoured by gRPC targets; a gateway picks its
     /// own). Returns (session id, created).
     async fn open(&mut self, id: &str, env: &str) -> R<(String, bool)>;
@@ -223,9 +227,32 @@ impl Target for Grpc {
             .into_inner();
         Ok(json!({
             "worker_id": i.worker_id,
+            "instance_id": i.instance_id,
             "protocols": i.protocols,
             "environments": i.environments.iter().map(|e| json!({"name": e.name, "tools": e.tools})).collect::<Vec<_>>(),
         }))
+    }
+
+    async fn list(&mut self) -> R<Vec<Value>> {
+        let r = self
+            .client
+            .list_sessions(v1::ListSessionsRequest {})
+            .await
+            .map_err(rejection)?
+            .into_inner();
+        Ok(r.sessions
+            .into_iter()
+            .map(|s| {
+                json!({
+                    "session_id": s.session_id,
+                    "environment": s.environment,
+                    "age_ms": s.age_ms,
+                    "idle_ms": s.idle_ms,
+                    "running_calls": s.running_calls,
+                    "calls": s.calls,
+                })
+            })
+            .collect())
     }
 
     async fn open(&mut self, id: &str, env: &str) -> R<(String, bool)> {
@@ -490,6 +517,11 @@ impl Target for Gateway {
             "protocols": ["hands.v1"],
             "environments": first["environments"].as_array().map(|envs| envs.iter().map(|e| json!({"name": e, "tools": tools})).collect::<Vec<_>>()).unwrap_or_default(),
         }))
+    }
+
+    async fn list(&mut self) -> R<Vec<Value>> {
+        let a = self.expect("GET", "/v1/sessions", None, 200).await?;
+        Ok(a.body["sessions"].as_array().cloned().unwrap_or_default())
     }
 
     async fn open(&mut self, _id: &str, env: &str) -> R<(String, bool)> {

@@ -5,16 +5,20 @@
 //! | route | what |
 //! | --- | --- |
 //! | `GET /v1/tools` | the tool definitions, ready for the Messages API `tools` parameter |
-//! | `GET /v1/workers` | connected workers, their environments and capacity |
+//! | `GET /v1/workers` | connected workers, their environments and capacity, and their processes |
 //! | `POST /v1/sessions` `{environment, worker_id?}` | opens a session on a worker offering the environment |
-//! | `DELETE /v1/sessions/{id}` | closes it (idempotent) |
+//! | `GET /v1/sessions?worker_id=W` | the open sessions of every connected worker process (or of W's) |
+//! | `DELETE /v1/sessions/{id}` | closes it (idempotent); `?worker_id=W` for an id the gateway did not make |
 //! | `POST /v1/sessions/{id}/tool_use` `{id, name, input}` | runs a `tool_use` block, answers its `tool_result` block; with `Accept: text/event-stream`, an SSE stream of `started`, `output`, then `tool_result` |
 //! | `GET /v1/sessions/{id}/calls/{call_id}?from_offset=N` | re-attaches to a call (same answers as above) |
 //! | `POST /v1/sessions/{id}/calls/{call_id}/cancel` | cancels a running call |
 //! | `GET /metrics`, `GET /healthz` | Prometheus metrics and liveness, no token |
 //!
-//! A session id is `WORKER_ID:SUFFIX`, so any gateway replica routes it to its
-//! worker without shared state. A `tool_use` id is the call id: posting the
+//! A session id is `WORKER_ID:TAG-RANDOM`, so any gateway replica routes it to
+//! its worker without shared state, and to the worker process that holds it
+//! (`TAG`) when two processes share one worker identity. When that process is
+//! gone and another process of the worker is connected (a restart), the
+//! session ended with it: `404 SESSION_NOT_FOUND` at once. A `tool_use` id is the call id: posting the
 //! same block again (say, after a timeout on the agent's side) resumes the
 //! call and never runs it twice. When the tunnel to the worker drops mid-call,
 //! the gateway waits for the worker to reconnect (`api.reconnect_wait_secs`)
@@ -41,7 +45,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::Gateway;
+use super::workers::{Conn, RouteError};
+use super::{Gateway, SessionRoute};
 use crate::proto::v1;
 use crate::service::REASON;
 
@@ -120,7 +125,7 @@ pub fn router(gw: Arc<Gateway>) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/v1/tools", get(tools))
         .route("/v1/workers", get(workers))
-        .route("/v1/sessions", post(open_session))
+        .route("/v1/sessions", post(open_session).get(list_sessions))
         .route("/v1/sessions/{session_id}", delete(close_session))
         .route("/v1/sessions/{session_id}/tool_use", post(tool_use))
         .route("/v1/sessions/{session_id}/calls/{call_id}", get(attach))
@@ -153,6 +158,7 @@ fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     let (workers, tunnels) = gw.workers.counts();
+    gw.metrics.set_worker_processes(gw.workers.process_count());
     (
         [(
             http::header::CONTENT_TYPE,
@@ -270,7 +276,7 @@ async fn open_session(
     } else {
         serde_json::from_value(parse_json(&body)?).map_err(|e| bad_request(e.to_string()))?
     };
-    let worker_id = gw
+    let conn = gw
         .workers
         .choose(&body.environment, body.worker_id.as_deref())
         .ok_or_else(|| {
@@ -289,24 +295,30 @@ async fn open_session(
                 },
             )
         })?;
-    let session_id = super::new_session_id(&worker_id)
+    let worker_id = conn.worker_id.clone();
+    let session_id = super::new_session_id(&worker_id, &conn.instance)
         .ok_or_else(|| bad_request(format!("worker id {worker_id:?} is too long to route")))?;
-    let conn = gw
-        .workers
-        .pick(&worker_id)
-        .ok_or_else(|| unavailable(&worker_id))?;
     let mut client = conn.client.clone();
-    let r = client
+    let opened = client
         .open_session(v1::OpenSessionRequest {
             session_id: session_id.clone(),
             environment: body.environment.clone(),
         })
-        .await?
-        .into_inner();
-    gw.metrics.inc("hands_gateway_sessions_opened_total", &[]);
-    if let Ok(info) = client.info(v1::InfoRequest {}).await {
-        gw.workers.update_info(&worker_id, info.into_inner());
+        .await;
+    // Fresher counts for the next choice, after an open and after an
+    // `AT_CAPACITY` too: the worker's own count moves without the gateway
+    // (idle sessions closed, sessions opened and closed on the worker).
+    let refresh = match &opened {
+        Ok(_) => true,
+        Err(s) => reason_of(s) == "AT_CAPACITY",
+    };
+    if refresh {
+        if let Ok(info) = client.info(v1::InfoRequest {}).await {
+            gw.workers.update_info(&conn, info.into_inner());
+        }
     }
+    let r = opened?.into_inner();
+    gw.metrics.inc("hands_gateway_sessions_opened_total", &[]);
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -325,8 +337,8 @@ fn unavailable(worker_id: &str) -> ApiError {
     )
 }
 
-fn worker_of(session_id: &str) -> Result<&str, ApiError> {
-    super::worker_of_session(session_id).ok_or_else(|| {
+fn route_of(session_id: &str) -> Result<SessionRoute<'_>, ApiError> {
+    super::route_of_session(session_id).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "SESSION_NOT_FOUND",
@@ -335,18 +347,57 @@ fn worker_of(session_id: &str) -> Result<&str, ApiError> {
     })
 }
 
+/// A connection to the process that holds `session_id`, waiting up to
+/// `wait` for it.
+async fn session_conn(gw: &Gateway, session_id: &str, wait: Duration) -> Result<Conn, ApiError> {
+    let route = route_of(session_id)?;
+    gw.workers
+        .route(route.worker, route.instance, wait)
+        .await
+        .map_err(|e| route_error(session_id, e))
+}
+
+fn route_error(session_id: &str, e: RouteError) -> ApiError {
+    match e {
+        RouteError::Unavailable { worker } => unavailable(&worker),
+        e @ RouteError::Replaced { .. } => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "SESSION_NOT_FOUND",
+            format!("no open session {session_id:?}: {e}"),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkerQuery {
+    #[serde(default)]
+    worker_id: Option<String>,
+}
+
 async fn close_session(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     Path(session_id): Path<String>,
+    Query(q): Query<WorkerQuery>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&gw, &headers)?;
-    let worker = worker_of(&session_id)?;
-    let conn = gw
+    if let Some(worker) = &q.worker_id {
+        return close_on_worker(&gw, worker, session_id).await;
+    }
+    let route = route_of(&session_id)?;
+    let conn = match gw
         .workers
-        .wait_for(worker, gw.reconnect_wait)
+        .route(route.worker, route.instance, gw.reconnect_wait)
         .await
-        .ok_or_else(|| unavailable(worker))?;
+    {
+        Ok(c) => c,
+        // The process that held it is gone, and the session with it.
+        Err(RouteError::Replaced { .. }) => {
+            return Ok(Json(json!({ "session_id": session_id, "closed": false })));
+        }
+        Err(e) => return Err(route_error(&session_id, e)),
+    };
     let r = conn
         .client
         .clone()
@@ -356,10 +407,114 @@ async fn close_session(
         .await?
         .into_inner();
     if let Ok(info) = conn.client.clone().info(v1::InfoRequest {}).await {
-        gw.workers.update_info(worker, info.into_inner());
+        gw.workers.update_info(&conn, info.into_inner());
     }
     Ok(Json(
         json!({ "session_id": session_id, "closed": r.closed }),
+    ))
+}
+
+/// Closes `session_id` on every connected process of `worker`: for ids the
+/// gateway did not make (a session opened on the worker's debug listener, or
+/// by a connector of the worker), which carry no route.
+async fn close_on_worker(
+    gw: &Gateway,
+    worker: &str,
+    session_id: String,
+) -> Result<Json<Value>, ApiError> {
+    let processes = gw.workers.processes(Some(worker));
+    if processes.is_empty() {
+        return Err(unavailable(worker));
+    }
+    let mut closed = false;
+    for (conn, _) in processes {
+        let r = conn
+            .client
+            .clone()
+            .close_session(v1::CloseSessionRequest {
+                session_id: session_id.clone(),
+            })
+            .await?
+            .into_inner();
+        closed |= r.closed;
+        if let Ok(info) = conn.client.clone().info(v1::InfoRequest {}).await {
+            gw.workers.update_info(&conn, info.into_inner());
+        }
+    }
+    Ok(Json(json!({ "session_id": session_id, "closed": closed })))
+}
+
+/// How long one worker process may take to list its sessions.
+const LIST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `GET /v1/sessions[?worker_id=W]`: every connected process asked at once;
+/// one that does not answer is named under `unreachable`, the others listed.
+async fn list_sessions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(q): Query<WorkerQuery>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&gw, &headers)?;
+    let processes = gw.workers.processes(q.worker_id.as_deref());
+    if let (true, Some(w)) = (processes.is_empty(), &q.worker_id) {
+        return Err(unavailable(w));
+    }
+    let mut asks = tokio::task::JoinSet::new();
+    for (conn, instance_id) in processes {
+        asks.spawn(async move {
+            let r = tokio::time::timeout(
+                LIST_TIMEOUT,
+                conn.client
+                    .clone()
+                    .list_sessions(v1::ListSessionsRequest {}),
+            )
+            .await;
+            (conn.worker_id, instance_id, r)
+        });
+    }
+    let mut sessions = Vec::new();
+    let mut unreachable = Vec::new();
+    while let Some(done) = asks.join_next().await {
+        let Ok((worker_id, instance_id, r)) = done else {
+            continue;
+        };
+        let error = match r {
+            Ok(Ok(list)) => {
+                for s in list.into_inner().sessions {
+                    sessions.push(json!({
+                        "session_id": s.session_id,
+                        "worker_id": worker_id,
+                        "instance_id": instance_id,
+                        "environment": s.environment,
+                        "opened_at_unix_ms": s.opened_at_unix_ms,
+                        "age_ms": s.age_ms,
+                        "idle_ms": s.idle_ms,
+                        "running_calls": s.running_calls,
+                        "calls": s.calls,
+                        "idle_timeout_ms": s.idle_timeout_ms,
+                    }));
+                }
+                continue;
+            }
+            Ok(Err(s)) => format!("{}: {}", reason_of(&s), s.message()),
+            Err(_) => format!("no answer within {} s", LIST_TIMEOUT.as_secs()),
+        };
+        unreachable.push(json!({
+            "worker_id": worker_id,
+            "instance_id": instance_id,
+            "error": error,
+        }));
+    }
+    let key = |v: &Value| {
+        (
+            v["worker_id"].as_str().unwrap_or_default().to_string(),
+            v["opened_at_unix_ms"].as_u64().unwrap_or(0),
+            v["session_id"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    sessions.sort_by_key(key);
+    Ok(Json(
+        json!({ "sessions": sessions, "unreachable": unreachable }),
     ))
 }
 
@@ -369,12 +524,7 @@ async fn cancel(
     Path((session_id, call_id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&gw, &headers)?;
-    let worker = worker_of(&session_id)?;
-    let conn = gw
-        .workers
-        .wait_for(worker, gw.reconnect_wait)
-        .await
-        .ok_or_else(|| unavailable(worker))?;
+    let conn = session_conn(&gw, &session_id, gw.reconnect_wait).await?;
     let r = conn
         .client
         .clone()
@@ -409,7 +559,7 @@ async fn drive(
     attach_from: Option<u64>,
     sink: Option<&mpsc::Sender<Progress>>,
 ) -> Result<v1::Finished, ApiError> {
-    let worker = worker_of(&spec.session_id)?;
+    let route = route_of(&spec.session_id)?;
     // `started`: the worker knows the call (so Attach can resume it);
     // `announced`: the consumer has had its one Started.
     let mut started = attach_from.is_some();
@@ -419,9 +569,12 @@ async fn drive(
     loop {
         let waited = outage.map(|t| t.elapsed()).unwrap_or_default();
         let budget = gw.reconnect_wait.saturating_sub(waited);
-        let conn = match gw.workers.wait_for(worker, budget).await {
-            Some(c) => c,
-            None => return Err(lost(worker, outage.is_some())),
+        let conn = match gw.workers.route(route.worker, route.instance, budget).await {
+            Ok(c) => c,
+            Err(RouteError::Unavailable { .. }) => {
+                return Err(lost(route.worker, outage.is_some()))
+            }
+            Err(e) => return Err(route_error(&spec.session_id, e)),
         };
         let mut client = conn.client.clone();
         // Without a sink, a repeated Call resumes to its Finished; with one,
@@ -601,7 +754,7 @@ async fn tool_use(
     let input = obj
         .get("input")
         .ok_or_else(|| bad_request("tool_use.input is missing"))?;
-    worker_of(&session_id)?;
+    route_of(&session_id)?;
     let spec = CallSpec {
         session_id,
         call_id: id.to_string(),
@@ -624,7 +777,7 @@ async fn attach(
     Query(q): Query<AttachQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&gw, &headers)?;
-    worker_of(&session_id)?;
+    route_of(&session_id)?;
     let spec = CallSpec {
         session_id,
         call_id,

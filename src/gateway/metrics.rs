@@ -26,6 +26,9 @@ pub struct Metrics {
     durations: Mutex<BTreeMap<String, Histogram>>,
     /// API connections open now (a gauge; the listener's tasks move it).
     api_connections: AtomicU64,
+    /// Worker processes connected (a gauge, set from the registry of
+    /// workers when scraped).
+    worker_processes: AtomicU64,
 }
 
 /// Counters with labels: no `0` line is printed for them before they count.
@@ -114,6 +117,11 @@ impl Metrics {
         self.api_connections.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Sets the worker processes gauge (read from the registry at scrape).
+    pub fn set_worker_processes(&self, n: usize) {
+        self.worker_processes.store(n as u64, Ordering::Relaxed);
+    }
+
     pub fn observe_call(&self, tool: &str, took: Duration) {
         let s = took.as_secs_f64();
         let mut d = self.durations.lock().unwrap_or_else(|p| p.into_inner());
@@ -137,6 +145,11 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP hands_gateway_tunnels_connected Tunnel connections up.\n# TYPE hands_gateway_tunnels_connected gauge\nhands_gateway_tunnels_connected {tunnels}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP hands_gateway_worker_processes Worker processes with at least one tunnel; more than hands_gateway_workers_connected means processes share a worker identity.\n# TYPE hands_gateway_worker_processes gauge\nhands_gateway_worker_processes {}",
+            self.worker_processes.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

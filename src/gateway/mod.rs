@@ -6,9 +6,10 @@
 //! connection budget, and API connections their timers ([`listen`]), so that
 //! what anyone can open on the API never starves the tunnels.
 //!
-//! A gateway keeps no session state: a session id carries its worker id, so
-//! replicas behind one load balancer route any request to the right worker as
-//! long as the worker keeps a tunnel to each replica (its `tunnel.endpoints`).
+//! A gateway keeps no session state: a session id carries its worker id and a
+//! tag of the worker process that opened it, so replicas behind one load
+//! balancer route any request to the right process as long as the worker
+//! keeps a tunnel to each replica (its `tunnel.endpoints`).
 
 pub mod api;
 pub mod client;
@@ -70,21 +71,49 @@ impl From<listen::BudgetError> for GatewayError {
     }
 }
 
-/// `WORKER_ID:SUFFIX`, with a random suffix. None when the worker id is too
-/// long for the result to be a valid id.
-pub fn new_session_id(worker_id: &str) -> Option<String> {
+/// The tag of a worker process in session ids: 8 hex digits of the SHA-256 of
+/// its instance id (any string the protocol allows maps to a valid id).
+pub fn instance_tag(instance_id: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, instance_id.as_bytes());
+    d.as_ref()[..4].iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `WORKER_ID:TAG-RANDOM`: the worker, the tag of the process that holds the
+/// session ([`instance_tag`]), 24 random hex digits. None when the worker id
+/// is too long for the result to be a valid id (over 94 characters).
+pub fn new_session_id(worker_id: &str, instance_tag: &str) -> Option<String> {
     let mut b = [0u8; 12];
     getrandom::fill(&mut b).ok()?;
     let suffix: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    let id = format!("{worker_id}:s{suffix}");
+    let id = format!("{worker_id}:{instance_tag}-{suffix}");
     crate::session::registry::valid_id(&id).then_some(id)
 }
 
-/// The worker part of a gateway session id (worker ids may contain `:`, the
-/// suffix never does).
-pub fn worker_of_session(session_id: &str) -> Option<&str> {
+/// Where a gateway session id routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionRoute<'a> {
+    pub worker: &'a str,
+    /// The tag of the process that holds it; `None` for an id without one
+    /// (from an older gateway, or made up by a client): such an id goes to
+    /// the worker's newest process.
+    pub instance: Option<&'a str>,
+}
+
+/// The worker and process parts of a gateway session id (worker ids may
+/// contain `:`, the suffix never does).
+pub fn route_of_session(session_id: &str) -> Option<SessionRoute<'_>> {
     let (worker, suffix) = session_id.rsplit_once(':')?;
-    (!worker.is_empty() && !suffix.is_empty()).then_some(worker)
+    if worker.is_empty() || suffix.is_empty() {
+        return None;
+    }
+    let hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let instance = match suffix.split_once('-') {
+        Some((tag, rest)) if tag.len() == 8 && hex(tag) && rest.len() == 24 && hex(rest) => {
+            Some(tag)
+        }
+        _ => None,
+    };
+    Some(SessionRoute { worker, instance })
 }
 
 async fn bind(
@@ -155,13 +184,14 @@ pub async fn run(
                 tunnels.spawn(async move {
                     let _permit = permit;
                     let registered_gw = gw.clone();
-                    let r = workers::serve_tunnel(tcp, peer, tls, &cfg, &gw.workers, |id| {
-                        registered_gw
-                            .metrics
-                            .inc("hands_gateway_tunnels_accepted_total", &[]);
-                        tracing::info!(worker = id, %peer, "worker connected");
-                    })
-                    .await;
+                    let r =
+                        workers::serve_tunnel(tcp, peer, tls, &cfg, &gw.workers, |id, instance| {
+                            registered_gw
+                                .metrics
+                                .inc("hands_gateway_tunnels_accepted_total", &[]);
+                            tracing::info!(worker = id, instance, %peer, "worker connected");
+                        })
+                        .await;
                     match r {
                         Ok(id) => tracing::info!(worker = id, %peer, "worker tunnel closed"),
                         Err(e) => {
@@ -200,14 +230,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn session_ids_carry_their_worker() {
-        let id = new_session_id("build:host-1").unwrap();
-        assert!(id.starts_with("build:host-1:s"), "{id}");
-        assert_eq!(worker_of_session(&id), Some("build:host-1"));
-        assert_eq!(worker_of_session("nocolon"), None);
-        assert_eq!(worker_of_session(":x"), None);
-        assert!(new_session_id(&"w".repeat(120)).is_none());
-        assert_ne!(new_session_id("w"), new_session_id("w"));
+    fn session_ids_carry_their_worker_and_process() {
+        let tag = instance_tag("0123456789abcdef0123456789abcdef");
+        assert_eq!(tag.len(), 8);
+        assert_ne!(tag, instance_tag("another process"));
+        assert_eq!(instance_tag(""), instance_tag(""));
+        let id = new_session_id("build:host-1", &tag).unwrap();
+        assert!(id.starts_with(&format!("build:host-1:{tag}-")), "{id}");
+        assert_eq!(
+            route_of_session(&id),
+            Some(SessionRoute {
+                worker: "build:host-1",
+                instance: Some(&tag)
+            })
+        );
+        // Ids of an older gateway, or of a client's making: the worker only.
+        let old = "w1:s0123456789abcdef01234567";
+        assert_eq!(
+            route_of_session(old),
+            Some(SessionRoute {
+                worker: "w1",
+                instance: None
+            })
+        );
+        assert_eq!(
+            route_of_session("w1:ABCDEF01-0123456789abcdef01234567")
+                .unwrap()
+                .instance,
+            None
+        );
+        assert_eq!(route_of_session("nocolon"), None);
+        assert_eq!(route_of_session(":x"), None);
+        assert_eq!(route_of_session("x:"), None);
+        assert!(new_session_id(&"w".repeat(94), &tag).is_some());
+        assert!(new_session_id(&"w".repeat(95), &tag).is_none());
+        assert_ne!(new_session_id("w", &tag), new_session_id("w", &tag));
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! worker serves. [`Workers`] is the registry of connected workers; a worker
 //! with several connections (one per gateway replica, or N to this one) is
 //! reachable while any of them lives.
+//!
+//! Connections are grouped by worker id, then by the worker *process* they
+//! reach (the `instance_id` of its Info): two processes with one identity are
+//! two instances of one worker, never merged. A session's id names its
+//! process ([`super::new_session_id`]), so each request about it goes to a
+//! connection of that process, whichever of the worker's connections is up.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -47,15 +53,55 @@ pub struct Conn {
     pub client: Client,
     pub peer: SocketAddr,
     pub since: Instant,
+    pub worker_id: String,
+    /// The tag of the worker process it reaches ([`super::instance_tag`]).
+    pub instance: String,
 }
 
-struct Entry {
+/// One worker process, as its connections' Info names it.
+struct Instance {
+    /// As the worker reported it; empty from one that does not.
+    id: String,
+    tag: String,
     conns: Vec<Conn>,
     info: v1::InfoResponse,
     next: usize,
+    /// When its first connection (still open) registered.
+    since: Instant,
 }
 
-/// What `GET /v1/workers` shows of a worker.
+impl Instance {
+    /// One of its connections, round robin.
+    fn pick(&mut self) -> Option<Conn> {
+        if self.conns.is_empty() {
+            return None;
+        }
+        self.next = (self.next + 1) % self.conns.len();
+        Some(self.conns[self.next].clone())
+    }
+
+    fn view(&self) -> InstanceView {
+        InstanceView {
+            instance_id: self.id.clone(),
+            version: self.info.version.clone(),
+            connections: self.conns.len(),
+            capacity: self.info.capacity,
+            open_sessions: self.info.open_sessions,
+            connected_secs: self.since.elapsed().as_secs(),
+        }
+    }
+}
+
+/// The processes connected under one worker id, oldest first. Normally one;
+/// two when a certificate is shared between hosts, or for a moment when a
+/// worker restarted before its old connections were found dead.
+#[derive(Default)]
+struct Entry {
+    instances: Vec<Instance>,
+}
+
+/// What `GET /v1/workers` shows of a worker. `version`, `capacity` and
+/// `environments` are its newest process's.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct WorkerView {
     pub worker_id: String,
@@ -63,6 +109,35 @@ pub struct WorkerView {
     pub connections: usize,
     pub capacity: u32,
     pub environments: Vec<String>,
+    pub instances: Vec<InstanceView>,
+}
+
+/// One process of a worker, in [`WorkerView`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstanceView {
+    pub instance_id: String,
+    pub version: String,
+    pub connections: usize,
+    pub capacity: u32,
+    /// As last reported (at connect, and after each open and close).
+    pub open_sessions: u32,
+    pub connected_secs: u64,
+}
+
+/// Where a session's requests go.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("worker {worker:?} is not connected to this gateway")]
+    Unavailable { worker: String },
+    /// The process that held the session is gone and another process of the
+    /// worker is connected: the worker restarted, and its sessions ended with
+    /// the old process.
+    #[error(
+        "the worker process that held the session is no longer connected, and worker {worker:?} \
+         now runs as another process (instance {current}): a restarted worker's sessions end \
+         with it"
+    )]
+    Replaced { worker: String, current: String },
 }
 
 /// Connected workers by id.
@@ -86,20 +161,57 @@ impl Workers {
         info: v1::InfoResponse,
     ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let tag = super::instance_tag(&info.instance_id);
         let conn = Conn {
             id,
             client,
             peer,
             since: Instant::now(),
+            worker_id: worker_id.to_string(),
+            instance: tag.clone(),
         };
         let mut map = self.lock();
-        let e = map.entry(worker_id.to_string()).or_insert_with(|| Entry {
-            conns: Vec::new(),
-            info: info.clone(),
-            next: 0,
-        });
-        e.info = info;
-        e.conns.push(conn);
+        let e = map.entry(worker_id.to_string()).or_default();
+        match e.instances.iter_mut().find(|i| i.tag == tag) {
+            Some(i) => {
+                i.info = info;
+                i.conns.push(conn);
+            }
+            None => {
+                if !e.instances.is_empty() {
+                    let others: Vec<String> = e
+                        .instances
+                        .iter()
+                        .map(|i| {
+                            format!(
+                                "{} ({} connection(s) from {})",
+                                display_instance(&i.id),
+                                i.conns.len(),
+                                i.conns[0].peer
+                            )
+                        })
+                        .collect();
+                    tracing::warn!(
+                        worker = worker_id,
+                        instance = %display_instance(&info.instance_id),
+                        %peer,
+                        others = %others.join(", "),
+                        "a second process connected with this worker identity: a restart whose \
+                         old connections are not closed yet, or one certificate on two hosts; each \
+                         session goes to the process that opened it, new sessions to the newest \
+                         process with room"
+                    );
+                }
+                e.instances.push(Instance {
+                    id: info.instance_id.clone(),
+                    tag,
+                    conns: vec![conn],
+                    info,
+                    next: 0,
+                    since: Instant::now(),
+                });
+            }
+        }
         drop(map);
         self.changed.notify_waiters();
         id
@@ -108,8 +220,20 @@ impl Workers {
     fn remove(&self, worker_id: &str, conn: u64) {
         let mut map = self.lock();
         if let Some(e) = map.get_mut(worker_id) {
-            e.conns.retain(|c| c.id != conn);
-            if e.conns.is_empty() {
+            for i in &mut e.instances {
+                i.conns.retain(|c| c.id != conn);
+            }
+            e.instances.retain(|i| {
+                if i.conns.is_empty() {
+                    tracing::info!(
+                        worker = worker_id,
+                        instance = %display_instance(&i.id),
+                        "worker process has no connection left"
+                    );
+                }
+                !i.conns.is_empty()
+            });
+            if e.instances.is_empty() {
                 map.remove(worker_id);
             }
         }
@@ -117,72 +241,137 @@ impl Workers {
         self.changed.notify_waiters();
     }
 
-    /// A connection to `worker_id`, round robin, if one is up.
-    pub fn pick(&self, worker_id: &str) -> Option<Conn> {
+    /// Where a request for a session of `worker_id` goes now: a connection of
+    /// the process `instance` (a tag; `None` for an id without one: the
+    /// newest process).
+    fn lookup(&self, worker_id: &str, instance: Option<&str>) -> Result<Option<Conn>, RouteError> {
         let mut map = self.lock();
-        let e = map.get_mut(worker_id)?;
-        if e.conns.is_empty() {
-            return None;
+        let Some(e) = map.get_mut(worker_id) else {
+            return Ok(None);
+        };
+        let at = match instance {
+            None => e.instances.len().checked_sub(1),
+            Some(tag) => e.instances.iter().position(|i| i.tag == tag),
+        };
+        match (at, instance) {
+            (Some(n), _) => Ok(e.instances[n].pick()),
+            (None, Some(_)) if !e.instances.is_empty() => Err(RouteError::Replaced {
+                worker: worker_id.to_string(),
+                current: e
+                    .instances
+                    .iter()
+                    .map(|i| display_instance(&i.id))
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+            }),
+            (None, _) => Ok(None),
         }
-        e.next = (e.next + 1) % e.conns.len();
-        Some(e.conns[e.next].clone())
     }
 
-    /// Like [`Workers::pick`], waiting up to `wait` for the worker to (re)connect.
-    pub async fn wait_for(&self, worker_id: &str, wait: Duration) -> Option<Conn> {
+    /// A connection to the process of `worker_id` that holds a session (see
+    /// [`super::SessionRoute`]), waiting up to `wait` for it to (re)connect.
+    /// When another process of the worker is connected instead, the one that
+    /// held the session is taken for gone (a restart) and the answer is
+    /// [`RouteError::Replaced`] at once.
+    pub async fn route(
+        &self,
+        worker_id: &str,
+        instance: Option<&str>,
+        wait: Duration,
+    ) -> Result<Conn, RouteError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(c) = self.pick(worker_id) {
-                return Some(c);
+            if let Some(c) = self.lookup(worker_id, instance)? {
+                return Ok(c);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return None;
+                return Err(RouteError::Unavailable {
+                    worker: worker_id.to_string(),
+                });
             }
         }
     }
 
-    /// A connected worker offering `environment` (the one with most spare
-    /// capacity, as last reported), or the named one.
-    pub fn choose(&self, environment: &str, worker_id: Option<&str>) -> Option<String> {
-        let map = self.lock();
-        map.iter()
-            .filter(|(id, e)| {
-                worker_id.is_none_or(|w| w == id.as_str())
-                    && !e.conns.is_empty()
-                    && e.info
-                        .environments
-                        .iter()
-                        .any(|env| env.name == environment)
+    /// A connection to a process offering `environment` for a new session.
+    /// Within one worker: its newest process with room (as last reported),
+    /// else its newest (which answers `AT_CAPACITY`). After a restart the old
+    /// process may be dead and not yet known to be, so it gets no new session
+    /// while the new one has room; with one certificate on two hosts, the
+    /// older host takes new sessions once the newer one is full. Between
+    /// workers (of any id, or only the named one): the one whose chosen
+    /// process has most room, then the lowest id.
+    pub fn choose(&self, environment: &str, worker_id: Option<&str>) -> Option<Conn> {
+        let mut map = self.lock();
+        let (id, n) = map
+            .iter()
+            .filter(|(id, _)| worker_id.is_none_or(|w| w == id.as_str()))
+            .filter_map(|(id, e)| {
+                let offers = |i: &Instance| {
+                    !i.conns.is_empty()
+                        && i.info
+                            .environments
+                            .iter()
+                            .any(|env| env.name == environment)
+                };
+                let room = |i: &Instance| i.info.capacity.saturating_sub(i.info.open_sessions);
+                let n = e
+                    .instances
+                    .iter()
+                    .rposition(|i| offers(i) && room(i) > 0)
+                    .or_else(|| e.instances.iter().rposition(offers))?;
+                Some((id, n, room(&e.instances[n])))
             })
-            .max_by_key(|(id, e)| {
-                (
-                    e.info.capacity.saturating_sub(e.info.open_sessions),
-                    std::cmp::Reverse((*id).clone()),
-                )
-            })
-            .map(|(id, _)| id.clone())
+            .max_by_key(|(id, _, room)| (*room, std::cmp::Reverse((*id).clone())))
+            .map(|(id, n, _)| (id.clone(), n))?;
+        map.get_mut(&id)?.instances.get_mut(n)?.pick()
     }
 
-    /// Records a worker's fresher Info (open sessions, environments).
-    pub fn update_info(&self, worker_id: &str, info: v1::InfoResponse) {
-        if let Some(e) = self.lock().get_mut(worker_id) {
-            e.info = info;
+    /// Records fresher Info (open sessions, environments) of the process
+    /// behind `conn`.
+    pub fn update_info(&self, conn: &Conn, info: v1::InfoResponse) {
+        if let Some(e) = self.lock().get_mut(&conn.worker_id) {
+            if let Some(i) = e.instances.iter_mut().find(|i| i.tag == conn.instance) {
+                i.info = info;
+            }
         }
+    }
+
+    /// One connection to each connected process (of `worker_id`, or of every
+    /// worker), with the process's instance id.
+    pub fn processes(&self, worker_id: Option<&str>) -> Vec<(Conn, String)> {
+        let mut map = self.lock();
+        let mut v: Vec<(Conn, String)> = map
+            .iter_mut()
+            .filter(|(id, _)| worker_id.is_none_or(|w| w == id.as_str()))
+            .flat_map(|(_, e)| e.instances.iter_mut())
+            .filter_map(|i| Some((i.pick()?, i.id.clone())))
+            .collect();
+        v.sort_by(|a, b| (&a.0.worker_id, &a.1).cmp(&(&b.0.worker_id, &b.1)));
+        v
     }
 
     pub fn list(&self) -> Vec<WorkerView> {
         let map = self.lock();
         let mut v: Vec<WorkerView> = map
             .iter()
-            .map(|(id, e)| WorkerView {
-                worker_id: id.clone(),
-                version: e.info.version.clone(),
-                connections: e.conns.len(),
-                capacity: e.info.capacity,
-                environments: e.info.environments.iter().map(|x| x.name.clone()).collect(),
+            .filter_map(|(id, e)| {
+                let newest = e.instances.last()?;
+                Some(WorkerView {
+                    worker_id: id.clone(),
+                    version: newest.info.version.clone(),
+                    connections: e.instances.iter().map(|i| i.conns.len()).sum(),
+                    capacity: newest.info.capacity,
+                    environments: newest
+                        .info
+                        .environments
+                        .iter()
+                        .map(|x| x.name.clone())
+                        .collect(),
+                    instances: e.instances.iter().map(Instance::view).collect(),
+                })
             })
             .collect();
         v.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
@@ -192,7 +381,27 @@ impl Workers {
     /// (workers, connections) connected now.
     pub fn counts(&self) -> (usize, usize) {
         let map = self.lock();
-        (map.len(), map.values().map(|e| e.conns.len()).sum())
+        (
+            map.len(),
+            map.values()
+                .flat_map(|e| &e.instances)
+                .map(|i| i.conns.len())
+                .sum(),
+        )
+    }
+
+    /// Worker processes connected (at least one per worker id).
+    pub fn process_count(&self) -> usize {
+        self.lock().values().map(|e| e.instances.len()).sum()
+    }
+}
+
+/// An instance id for logs and messages.
+fn display_instance(id: &str) -> String {
+    if id.is_empty() {
+        "(no instance id)".to_string()
+    } else {
+        id.to_string()
     }
 }
 
@@ -211,6 +420,15 @@ pub enum AcceptError {
     Http2(hyper::Error),
     #[error("Info: {0}")]
     Info(String),
+}
+
+/// Whether `id` is an instance id the protocol allows: empty, or 1 to 64
+/// characters of [A-Za-z0-9._-].
+pub fn valid_instance_id(id: &str) -> bool {
+    id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 impl AcceptError {
@@ -253,7 +471,7 @@ pub async fn serve_tunnel(
     tls: Arc<rustls::ServerConfig>,
     cfg: &AcceptConfig,
     workers: &Workers,
-    on_registered: impl FnOnce(&str),
+    on_registered: impl FnOnce(&str, &str),
 ) -> Result<String, AcceptError> {
     let _ = tcp.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -313,12 +531,19 @@ pub async fn serve_tunnel(
             info.worker_id
         )));
     }
+    if !valid_instance_id(&info.instance_id) {
+        return Err(AcceptError::Info(format!(
+            "instance_id {:?} is not up to 64 characters of [A-Za-z0-9._-]",
+            info.instance_id.chars().take(80).collect::<String>()
+        )));
+    }
+    let instance_id = info.instance_id.clone();
     let registration = Registration {
         workers,
         worker_id: &worker_id,
         conn: workers.add(&worker_id, client, peer, info),
     };
-    on_registered(&worker_id);
+    on_registered(&worker_id, &instance_id);
     let _ = conn.await;
     drop(registration);
     Ok(worker_id)

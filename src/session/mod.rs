@@ -8,6 +8,7 @@
 //! included: the helper is the pid namespace's init, and the cgroup is emptied
 //! before it is removed.
 
+pub mod activity;
 pub mod journal;
 pub mod registry;
 pub mod slot;
@@ -109,6 +110,9 @@ pub struct Session {
     env: Vec<(String, String)>,
     /// Calls by id: at-most-once execution, resumable delivery.
     journal: journal::Journal,
+    /// Calls running, calls run, last use: what the registry lists and
+    /// closes idle sessions by.
+    activity: Arc<activity::Activity>,
     closed: bool,
 }
 
@@ -309,6 +313,7 @@ impl Session {
                 Some(store) => store.journal(),
                 None => journal::Journal::standalone(journal::Limits::default()),
             },
+            activity: Arc::new(activity::Activity::new()),
             closed: false,
         })
     }
@@ -360,15 +365,25 @@ impl Session {
         &self.journal
     }
 
+    /// How busy the session is (every call through [`Session::call`],
+    /// [`Session::run_journaled`] and [`Session::exec`] counts).
+    pub fn activity(&self) -> &Arc<activity::Activity> {
+        &self.activity
+    }
+
     /// Executes a journaled call to its end: its output goes to the record as it
     /// is produced, a cancel or the `deadline` stops it (for bash: the shell and
     /// every process of the session are killed, and the shell needs a restart),
-    /// and the result is recorded whoever is watching.
+    /// and the result is recorded whoever is watching. `running` counts the
+    /// call (taken with `activity().start()` before the task running this was
+    /// spawned, so that a client told the call started sees it running); it
+    /// ends before the result is recorded.
     pub async fn run_journaled(
         &self,
         rec: &journal::CallRecord,
         input: &Value,
         deadline: Option<tokio::time::Instant>,
+        running: activity::Running,
     ) {
         let sink = |bytes: &[u8]| rec.append_output(bytes);
         let run = self
@@ -407,12 +422,14 @@ impl Session {
                 }
             }
         };
+        drop(running);
         rec.finish(result, outcome);
         self.journal.retire(&rec.call_id);
     }
 
     /// As [`Session::call`], with a call id for the tracing span.
     pub async fn call_traced(&self, name: &str, input: &Value, call_id: &str) -> ToolResult {
+        let _running = self.activity.start();
         self.call_inner(name, input, call_id, None).await.0
     }
 
@@ -517,6 +534,7 @@ impl Session {
         stdio: [std::os::fd::OwnedFd; 3],
         timeout: Option<Duration>,
     ) -> Result<Option<i32>, SessionError> {
+        let _running = self.activity.start();
         let [i, o, e] = &stdio;
         let (_pid, exit) = self
             .helper

@@ -1,10 +1,16 @@
 //! The worker's open sessions, by the ids their clients chose: idempotent open
-//! and close, the worker's session capacity, and the environments (policies) a
-//! session may be opened in. Connectors (the hands.v1 service, later the Claude
-//! Managed Agents loop) reach sessions only through this.
+//! and close, the worker's session capacity, the environments (policies) a
+//! session may be opened in, the listing of what is open, and the idle
+//! timeout that closes sessions a client abandoned. Connectors (the hands.v1
+//! service, the Claude Managed Agents loop) reach sessions only through this.
+//!
+//! A registry is one worker process's set of sessions: it draws an instance id
+//! when it is made, which the worker reports in `Info` so a gateway can tell
+//! two processes with one worker id apart.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Mutex;
 
@@ -28,6 +34,17 @@ pub enum RegistryError {
     AtCapacity(usize),
     #[error("no open session {0:?}")]
     SessionNotFound(String),
+    /// Not found either, but the registry remembers why: the idle timeout
+    /// closed it.
+    #[error(
+        "no open session {id:?}: the worker closed it after {idle_secs} s idle (its \
+         [sessions] idle_timeout_secs is {timeout_secs}); open a new session"
+    )]
+    ClosedIdle {
+        id: String,
+        idle_secs: u64,
+        timeout_secs: u64,
+    },
     #[error(transparent)]
     Open(#[from] SessionError),
 }
@@ -40,16 +57,67 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
+/// Who ends a session, and so whether the idle timeout applies to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// A remote client (hands.v1, through a gateway or not). It may go away
+    /// without closing: the idle timeout closes what it abandoned.
+    Client,
+    /// A connector inside the worker (Claude Managed Agents), which ends its
+    /// sessions itself, with lifetimes of its own (a lease, `max_idle_secs`).
+    Connector,
+}
+
 struct Entry {
     environment: String,
     session: Arc<Session>,
+    owner: Owner,
+    opened_at: SystemTime,
 }
+
+/// One open session, as [`Registry::list`] shows it.
+#[derive(Debug, Clone)]
+pub struct SessionView {
+    pub id: String,
+    pub environment: String,
+    pub owner: Owner,
+    pub opened_at: SystemTime,
+    pub activity: super::activity::Snapshot,
+    /// The idle timeout that applies to it, if any.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// A session [`Registry::close_idle`] closed.
+#[derive(Debug, Clone)]
+pub struct IdleClosed {
+    pub id: String,
+    pub environment: String,
+    pub idle: Duration,
+    pub age: Duration,
+    pub calls: u64,
+}
+
+/// The shortest pause between two idle sweeps, so that a session about to
+/// expire never makes the sweeper spin.
+const MIN_SWEEP_PAUSE: Duration = Duration::from_millis(50);
+
+/// How many sessions closed for idleness are remembered (by id, with how long
+/// they were idle), so that a client coming back to one learns why it is gone.
+/// Oldest forgotten first; a forgotten one is plain `SESSION_NOT_FOUND`.
+const IDLE_CLOSED_MEMORY: usize = 4096;
 
 /// Open sessions of one worker.
 pub struct Registry {
     cfg: SandboxConfig,
     policies: BTreeMap<String, Arc<Policy>>,
     capacity: usize,
+    /// This process's sessions: new at every start (see the module doc).
+    instance_id: String,
+    /// Client sessions idle this long are closed; `None`: never.
+    idle_timeout: Option<Duration>,
+    /// Sessions the idle timeout closed, newest last: (id, idle seconds).
+    /// Forgotten when their id is opened or closed again.
+    idle_closed: std::sync::Mutex<VecDeque<(String, u64)>>,
     /// Held only briefly, never across a session open, so calls keep finding
     /// their sessions while another session is being opened.
     sessions: std::sync::Mutex<HashMap<String, Entry>>,
@@ -74,6 +142,9 @@ impl Registry {
                 .map(|p| (p.name.clone(), Arc::new(p)))
                 .collect(),
             capacity,
+            instance_id: new_instance_id(),
+            idle_timeout: None,
+            idle_closed: Default::default(),
             sessions: Default::default(),
             opening: Mutex::new(()),
             journals: super::journal::JournalStore::new(Default::default()),
@@ -84,6 +155,23 @@ impl Registry {
     pub fn with_journal_limits(mut self, limits: super::journal::Limits) -> Registry {
         self.journals = super::journal::JournalStore::new(limits);
         self
+    }
+
+    /// This registry with sessions opened by clients closed once idle for
+    /// `timeout` (see [`Registry::close_idle`]); `None`: never.
+    pub fn with_idle_timeout(mut self, timeout: Option<Duration>) -> Registry {
+        self.idle_timeout = timeout.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// The idle timeout of sessions opened by clients, if any.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.idle_timeout
+    }
+
+    /// This worker process's instance id (random, drawn at start).
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
     }
 
     /// The call journals of every session, and their budget.
@@ -117,16 +205,19 @@ impl Registry {
         self.map().len()
     }
 
-    /// Opens session `id` in `environment`, or returns the open one (`false`).
+    /// Opens session `id` in `environment` for a remote client (so the idle
+    /// timeout applies), or returns the open one (`false`), marking it used.
     pub async fn open(
         &self,
         id: &str,
         environment: &str,
     ) -> Result<(Arc<Session>, bool), RegistryError> {
-        self.open_with(id, environment, Vec::new()).await
+        self.open_owned(id, environment, Vec::new(), Owner::Client, None)
+            .await
     }
 
-    /// [`Registry::open`] with extra workspace directories for a new session.
+    /// Opens a session for a connector of the worker, which closes it itself
+    /// (never for idleness), with extra workspace directories.
     pub async fn open_with(
         &self,
         id: &str,
@@ -137,12 +228,25 @@ impl Registry {
     }
 
     /// [`Registry::open_with`], in the workspace kept under `kept` (see
-    /// [`SessionOptions::kept`]) when one is given.
+    /// [`SessionOptions::kept`]) when one is given. Connector sessions: the
+    /// idle timeout never closes them.
     pub async fn open_in(
         &self,
         id: &str,
         environment: &str,
         extra_dirs: Vec<crate::sandbox::proto::ExtraDir>,
+        kept: Option<String>,
+    ) -> Result<(Arc<Session>, bool), RegistryError> {
+        self.open_owned(id, environment, extra_dirs, Owner::Connector, kept)
+            .await
+    }
+
+    async fn open_owned(
+        &self,
+        id: &str,
+        environment: &str,
+        extra_dirs: Vec<crate::sandbox::proto::ExtraDir>,
+        owner: Owner,
         kept: Option<String>,
     ) -> Result<(Arc<Session>, bool), RegistryError> {
         if !valid_id(id) {
@@ -164,6 +268,7 @@ impl Registry {
                         requested: environment.to_string(),
                     });
                 }
+                e.session.activity().touch();
                 return Ok((e.session.clone(), false));
             }
             if map.len() >= self.capacity {
@@ -184,22 +289,183 @@ impl Registry {
             )
             .await?,
         );
+        self.forget_idle_closed(id);
         self.map().insert(
             id.to_string(),
             Entry {
                 environment: environment.to_string(),
                 session: session.clone(),
+                owner,
+                opened_at: SystemTime::now(),
             },
         );
         Ok((session, true))
     }
 
-    /// The open session `id`.
+    /// The open session `id`, marked used (under the registry's lock, so the
+    /// idle sweep never closes a session a request has just found).
     pub fn get(&self, id: &str) -> Result<Arc<Session>, RegistryError> {
         self.map()
             .get(id)
-            .map(|e| e.session.clone())
-            .ok_or_else(|| RegistryError::SessionNotFound(id.to_string()))
+            .map(|e| {
+                e.session.activity().touch();
+                e.session.clone()
+            })
+            .ok_or_else(|| self.not_found(id))
+    }
+
+    /// Why `id` is not open: closed for idleness (if still remembered), or
+    /// not found.
+    fn not_found(&self, id: &str) -> RegistryError {
+        let memory = self.idle_closed.lock().unwrap_or_else(|p| p.into_inner());
+        match memory.iter().rev().find(|(i, _)| i == id) {
+            Some((_, idle_secs)) => RegistryError::ClosedIdle {
+                id: id.to_string(),
+                idle_secs: *idle_secs,
+                timeout_secs: self.idle_timeout.map_or(0, |t| t.as_secs()),
+            },
+            None => RegistryError::SessionNotFound(id.to_string()),
+        }
+    }
+
+    fn remember_idle_closed(&self, closed: &[IdleClosed]) {
+        if closed.is_empty() {
+            return;
+        }
+        let mut memory = self.idle_closed.lock().unwrap_or_else(|p| p.into_inner());
+        for c in closed {
+            memory.retain(|(i, _)| *i != c.id);
+            if memory.len() >= IDLE_CLOSED_MEMORY {
+                memory.pop_front();
+            }
+            memory.push_back((c.id.clone(), c.idle.as_secs()));
+        }
+    }
+
+    fn forget_idle_closed(&self, id: &str) {
+        self.idle_closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(i, _)| i != id);
+    }
+
+    fn idle_timeout_of(&self, owner: Owner) -> Option<Duration> {
+        match owner {
+            Owner::Client => self.idle_timeout,
+            Owner::Connector => None,
+        }
+    }
+
+    /// Every open session, oldest first.
+    pub fn list(&self) -> Vec<SessionView> {
+        let mut v: Vec<SessionView> = self
+            .map()
+            .iter()
+            .map(|(id, e)| SessionView {
+                id: id.clone(),
+                environment: e.environment.clone(),
+                owner: e.owner,
+                opened_at: e.opened_at,
+                activity: e.session.activity().snapshot(),
+                idle_timeout: self.idle_timeout_of(e.owner),
+            })
+            .collect();
+        v.sort_by(|a, b| (a.opened_at, &a.id).cmp(&(b.opened_at, &b.id)));
+        v
+    }
+
+    /// Closes every client session that has been idle for the idle timeout
+    /// (none when there is no timeout). Returns what it closed, and how long
+    /// until the next session could reach the timeout: the earliest expiry of
+    /// an idle session, or the whole timeout (a session busy now, or opened
+    /// later, is idle for the timeout at the earliest that long from now).
+    /// Blocks while a closed session's sandbox is released if this held the
+    /// last reference to it, as [`Registry::close`] does.
+    pub fn close_idle(&self) -> (Vec<IdleClosed>, Option<Duration>) {
+        let Some(timeout) = self.idle_timeout else {
+            return (Vec::new(), None);
+        };
+        let mut next = timeout;
+        let mut closed = Vec::new();
+        // Removed under the lock, dropped after it: a drop may block.
+        let mut removed = Vec::new();
+        {
+            let mut map = self.map();
+            let idle: Vec<String> = map
+                .iter()
+                .filter(|(_, e)| e.owner == Owner::Client)
+                .filter_map(|(id, e)| {
+                    let a = e.session.activity().snapshot();
+                    if a.running == 0 && a.idle >= timeout {
+                        return Some(id.clone());
+                    }
+                    if a.running == 0 {
+                        next = next.min(timeout - a.idle);
+                    }
+                    None
+                })
+                .collect();
+            for id in idle {
+                let Some(e) = map.remove(&id) else {
+                    continue;
+                };
+                let a = e.session.activity().snapshot();
+                // Killed now, under the lock: no request can find it any more.
+                e.session.terminate();
+                closed.push(IdleClosed {
+                    id,
+                    environment: e.environment.clone(),
+                    idle: a.idle,
+                    age: a.age,
+                    calls: a.calls,
+                });
+                removed.push(e);
+            }
+            // Remembered under the lock that removed them: a request that no
+            // longer finds one learns why.
+            self.remember_idle_closed(&closed);
+        }
+        drop(removed);
+        (closed, Some(next.max(MIN_SWEEP_PAUSE)))
+    }
+
+    /// Closes idle client sessions as they reach the idle timeout, until
+    /// `shutdown` turns true; returns at once without a timeout. Each close is
+    /// logged with how long the session was idle.
+    pub async fn close_idle_until(
+        self: Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let Some(timeout) = self.idle_timeout else {
+            return;
+        };
+        let mut next = timeout;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(next) => {}
+                () = crate::util::stopped(&mut shutdown) => return,
+            }
+            let reg = self.clone();
+            let (closed, after) = match tokio::task::spawn_blocking(move || reg.close_idle()).await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "the idle session sweep failed");
+                    (Vec::new(), Some(timeout))
+                }
+            };
+            for c in closed {
+                tracing::info!(
+                    session_id = %c.id,
+                    env = %c.environment,
+                    idle_secs = c.idle.as_secs(),
+                    age_secs = c.age.as_secs(),
+                    calls = c.calls,
+                    "closed an idle session (sessions.idle_timeout_secs)"
+                );
+            }
+            next = after.unwrap_or(timeout);
+        }
     }
 
     /// Closes every session (worker shutdown).
@@ -213,6 +479,7 @@ impl Registry {
     /// Closes session `id`: its processes are killed now; its sandbox is released
     /// when the last call holding it returns. `false` when it was not open.
     pub fn close(&self, id: &str) -> bool {
+        self.forget_idle_closed(id);
         let entry = self.map().remove(id);
         match entry {
             Some(e) => {
@@ -222,4 +489,19 @@ impl Registry {
             None => false,
         }
     }
+}
+
+/// A new instance id: 16 random bytes in hex.
+fn new_instance_id() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        // No entropy: the clock and pid still tell two processes apart.
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        b[..8].copy_from_slice(&t.to_le_bytes());
+        b[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

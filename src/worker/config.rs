@@ -21,6 +21,9 @@
 //! proxy = "http://proxy.corp:3128"  # HTTP CONNECT proxy; "env" (default) = HTTPS_PROXY/NO_PROXY; "none"
 //! keepalive_secs = 15               # HTTP/2 PING interval; a silent peer is dropped within twice this
 //!
+//! [sessions]                        # sessions opened through hands.v1
+//! idle_timeout_secs = 1800          # closed after this long with no call running or request naming them; 0 = never
+//!
 //! [journal]                         # finished results kept so a resumed call gets them again
 //! session_bytes = "256MiB"          # held per session (results, output tails, call ids)
 //! worker_bytes = "1GiB"             # held over every session of the worker
@@ -29,6 +32,11 @@
 //!
 //! A dropped result leaves its call id behind: asking for that call again is
 //! refused with `RESULT_EXPIRED`, never a second run (see `session::journal`).
+//!
+//! The session idle timeout is the worker's, not a policy's: it protects the
+//! worker's capacity from clients that go away without closing, whatever the
+//! environment, and a call that runs (a build of an hour) keeps its session
+//! anyway. Sessions of the `[anthropic]` connector are its own to close.
 //!
 //! Unknown keys are rejected, so a typo never passes silently. Relative paths
 //! (`policy_dirs` included) are relative to the configuration file. The
@@ -66,7 +74,25 @@ struct RawConfig {
     anthropic: Option<crate::cma::config::Raw>,
     #[serde(default)]
     journal: Option<RawJournal>,
+    #[serde(default)]
+    sessions: Option<RawSessions>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSessions {
+    #[serde(default)]
+    idle_timeout_secs: Option<u64>,
+}
+
+/// The default session idle timeout: half an hour without a call or a request
+/// is an abandoned session for an agent loop, whose turns take seconds to
+/// minutes, and still leaves a person time to answer a question the agent
+/// asked. A running call is never cut short by it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// The longest idle timeout: a week, as the journal's retention.
+const MAX_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -153,6 +179,9 @@ pub struct Config {
     pub anthropic: Option<crate::cma::config::AnthropicConfig>,
     /// The call journal's budget (`[journal]`).
     pub journal: crate::session::journal::Limits,
+    /// Sessions opened through hands.v1 are closed after this long idle
+    /// (`[sessions] idle_timeout_secs`); `None`: never.
+    pub session_idle_timeout: Option<Duration>,
 }
 
 pub use crate::configfile::ConfigError;
@@ -254,6 +283,17 @@ impl Config {
             }
         };
         let journal = journal_limits(raw.journal, &invalid)?;
+        let session_idle_timeout = match raw.sessions.and_then(|s| s.idle_timeout_secs) {
+            None => Some(DEFAULT_IDLE_TIMEOUT),
+            Some(0) => None,
+            Some(secs) if secs <= MAX_IDLE_TIMEOUT_SECS => Some(Duration::from_secs(secs)),
+            Some(_) => {
+                return Err(invalid(
+                    "sessions.idle_timeout_secs",
+                    format!("must be between 0 (never) and {MAX_IDLE_TIMEOUT_SECS} (a week)"),
+                ))
+            }
+        };
         Ok(Config {
             worker_id: raw.worker_id,
             capacity: raw.capacity,
@@ -264,6 +304,7 @@ impl Config {
             tunnel,
             anthropic,
             journal,
+            session_idle_timeout,
         })
     }
 }
@@ -427,6 +468,17 @@ mod tests {
         );
         assert_eq!(c.listen.unwrap().port(), 7700);
         assert_eq!(c.journal, crate::session::journal::Limits::default());
+        assert_eq!(c.session_idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
+    }
+
+    #[test]
+    fn the_session_idle_timeout_is_configurable_and_zero_means_never() {
+        let c = parse("worker_id = \"w1\"\n[sessions]\nidle_timeout_secs = 2").unwrap();
+        assert_eq!(c.session_idle_timeout, Some(Duration::from_secs(2)));
+        let c = parse("worker_id = \"w1\"\n[sessions]\nidle_timeout_secs = 0").unwrap();
+        assert_eq!(c.session_idle_timeout, None);
+        let c = parse("worker_id = \"w1\"\n[sessions]\n").unwrap();
+        assert_eq!(c.session_idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
     }
 
     #[test]
@@ -472,6 +524,15 @@ mod tests {
                 "journal.retention_secs",
             ),
             ("worker_id = \"w\"\n[journal]\nbytes = 1", "bytes"),
+            (
+                "worker_id = \"w\"\n[sessions]\nidle_timeout_secs = 604801",
+                "sessions.idle_timeout_secs",
+            ),
+            (
+                "worker_id = \"w\"\n[sessions]\nidle_timeout_secs = -1",
+                "idle_timeout_secs",
+            ),
+            ("worker_id = \"w\"\n[sessions]\nidle = 1", "idle"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains("worker.toml") && e.contains(key), "{text}: {e}");

@@ -1,7 +1,8 @@
 //! The worker daemon: one session registry, and the ways brains reach it: the
 //! outbound mTLS tunnel (`crate::tunnel`) and the loopback debug listener. Both
 //! serve the same routes: `hands.v1.Sandbox` with gRPC health and reflection
-//! (so `grpcurl` works).
+//! (so `grpcurl` works). While it serves, sessions left idle by their clients
+//! are closed (`[sessions] idle_timeout_secs`).
 //!
 //! Stopping ([`serve`] once `shutdown` turns true): the tunnels end with
 //! GOAWAY and the debug listener stops accepting, so no call starts; the
@@ -95,7 +96,8 @@ pub fn prepare_workspaces(config: &Config, sandbox: &SandboxConfig) {
 pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
     Arc::new(
         Registry::new(sandbox, config.policies.iter().cloned(), config.capacity)
-            .with_journal_limits(config.journal),
+            .with_journal_limits(config.journal)
+            .with_idle_timeout(config.session_idle_timeout),
     )
 }
 
@@ -142,6 +144,15 @@ pub async fn serve(
     };
     let cma_registry = registry.clone();
     let journals = registry.journals().clone();
+    // The instance id tells this process apart from another with the same
+    // worker_id (the gateway's log names it when both connect).
+    tracing::info!(
+        worker_id = %config.worker_id,
+        instance_id = %registry.instance_id(),
+        session_idle_timeout_secs = registry.idle_timeout().map_or(0, |t| t.as_secs()),
+        "worker serving"
+    );
+    let idle = registry.clone().close_idle_until(shutdown.clone());
     let routes = routes(config, registry).await?;
     let tunnel = match &config.tunnel {
         Some(t) => {
@@ -229,9 +240,16 @@ pub async fn serve(
         let (hands_v1, anthropic) = tokio::join!(hands_v1, anthropic);
         hands_v1.and(anthropic)
     };
+    // The idle sweep runs beside the ways in, and must not hold serve() open
+    // once they have ended (a failed bind returns at once).
+    let idle = async {
+        idle.await;
+        std::future::pending::<()>().await
+    };
     tokio::select! {
         r = both => r,
         () = forward => unreachable!("never resolves"),
+        () = idle => unreachable!("pending never resolves"),
     }
 }
 

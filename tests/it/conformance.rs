@@ -160,6 +160,7 @@ fn the_project_worker_and_gateway_pass_the_conformance_suite() {
     assert_eq!(
         skipped,
         [
+            "info_identifies_the_process",
             "open_session_is_idempotent",
             "deadline_cancels_the_call",
             "error_invalid_input_json"
@@ -214,11 +215,13 @@ enum Mode {
     NoMessageLimit,
     TinyMessageLimit,
     Unconfined,
+    ListsNothing,
+    ListsNoActivity,
 }
 
 /// Which cases each broken rule must make fail.
 const TABLE: &[(Mode, &[&str])] = &[
-    (Mode::NoIdentity, &["info"]),
+    (Mode::NoIdentity, &["info", "info_identifies_the_process"]),
     (Mode::OpenNotIdempotent, &["open_session_is_idempotent"]),
     (Mode::CloseNotIdempotent, &["close_session_is_idempotent"]),
     (
@@ -264,6 +267,20 @@ const TABLE: &[(Mode, &[&str])] = &[
     (Mode::IgnoresDeadline, &["deadline_cancels_the_call"]),
     (Mode::NoMessageLimit, &["payload_over_limit_is_refused"]),
     (Mode::TinyMessageLimit, &["large_payload_round_trips"]),
+    (
+        Mode::ListsNothing,
+        &[
+            "list_sessions_shows_open_sessions",
+            "list_sessions_counts_running_calls",
+        ],
+    ),
+    (
+        Mode::ListsNoActivity,
+        &[
+            "list_sessions_shows_open_sessions",
+            "list_sessions_counts_running_calls",
+        ],
+    ),
     (
         Mode::Unconfined,
         &[
@@ -356,6 +373,7 @@ impl Sandbox for Double {
         if self.mode == Mode::NoIdentity {
             r.worker_id.clear();
             r.protocols.clear();
+            r.instance_id.clear();
         }
         Ok(Response::new(r))
     }
@@ -388,6 +406,23 @@ impl Sandbox for Double {
             return Err(tonic::Status::not_found("no such session"));
         }
         Ok(r)
+    }
+
+    async fn list_sessions(
+        &self,
+        req: Request<v1::ListSessionsRequest>,
+    ) -> Result<Response<v1::ListSessionsResponse>, tonic::Status> {
+        let mut r = self.inner.list_sessions(req).await?.into_inner();
+        match self.mode {
+            Mode::ListsNothing => r.sessions.clear(),
+            Mode::ListsNoActivity => {
+                for s in &mut r.sessions {
+                    (s.running_calls, s.idle_ms, s.calls) = (0, 0, 0);
+                }
+            }
+            _ => {}
+        }
+        Ok(Response::new(r))
     }
 
     type CallStream = Events;

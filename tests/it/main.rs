@@ -13,6 +13,7 @@ mod limits;
 mod netpeer;
 mod pki;
 mod service;
+mod sessions;
 mod tunnel;
 mod util;
 mod worker;

@@ -204,6 +204,19 @@ async fn worker(
     endpoints: &[SocketAddr],
     extra: &str,
 ) -> Wk {
+    worker_with(pki_ca, id, cert, endpoints, "capacity = 32", extra).await
+}
+
+/// [`worker`] with these top-level keys (`capacity` among them); `extra` ends
+/// the file, so it may open tables of its own after the `[tunnel]` keys.
+async fn worker_with(
+    pki_ca: &Path,
+    id: &str,
+    cert: &(PathBuf, PathBuf),
+    endpoints: &[SocketAddr],
+    top: &str,
+    extra: &str,
+) -> Wk {
     let dir = tempfile::tempdir().unwrap().keep();
     let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
     let proxy = if extra.contains("proxy") {
@@ -222,7 +235,7 @@ async fn worker(
         "server_name = \"localhost\"\n"
     };
     let toml = format!(
-        "worker_id = \"{id}\"\ncapacity = 32\nenvironments = [\"default\"]\n\n[tunnel]\nendpoints = [{}]\n{server_name}ca = {pki_ca:?}\ncert = {:?}\nkey = {:?}\n{proxy}{keepalive}backoff_base_ms = 20\nbackoff_max_ms = 300\nhealthy_after_secs = 2\n{extra}\n",
+        "worker_id = \"{id}\"\n{top}\nenvironments = [\"default\"]\n\n[tunnel]\nendpoints = [{}]\n{server_name}ca = {pki_ca:?}\ncert = {:?}\nkey = {:?}\n{proxy}{keepalive}backoff_base_ms = 20\nbackoff_max_ms = 300\nhealthy_after_secs = 2\n{extra}\n",
         eps.join(", "),
         cert.0,
         cert.1
@@ -1007,6 +1020,528 @@ async fn a_worker_keeps_one_tunnel_per_endpoint_and_survives_losing_one() {
     assert_eq!(text(&r), "shared");
     wk.stop().await;
     b.stop().await;
+}
+
+// ---- two processes, one identity (issue #11, item 5) ------------------------
+
+/// Waits until the gateway holds `n` tunnel connections in all.
+async fn wait_connections(gw: &Gw, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gw.gw.workers.counts().1 != n {
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} connections, have {:?}",
+            gw.gw.workers.counts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two worker processes that share one identity (one certificate copied to two
+/// hosts, or a restart whose old process still runs; here two workers with
+/// registries of their own), each with two connections: every session reaches
+/// the process that holds it, so no call meets `SESSION_NOT_FOUND` (on one
+/// merged entry, calls alternated between the four connections), every close
+/// closes, and nothing is left open in either process. New sessions go to the
+/// newest process while it has room.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_worker_processes_with_one_identity_each_serve_their_own_sessions() {
+    require_sandbox!();
+    let pki = Pki::new();
+    let gw = api_gateway(&pki, "").await;
+    let cert = pki.worker("w-twin", 30);
+    let one = worker(
+        &pki.ca_pem,
+        "w-twin",
+        &cert,
+        &[gw.bound.tunnel],
+        "connections = 2",
+    )
+    .await;
+    wait_connections(&gw, 2).await;
+    let mut api = gw.api();
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(open(&mut api).await);
+    }
+    let two = worker(
+        &pki.ca_pem,
+        "w-twin",
+        &cert,
+        &[gw.bound.tunnel],
+        "connections = 2",
+    )
+    .await;
+    wait_connections(&gw, 4).await;
+    for _ in 0..3 {
+        sessions.push(open(&mut api).await);
+    }
+    for (i, sid) in sessions.iter().enumerate() {
+        tool(
+            &mut api,
+            sid,
+            "w",
+            "write",
+            json!({"file_path": "who", "content": format!("session {i}")}),
+        )
+        .await;
+        for k in 0..4 {
+            let r = tool(
+                &mut api,
+                sid,
+                &format!("r{k}"),
+                "read",
+                json!({"file_path": "who"}),
+            )
+            .await;
+            assert_eq!(text(&r), format!("session {i}"), "{sid}");
+        }
+    }
+    assert_eq!(
+        (one.registry.open_sessions(), two.registry.open_sessions()),
+        (3, 3),
+        "three sessions in each process: the first, then the newest"
+    );
+
+    // The gateway lists the worker once, with both processes, and every
+    // session of both.
+    let w = api.request("GET", "/v1/workers", None).await.unwrap().body;
+    assert_eq!(w["workers"].as_array().unwrap().len(), 1, "{w}");
+    let instances = w["workers"][0]["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 2, "{w}");
+    assert!(instances.iter().all(|i| i["connections"] == 2), "{w}");
+    let listed = api.request("GET", "/v1/sessions", None).await.unwrap();
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    let mut ids: Vec<&str> = listed.body["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    let mut want: Vec<&str> = sessions.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(ids, want, "{}", listed.body);
+    let per_instance: std::collections::BTreeSet<&str> = listed.body["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["instance_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(per_instance.len(), 2, "{}", listed.body);
+
+    for sid in &sessions {
+        let a = api
+            .request("DELETE", &format!("/v1/sessions/{sid}"), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (a.status, &a.body["closed"]),
+            (200, &json!(true)),
+            "{sid}: {}",
+            a.body
+        );
+    }
+    assert_eq!(
+        (one.registry.open_sessions(), two.registry.open_sessions()),
+        (0, 0),
+        "no session leaked"
+    );
+    one.stop().await;
+    two.stop().await;
+    gw.stop().await;
+}
+
+/// A relay that can freeze: from then on it forwards nothing and closes
+/// nothing, as a host that hung would (the gateway only learns of it from its
+/// keepalive).
+struct FreezingRelay {
+    addr: SocketAddr,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezingRelay {
+    async fn new(target: SocketAddr) -> FreezingRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(FreezingRelay::pipe(dr, uw, f.clone()));
+                tokio::spawn(FreezingRelay::pipe(ur, dw, f.clone()));
+            }
+        });
+        FreezingRelay { addr, frozen }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        frozen: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = from.read(&mut buf).await.unwrap_or(0);
+            if frozen.load(Ordering::SeqCst) {
+                // Hold both sockets open, forward nothing, forever.
+                let _keep = (from, to);
+                std::future::pending::<()>().await;
+                return;
+            }
+            if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A worker that restarts while the gateway still holds its old process's
+/// connections (the host hung, then came back with a new process): the new
+/// process is neither refused nor starved. New sessions go to it, never to the
+/// hung connection (where an open would fail once keepalive finds it dead),
+/// and a session of the old process is answered `SESSION_NOT_FOUND` once the
+/// old connection is found dead, not `WORKER_UNAVAILABLE` after the reconnect
+/// wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_worker_is_served_at_once_while_its_old_connection_lingers() {
+    require_sandbox!();
+    let pki = Pki::new();
+    // reconnect_wait_secs is 20, keepalive 5 s: a dead connection is dropped
+    // within 10 s.
+    let gw = gateway(&pki, &pki.gateway("gateway", 30), "127.0.0.1:0", "").await;
+    let relay = FreezingRelay::new(gw.bound.tunnel).await;
+    let cert = pki.worker("w-restart", 30);
+    let old = worker(&pki.ca_pem, "w-restart", &cert, &[relay.addr], "").await;
+    let mut api = gw.api();
+    wait_connections(&gw, 1).await;
+    let old_sid = open(&mut api).await;
+    tool(
+        &mut api,
+        &old_sid,
+        "o1",
+        "bash",
+        json!({"command": "echo old"}),
+    )
+    .await;
+
+    // The old process hangs and is replaced; the gateway does not know yet.
+    relay.freeze();
+    old.task.abort();
+    old.registry.close_all();
+    let new = worker(&pki.ca_pem, "w-restart", &cert, &[gw.bound.tunnel], "").await;
+    wait_connections(&gw, 2).await;
+
+    for i in 0..3 {
+        let sid = open(&mut api).await;
+        let r = tool(
+            &mut api,
+            &sid,
+            "n",
+            "bash",
+            json!({"command": format!("echo new {i}")}),
+        )
+        .await;
+        assert_eq!(text(&r), format!("new {i}"));
+    }
+    assert_eq!(new.registry.open_sessions(), 3);
+
+    let a = api
+        .request(
+            "POST",
+            &format!("/v1/sessions/{old_sid}/tool_use"),
+            Some(&json!({"id": "o2", "name": "bash", "input": {"command": "echo again"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.status, a.body["error"]["type"].as_str()),
+        (404, Some("SESSION_NOT_FOUND")),
+        "{}",
+        a.body
+    );
+    new.stop().await;
+    gw.stop().await;
+}
+
+// ---- sessions: listing, closing, the idle timeout (issue #11, item 6) --------
+
+/// Starts a call through the gateway and leaves it running (the client reads
+/// `started` and goes away).
+async fn start_and_leave(gw: &Gw, session: &str, id: &str, command: &str) {
+    let (status, events) = gw
+        .api()
+        .stream_until(
+            "POST",
+            &format!("/v1/sessions/{session}/tool_use"),
+            Some(&json!({"id": id, "name": "bash", "input": {"command": command}})),
+            |e| e.event == "started",
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{events:?}");
+    assert_eq!(events.last().map(|e| e.event.as_str()), Some("started"));
+}
+
+/// Cancels a call through the gateway and waits for its result.
+async fn cancel_and_wait(api: &mut ApiClient, session: &str, id: &str) {
+    let a = api
+        .request(
+            "POST",
+            &format!("/v1/sessions/{session}/calls/{id}/cancel"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.status, &a.body["cancelled"]),
+        (200, &json!(true)),
+        "{}",
+        a.body
+    );
+    let a = api
+        .request("GET", &format!("/v1/sessions/{session}/calls/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+}
+
+/// The session ids `GET /v1/sessions` lists (with `query`), in its order.
+async fn listed_ids(api: &mut ApiClient, query: &str) -> Vec<String> {
+    let a = api
+        .request("GET", &format!("/v1/sessions{query}"), None)
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["unreachable"], json!([]), "{}", a.body);
+    a.body["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `GET /v1/sessions` lists the sessions of every connected worker (those
+/// opened through the gateway, and one opened on the worker itself), each with
+/// its worker, process and activity; `?worker_id=` narrows it to one worker. A
+/// listed session is closed with `DELETE`: by its id when the gateway made it,
+/// with `?worker_id=` when it did not.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_lists_every_workers_sessions_and_closes_a_listed_one() {
+    require_sandbox!();
+    let pki = Pki::new();
+    let gw = api_gateway(&pki, "").await;
+    let a = worker(
+        &pki.ca_pem,
+        "w-a",
+        &pki.worker("w-a", 30),
+        &[gw.bound.tunnel],
+        "",
+    )
+    .await;
+    let b = worker(
+        &pki.ca_pem,
+        "w-b",
+        &pki.worker("w-b", 30),
+        &[gw.bound.tunnel],
+        "",
+    )
+    .await;
+    let mut api = gw.api();
+    wait_workers(&mut api, 2).await;
+    let on = |w: &'static str| {
+        let mut api = gw.api();
+        async move {
+            let r = api
+                .request(
+                    "POST",
+                    "/v1/sessions",
+                    Some(&json!({"environment": "default", "worker_id": w})),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 201, "{}", r.body);
+            r.body["session_id"].as_str().unwrap().to_string()
+        }
+    };
+    let sa = on("w-a").await;
+    let sb = on("w-b").await;
+    tool(&mut api, &sa, "c1", "bash", json!({"command": "echo hi"})).await;
+    b.registry.open("direct-1", "default").await.unwrap();
+
+    let all = api.request("GET", "/v1/sessions", None).await.unwrap();
+    assert_eq!(all.status, 200, "{}", all.body);
+    let sessions = all.body["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 3, "{}", all.body);
+    let s = sessions
+        .iter()
+        .find(|s| s["session_id"] == sa.as_str())
+        .unwrap();
+    assert_eq!(s["worker_id"], "w-a");
+    assert_eq!(s["instance_id"], a.registry.instance_id());
+    assert_eq!(s["environment"], "default");
+    assert_eq!((&s["calls"], &s["running_calls"]), (&json!(1), &json!(0)));
+    assert_eq!(s["idle_timeout_ms"], 1_800_000);
+    assert!(s["idle_ms"].as_u64().unwrap() <= s["age_ms"].as_u64().unwrap());
+    let d = sessions
+        .iter()
+        .find(|s| s["session_id"] == "direct-1")
+        .unwrap();
+    assert_eq!(
+        (&d["worker_id"], &d["instance_id"]),
+        (&json!("w-b"), &json!(b.registry.instance_id()))
+    );
+    let mut on_b = listed_ids(&mut api, "?worker_id=w-b").await;
+    on_b.sort();
+    let mut want = vec![sb.clone(), "direct-1".to_string()];
+    want.sort();
+    assert_eq!(on_b, want);
+    assert_eq!(listed_ids(&mut api, "?worker_id=w-a").await, [sa.as_str()]);
+    let none = api
+        .request("GET", "/v1/sessions?worker_id=w-none", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (none.status, none.body["error"]["type"].as_str()),
+        (503, Some("WORKER_UNAVAILABLE")),
+        "{}",
+        none.body
+    );
+
+    let r = api
+        .request("DELETE", &format!("/v1/sessions/{sa}"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, &r.body["closed"]),
+        (200, &json!(true)),
+        "{}",
+        r.body
+    );
+    let r = api
+        .request("DELETE", "/v1/sessions/direct-1?worker_id=w-b", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, &r.body["closed"]),
+        (200, &json!(true)),
+        "{}",
+        r.body
+    );
+    assert_eq!(listed_ids(&mut api, "").await, [sb.as_str()]);
+    assert_eq!(
+        (a.registry.open_sessions(), b.registry.open_sessions()),
+        (0, 1)
+    );
+    a.stop().await;
+    b.stop().await;
+    gw.stop().await;
+}
+
+/// The issue's capacity scenario through the gateway: a worker with room for
+/// two sessions, both opened through the gateway and busy (a third is `429
+/// AT_CAPACITY`), then abandoned by their clients. The worker's idle timeout
+/// closes them, new sessions open again, the listing shows only those, and a
+/// client coming back to an abandoned session gets `404 SESSION_NOT_FOUND`
+/// saying it was closed for idleness.
+#[tokio::test(flavor = "multi_thread")]
+async fn abandoned_sessions_opened_through_the_gateway_are_closed_and_free_the_workers_capacity() {
+    require_sandbox!();
+    let pki = Pki::new();
+    let gw = api_gateway(&pki, "").await;
+    let wk = worker_with(
+        &pki.ca_pem,
+        "w-idle",
+        &pki.worker("w-idle", 30),
+        &[gw.bound.tunnel],
+        "capacity = 2",
+        "\n[sessions]\nidle_timeout_secs = 1",
+    )
+    .await;
+    let mut api = gw.api();
+    wait_workers(&mut api, 1).await;
+    let abandoned = [open(&mut api).await, open(&mut api).await];
+    for sid in &abandoned {
+        start_and_leave(&gw, sid, "long", "sleep 600").await;
+    }
+    let full = api
+        .request(
+            "POST",
+            "/v1/sessions",
+            Some(&json!({"environment": "default"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (full.status, full.body["error"]["type"].as_str()),
+        (429, Some("AT_CAPACITY")),
+        "{}",
+        full.body
+    );
+    for sid in &abandoned {
+        cancel_and_wait(&mut api, sid, "long").await;
+    }
+
+    // Nothing closes them but the idle timeout.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fresh = loop {
+        let a = api
+            .request(
+                "POST",
+                "/v1/sessions",
+                Some(&json!({"environment": "default"})),
+            )
+            .await
+            .unwrap();
+        match a.status {
+            201 => break a.body["session_id"].as_str().unwrap().to_string(),
+            429 => assert!(Instant::now() < deadline, "still full: {}", a.body),
+            _ => panic!("{}", a.body),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let second = open(&mut api).await;
+    let mut ids = listed_ids(&mut api, "").await;
+    ids.sort();
+    let mut want = vec![fresh.clone(), second.clone()];
+    want.sort();
+    assert_eq!(ids, want, "only the new sessions are open");
+
+    let a = api
+        .request(
+            "POST",
+            &format!("/v1/sessions/{}/tool_use", abandoned[0]),
+            Some(&json!({"id": "back", "name": "bash", "input": {"command": "echo back"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.status, a.body["error"]["type"].as_str()),
+        (404, Some("SESSION_NOT_FOUND")),
+        "{}",
+        a.body
+    );
+    let message = a.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("idle"), "{message}");
+    for sid in [&fresh, &second] {
+        let r = api
+            .request("DELETE", &format!("/v1/sessions/{sid}"), None)
+            .await
+            .unwrap();
+        assert_eq!(r.body["closed"], json!(true), "{}", r.body);
+    }
+    wk.stop().await;
+    gw.stop().await;
 }
 
 // ---- load, stalls, bad input ---------------------------------------------

@@ -1,0 +1,482 @@
+//! A worker's sessions over hands.v1, as a worker serves them (its debug
+//! listener, in this process): ListSessions, closing a listed session, and
+//! the idle timeout (`[sessions] idle_timeout_secs`): abandoned sessions are
+//! closed and free their slot, a running call keeps its session, a client
+//! coming back learns why its session is gone, and sessions of a connector of
+//! the worker are never closed for idleness. (Through the gateway: the
+//! `tunnel` module.)
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hands::proto::v1;
+use hands::proto::v1::sandbox_client::SandboxClient;
+use hands::service::REASON;
+use hands::session::registry::{Owner, Registry};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::require_sandbox;
+
+/// A worker serving hands.v1 on a loopback debug listener.
+struct Worker {
+    client: SandboxClient<Channel>,
+    registry: Arc<Registry>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Worker {
+    /// A worker whose worker.toml has these top-level keys and then these
+    /// tables.
+    async fn start(top: &str, tables: &str) -> Worker {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "worker_id = \"w-sessions\"\nlisten = \"127.0.0.1:0\"\nenvironments = [\"default\"]\n{top}\n{tables}\n"
+            ),
+        )
+        .unwrap();
+        let config =
+            hands::worker::Config::load(&path, &hands::policy::lookup::Lookup::builtin_only())
+                .unwrap();
+        let registry = hands::worker::registry(&config, crate::util::config());
+        let (stop, shutdown) = watch::channel(false);
+        let (bound_tx, bound) = tokio::sync::oneshot::channel::<SocketAddr>();
+        let reg = registry.clone();
+        let task = tokio::spawn(async move {
+            hands::worker::serve(
+                &config,
+                reg,
+                move |a| {
+                    let _ = bound_tx.send(a);
+                },
+                None,
+                shutdown,
+            )
+            .await
+            .expect("worker serves");
+        });
+        let addr = bound.await.expect("the debug listener is bound");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Worker {
+            client: SandboxClient::new(channel),
+            registry,
+            stop,
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        self.registry.close_all();
+    }
+
+    async fn open(&mut self, id: &str) -> Result<bool, tonic::Status> {
+        Ok(self
+            .client
+            .open_session(v1::OpenSessionRequest {
+                session_id: id.into(),
+                environment: "default".into(),
+            })
+            .await?
+            .into_inner()
+            .created)
+    }
+
+    async fn close(&mut self, id: &str) -> bool {
+        self.client
+            .close_session(v1::CloseSessionRequest {
+                session_id: id.into(),
+            })
+            .await
+            .expect("CloseSession")
+            .into_inner()
+            .closed
+    }
+
+    async fn list(&mut self) -> Vec<v1::SessionInfo> {
+        self.client
+            .list_sessions(v1::ListSessionsRequest {})
+            .await
+            .expect("ListSessions")
+            .into_inner()
+            .sessions
+    }
+
+    async fn listed(&mut self, id: &str) -> Option<v1::SessionInfo> {
+        self.list().await.into_iter().find(|s| s.session_id == id)
+    }
+
+    /// A call's events to its end.
+    async fn call(
+        &mut self,
+        session: &str,
+        id: &str,
+        command: &str,
+    ) -> Result<Vec<v1::CallEvent>, tonic::Status> {
+        self.send(req(session, id, command)).await
+    }
+
+    async fn send(&mut self, r: v1::CallRequest) -> Result<Vec<v1::CallEvent>, tonic::Status> {
+        let mut s = self.client.call(r).await?.into_inner();
+        let mut events = Vec::new();
+        while let Some(e) = s.message().await? {
+            events.push(e);
+        }
+        Ok(events)
+    }
+
+    /// A bash call's text, which must succeed.
+    async fn bash(&mut self, session: &str, id: &str, command: &str) -> String {
+        let events = self
+            .call(session, id, command)
+            .await
+            .expect("call accepted");
+        let r = result(&events);
+        assert!(!r.is_error, "{command}: {}", r.text_content());
+        r.text_content().trim_end().to_string()
+    }
+
+    /// Starts a call and leaves it running (its stream is dropped after
+    /// Started, as a client that went away).
+    async fn start_and_leave(&mut self, session: &str, id: &str, command: &str) {
+        let mut s = self
+            .client
+            .call(req(session, id, command))
+            .await
+            .expect("call accepted")
+            .into_inner();
+        match s.message().await.unwrap().and_then(|e| e.event) {
+            Some(v1::call_event::Event::Started(st)) => assert!(st.executed_now),
+            other => panic!("expected Started, got {other:?}"),
+        }
+    }
+
+    /// Cancels a running call and waits for its result.
+    async fn cancel_and_wait(&mut self, session: &str, id: &str) {
+        let c = self
+            .client
+            .cancel(v1::CancelRequest {
+                session_id: session.into(),
+                call_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(c.cancelled, "the call {id} was running");
+        let mut s = self
+            .client
+            .attach(v1::AttachRequest {
+                session_id: session.into(),
+                call_id: id.into(),
+                from_offset: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while s.message().await.unwrap().is_some() {}
+    }
+}
+
+fn req(session: &str, id: &str, command: &str) -> v1::CallRequest {
+    v1::CallRequest {
+        session_id: session.into(),
+        call_id: id.into(),
+        tool: "bash".into(),
+        input_json: serde_json::json!({ "command": command }).to_string(),
+        stream_output: false,
+    }
+}
+
+fn result(events: &[v1::CallEvent]) -> hands::tools::ToolResult {
+    match events.last().and_then(|e| e.event.as_ref()) {
+        Some(v1::call_event::Event::Finished(f)) => hands::proto::result_of(f).unwrap(),
+        other => panic!("last event is not Finished: {other:?}"),
+    }
+}
+
+fn reason(s: &tonic::Status) -> String {
+    s.metadata()
+        .get(REASON)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits, up to a generous deadline, for `done` to hold.
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done().await {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// ListSessions shows every open session, oldest first, with its environment,
+/// its calls and how long it has been idle, and the timeout that applies to
+/// it (the worker's default, half an hour; none for a session a connector of
+/// the worker opened); Info names the process and the timeout. A listed
+/// session closed with CloseSession is gone from the list, and a call to it is
+/// `SESSION_NOT_FOUND`.
+#[tokio::test(flavor = "multi_thread")]
+async fn list_sessions_shows_each_open_session_and_a_listed_session_can_be_closed() {
+    require_sandbox!();
+    let mut w = Worker::start("", "").await;
+    let info = w
+        .client
+        .info(v1::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.session_idle_timeout_ms, 1_800_000);
+    assert_eq!(info.instance_id, w.registry.instance_id());
+    assert_eq!(info.instance_id.len(), 32, "{}", info.instance_id);
+    assert!(w.list().await.is_empty());
+
+    assert!(w.open("first").await.unwrap());
+    assert_eq!(w.bash("first", "c1", "echo one").await, "one");
+    assert_eq!(w.bash("first", "c2", "echo two").await, "two");
+    assert!(w.open("second").await.unwrap());
+    w.registry
+        .open_with("connector", "default", Vec::new())
+        .await
+        .unwrap();
+
+    let all = w.list().await;
+    let ids: Vec<&str> = all.iter().map(|s| s.session_id.as_str()).collect();
+    assert_eq!(ids, ["first", "second", "connector"], "oldest first");
+    let first = &all[0];
+    assert_eq!(first.environment, "default");
+    assert_eq!((first.calls, first.running_calls), (2, 0));
+    assert!(first.idle_ms <= first.age_ms, "{first:?}");
+    assert!(first.opened_at_unix_ms > 0, "{first:?}");
+    assert_eq!(first.idle_timeout_ms, 1_800_000);
+    assert_eq!((all[1].calls, all[1].idle_timeout_ms), (0, 1_800_000));
+    assert_eq!(
+        all[2].idle_timeout_ms, 0,
+        "a connector's session: {:?}",
+        all[2]
+    );
+
+    let listed = all[0].session_id.clone();
+    assert!(w.close(&listed).await);
+    let ids: Vec<String> = w.list().await.into_iter().map(|s| s.session_id).collect();
+    assert_eq!(ids, ["second", "connector"]);
+    let e = w.call(&listed, "c3", "echo again").await.unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e)),
+        (Code::NotFound, "SESSION_NOT_FOUND".into())
+    );
+    assert!(
+        !e.message().contains("idle"),
+        "closed by its client: {}",
+        e.message()
+    );
+    w.stop().await;
+}
+
+/// The capacity scenario of the issue: a worker with room for two sessions,
+/// both taken by clients (busy, so a third is refused `AT_CAPACITY`), who then
+/// go away without closing. The idle timeout closes both (logged), a new
+/// session opens, and a client that comes back to an abandoned session is told
+/// it was closed for idleness.
+#[tokio::test(flavor = "multi_thread")]
+async fn abandoned_sessions_are_closed_after_the_idle_timeout_and_free_their_slots() {
+    require_sandbox!();
+    let mut w = Worker::start("capacity = 2", "[sessions]\nidle_timeout_secs = 1").await;
+    let info = w
+        .client
+        .info(v1::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.session_idle_timeout_ms, 1000);
+    for s in ["a", "b"] {
+        assert!(w.open(s).await.unwrap());
+        w.start_and_leave(s, "long", "sleep 600").await;
+    }
+    let e = w.open("c").await.unwrap_err();
+    assert_eq!(reason(&e), "AT_CAPACITY", "{e:?}");
+    // The clients end their calls and go away.
+    for s in ["a", "b"] {
+        w.cancel_and_wait(s, "long").await;
+    }
+
+    let c = w.client.clone();
+    until("a new session opens", || {
+        let mut c = c.clone();
+        async move {
+            match c
+                .open_session(v1::OpenSessionRequest {
+                    session_id: "c".into(),
+                    environment: "default".into(),
+                })
+                .await
+            {
+                Ok(_) => true,
+                Err(e) if reason(&e) == "AT_CAPACITY" => false,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(w.open("d").await.unwrap(), "both slots were freed");
+    let ids: Vec<String> = w.list().await.into_iter().map(|s| s.session_id).collect();
+    assert_eq!(ids, ["c", "d"]);
+
+    let e = w.call("a", "again", "echo back").await.unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e)),
+        (Code::NotFound, "SESSION_NOT_FOUND".into())
+    );
+    assert!(
+        e.message().contains("closed it after") && e.message().contains("idle"),
+        "{}",
+        e.message()
+    );
+    // Opened again, the id is a new session, and closing it is an ordinary
+    // close.
+    for id in ["c", "d"] {
+        w.close(id).await;
+    }
+    assert!(w.open("a").await.unwrap());
+    w.close("a").await;
+    let e = w.call("a", "again2", "echo back").await.unwrap_err();
+    assert!(!e.message().contains("idle"), "{}", e.message());
+    w.stop().await;
+}
+
+/// A call that runs far longer than the idle timeout, with no client watching
+/// it, keeps its session: the sweep that closes an abandoned session beside it
+/// (so sweeps run) leaves it open, listed as running and not idle. Once the
+/// call ends, its end counts as use, and the session is closed only after the
+/// timeout from then.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_with_a_running_call_is_never_closed_for_idleness() {
+    require_sandbox!();
+    let mut w = Worker::start("", "[sessions]\nidle_timeout_secs = 1").await;
+    assert!(w.open("busy").await.unwrap());
+    assert!(w.open("abandoned").await.unwrap());
+    w.start_and_leave("busy", "long", "sleep 600").await;
+
+    // Sweeps run: the abandoned session goes. The busy one stays, until it
+    // has been open several timeouts (it would have been closed a second
+    // after its call started).
+    let c = w.client.clone();
+    until("the abandoned session is closed", || {
+        let mut c = c.clone();
+        async move {
+            let all = c
+                .list_sessions(v1::ListSessionsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .sessions;
+            !all.iter().any(|s| s.session_id == "abandoned")
+        }
+    })
+    .await;
+    loop {
+        let s = w.listed("busy").await.expect("the busy session is open");
+        assert_eq!((s.running_calls, s.idle_ms), (1, 0), "{s:?}");
+        if s.age_ms >= 4000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    w.cancel_and_wait("busy", "long").await;
+    // A cancelled bash call leaves the shell to restart.
+    let restart = v1::CallRequest {
+        input_json: r#"{"restart": true}"#.into(),
+        ..req("busy", "restart", "")
+    };
+    let r = result(&w.send(restart).await.expect("call accepted"));
+    assert!(!r.is_error, "{}", r.text_content());
+    assert_eq!(
+        w.bash("busy", "after", "echo still open").await,
+        "still open"
+    );
+    let s = w.listed("busy").await.expect("open after its call");
+    assert_eq!((s.running_calls, s.calls), (0, 3), "{s:?}");
+
+    // Idle now, it is closed like any other.
+    until("the session, idle, is closed", || {
+        let mut c = c.clone();
+        async move {
+            c.list_sessions(v1::ListSessionsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .sessions
+                .is_empty()
+        }
+    })
+    .await;
+    let e = w.call("busy", "late", "true").await.unwrap_err();
+    assert_eq!(reason(&e), "SESSION_NOT_FOUND");
+    assert!(e.message().contains("idle"), "{}", e.message());
+    w.stop().await;
+}
+
+/// Sessions of a connector of the worker (Claude Managed Agents) are that
+/// connector's to end: the idle timeout leaves them open, however long idle,
+/// while it closes a client's session that has been idle for less time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connectors_sessions_are_not_closed_for_idleness() {
+    require_sandbox!();
+    let mut w = Worker::start("", "[sessions]\nidle_timeout_secs = 1").await;
+    // The connector's session first: idle longer than the client's.
+    let (connector, _) = w
+        .registry
+        .open_with("cma-session", "default", Vec::new())
+        .await
+        .unwrap();
+    assert!(w.open("client").await.unwrap());
+    let views = w.registry.list();
+    assert_eq!(
+        views
+            .iter()
+            .map(|v| (v.id.as_str(), v.owner))
+            .collect::<Vec<_>>(),
+        [("cma-session", Owner::Connector), ("client", Owner::Client)]
+    );
+    let c = w.client.clone();
+    until("the client's session is closed", || {
+        let mut c = c.clone();
+        async move {
+            let all = c
+                .list_sessions(v1::ListSessionsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .sessions;
+            !all.iter().any(|s| s.session_id == "client")
+        }
+    })
+    .await;
+    let s = w
+        .listed("cma-session")
+        .await
+        .expect("the connector's session is open");
+    assert_eq!(s.idle_timeout_ms, 0);
+    assert!(s.idle_ms >= 1000, "idle past the timeout: {s:?}");
+    let r = connector
+        .call("bash", &serde_json::json!({"command": "echo mine"}))
+        .await;
+    assert_eq!(r.text_content().trim_end(), "mine");
+    assert!(w.registry.close("cma-session"));
+    w.stop().await;
+}
