@@ -636,7 +636,13 @@ fn the_repository_and_the_binary_document_themselves() {
     let cfg = tmp.path().join("worker.toml");
     let worker = ["worker", "--config"];
     let mut keys = Vec::new();
-    for table in ["", "[tunnel]\n", "[journal]\n", "[anthropic]\n"] {
+    for table in [
+        "",
+        "[tunnel]\n",
+        "[journal]\n",
+        "[sessions]\n",
+        "[anthropic]\n",
+    ] {
         let prefix = table.trim().trim_matches(|c| c == '[' || c == ']');
         let text = format!("worker_id = \"w\"\n{table}zz_unknown = 1\n");
         for k in expected_keys(&worker, &cfg, &text) {
