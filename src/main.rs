@@ -84,6 +84,17 @@ fn main() -> ExitCode {
     hands::cli::init_logging();
     let cli = Cli::parse();
     let lookup = hands::cli::policy_lookup(&cli.policy_dir);
+    if matches!(
+        cli.command,
+        Command::Demo(_)
+            | Command::Worker(_)
+            | Command::Exec(_)
+            | Command::Tool(_)
+            | Command::Doctor(_)
+            | Command::Bench(_)
+    ) {
+        hands::cli::enter_delegated_scope();
+    }
     let result = match cli.command {
         Command::Demo(args) => hands::cli::demo::run(args, &lookup),
         Command::Conformance(args) => hands::cli::conformance::run(args),

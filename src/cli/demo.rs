@@ -107,6 +107,7 @@ async fn demo(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Res
     registry.close_all();
     drop(registry);
     workspaces.shutdown(super::DRAIN);
+    super::release_cgroups();
     if args.keep {
         let kept = dir.keep();
         note(&format!("kept {}", kept.display()));

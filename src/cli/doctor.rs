@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use crate::sandbox::cgroup::{CgroupVersion, Cgroups};
-use crate::sandbox::landlock::{LandlockFeature, FULL_ABI};
+use crate::sandbox::landlock::{self, LandlockFeature, FULL_ABI};
 use crate::sandbox::{seccomp, sys};
 
 #[derive(clap::Args)]
@@ -43,14 +43,13 @@ pub fn checks() -> Vec<Check> {
     let (ok, status, action) = match sys::landlock_abi() {
         Ok(abi) => {
             let missing = LandlockFeature::missing_at(abi);
-            let names: Vec<&str> = missing.iter().map(|f| f.name()).collect();
             (
                 true,
                 format!("ABI {abi}"),
                 if missing.is_empty() {
                     format!("every session is landlocked with all ABI {abi} rights (fs, refer, truncate, TCP, ioctl, signal/socket scopes{})", if abi >= 7 { ", audit of exec'd programs" } else { "" })
                 } else {
-                    format!("sessions refuse to start unless their policy allows: {} (full enforcement needs ABI {FULL_ABI})", names.join(", "))
+                    format!("every session is landlocked with the ABI {abi} rights; each right this kernel lacks (full set: ABI {FULL_ABI}) is covered by another layer, below; an environment with sandbox.landlock = \"full\" refuses them")
                 },
             )
         }
@@ -67,6 +66,24 @@ pub fn checks() -> Vec<Check> {
         status,
         action,
     });
+    if let Ok(abi) = sys::landlock_abi() {
+        for f in LandlockFeature::missing_at(abi) {
+            let action = match f {
+                LandlockFeature::LandlockNet => format!(
+                    "network.mode = \"none\": {}; \"loopback\" asks for no TCP rule",
+                    landlock::coverage(f, true).unwrap_or("nothing")
+                ),
+                _ => landlock::coverage(f, true).unwrap_or("nothing").to_string(),
+            };
+            out.push(Check {
+                feature: f.name(),
+                ok: true,
+                required: false,
+                status: format!("missing (ABI {}), covered", f.abi()),
+                action,
+            });
+        }
+    }
 
     let seccomp_ok = Path::new("/proc/self/status").exists()
         && std::fs::read_to_string("/proc/self/status")
@@ -133,7 +150,7 @@ pub fn checks() -> Vec<Check> {
             required: true,
             status: match c.version() {
                 CgroupVersion::V1 => "v1: memory, pids, cpu, freezer".into(),
-                CgroupVersion::V2 => "v2: memory, pids, cpu".into(),
+                CgroupVersion::V2 => format!("v2: memory, pids, cpu in {}", c.describe()),
             },
             action: "per-session memory, pids and CPU limits; the whole tree is killed at timeout and close".into(),
         }),
@@ -187,6 +204,7 @@ pub fn checks() -> Vec<Check> {
         status,
         action,
     });
+    out.extend(directories());
     let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default();
     out.push(Check {
         feature: "core dumps",
@@ -214,33 +232,140 @@ pub fn checks() -> Vec<Check> {
     out
 }
 
-/// The environments the lookup finds, as a row of the report.
-fn policies(lookup: &crate::policy::lookup::Lookup) -> Check {
-    let (ok, status) = match lookup.load() {
-        Ok(catalog) => {
-            let local = catalog
-                .iter()
-                .filter(|e| e.source != crate::policy::lookup::Source::BuiltIn)
-                .count();
-            (
-                true,
-                format!("{} environments, {local} from files", catalog.len()),
-            )
-        }
-        Err(e) => (false, e.to_string()),
+/// The directory itself, or its nearest existing ancestor (what it will be
+/// created on).
+fn existing_ancestor(p: &Path) -> &Path {
+    p.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"))
+}
+
+/// Whether an idmapped clone of a mount can be made of `dir` (what a plain
+/// directory workspace needs): a detached clone, idmapped, then dropped.
+fn idmap_probe(dir: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    let tree = sys::open_tree_clone(&c)?;
+    let userns = sys::userns_with_maps(Path::new("/proc"), "0 65534 1\n", "0 65534 1\n")?;
+    sys::mount_setattr(tree.as_fd(), sys::MOUNT_ATTR_IDMAP, Some(userns.as_fd()))
+}
+
+/// The state directory (slots, mount points: a tmpfs is right) and the data
+/// directory (images, kept workspaces, plain directories: a disk filesystem
+/// that survives a reboot and supports idmapped mounts), tested where they are.
+fn directories() -> Vec<Check> {
+    let (state, data) = crate::sandbox::SandboxConfig::dirs_from_env();
+    let fs_of = |p: &Path| {
+        std::fs::File::open(existing_ancestor(p))
+            .map(|f| {
+                use std::os::fd::AsFd;
+                crate::sandbox::mounts::fs_name(f.as_fd())
+            })
+            .unwrap_or_else(|e| format!("unreadable: {e}"))
     };
-    Check {
-        feature: "policies",
+    let mut out = vec![Check {
+        feature: "state directory",
+        ok: true,
+        required: false,
+        status: format!("{} on {}", state.display(), fs_of(&state)),
+        action: "slots, session roots and workspace mount points only; nothing there needs to survive a reboot or be idmapped".into(),
+    }];
+    let data_fs = fs_of(&data);
+    let volatile = data_fs == "tmpfs";
+    let idmap = idmap_probe(existing_ancestor(&data));
+    let (ok, status, action) = match (&idmap, volatile) {
+        (Ok(()), false) => (
+            true,
+            format!("{} on {data_fs}, idmapped mounts ok", data.display()),
+            "workspace images, kept Claude Managed Agents workspaces (survive a restart and a reboot), plain-directory workspaces".to_string(),
+        ),
+        (Ok(()), true) => (
+            false,
+            format!("{} on tmpfs", data.display()),
+            "kept Claude Managed Agents workspaces are lost at reboot: set HANDS_DATA_DIR to a disk filesystem".to_string(),
+        ),
+        (Err(e), _) => (
+            false,
+            format!("{} on {data_fs}: no idmapped mounts ({e})", data.display()),
+            "plain-directory workspaces (the workspace-disk degradation) cannot be given to a session here; workspace images are unaffected: set HANDS_DATA_DIR to ext4, xfs or btrfs".to_string(),
+        ),
+    };
+    out.push(Check {
+        feature: "data directory",
         ok,
-        required: true,
+        required: false,
         status,
+        action,
+    });
+    out
+}
+
+/// The environments the lookup finds, as a row of the report, then a row for
+/// each environment this kernel's landlock cannot serve.
+fn policies(lookup: &crate::policy::lookup::Lookup) -> Vec<Check> {
+    let catalog = match lookup.load() {
+        Ok(catalog) => catalog,
+        Err(e) => {
+            return vec![Check {
+                feature: "policies",
+                ok: false,
+                required: true,
+                status: e.to_string(),
+                action: "the worker refuses to start".into(),
+            }]
+        }
+    };
+    let local = catalog
+        .iter()
+        .filter(|e| e.source != crate::policy::lookup::Source::BuiltIn)
+        .count();
+    let mut out = vec![Check {
+        feature: "policies",
+        ok: true,
+        required: true,
+        status: format!("{} environments, {local} from files", catalog.len()),
         action: "every policy file is validated at start; `hands policy list` shows each environment and its file".into(),
+    }];
+    let Ok(abi) = sys::landlock_abi() else {
+        return out;
+    };
+    for env in catalog.iter() {
+        let refused = landlock_refusal(&env.policy, abi);
+        if !refused.is_empty() {
+            let names: Vec<&str> = refused.iter().map(|f| f.name()).collect();
+            out.push(Check {
+                feature: "environment",
+                ok: false,
+                required: false,
+                status: format!("{}: refused on ABI {abi}", env.policy.name),
+                action: format!(
+                    "its sessions fail to open: it lacks {} (sandbox.landlock = \"{}\", allow_degraded names none of them)",
+                    names.join(", "),
+                    env.policy.landlock.name()
+                ),
+            });
+        }
     }
+    out
+}
+
+/// The missing landlock rights a session of `policy` would refuse at `abi`.
+pub fn landlock_refusal(policy: &crate::policy::Policy, abi: u32) -> Vec<LandlockFeature> {
+    use crate::policy::{LandlockMode, NetworkMode};
+    let none = policy.network.mode == NetworkMode::None;
+    landlock::refused(
+        abi,
+        none,
+        &landlock::Acceptance {
+            allowed: crate::session::degradations(policy),
+            covered: policy.landlock == LandlockMode::Covered,
+            inet_refused: none,
+        },
+    )
 }
 
 pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result<ExitCode> {
     let mut checks = checks();
-    checks.push(policies(lookup));
+    checks.extend(policies(lookup));
     let mut failed = false;
     println!(
         "{:<18} {:<6} {:<34} what hands does",
@@ -273,6 +398,7 @@ pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result
             let workspaces = s.workspaces();
             s.close().await?;
             workspaces.drain(super::DRAIN);
+            super::release_cgroups();
             anyhow::ensure!(!r.is_error, "bash /bin/true failed: {}", r.text_content());
             Ok::<_, anyhow::Error>((opened, report))
         });

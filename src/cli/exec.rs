@@ -104,6 +104,7 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         let workspaces = session.workspaces();
         session.close().await.context("closing the session")?;
         workspaces.drain(super::DRAIN);
+        super::release_cgroups();
         for note in notes {
             eprintln!("hands: {note}");
         }

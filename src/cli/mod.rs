@@ -67,6 +67,69 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// the workspaces it made (what is left is swept by the next worker or command).
 pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Set in the environment of a hands that [`enter_delegated_scope`] started.
+const IN_SCOPE_VAR: &str = "HANDS_DELEGATED_SCOPE";
+
+/// On cgroup v2 under systemd, a command started where it cannot hold its
+/// sessions' groups (a login session's scope, which is not given the cpu
+/// controller, or the root) runs itself again in a transient scope of its own
+/// with `Delegate=yes` (`systemd-run --scope`, which keeps the terminal, the
+/// environment and the exit status). A process of a `.service` unit is left as it
+/// is: a worker's unit needs `Delegate=yes` itself, and moving out of it would
+/// escape the unit's limits; it fails with that advice. Returns only when
+/// nothing is to be done (or it cannot be done).
+pub fn enter_delegated_scope() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os(IN_SCOPE_VAR).is_some()
+        || !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        || !std::path::Path::new("/run/systemd/system").is_dir()
+        || !nix::unistd::geteuid().is_root()
+        || crate::sandbox::cgroup::Cgroups::detect().is_ok()
+    {
+        return;
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    if own
+        .lines()
+        .any(|l| l.starts_with("0::") && l.trim_end().ends_with(".service"))
+    {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let unit = format!("hands-{}", std::process::id());
+    tracing::debug!(
+        unit,
+        "re-running in a transient systemd scope with Delegate=yes"
+    );
+    let err = std::process::Command::new("systemd-run")
+        .args([
+            "--scope",
+            "--quiet",
+            "--collect",
+            "-p",
+            "Delegate=yes",
+            "--unit",
+            &unit,
+            "--",
+        ])
+        .arg(exe)
+        .args(std::env::args_os().skip(1))
+        .env(IN_SCOPE_VAR, "1")
+        .exec();
+    // Not found or not runnable: go on, and let the cgroup error explain.
+    tracing::debug!(error = %err, "systemd-run");
+}
+
+/// Removes the cgroup v2 group sessions were created in when none is left in it
+/// (nothing on v1): what a command created goes with it.
+pub fn release_cgroups() {
+    if let Ok(c) = crate::sandbox::cgroup::Cgroups::detect() {
+        c.release();
+    }
+}
+
 /// Opens a session of environment `env` (looked up in `lookup`) on
 /// `workspace` (or a fresh one).
 pub async fn open_session(

@@ -171,6 +171,9 @@ fn summary(policy: &Policy) -> String {
         let names: Vec<&str> = policy.env.keys().map(String::as_str).collect();
         parts.push(format!("variables {}", names.join(" ")));
     }
+    if policy.landlock == crate::policy::LandlockMode::Full {
+        parts.push("full landlock".to_string());
+    }
     if !policy.allow_degraded.is_empty() {
         let names: Vec<&str> = policy.allow_degraded.iter().map(|d| d.name()).collect();
         parts.push(format!("degraded {}", names.join(" ")));

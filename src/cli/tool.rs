@@ -41,6 +41,7 @@ pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result
         let workspaces = session.workspaces();
         session.close().await.context("closing the session")?;
         workspaces.drain(super::DRAIN);
+        super::release_cgroups();
         println!("{}", serde_json::to_string_pretty(&result)?);
         Ok(if result.is_error {
             ExitCode::from(1)

@@ -80,6 +80,7 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         registry.close_all();
         drop(registry);
         workspaces.shutdown(super::DRAIN);
+        super::release_cgroups();
         Ok::<_, anyhow::Error>(served)
     })?;
     match served {

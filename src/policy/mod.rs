@@ -52,6 +52,7 @@
 //! LANG = "C.UTF-8"
 //!
 //! [sandbox]                  # optional
+//! landlock = "covered"       # or "full": what a landlock right the kernel lacks means
 //! allow_degraded = []        # kernel features the operator accepts running without
 //! ```
 //!
@@ -87,10 +88,16 @@
 //!   `No space left on device` inside the session and the host's disks are untouched.
 //!   A little of it is the filesystem's own metadata. A directory the operator gives
 //!   is not bounded by them.
+//! - `sandbox.landlock`: on a kernel older than landlock ABI 6 some rights do not
+//!   exist. `"covered"` (the default) runs when another layer of the session gives
+//!   the same guarantee for each missing right, and says which (see
+//!   [`crate::sandbox::landlock::coverage`]); `"full"` refuses every missing right
+//!   that `allow_degraded` does not name.
 //! - `sandbox.allow_degraded`: `landlock-truncate`, `landlock-net`, `landlock-ioctl`,
 //!   `landlock-scope`, `workspace-disk` (see [`Degradation`] for what each gives up);
-//!   anything else is rejected. Empty (the default) means fail closed: an environment whose
-//!   confinement the kernel cannot fully enforce is not offered.
+//!   anything else is rejected. Empty (the default) means fail closed: a workspace
+//!   hands cannot make as a filesystem of its own, or (with `landlock = "full"`) a
+//!   landlock right the kernel lacks, is refused.
 
 pub mod lookup;
 mod raw;
@@ -122,6 +129,33 @@ pub struct Policy {
     /// Extra variables for processes in the sandbox, applied over the defaults.
     pub env: BTreeMap<String, String>,
     pub allow_degraded: BTreeSet<Degradation>,
+    /// What a landlock right the kernel lacks means for this environment.
+    pub landlock: LandlockMode,
+}
+
+/// What a session does about a landlock right its kernel lacks (a kernel older
+/// than landlock ABI 6). Deserialised directly: serde's "unknown variant, expected
+/// `covered` or `full`" says everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LandlockMode {
+    /// Run when another layer of the session gives the same guarantee for each
+    /// missing right (read-only mounts, the session's own namespaces, seccomp),
+    /// and say which; refuse a right nothing covers.
+    #[default]
+    Covered,
+    /// Refuse every missing right unless `allow_degraded` names it (fail closed
+    /// on older kernels).
+    Full,
+}
+
+impl LandlockMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            LandlockMode::Covered => "covered",
+            LandlockMode::Full => "full",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,7 +216,9 @@ pub struct Limits {
 
 /// A confinement feature the operator accepts losing when the host lacks it. Each
 /// names one landlock ABI step or the workspace filesystem; what still holds
-/// without it is on the variant. The vocabulary is deliberately small: a missing
+/// without it is on the variant. The landlock steps only matter with
+/// `sandbox.landlock = "full"`: by default a missing step that another layer
+/// covers is accepted anyway. The vocabulary is deliberately small: a missing
 /// namespace, cgroup controller or landlock itself cannot be waived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Degradation {
@@ -474,6 +510,7 @@ impl Validator<'_> {
             tools: self.tools(&raw.tools.enabled)?,
             env: self.env(raw.env)?,
             allow_degraded: self.degradations(&raw.sandbox.allow_degraded)?,
+            landlock: raw.sandbox.landlock,
         })
     }
 

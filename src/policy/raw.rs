@@ -64,6 +64,8 @@ pub(super) struct RawTools {
 pub(super) struct RawSandbox {
     #[serde(default)]
     pub allow_degraded: Vec<String>,
+    #[serde(default)]
+    pub landlock: super::LandlockMode,
 }
 
 /// A size as written: a TOML integer (bytes) or a string with a unit. Checked later,

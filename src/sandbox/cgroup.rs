@@ -2,9 +2,21 @@
 //! killing a session's whole process tree, on cgroup v1 (this machine class) and
 //! v2 (most Kubernetes nodes) behind one type, through `cgroups-rs`.
 //!
-//! Layout: `<hierarchy>/hands/<session>`; on v1 the same relative path exists in
-//! each used controller (memory, pids, cpu, freezer). A v2 hierarchy can be rooted
-//! anywhere, which is how the v2 code path is tested on a fake cgroupfs here.
+//! Layout on v1: `<controller mount>/hands/<session>` in each used controller
+//! (memory, pids, cpu, freezer).
+//!
+//! On v2 hands is a guest of the cgroup it starts in (its *base*: a systemd unit's
+//! cgroup with `Delegate=yes`, a pod's container cgroup, a scope): it never
+//! writes above the base and never touches the hierarchy's root. The first
+//! session moves every process of the base into the leaf `<base>/supervisor`
+//! (the kernel's no-internal-processes rule: a group that hands controllers down
+//! holds no process itself; systemd's `DelegateSubgroup=supervisor` does the same),
+//! enables memory, pids and cpu in the base's `cgroup.subtree_control` and in
+//! `<base>/hands`, and creates sessions as `<base>/hands/<session>`. A hands
+//! process that starts in `<base>/supervisor` takes `<base>` as its base. Running
+//! in the root cgroup, or in a group whose parent does not delegate those three
+//! controllers, is refused with what to do. A v2 hierarchy can be rooted anywhere,
+//! which is how the v2 code path is tested on a fake cgroupfs here.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,6 +30,8 @@ use cgroups_rs::{CgroupPid, Hierarchy, MaxValue, Resources, Subsystem};
 
 /// Name of the parent group every session group lives under.
 pub const PARENT: &str = "hands";
+/// v2: the leaf of the base group that holds the base's own processes.
+pub const LEAF: &str = "supervisor";
 
 const V1_CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "freezer"];
 const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
@@ -112,21 +126,48 @@ impl Hierarchy for RootedV2 {
 pub struct Cgroups {
     version: CgroupVersion,
     v2_root: PathBuf,
+    /// The base group, relative to `v2_root` ("" for the root of a cgroup
+    /// namespace); empty on v1.
+    base: String,
+    /// The group session groups are created in, relative to the hierarchy
+    /// (`<base>/hands` on v2, `hands` on v1).
+    parent: String,
+}
+
+/// The v2 path of the calling process (`0::/system.slice/hands.service`), without
+/// its leading `/`.
+fn own_v2_path() -> Result<String, CgroupError> {
+    let text = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| CgroupError::Unavailable(format!("reading /proc/self/cgroup: {e}")))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().trim_start_matches('/').to_string())
+        .ok_or_else(|| {
+            CgroupError::Unavailable("/proc/self/cgroup names no cgroup v2 group".into())
+        })
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> CgroupError {
+    let path = path.display().to_string();
+    move |cause| CgroupError::Io { path, op, cause }
+}
+
+fn words(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 impl Cgroups {
-    /// Picks v2 when `/sys/fs/cgroup` is a unified hierarchy with the memory and
-    /// pids controllers, else v1 when those controllers are mounted.
+    /// Picks v2 when `/sys/fs/cgroup` is a unified hierarchy (then the base is
+    /// the group this process runs in, see the module doc), else v1 when the
+    /// memory, pids, cpu and freezer controllers are mounted.
     pub fn detect() -> Result<Cgroups, CgroupError> {
         let v2_root = PathBuf::from("/sys/fs/cgroup");
-        let controllers =
-            std::fs::read_to_string(v2_root.join("cgroup.controllers")).unwrap_or_default();
-        let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
-        if has("memory") && has("pids") {
-            return Ok(Cgroups {
-                version: CgroupVersion::V2,
-                v2_root,
-            });
+        if v2_root.join("cgroup.controllers").exists() {
+            return Cgroups::v2_guest(v2_root, &own_v2_path()?);
         }
         let v1 = cgroups_rs::hierarchies::V1::new();
         let missing: Vec<&str> = V1_CONTROLLERS
@@ -146,6 +187,8 @@ impl Cgroups {
             Ok(Cgroups {
                 version: CgroupVersion::V1,
                 v2_root,
+                base: String::new(),
+                parent: PARENT.to_string(),
             })
         } else {
             Err(CgroupError::Unavailable(format!(
@@ -155,11 +198,122 @@ impl Cgroups {
         }
     }
 
-    /// A v2 hierarchy rooted at `root` (tests use a fake cgroupfs).
-    pub fn v2_at(root: impl Into<PathBuf>) -> Cgroups {
-        Cgroups {
+    /// hands as a guest of group `own` (relative to `root`) of a v2 hierarchy
+    /// mounted at `root` (tests use a fake cgroupfs): the base is `own`, or its
+    /// parent when `own` is the base's leaf. Refused in the hierarchy's root and
+    /// when the base lacks a controller hands needs.
+    pub fn v2_guest(root: impl Into<PathBuf>, own: &str) -> Result<Cgroups, CgroupError> {
+        let root = root.into();
+        let own = own.trim_matches('/');
+        let base = match own.rsplit_once('/') {
+            Some((parent, LEAF)) => parent.to_string(),
+            None if own == LEAF => String::new(),
+            _ => own.to_string(),
+        };
+        let base_dir = root.join(&base);
+        // Only the real root of a v2 hierarchy has no cgroup.type; the root of a
+        // cgroup namespace (a container's) has one.
+        if !base_dir.join("cgroup.type").exists() {
+            return Err(CgroupError::Unavailable(format!(
+                "hands runs in the root cgroup of the v2 hierarchy at {}, and creates sessions only inside a cgroup of its own: run it under a systemd unit with Delegate=yes (`systemd-run --scope -p Delegate=yes hands ...` for one command), or in a container's cgroup",
+                root.display()
+            )));
+        }
+        let offered = words(&base_dir.join("cgroup.controllers"));
+        let missing: Vec<&str> = V2_CONTROLLERS
+            .iter()
+            .copied()
+            .filter(|c| !offered.iter().any(|o| o == c))
+            .collect();
+        if !missing.is_empty() {
+            return Err(CgroupError::Unavailable(format!(
+                "the cgroup hands runs in (/{base}) is not given the {} controller by its parent, so session limits cannot be set below it: run hands under a systemd unit with Delegate=yes (`systemd-run --scope -p Delegate=yes hands ...` for one command), or give its cgroup those controllers",
+                missing.join(", ")
+            )));
+        }
+        let parent = if base.is_empty() {
+            PARENT.to_string()
+        } else {
+            format!("{base}/{PARENT}")
+        };
+        Ok(Cgroups {
             version: CgroupVersion::V2,
-            v2_root: root.into(),
+            v2_root: root,
+            base,
+            parent,
+        })
+    }
+
+    /// Where session groups are created, for messages (`/sys/fs/cgroup/x/hands`,
+    /// `hands` under each v1 controller).
+    pub fn describe(&self) -> String {
+        match self.version {
+            CgroupVersion::V2 => self.v2_root.join(&self.parent).display().to_string(),
+            CgroupVersion::V1 => format!("{PARENT} under each v1 controller"),
+        }
+    }
+
+    /// v2: makes the base hand memory, pids and cpu down to `<base>/hands` and
+    /// its session groups, touching nothing above the base. Idempotent, and safe
+    /// against another hands process doing the same at once.
+    fn prepare_v2(&self) -> Result<(), CgroupError> {
+        let base_dir = self.v2_root.join(&self.base);
+        let enable = V2_CONTROLLERS.map(|c| format!("+{c}")).join(" ");
+        let enabled = |dir: &Path| {
+            let on = words(&dir.join("cgroup.subtree_control"));
+            V2_CONTROLLERS.iter().all(|c| on.iter().any(|o| o == c))
+        };
+        if !enabled(&base_dir) {
+            // A group that hands controllers down holds no process itself: move
+            // the base's processes (this one among them) into its leaf first.
+            let leaf = base_dir.join(LEAF);
+            match std::fs::create_dir(&leaf) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    return Err(io_err(&leaf, "mkdir")(e))
+                }
+                _ => {}
+            }
+            let mut attempt = 0;
+            loop {
+                for pid in words(&base_dir.join("cgroup.procs")) {
+                    // A process that exited meanwhile (ESRCH) needs no move.
+                    match std::fs::write(leaf.join("cgroup.procs"), &pid) {
+                        Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                            return Err(io_err(&leaf, "move the base's processes into its leaf")(e))
+                        }
+                        _ => {}
+                    }
+                }
+                match std::fs::write(base_dir.join("cgroup.subtree_control"), &enable) {
+                    Ok(()) => break,
+                    // A process entered the base between the listing and the write.
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 50 => {
+                        attempt += 1;
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => return Err(io_err(&base_dir, "enable controllers")(e)),
+                }
+            }
+        }
+        let parent_dir = self.v2_root.join(&self.parent);
+        match std::fs::create_dir(&parent_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(io_err(&parent_dir, "mkdir")(e))
+            }
+            _ => {}
+        }
+        if !enabled(&parent_dir) {
+            std::fs::write(parent_dir.join("cgroup.subtree_control"), &enable)
+                .map_err(io_err(&parent_dir, "enable controllers"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes `<base>/hands` when no session group is left in it (at the end of
+    /// a command or of the worker); the leaf stays, since this process is in it.
+    pub fn release(&self) {
+        if self.version == CgroupVersion::V2 {
+            let _ = std::fs::remove_dir(self.v2_root.join(&self.parent));
         }
     }
 
@@ -208,27 +362,38 @@ impl Cgroups {
         }
     }
 
-    /// Creates `hands/<name>` with the given limits. An existing group of that
+    /// Creates `<parent>/<name>` with the given limits. An existing group of that
     /// name (left by a worker that died) is emptied and reused.
     pub fn create(&self, name: &str, limits: CgroupLimits) -> Result<SessionCgroup, CgroupError> {
-        let rel = format!("{PARENT}/{name}");
-        let cg = self.load(&rel);
-        cg.create().map_err(|cause| CgroupError::Op {
-            path: rel.clone(),
-            op: "create",
-            cause,
-        })?;
         if self.version == CgroupVersion::V2 {
-            // Delegate the controllers down to the session group: cgroups-rs only
-            // does this against the real /sys/fs/cgroup, and only for controllers
-            // listed there.
-            let enable = V2_CONTROLLERS.map(|c| format!("+{c}")).join(" ");
-            for dir in [self.v2_root.clone(), self.v2_root.join(PARENT)] {
-                let ctl = dir.join("cgroup.subtree_control");
-                // A controller the host does not delegate leaves its limit file
-                // absent, which apply() then reports with the file's name.
-                let _ = std::fs::write(&ctl, &enable);
+            self.prepare_v2()?;
+        }
+        let rel = format!("{}/{name}", self.parent);
+        let cg = self.load(&rel);
+        match self.version {
+            // Not cgroups-rs's create: on v2 it enables every controller of the
+            // host in the hierarchy's root and in each ancestor.
+            CgroupVersion::V2 => {
+                let dir = self.v2_root.join(&rel);
+                let mut made = std::fs::create_dir(&dir);
+                if matches!(&made, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
+                    // Another hands process of this base released the parent
+                    // between prepare and mkdir.
+                    self.prepare_v2()?;
+                    made = std::fs::create_dir(&dir);
+                }
+                match made {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                        return Err(io_err(&dir, "mkdir")(e))
+                    }
+                    _ => {}
+                }
             }
+            CgroupVersion::V1 => cg.create().map_err(|cause| CgroupError::Op {
+                path: rel.clone(),
+                op: "create",
+                cause,
+            })?,
         }
         let session = self.session(cg, rel);
         session.apply(limits)?;
@@ -238,7 +403,7 @@ impl Cgroups {
     /// Names of existing session groups (to clean up orphans).
     pub fn existing(&self) -> Vec<String> {
         let dir = match self.version {
-            CgroupVersion::V2 => self.v2_root.join(PARENT),
+            CgroupVersion::V2 => self.v2_root.join(&self.parent),
             CgroupVersion::V1 => cgroups_rs::hierarchies::V1::new()
                 .get_mount_point(cgroups_rs::Controllers::Pids)
                 .unwrap_or_default()
@@ -256,7 +421,7 @@ impl Cgroups {
 
     /// Opens an existing session group by name (no creation).
     pub fn open(&self, name: &str) -> SessionCgroup {
-        let rel = format!("{PARENT}/{name}");
+        let rel = format!("{}/{name}", self.parent);
         self.session(self.load(&rel), rel)
     }
 }
@@ -426,12 +591,87 @@ mod tests {
         }
     }
 
+    /// The real root of a v2 hierarchy: no cgroup.type.
+    fn fake_v2_root(dir: &Path) {
+        fake_v2_group(dir);
+        std::fs::remove_file(dir.join("cgroup.type")).unwrap();
+        std::fs::write(dir.join("cgroup.subtree_control"), "memory pids\n").unwrap();
+    }
+
+    /// A guest of a systemd unit: the unit's processes move into its leaf, the
+    /// controllers are enabled in the unit's group and below only, the root is
+    /// never written, sessions are created inside the unit.
+    #[test]
+    fn v2_sessions_live_inside_the_unit_and_the_root_is_untouched() {
+        let root = tempfile::tempdir().unwrap();
+        fake_v2_root(root.path());
+        let unit = root.path().join("system.slice/hands.service");
+        fake_v2_group(&unit);
+        std::fs::write(unit.join("cgroup.procs"), "101\n").unwrap();
+        fake_v2_group(&unit.join("hands/s7"));
+        let cgs = Cgroups::v2_guest(root.path(), "/system.slice/hands.service").unwrap();
+        cgs.create(
+            "s7",
+            CgroupLimits {
+                memory_bytes: 64 << 20,
+                pids: 32,
+                cpu: 0.5,
+            },
+        )
+        .unwrap();
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+        assert_eq!(
+            read(&root.path().join("cgroup.subtree_control")),
+            "memory pids\n"
+        );
+        assert_eq!(read(&unit.join("supervisor/cgroup.procs")).trim(), "101");
+        assert_eq!(
+            read(&unit.join("cgroup.subtree_control")),
+            "+memory +pids +cpu"
+        );
+        assert_eq!(
+            read(&unit.join("hands/cgroup.subtree_control")),
+            "+memory +pids +cpu"
+        );
+        assert_eq!(read(&unit.join("hands/s7/pids.max")).trim(), "32");
+        assert!(!root.path().join("hands").exists());
+        assert_eq!(cgs.existing(), vec!["s7".to_string()]);
+        // A second hands process, started in the leaf, shares the same base.
+        let again =
+            Cgroups::v2_guest(root.path(), "system.slice/hands.service/supervisor").unwrap();
+        assert_eq!(again.describe(), unit.join("hands").display().to_string());
+    }
+
+    /// The root of the hierarchy, and a group not given the controllers, are
+    /// refused with what to do.
+    #[test]
+    fn v2_refuses_the_root_and_an_undelegated_group() {
+        let root = tempfile::tempdir().unwrap();
+        fake_v2_root(root.path());
+        let e = Cgroups::v2_guest(root.path(), "/").unwrap_err().to_string();
+        assert!(
+            e.contains("root cgroup") && e.contains("Delegate=yes"),
+            "{e}"
+        );
+        let scope = root.path().join("user.slice/session-1.scope");
+        fake_v2_group(&scope);
+        std::fs::write(scope.join("cgroup.controllers"), "memory pids\n").unwrap();
+        let e = Cgroups::v2_guest(root.path(), "/user.slice/session-1.scope")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/user.slice/session-1.scope") && e.contains("cpu controller"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn v2_limits_on_fake_cgroupfs() {
         let root = tempfile::tempdir().unwrap();
         fake_v2_group(root.path());
         fake_v2_group(&root.path().join("hands/s7"));
-        let cgs = Cgroups::v2_at(root.path());
+        // The root of a container's cgroup namespace (it has a cgroup.type).
+        let cgs = Cgroups::v2_guest(root.path(), "/").unwrap();
         let cg = cgs
             .create(
                 "s7",

@@ -184,9 +184,19 @@ fn confine(
     stage("chdir", nix::unistd::chdir(mounts::WORKSPACE))?;
 
     stage("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
+    // Installed below, after landlock; landlock's judgement of a missing TCP
+    // right counts on it.
+    let inet_refused = setup.net == proto::NetMode::None && !setup.weakened_inet_guard;
     let ll = stage(
         "landlock",
-        landlock::enforce_on_current_thread(&mounts::landlock_rules(setup), &setup.allow_degraded),
+        landlock::enforce_on_current_thread(
+            &mounts::landlock_rules(setup),
+            &landlock::Acceptance {
+                allowed: setup.allow_degraded.clone(),
+                covered: setup.landlock_covered,
+                inet_refused,
+            },
+        ),
     )?;
     let child_domain = stage("child landlock domain", landlock::child_scope_ruleset())?;
     let child_filter = stage("child seccomp filter", seccomp::child_program())?;
@@ -194,7 +204,7 @@ fn confine(
     stage(
         "seccomp",
         seccomp::install_on_current_thread(seccomp::Profile {
-            no_inet: setup.net == proto::NetMode::None && !setup.weakened_inet_guard,
+            no_inet: inet_refused,
             setid_guard: !setup.weakened_setid_guard,
         }),
     )?;

@@ -2,9 +2,13 @@
 //! may touch in the filesystem, on TCP, and across its own domain (signals,
 //! abstract unix sockets).
 //!
-//! The ruleset uses every access right the running kernel knows (ABI 1–7). Rights
-//! of a newer ABI than the kernel's are named degradations: the session refuses to
-//! start unless the policy accepts each one explicitly (fail closed).
+//! The ruleset uses every access right the running kernel knows (ABI 1–7). A right
+//! of a newer ABI than the kernel's is *missing*. For each missing right the
+//! session needs, [`coverage`] names the other layer of the session that gives the
+//! same guarantee; the session runs when every missing right is covered (policy
+//! `landlock = "covered"`, the default) or named in `allow_degraded`, and refuses
+//! otherwise (`landlock = "full"` counts only `allow_degraded`). Landlock itself
+//! is never optional.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -95,7 +99,8 @@ impl LandlockFeature {
         }
     }
 
-    fn abi(self) -> u32 {
+    /// The ABI that brought the feature.
+    pub fn abi(self) -> u32 {
         match self {
             LandlockFeature::Landlock => 1,
             LandlockFeature::LandlockRefer => 2,
@@ -124,6 +129,82 @@ impl LandlockFeature {
     }
 }
 
+/// The layer of the session that gives the guarantee of `feature` when the kernel
+/// lacks it, or `None` when nothing does. `inet_refused`: seccomp refuses every
+/// IPv4 and IPv6 socket in this session (`network.mode = "none"`).
+///
+/// Each answer holds for the sessions hands builds (see [`super::mounts`]):
+/// - refer (ABI 1): an ABI 1 ruleset refuses every link and rename across
+///   directories (EXDEV; `mv` and friends fall back to copying): stricter, not
+///   weaker.
+/// - truncate (ABI < 3): outside `/workspace`, `/tmp` and `/dev/shm`, where the
+///   session may write anyway, every mount is read-only (EROFS), except the
+///   session's own `/proc` and its device nodes, where a truncation changes
+///   nothing.
+/// - net (ABI < 4), only asked for with `network.mode = "none"`: seccomp refuses
+///   every IPv4 and IPv6 socket, so there is no TCP to bind or connect, and the
+///   network namespace has no interface at all.
+/// - ioctl (ABI < 5): `/dev` holds only null, zero, full, random, urandom and a
+///   `tty` that opens nothing (no controlling terminal); every other mount is
+///   `nodev`; seccomp refuses the terminal ioctls that reach outside (TIOCSTI,
+///   TIOCLINUX) on any descriptor; the session holds no capability, which
+///   random's entropy ioctls need.
+/// - scope (ABI < 6): the session has its own pid namespace, so it can signal
+///   only its own processes, and its own network namespace, which holds the
+///   abstract unix socket namespace, so it reaches only its own abstract sockets.
+pub fn coverage(feature: LandlockFeature, inet_refused: bool) -> Option<&'static str> {
+    match feature {
+        LandlockFeature::Landlock => None,
+        LandlockFeature::LandlockRefer => {
+            Some("an ABI 1 ruleset refuses every link and rename across directories (stricter)")
+        }
+        LandlockFeature::LandlockTruncate => Some(
+            "read-only mounts: outside /workspace, /tmp and /dev/shm nothing can be truncated",
+        ),
+        LandlockFeature::LandlockNet if inet_refused => Some(
+            "seccomp refuses every IPv4 and IPv6 socket, and the network namespace has no interface",
+        ),
+        LandlockFeature::LandlockNet => None,
+        LandlockFeature::LandlockIoctl => Some(
+            "a /dev of null, zero, full, random, urandom and tty only, nodev elsewhere, seccomp refusal of TIOCSTI and TIOCLINUX, no capabilities",
+        ),
+        LandlockFeature::LandlockScope => Some(
+            "the session's own pid namespace (signals) and network namespace (abstract unix sockets)",
+        ),
+    }
+}
+
+/// How missing rights are judged for one session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acceptance {
+    /// Missing rights the policy accepts by name (`allow_degraded`).
+    pub allowed: Vec<LandlockFeature>,
+    /// Accept a missing right that [`coverage`] covers (`landlock = "covered"`).
+    pub covered: bool,
+    /// seccomp refuses every IPv4 and IPv6 socket in the session.
+    pub inet_refused: bool,
+}
+
+/// The rights the session needs that the kernel at `abi` lacks: every missing
+/// filesystem and scope right, and TCP only when the rules deny it.
+pub fn needed_missing(abi: u32, deny_tcp: bool) -> Vec<LandlockFeature> {
+    LandlockFeature::missing_at(abi)
+        .into_iter()
+        .filter(|f| deny_tcp || *f != LandlockFeature::LandlockNet)
+        .collect()
+}
+
+/// The missing rights `acceptance` refuses (empty: the session may run).
+pub fn refused(abi: u32, deny_tcp: bool, acceptance: &Acceptance) -> Vec<LandlockFeature> {
+    needed_missing(abi, deny_tcp)
+        .into_iter()
+        .filter(|f| {
+            !acceptance.allowed.contains(f)
+                && !(acceptance.covered && coverage(*f, acceptance.inet_refused).is_some())
+        })
+        .collect()
+}
+
 /// What to allow, in sandbox paths (after pivot_root).
 #[derive(Debug, Clone)]
 pub struct Rules {
@@ -143,6 +224,8 @@ pub struct Rules {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LandlockReport {
     pub abi: u32,
+    /// Rights the session needed that the kernel lacks, each covered by another
+    /// layer or accepted by the policy.
     pub missing: Vec<LandlockFeature>,
 }
 
@@ -150,7 +233,12 @@ pub struct LandlockReport {
 pub enum LandlockError {
     #[error("landlock is unavailable ({0}); the session cannot be confined")]
     Unavailable(std::io::Error),
-    #[error("kernel landlock ABI {abi} lacks {missing:?} and the policy does not allow that degradation")]
+    #[error("kernel landlock ABI {abi} lacks {}, which no other layer of this session covers, and the policy does not allow that degradation (sandbox.allow_degraded)", missing.join(", "))]
+    NotCovered {
+        abi: u32,
+        missing: Vec<&'static str>,
+    },
+    #[error("kernel landlock ABI {abi} lacks {}, and the policy asks for the full landlock set (sandbox.landlock = \"full\") without allowing that degradation (sandbox.allow_degraded)", missing.join(", "))]
     NotFullyEnforced {
         abi: u32,
         missing: Vec<&'static str>,
@@ -177,7 +265,8 @@ fn open_path(p: &Path) -> Result<OwnedFd, LandlockError> {
 }
 
 /// Builds and enforces the ruleset on the calling thread, in order:
-/// 1. read the kernel ABI; refuse unless every missing feature is allowed;
+/// 1. read the kernel ABI; refuse unless every missing right the session needs is
+///    covered by another layer or allowed (see [`refused`]);
 /// 2. create a ruleset handling every fs right of that ABI, TCP when asked and
 ///    available, and both scopes when available;
 /// 3. add the path rules (each path opened O_PATH; a missing path is skipped,
@@ -187,19 +276,25 @@ fn open_path(p: &Path) -> Result<OwnedFd, LandlockError> {
 /// no_new_privs must already be set.
 pub fn enforce_on_current_thread(
     rules: &Rules,
-    allowed_missing: &[LandlockFeature],
+    acceptance: &Acceptance,
 ) -> Result<LandlockReport, LandlockError> {
     let abi = sys::landlock_abi().map_err(LandlockError::Unavailable)?;
-    let missing = LandlockFeature::missing_at(abi);
-    let refused: Vec<&'static str> = missing
+    let missing = needed_missing(abi, rules.deny_tcp);
+    let refused: Vec<&'static str> = refused(abi, rules.deny_tcp, acceptance)
         .iter()
-        .filter(|f| !allowed_missing.contains(f))
         .map(|f| f.name())
         .collect();
     if !refused.is_empty() {
-        return Err(LandlockError::NotFullyEnforced {
-            abi,
-            missing: refused,
+        return Err(if acceptance.covered {
+            LandlockError::NotCovered {
+                abi,
+                missing: refused,
+            }
+        } else {
+            LandlockError::NotFullyEnforced {
+                abi,
+                missing: refused,
+            }
         });
     }
 
@@ -296,4 +391,74 @@ pub fn child_scope_ruleset() -> Result<Option<OwnedFd>, LandlockError> {
     sys::landlock_add_path_rule(ruleset.as_fd(), root.as_fd(), FS_REFER)
         .map_err(syscall("add_rule (child scope)"))?;
     Ok(Some(ruleset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acceptance(covered: bool, inet_refused: bool, allowed: &[LandlockFeature]) -> Acceptance {
+        Acceptance {
+            allowed: allowed.to_vec(),
+            covered,
+            inet_refused,
+        }
+    }
+
+    /// Debian 12's 6.1 (ABI 2): every shipped environment runs, the default
+    /// (`loopback`, no TCP rules asked) and `strict` (`none`, inet refused) alike.
+    #[test]
+    fn abi_2_runs_covered_environments() {
+        let covered = acceptance(true, true, &[]);
+        assert!(refused(2, true, &covered).is_empty());
+        assert!(refused(2, false, &acceptance(true, false, &[])).is_empty());
+        assert_eq!(
+            needed_missing(2, false),
+            [
+                LandlockFeature::LandlockTruncate,
+                LandlockFeature::LandlockIoctl,
+                LandlockFeature::LandlockScope
+            ]
+        );
+        // Ubuntu 22.04's 5.15 and RHEL 9's 5.14 (ABI 1) too.
+        assert!(refused(1, true, &covered).is_empty());
+    }
+
+    /// `none` without seccomp's inet refusal has nothing that covers TCP.
+    #[test]
+    fn tcp_is_not_covered_without_the_inet_refusal() {
+        assert_eq!(
+            refused(3, true, &acceptance(true, false, &[])),
+            [LandlockFeature::LandlockNet]
+        );
+        assert!(refused(
+            3,
+            true,
+            &acceptance(true, false, &[LandlockFeature::LandlockNet])
+        )
+        .is_empty());
+    }
+
+    /// `landlock = "full"` refuses each missing right allow_degraded does not name.
+    #[test]
+    fn full_refuses_what_is_not_allowed() {
+        assert_eq!(
+            refused(
+                4,
+                true,
+                &acceptance(false, true, &[LandlockFeature::LandlockScope])
+            ),
+            [LandlockFeature::LandlockIoctl]
+        );
+        assert!(refused(6, true, &acceptance(false, true, &[])).is_empty());
+    }
+
+    /// Landlock itself is never covered.
+    #[test]
+    fn no_landlock_is_never_covered() {
+        assert!(
+            refused(0, false, &acceptance(true, true, &[])).contains(&LandlockFeature::Landlock)
+        );
+        assert_eq!(coverage(LandlockFeature::Landlock, true), None);
+    }
 }

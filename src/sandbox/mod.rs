@@ -60,13 +60,20 @@ pub const DEFAULT_UID_BASE: u32 = 2_100_000_000;
 impl SandboxConfig {
     /// Defaults, overridable by `HANDS_STATE_DIR`, `HANDS_DATA_DIR` and
     /// `HANDS_HELPER_EXE`.
-    pub fn from_env() -> Result<SandboxConfig, SandboxError> {
+    /// The state and data directories: `$HANDS_STATE_DIR` (default `/run/hands`)
+    /// and `$HANDS_DATA_DIR` (default `/var/lib/hands`).
+    pub fn dirs_from_env() -> (PathBuf, PathBuf) {
         let state_dir = std::env::var_os("HANDS_STATE_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/run/hands"));
         let data_dir = std::env::var_os("HANDS_DATA_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/lib/hands"));
+        (state_dir, data_dir)
+    }
+
+    pub fn from_env() -> Result<SandboxConfig, SandboxError> {
+        let (state_dir, data_dir) = Self::dirs_from_env();
         let helper_exe = match std::env::var_os("HANDS_HELPER_EXE") {
             Some(p) => PathBuf::from(p),
             None => std::env::current_exe().map_err(|e| SandboxError::Host {

@@ -90,6 +90,27 @@ fn tmpfs(dst: &Path, opts: &str, flags: MsFlags) -> Result<(), MountError> {
     mount(Some("tmpfs"), dst, Some("tmpfs"), flags, Some(opts)).map_err(err("mount tmpfs", dst))
 }
 
+/// The name of the filesystem `fd` lies on, for messages.
+pub fn fs_name(fd: std::os::fd::BorrowedFd<'_>) -> String {
+    match nix::sys::statfs::fstatfs(fd) {
+        Ok(st) => {
+            let magic = st.filesystem_type().0 as u64;
+            match magic {
+                0x0102_1994 => "tmpfs".into(),
+                0xef53 => "ext4".into(),
+                0x5846_5342 => "xfs".into(),
+                0x9123_683e => "btrfs".into(),
+                0x794c_7630 => "overlayfs".into(),
+                0x6969 => "nfs".into(),
+                0x6573_5546 => "fuse".into(),
+                0x2fc1_2fc1 => "zfs".into(),
+                other => format!("filesystem magic {other:#x}"),
+            }
+        }
+        Err(e) => format!("unknown: {e}"),
+    }
+}
+
 /// Builds the view and pivots into it, in order:
 /// 1. make every mount private, so nothing propagates back to the host;
 /// 2. mount a small tmpfs on `setup.root_dir` as the new root;
@@ -188,10 +209,21 @@ pub fn build(setup: &Setup, ws_tree: OwnedFd) -> Result<bool, MountError> {
         sys::MOUNT_ATTR_IDMAP | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
         Some(userns.as_fd()),
     )
-    .map_err(err(
-        "idmap workspace (does its filesystem support idmapped mounts?)",
-        &setup.workspace,
-    ))?;
+    .map_err(|e| {
+        let cause = if e.raw_os_error() == Some(libc::EINVAL) {
+            std::io::Error::other(format!(
+                "{e}: its filesystem ({}) does not support idmapped mounts on this kernel (tmpfs has them from Linux 6.3; ext4, xfs and btrfs from 5.12 to 5.15); give a workspace on such a filesystem",
+                fs_name(ws_tree.as_fd())
+            ))
+        } else {
+            e
+        };
+        MountError {
+            step: "idmap workspace",
+            path: setup.workspace.clone(),
+            cause,
+        }
+    })?;
     sys::move_mount(ws_tree.as_fd(), &cstr(&ws)).map_err(err("attach workspace", &ws))?;
 
     tmpfs(

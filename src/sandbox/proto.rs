@@ -49,6 +49,10 @@ pub struct Setup {
     pub tmp_size: u64,
     pub net: NetMode,
     pub allow_degraded: Vec<LandlockFeature>,
+    /// Accept a missing landlock right another layer covers (policy
+    /// `sandbox.landlock = "covered"`).
+    #[serde(default)]
+    pub landlock_covered: bool,
     pub max_file_bytes: u64,
     pub output_limit: usize,
     /// Workspace subdirectories with extra treatment (the connector's memory

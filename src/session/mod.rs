@@ -116,7 +116,8 @@ pub struct Session {
     closed: bool,
 }
 
-fn degradations(policy: &Policy) -> Vec<LandlockFeature> {
+/// The landlock rights the policy accepts losing by name.
+pub(crate) fn degradations(policy: &Policy) -> Vec<LandlockFeature> {
     policy
         .allow_degraded
         .iter()
@@ -270,6 +271,7 @@ impl Session {
                 NetworkMode::Loopback => NetMode::Loopback,
             },
             allow_degraded: degradations(&policy),
+            landlock_covered: policy.landlock == crate::policy::LandlockMode::Covered,
             max_file_bytes: limits.file_bytes,
             output_limit: limits.output_bytes,
             extra_dirs: opts.extra_dirs.clone(),

@@ -223,6 +223,13 @@ impl Workspaces {
         self.state_dir.join("workspaces")
     }
 
+    /// Plain directories (the `workspace-disk` degradation) live on the data
+    /// directory's disk filesystem, not beside the mount points on the state
+    /// directory: a `/run` tmpfs supports idmapped mounts only from Linux 6.3.
+    fn plain_dir(&self) -> PathBuf {
+        self.data_dir.join("dirs")
+    }
+
     fn quarantine_dir(&self) -> PathBuf {
         self.data_dir.join("quarantine")
     }
@@ -345,7 +352,8 @@ impl Workspaces {
                 reason: reason.clone(),
             }),
             Mechanism::Unavailable(_) => {
-                let at = self.mount_dir().join(disk::random_id());
+                private_dir(&self.plain_dir())?;
+                let at = self.plain_dir().join(disk::random_id());
                 std::fs::DirBuilder::new()
                     .mode(0o755)
                     .create(&at)
@@ -542,8 +550,9 @@ impl Workspaces {
         let Some(name) = path.file_name().map(OsStr::to_os_string) else {
             return Ok(());
         };
-        let removed = std::fs::File::open(self.mount_dir())
-            .and_then(|p| remove::remove_tree(p.as_fd(), &name));
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        let removed =
+            std::fs::File::open(parent).and_then(|p| remove::remove_tree(p.as_fd(), &name));
         match removed {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -605,10 +614,15 @@ impl Workspaces {
                 swept += 1;
             }
         }
-        let Ok(rd) = std::fs::read_dir(self.mount_dir()) else {
-            return swept;
-        };
-        for e in rd.flatten() {
+        let plain = std::fs::read_dir(self.plain_dir())
+            .into_iter()
+            .flatten()
+            .flatten();
+        let mounts = std::fs::read_dir(self.mount_dir())
+            .into_iter()
+            .flatten()
+            .flatten();
+        for e in mounts.chain(plain) {
             let Ok(name) = e.file_name().into_string() else {
                 continue;
             };
