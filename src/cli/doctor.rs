@@ -144,6 +144,13 @@ pub fn checks() -> Vec<Check> {
     }
 
     match Cgroups::detect() {
+        Ok(c) if c.undelegated_unit().is_some() => out.push(Check {
+            feature: "cgroups",
+            ok: false,
+            required: false,
+            status: format!("v2: {} is not delegated", c.undelegated_unit().unwrap_or_default()),
+            action: "systemd did not mark this unit's cgroup as delegated (trusted.delegate, systemd 251 and later): give the unit Delegate=yes, or systemd may move or remove the sessions' groups".into(),
+        }),
         Ok(c) => out.push(Check {
             feature: "cgroups",
             ok: true,

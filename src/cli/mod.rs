@@ -70,9 +70,9 @@ pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 /// Set in the environment of a hands that [`enter_delegated_scope`] started.
 const IN_SCOPE_VAR: &str = "HANDS_DELEGATED_SCOPE";
 
-/// On cgroup v2 under systemd, a command started where it cannot hold its
-/// sessions' groups (a login session's scope, which is not given the cpu
-/// controller, or the root) runs itself again in a transient scope of its own
+/// On cgroup v2 under systemd, a command started where it cannot or may not
+/// hold its sessions' groups (a login session's scope, which is not given the cpu
+/// controller and is not delegated, or the root) runs itself again in a transient scope of its own
 /// with `Delegate=yes` (`systemd-run --scope`, which keeps the terminal, the
 /// environment and the exit status). A process of a `.service` unit is left as it
 /// is: a worker's unit needs `Delegate=yes` itself, and moving out of it would
@@ -84,9 +84,14 @@ pub fn enter_delegated_scope() {
         || !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
         || !std::path::Path::new("/run/systemd/system").is_dir()
         || !nix::unistd::geteuid().is_root()
-        || crate::sandbox::cgroup::Cgroups::detect().is_ok()
     {
         return;
+    }
+    if let Ok(c) = crate::sandbox::cgroup::Cgroups::detect() {
+        // Usable, and ours to use: delegated, or not a systemd unit's.
+        if c.undelegated_unit().is_none() {
+            return;
+        }
     }
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     if own

@@ -52,6 +52,14 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         if swept > 0 {
             tracing::info!(swept, "removed session groups left by a worker that died");
         }
+        if let Some(unit) = sandbox.cgroups.undelegated_unit() {
+            tracing::warn!(
+                unit,
+                "the worker's systemd unit is not marked as delegated (trusted.delegate): \
+                 give it Delegate=yes, or systemd may move or remove the sessions' cgroups \
+                 (systemd before 251 never marks it; then ignore this)"
+            );
+        }
         let workspaces = sandbox.workspaces.clone();
         crate::worker::prepare_workspaces(&config, &sandbox);
         let registry = crate::worker::registry(&config, sandbox);

@@ -817,9 +817,16 @@ LANG = "C.UTF-8"
 _x1 = ""
 [sandbox]
 allow_degraded = ["landlock-net", "landlock-scope"]
+landlock = "full"
 "#
         );
         let policy = parse(&text).unwrap();
+        assert_eq!(policy.landlock, LandlockMode::Full);
+        assert_eq!(parse(VALID).unwrap().landlock, LandlockMode::Covered);
+        let err = parse(&format!("{VALID}\n[sandbox]\nlandlock = \"partial\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("covered") && err.contains("full"), "{err}");
         assert_eq!(policy.env["LANG"], "C.UTF-8");
         assert_eq!(policy.env["_x1"], "");
         assert_eq!(

@@ -244,6 +244,24 @@ impl Cgroups {
         })
     }
 
+    /// v2: whether the base is a systemd unit's group (`.service`, `.scope`)
+    /// that systemd did not mark as delegated (`trusted.delegate`, set by systemd
+    /// 251 and later on the groups of units with `Delegate=yes`). Creating groups
+    /// in such a unit breaks systemd's delegation contract: it may move or remove
+    /// them. `None` when the base is not a unit's, or on v1.
+    pub fn undelegated_unit(&self) -> Option<String> {
+        if self.version != CgroupVersion::V2 {
+            return None;
+        }
+        let unit = self.base.rsplit('/').next().unwrap_or_default();
+        if !(unit.ends_with(".service") || unit.ends_with(".scope")) {
+            return None;
+        }
+        let dir = self.v2_root.join(&self.base);
+        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+        (!super::sys::has_xattr(&path, c"trusted.delegate")).then(|| unit.to_string())
+    }
+
     /// Where session groups are created, for messages (`/sys/fs/cgroup/x/hands`,
     /// `hands` under each v1 controller).
     pub fn describe(&self) -> String {

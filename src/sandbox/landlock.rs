@@ -199,8 +199,8 @@ pub fn refused(abi: u32, deny_tcp: bool, acceptance: &Acceptance) -> Vec<Landloc
     needed_missing(abi, deny_tcp)
         .into_iter()
         .filter(|f| {
-            !acceptance.allowed.contains(f)
-                && !(acceptance.covered && coverage(*f, acceptance.inet_refused).is_some())
+            let covered = acceptance.covered && coverage(*f, acceptance.inet_refused).is_some();
+            !(acceptance.allowed.contains(f) || covered)
         })
         .collect()
 }

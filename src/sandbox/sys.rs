@@ -412,6 +412,15 @@ pub fn loopback_up() -> io::Result<()> {
 // ---------------------------------------------------------------------------
 // processes and fds
 
+/// Whether `path` carries the extended attribute `name` (the cgroupfs's
+/// `trusted.delegate`, which systemd ≥ 251 sets on the groups it delegates).
+pub fn has_xattr(path: &CStr, name: &CStr) -> bool {
+    // SAFETY: both strings are NUL-terminated; a NULL buffer of size 0 asks only
+    // for the value's size, nothing is written.
+    let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+    n >= 0
+}
+
 /// A pidfd for `pid`: becomes readable when the process exits and can signal it
 /// without pid-reuse races.
 pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {

@@ -83,6 +83,17 @@ pub async fn open_with(policy: Policy, workspace: Option<&Path>) -> Session {
 /// A session with a sandbox configuration of the test's own (weakened layers,
 /// a single slot).
 pub async fn open_cfg(cfg: &SandboxConfig, policy: Policy, workspace: Option<&Path>) -> Session {
+    try_open_cfg(cfg, policy, workspace)
+        .await
+        .expect("open session")
+}
+
+/// [`open_cfg`], with the error.
+pub async fn try_open_cfg(
+    cfg: &SandboxConfig,
+    policy: Policy,
+    workspace: Option<&Path>,
+) -> Result<Session, hands::session::SessionError> {
     Session::open(
         cfg,
         SessionOptions {
@@ -97,7 +108,6 @@ pub async fn open_cfg(cfg: &SandboxConfig, policy: Policy, workspace: Option<&Pa
         },
     )
     .await
-    .expect("open session")
 }
 
 pub async fn open(workspace: Option<&Path>) -> Session {
