@@ -222,7 +222,7 @@ async fn setsid_nohup_daemon_is_gone_after_close() {
     }
     // The cgroup is gone too.
     let cgroups = hands::sandbox::cgroup::Cgroups::detect().unwrap();
-    let name = cg_path.trim_start_matches("hands/");
+    let name = cg_path.rsplit('/').next().unwrap();
     // A later session may reuse the slot; only an empty or absent group is fine.
     let g = cgroups.open(name);
     assert!(g.procs().iter().all(|p| !daemons.contains(p)));
@@ -279,7 +279,9 @@ async fn orphaned_groups_are_swept_and_live_ones_kept() {
         .cgroup()
         .unwrap()
         .path()
-        .trim_start_matches("hands/")
+        .rsplit('/')
+        .next()
+        .unwrap()
         .to_string();
     // An orphan: a group for a slot nobody holds, with a process in it.
     let orphan_slot = hands::session::slot::acquire(&cfg.state_dir, cfg.slots).unwrap();
