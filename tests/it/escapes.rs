@@ -1289,7 +1289,12 @@ print("MODE %o" % os.stat("/workspace/capid").st_mode)
     std::os::unix::fs::chown(control.path(), Some(4242), Some(4242)).unwrap();
     std::os::unix::fs::chown(&file, Some(4242), Some(4242)).unwrap();
     let host = std::process::Command::new("setpriv")
-        .args(["--reuid=4242", "--regid=4242", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=4242",
+            "--regid=4242",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .args(["/usr/bin/python3", "-c"])
         .arg(format!(
             "import os
@@ -1303,8 +1308,14 @@ except OSError as e:
         .output()
         .unwrap();
     let host = String::from_utf8_lossy(&host.stdout).trim().to_string();
-    assert!(host.contains("security.x"), "the control did not run: {host}");
-    assert!(out.contains(&host), "the session got more than a host user ({host}): {out}");
+    assert!(
+        host.contains("security.x"),
+        "the control did not run: {host}"
+    );
+    assert!(
+        out.contains(&host),
+        "the session got more than a host user ({host}): {out}"
+    );
     let found = privileged_files(ws.path());
     assert!(found.is_empty(), "privileged files on the host: {found:?}");
     s.close().await.unwrap();
