@@ -609,6 +609,12 @@ mod tests {
         }
     }
 
+    const LIMITS: CgroupLimits = CgroupLimits {
+        memory_bytes: 64 << 20,
+        pids: 32,
+        cpu: 0.5,
+    };
+
     /// The real root of a v2 hierarchy: no cgroup.type.
     fn fake_v2_root(dir: &Path) {
         fake_v2_group(dir);
@@ -628,15 +634,7 @@ mod tests {
         std::fs::write(unit.join("cgroup.procs"), "101\n").unwrap();
         fake_v2_group(&unit.join("hands/s7"));
         let cgs = Cgroups::v2_guest(root.path(), "/system.slice/hands.service").unwrap();
-        cgs.create(
-            "s7",
-            CgroupLimits {
-                memory_bytes: 64 << 20,
-                pids: 32,
-                cpu: 0.5,
-            },
-        )
-        .unwrap();
+        cgs.create("s7", LIMITS).unwrap();
         let read = |p: &Path| std::fs::read_to_string(p).unwrap();
         assert_eq!(
             read(&root.path().join("cgroup.subtree_control")),
@@ -690,16 +688,7 @@ mod tests {
         fake_v2_group(&root.path().join("hands/s7"));
         // The root of a container's cgroup namespace (it has a cgroup.type).
         let cgs = Cgroups::v2_guest(root.path(), "/").unwrap();
-        let cg = cgs
-            .create(
-                "s7",
-                CgroupLimits {
-                    memory_bytes: 64 << 20,
-                    pids: 32,
-                    cpu: 0.5,
-                },
-            )
-            .unwrap();
+        let cg = cgs.create("s7", LIMITS).unwrap();
         let dir = root.path().join("hands/s7");
         assert!(dir.is_dir());
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
