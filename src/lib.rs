@@ -4,6 +4,7 @@
 //! the same path. The crate's only `unsafe` lives in [`sandbox::sys`].
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod cli;
 pub mod cma;
 pub mod configfile;
