@@ -93,11 +93,18 @@ pub fn enter_delegated_scope() {
             return;
         }
     }
+    // The unit this process belongs to: its group, or the group above the
+    // leaf a previous hands made (`<unit>/supervisor`).
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    if own
+    let own = own
         .lines()
-        .any(|l| l.starts_with("0::") && l.trim_end().ends_with(".service"))
-    {
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or_default()
+        .trim_end();
+    let own = own
+        .strip_suffix(&format!("/{}", crate::sandbox::cgroup::LEAF))
+        .unwrap_or(own);
+    if own.ends_with(".service") {
         return;
     }
     let Ok(exe) = std::env::current_exe() else {
