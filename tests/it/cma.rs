@@ -536,13 +536,36 @@ async fn checklist_16_after_a_412_the_call_in_flight_is_killed_and_nothing_is_po
         .session(
             json!([bash_use(
                 "toolu_long",
-                "echo started > /tmp/mark; sleep 30; echo done"
+                "echo started > mark; sleep 31.7; echo done"
             )]),
             json!({"ttl_seconds": 4}),
         )
         .await;
     s.work_state(&work, "active").await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The call has started: its mark is in the session's workspace on the host,
+    // and its sleep is running.
+    let mark = s
+        .registry
+        .sandbox()
+        .state_dir
+        .join("workspaces")
+        .join(format!("kept-{sid}"))
+        .join("mark");
+    let running = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .any(|c| c == b"sleep\x0031.7\x00")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(mark.exists() && running()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the call never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Another worker takes the lease: the next heartbeat is a 412.
     s.fake
         .control(
@@ -552,8 +575,16 @@ async fn checklist_16_after_a_412_the_call_in_flight_is_killed_and_nothing_is_po
         )
         .await;
     // hands gives up the item: no stop, no result (the SDK worker would
-    // still post the result 30 s later).
+    // still post the result 30 s later), and the call's process is killed.
     s.gave_up(&sid, &work).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the call in flight was not killed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     s.finish().await.unwrap();
 }
 
