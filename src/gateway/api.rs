@@ -398,20 +398,25 @@ async fn close_session(
         }
         Err(e) => return Err(route_error(&session_id, e)),
     };
+    let closed = close_on(&gw, &conn, &session_id).await?;
+    Ok(Json(json!({ "session_id": session_id, "closed": closed })))
+}
+
+/// Closes `session_id` on one worker process, then refreshes what the registry
+/// knows of that process (its open sessions). Whether the session was open there.
+async fn close_on(gw: &Gateway, conn: &Conn, session_id: &str) -> Result<bool, ApiError> {
     let r = conn
         .client
         .clone()
         .close_session(v1::CloseSessionRequest {
-            session_id: session_id.clone(),
+            session_id: session_id.to_string(),
         })
         .await?
         .into_inner();
     if let Ok(info) = conn.client.clone().info(v1::InfoRequest {}).await {
-        gw.workers.update_info(&conn, info.into_inner());
+        gw.workers.update_info(conn, info.into_inner());
     }
-    Ok(Json(
-        json!({ "session_id": session_id, "closed": r.closed }),
-    ))
+    Ok(r.closed)
 }
 
 /// Closes `session_id` on every connected process of `worker`: for ids the
@@ -428,18 +433,7 @@ async fn close_on_worker(
     }
     let mut closed = false;
     for (conn, _) in processes {
-        let r = conn
-            .client
-            .clone()
-            .close_session(v1::CloseSessionRequest {
-                session_id: session_id.clone(),
-            })
-            .await?
-            .into_inner();
-        closed |= r.closed;
-        if let Ok(info) = conn.client.clone().info(v1::InfoRequest {}).await {
-            gw.workers.update_info(&conn, info.into_inner());
-        }
+        closed |= close_on(gw, &conn, &session_id).await?;
     }
     Ok(Json(json!({ "session_id": session_id, "closed": closed })))
 }

@@ -175,7 +175,7 @@ pub fn coverage(feature: LandlockFeature, inet_refused: bool) -> Option<&'static
 }
 
 /// How missing rights are judged for one session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Acceptance {
     /// Missing rights the policy accepts by name (`allow_degraded`).
     pub allowed: Vec<LandlockFeature>,

@@ -441,18 +441,12 @@ impl Workspaces {
                     .map_err(io_err(&self.kept_dirs(), "mounting a kept workspace"))?
                     .ok_or_else(busy)?;
                 let at = mounted.at.clone();
-                let opened = open_no_symlinks(&at)
-                    .map_err(io_err(&at, "opening"))
-                    .and_then(|dir| {
-                        let st = fstat(dir.as_fd()).map_err(|e| io_err(&at, "stat")(nix_io(e)))?;
-                        Ok((dir, st))
-                    });
-                match opened {
-                    Ok((dir, st)) => Ok(Workspace {
+                match open_owned(&at) {
+                    Ok((dir, uid, gid)) => Ok(Workspace {
                         path: at,
                         dir,
-                        uid: st.st_uid,
-                        gid: st.st_gid,
+                        uid,
+                        gid,
                         kind: Kind::Kept(mounted),
                     }),
                     Err(e) => {
@@ -472,13 +466,12 @@ impl Workspaces {
                     Err(e) => return Err(io_err(&at, "creating")(e)),
                 }
                 let locked = try_lock_dir(&at).ok_or_else(busy)?;
-                let dir = open_no_symlinks(&at).map_err(io_err(&at, "opening"))?;
-                let st = fstat(dir.as_fd()).map_err(|e| io_err(&at, "stat")(nix_io(e)))?;
+                let (dir, uid, gid) = open_owned(&at)?;
                 Ok(Workspace {
                     path: at,
                     dir,
-                    uid: st.st_uid,
-                    gid: st.st_gid,
+                    uid,
+                    gid,
                     kind: Kind::KeptDirectory(locked),
                 })
             }
@@ -678,7 +671,7 @@ impl Workspaces {
 /// Opens a just-made workspace and checks that it is empty: a fresh workspace
 /// that holds anything is refused, never handed out.
 fn open_empty(at: &Path) -> Result<(OwnedFd, u32, u32), WorkspaceError> {
-    let dir = open_no_symlinks(at).map_err(io_err(at, "opening"))?;
+    let opened = open_owned(at)?;
     let mut entries = std::fs::read_dir(at).map_err(io_err(at, "listing"))?;
     if let Some(first) = entries.next() {
         let what = first
@@ -689,6 +682,12 @@ fn open_empty(at: &Path) -> Result<(OwnedFd, u32, u32), WorkspaceError> {
             reason: format!("a fresh workspace is not empty ({what})"),
         });
     }
+    Ok(opened)
+}
+
+/// Opens a workspace directory without following a symlink, with its owner.
+fn open_owned(at: &Path) -> Result<(OwnedFd, u32, u32), WorkspaceError> {
+    let dir = open_no_symlinks(at).map_err(io_err(at, "opening"))?;
     let st = fstat(dir.as_fd()).map_err(|e| io_err(at, "stat")(nix_io(e)))?;
     Ok((dir, st.st_uid, st.st_gid))
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use hands::proto::v1;
 use hands::proto::v1::sandbox_client::SandboxClient;
-use hands::service::{detect_isolation, SandboxService, REASON};
+use hands::service::{detect_isolation, SandboxService};
 use hands::session::registry::Registry;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -20,14 +20,6 @@ async fn serve(capacity: usize) -> SandboxClient<Channel> {
         .cloned()
         .collect::<Vec<_>>();
     serve_registry(Arc::new(Registry::new(config(), policies, capacity))).await
-}
-
-fn reason(s: &tonic::Status) -> String {
-    s.metadata()
-        .get(REASON)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
 }
 
 async fn call(

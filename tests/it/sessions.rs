@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use hands::proto::v1;
 use hands::proto::v1::sandbox_client::SandboxClient;
-use hands::service::REASON;
 use hands::session::registry::{Owner, Registry};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::require_sandbox;
+use crate::util::reason;
 
 /// A worker serving hands.v1 on a loopback debug listener.
 struct Worker {
@@ -107,12 +107,7 @@ impl Worker {
     }
 
     async fn list(&mut self) -> Vec<v1::SessionInfo> {
-        self.client
-            .list_sessions(v1::ListSessionsRequest {})
-            .await
-            .expect("ListSessions")
-            .into_inner()
-            .sessions
+        list_sessions(&mut self.client).await
     }
 
     async fn listed(&mut self, id: &str) -> Option<v1::SessionInfo> {
@@ -207,12 +202,24 @@ fn result(events: &[v1::CallEvent]) -> hands::tools::ToolResult {
     }
 }
 
-fn reason(s: &tonic::Status) -> String {
-    s.metadata()
-        .get(REASON)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
+/// Every open session, as ListSessions answers.
+async fn list_sessions(client: &mut SandboxClient<Channel>) -> Vec<v1::SessionInfo> {
+    client
+        .list_sessions(v1::ListSessionsRequest {})
+        .await
+        .expect("ListSessions")
+        .into_inner()
+        .sessions
+}
+
+/// The ids of every open session (for `until` conditions, which own their
+/// client).
+async fn listed_ids(mut client: SandboxClient<Channel>) -> Vec<String> {
+    list_sessions(&mut client)
+        .await
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect()
 }
 
 /// Waits, up to a generous deadline, for `done` to hold.
@@ -376,16 +383,8 @@ async fn a_session_with_a_running_call_is_never_closed_for_idleness() {
     // after its call started).
     let c = w.client.clone();
     until("the abandoned session is closed", || {
-        let mut c = c.clone();
-        async move {
-            let all = c
-                .list_sessions(v1::ListSessionsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .sessions;
-            !all.iter().any(|s| s.session_id == "abandoned")
-        }
+        let c = c.clone();
+        async move { !listed_ids(c).await.iter().any(|id| id == "abandoned") }
     })
     .await;
     loop {
@@ -414,15 +413,8 @@ async fn a_session_with_a_running_call_is_never_closed_for_idleness() {
 
     // Idle now, it is closed like any other.
     until("the session, idle, is closed", || {
-        let mut c = c.clone();
-        async move {
-            c.list_sessions(v1::ListSessionsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .sessions
-                .is_empty()
-        }
+        let c = c.clone();
+        async move { listed_ids(c).await.is_empty() }
     })
     .await;
     let e = w.call("busy", "late", "true").await.unwrap_err();
@@ -455,16 +447,8 @@ async fn a_connectors_sessions_are_not_closed_for_idleness() {
     );
     let c = w.client.clone();
     until("the client's session is closed", || {
-        let mut c = c.clone();
-        async move {
-            let all = c
-                .list_sessions(v1::ListSessionsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .sessions;
-            !all.iter().any(|s| s.session_id == "client")
-        }
+        let c = c.clone();
+        async move { !listed_ids(c).await.iter().any(|id| id == "client") }
     })
     .await;
     let s = w

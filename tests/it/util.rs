@@ -314,3 +314,12 @@ pub async fn close_and_drain(s: Session) {
     s.close().await.expect("close");
     workspaces.drain(std::time::Duration::from_secs(30));
 }
+
+/// The machine-readable reason a hands.v1 error carries (`SESSION_NOT_FOUND`).
+pub fn reason(s: &tonic::Status) -> String {
+    s.metadata()
+        .get(hands::service::REASON)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
