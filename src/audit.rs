@@ -10,18 +10,34 @@
 //! previous one and the next sequence number. [`verify`] checks one file, or
 //! several given oldest first, and names the first record that breaks the chain.
 //!
+//! Several processes may append to one log (a worker, and `hands tool` or
+//! `hands exec` run beside it): each append holds an exclusive `flock` on
+//! `.<file>.lock` next to the log and picks the chain up from the file's tail
+//! when another process wrote or rotated it meanwhile.
+//!
 //! What a chain cannot show by itself: the *last* records of the newest file
-//! removed or rewritten together (nothing after them holds their hash). The
-//! worker mirrors every record's sequence number and hash to its log (journald
-//! under systemd), which a reader compares with the file's tail.
+//! removed or rewritten together (nothing after them holds their hash). Every
+//! record is mirrored, with its sequence number and hash, to the process's log
+//! (journald under systemd) by [`Auditor`], which a reader compares with the
+//! file's tail.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use nix::fcntl::{Flock, FlockArg};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+/// The audit log's file name in the data directory, when no other is configured.
+pub const DEFAULT_FILE: &str = "audit.jsonl";
+/// A log file is rotated past this size…
+pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+/// …and this many rotated files are kept (`<file>.1` … `<file>.10`).
+pub const DEFAULT_KEEP: u32 = 10;
 
 /// The `prev` of the very first record of a log.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -86,8 +102,14 @@ pub struct AuditLog {
 
 struct Inner {
     file: File,
+    /// The log's inode and size as this process last wrote it: another
+    /// process appended or rotated when the path shows something else.
+    ino: u64,
     size: u64,
     head: Head,
+    /// `.<file>.lock`, held (flock) for the length of each append; taken out
+    /// while locked.
+    lock: Option<File>,
 }
 
 /// The last line of `file` and its 1-based number, if the file holds any.
@@ -105,45 +127,170 @@ fn last_line(file: &mut File) -> io::Result<Option<(usize, Vec<u8>)>> {
     Ok(last)
 }
 
+/// Opens the log file for appending (created 0600, never through a symlink).
+fn open_log(path: &Path, create_new: bool) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).append(true).mode(0o600);
+    if create_new {
+        o.create_new(true);
+    } else {
+        o.create(true);
+    }
+    o.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// The last non-empty line of `file`, read from its end (records are short:
+/// a few hundred bytes), or from the start when it is longer than the chunk.
+fn tail_line(file: &mut File) -> io::Result<Option<Vec<u8>>> {
+    const CHUNK: u64 = 64 * 1024;
+    let len = file.metadata()?.len();
+    let from = len.saturating_sub(CHUNK);
+    file.seek(SeekFrom::Start(from))?;
+    let mut buf = Vec::with_capacity((len - from) as usize);
+    file.take(CHUNK).read_to_end(&mut buf)?;
+    while buf.last() == Some(&b'\n') {
+        buf.pop();
+    }
+    match memchr::memrchr(b'\n', &buf) {
+        Some(i) => Ok(Some(buf[i + 1..].to_vec())),
+        None if from == 0 => Ok((!buf.is_empty()).then_some(buf)),
+        None => Ok(last_line(file)?.map(|(_, l)| l)),
+    }
+}
+
+/// The chain's head as `file` ends: its last record's sequence number and hash.
+fn head_of(path: &Path, file: &mut File) -> Result<Head, AuditError> {
+    match tail_line(file).map_err(io_err(path, "reading"))? {
+        None => Ok(Head::genesis()),
+        Some(bytes) => {
+            let link: Link = serde_json::from_slice(&bytes).map_err(|e| AuditError::BadTail {
+                path: path.to_path_buf(),
+                line: last_line(file).ok().flatten().map_or(0, |(n, _)| n),
+                why: e.to_string(),
+            })?;
+            Ok(Head {
+                seq: link.seq,
+                hash: hash_line(&bytes),
+            })
+        }
+    }
+}
+
 impl AuditLog {
     /// Opens (or creates, 0600) `path` and continues its chain; a file whose
     /// last line is not a record is refused rather than silently forked.
     /// `max_bytes` 0: never rotate.
     pub fn open(path: &Path, max_bytes: u64, keep: u32) -> Result<AuditLog, AuditError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io_err(dir, "creating its directory"))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err(dir, "creating its directory"))?;
         }
-        let mut file = OpenOptions::new()
+        let lock_path = lock_path(path);
+        let lock = OpenOptions::new()
             .read(true)
-            .append(true)
+            .write(true)
             .create(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(io_err(path, "opening"))?;
-        let head = match last_line(&mut file).map_err(io_err(path, "reading"))? {
-            None => Head::genesis(),
-            Some((line, bytes)) => {
-                let link: Link =
-                    serde_json::from_slice(&bytes).map_err(|e| AuditError::BadTail {
-                        path: path.to_path_buf(),
-                        line,
-                        why: e.to_string(),
-                    })?;
-                Head {
-                    seq: link.seq,
-                    hash: hash_line(&bytes),
-                }
-            }
-        };
-        let size = file.metadata().map_err(io_err(path, "stat"))?.len();
-        Ok(AuditLog {
+            .open(&lock_path)
+            .map_err(io_err(&lock_path, "opening its lock"))?;
+        let log = AuditLog {
             path: path.to_path_buf(),
             max_bytes,
             keep: keep.max(1),
-            inner: Mutex::new(Inner { file, size, head }),
+            inner: Mutex::new(Inner {
+                file: open_log(path, false).map_err(io_err(path, "opening"))?,
+                ino: 0,
+                size: 0,
+                head: Head::genesis(),
+                lock: Some(lock),
+            }),
+        };
+        {
+            let mut inner = log.lock_inner();
+            let locked = log.flock(&mut inner)?;
+            let r = log.catch_up(&mut inner, true);
+            log.unflock(&mut inner, locked);
+            r?;
+        }
+        Ok(log)
+    }
+
+    fn lock_inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the cross-process lock.
+    fn flock(&self, inner: &mut Inner) -> Result<Flock<File>, AuditError> {
+        let f = inner.lock.take().ok_or_else(|| AuditError::Io {
+            path: lock_path(&self.path),
+            op: "locking",
+            cause: io::Error::other("the lock file was lost by an earlier failure"),
+        })?;
+        Flock::lock(f, FlockArg::LockExclusive).map_err(|(f, e)| {
+            inner.lock = Some(f);
+            AuditError::Io {
+                path: lock_path(&self.path),
+                op: "locking",
+                cause: e.into(),
+            }
         })
+    }
+
+    fn unflock(&self, inner: &mut Inner, locked: Flock<File>) {
+        inner.lock = Some(match locked.unlock() {
+            Ok(f) => f,
+            // Unlocking failed (it cannot for flock): closing the file drops
+            // the lock; reopened at the next append.
+            Err((l, _)) => match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(lock_path(&self.path))
+            {
+                Ok(f) => {
+                    drop(l);
+                    f
+                }
+                Err(_) => return,
+            },
+        });
+    }
+
+    /// Under the lock: when the log at `path` is not the file and size this
+    /// process last wrote (another process appended or rotated), reopen it and
+    /// take the chain's head from its tail.
+    fn catch_up(&self, inner: &mut Inner, force: bool) -> Result<(), AuditError> {
+        let meta = match std::fs::symlink_metadata(&self.path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(&self.path, "stat")(e)),
+        };
+        let same_file = meta.as_ref().is_some_and(|m| m.ino() == inner.ino);
+        if !force && same_file && meta.as_ref().is_some_and(|m| m.len() == inner.size) {
+            return Ok(());
+        }
+        if !same_file {
+            inner.file = open_log(&self.path, false).map_err(io_err(&self.path, "opening"))?;
+        }
+        let m = inner.file.metadata().map_err(io_err(&self.path, "stat"))?;
+        inner.ino = m.ino();
+        inner.size = m.len();
+        inner.head = if inner.size == 0 {
+            // A new file after a rotation by another process continues the
+            // chain of the rotated one.
+            let rotated = numbered(&self.path, 1);
+            match File::open(&rotated) {
+                Ok(mut f) if !force || inner.head.seq == 0 => head_of(&rotated, &mut f)?,
+                _ => inner.head.clone(),
+            }
+        } else {
+            head_of(&self.path, &mut inner.file)?
+        };
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -153,9 +300,21 @@ impl AuditLog {
     /// Appends `event` (a JSON object; its own `seq` and `prev` are replaced)
     /// as the next record, in one write. Returns the record's link and hash.
     pub fn append(&self, event: Map<String, Value>) -> Result<(Link, String), AuditError> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = self.lock_inner();
+        let locked = self.flock(&mut inner)?;
+        let r = self.append_locked(&mut inner, event);
+        self.unflock(&mut inner, locked);
+        r
+    }
+
+    fn append_locked(
+        &self,
+        inner: &mut Inner,
+        event: Map<String, Value>,
+    ) -> Result<(Link, String), AuditError> {
+        self.catch_up(inner, false)?;
         if self.max_bytes > 0 && inner.size >= self.max_bytes {
-            self.rotate(&mut inner)?;
+            self.rotate(inner)?;
         }
         let link = Link {
             seq: inner.head.seq + 1,
@@ -191,11 +350,7 @@ impl AuditLog {
     /// `<file>.N` → `<file>.N+1` (the oldest past `keep` removed), `<file>` →
     /// `<file>.1`, a new `<file>`; the chain's head carries over.
     fn rotate(&self, inner: &mut Inner) -> Result<(), AuditError> {
-        let numbered = |n: u32| {
-            let mut p = self.path.clone().into_os_string();
-            p.push(format!(".{n}"));
-            PathBuf::from(p)
-        };
+        let numbered = |n: u32| numbered(&self.path, n);
         let _ = std::fs::remove_file(numbered(self.keep));
         for n in (1..self.keep).rev() {
             let from = numbered(n);
@@ -204,17 +359,101 @@ impl AuditLog {
             }
         }
         std::fs::rename(&self.path, numbered(1)).map_err(io_err(&self.path, "rotating"))?;
-        use std::os::unix::fs::OpenOptionsExt;
-        inner.file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&self.path)
-            .map_err(io_err(&self.path, "opening after rotation"))?;
+        inner.file =
+            open_log(&self.path, true).map_err(io_err(&self.path, "opening after rotation"))?;
+        inner.ino = inner
+            .file
+            .metadata()
+            .map_err(io_err(&self.path, "stat"))?
+            .ino();
         inner.size = 0;
         Ok(())
+    }
+}
+
+/// `<file>.<n>`: a rotated log.
+fn numbered(path: &Path, n: u32) -> PathBuf {
+    let mut p = path.to_path_buf().into_os_string();
+    p.push(format!(".{n}"));
+    PathBuf::from(p)
+}
+
+/// `.<file>.lock` beside the log.
+fn lock_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.lock"))
+}
+
+/// Writes audit records: appends each to the log file when there is one, and
+/// mirrors it — the whole record, its sequence number and hash — to the
+/// process's log under the target `hands::audit` (on by default for the
+/// worker). Every record gets the time and the worker's id.
+pub struct Auditor {
+    log: Option<AuditLog>,
+    worker: String,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor")
+            .field("file", &self.log.as_ref().map(AuditLog::path))
+            .field("worker", &self.worker)
+            .finish()
+    }
+}
+
+impl Auditor {
+    pub fn new(log: AuditLog, worker: impl Into<String>) -> Arc<Auditor> {
+        Arc::new(Auditor {
+            log: Some(log),
+            worker: worker.into(),
+        })
+    }
+
+    /// Records to the process's log only (a session outside any worker: tests,
+    /// benchmarks).
+    pub fn log_only(worker: impl Into<String>) -> Arc<Auditor> {
+        Arc::new(Auditor {
+            log: None,
+            worker: worker.into(),
+        })
+    }
+
+    /// The file records are appended to, if any.
+    pub fn file(&self) -> Option<&Path> {
+        self.log.as_ref().map(AuditLog::path)
+    }
+
+    /// Writes one record of `kind` (`call`, later `egress`, …) with `fields`.
+    /// A record the file refuses (a full disk) is still in the process's log,
+    /// whole, at error level: an audit record is never only lost.
+    pub fn record(&self, kind: &str, fields: Map<String, Value>) {
+        let mut event = Map::new();
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        event.insert("time".into(), now.into());
+        event.insert("kind".into(), kind.into());
+        event.insert("worker".into(), self.worker.clone().into());
+        event.extend(fields);
+        let Some(log) = &self.log else {
+            let record = Value::Object(event).to_string();
+            tracing::info!(target: "hands::audit", %record, "audit");
+            return;
+        };
+        match log.append(event.clone()) {
+            Ok((link, hash)) => {
+                let record = Value::Object(event).to_string();
+                tracing::info!(target: "hands::audit", seq = link.seq, %hash, %record, "audit");
+            }
+            Err(e) => {
+                let record = Value::Object(event).to_string();
+                tracing::error!(target: "hands::audit", error = %e, %record, "audit record not written to the audit log");
+            }
+        }
     }
 }
 
@@ -458,6 +697,35 @@ mod tests {
         ));
         files.swap(0, 1);
         assert!(matches!(verify(&files).unwrap(), Verdict::Broken { .. }));
+    }
+
+    #[test]
+    fn two_writers_of_one_log_keep_one_chain_across_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.jsonl");
+        // Two handles: two processes appending to one log.
+        let a = AuditLog::open(&p, 400, 20).unwrap();
+        let b = AuditLog::open(&p, 400, 20).unwrap();
+        for i in 0..30 {
+            let w = if i % 3 == 0 { &b } else { &a };
+            let (link, _) = w.append(event(i)).unwrap();
+            assert_eq!(link.seq, i + 1);
+        }
+        let mut files: Vec<PathBuf> = (1..=20)
+            .rev()
+            .map(|n| numbered(&p, n))
+            .filter(|f| f.exists())
+            .collect();
+        assert!(files.len() >= 3, "{files:?}");
+        files.push(p.clone());
+        assert_eq!(
+            verify(&files).unwrap(),
+            Verdict::Holds {
+                records: 30,
+                first: 1,
+                last: 30
+            }
+        );
     }
 
     #[test]

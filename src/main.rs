@@ -52,6 +52,17 @@ enum Command {
     /// Development certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check an audit log's hash chain (files oldest first: audit.jsonl.2
+    /// audit.jsonl.1 audit.jsonl); exits 0 when it holds, 1 at the first
+    /// edited, deleted, inserted or reordered record, 2 when unreadable.
+    Verify(hands::cli::audit::VerifyArgs),
 }
 
 #[derive(Subcommand)]
@@ -81,8 +92,10 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(hands::sandbox::helper::ARG)) {
         hands::sandbox::helper::main();
     }
-    hands::cli::init_logging();
     let cli = Cli::parse();
+    // The daemons mirror every audit record to their log (journald under
+    // systemd) by default; one-shot commands keep stderr for their output.
+    hands::cli::init_logging(matches!(cli.command, Command::Worker(_)));
     let lookup = hands::cli::policy_lookup(&cli.policy_dir);
     if matches!(
         cli.command,
@@ -105,6 +118,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => hands::cli::doctor::run(args, &lookup),
         Command::Bench(args) => hands::cli::bench::run(args, &lookup),
         Command::Pki(PkiCommand::Init(args)) => hands::cli::pki::init(args),
+        Command::Audit(AuditCommand::Verify(args)) => hands::cli::audit::verify_cmd(args),
         Command::Policy(PolicyCommand::Check { files }) => {
             hands::cli::policy::check(&files).map(|()| ExitCode::SUCCESS)
         }

@@ -5,11 +5,12 @@
 //! Errors are gRPC statuses with a machine-readable reason in the `hands-reason`
 //! trailer; tool-level failures are normal results with `is_error`.
 //!
-//! Calls go through the session's journal (`session::journal`): a call runs on
-//! its own task until it finishes, whoever watches it; each stream is a
-//! forwarder that follows the journal record, so a repeated `Call` or an
-//! `Attach` resumes delivery and never executes again — or, once the journal
-//! has dropped the result to stay within its budget, answers `RESULT_EXPIRED`.
+//! Calls are submitted through the one call pipeline (`Session::submit`): a
+//! call runs on its own task until it finishes, whoever watches it; each
+//! stream is a forwarder that follows the journal record, so a repeated `Call`
+//! or an `Attach` resumes delivery and never executes again — or, once the
+//! journal has dropped the result to stay within its budget, answers
+//! `RESULT_EXPIRED`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,8 +21,9 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
 use crate::proto::v1;
-use crate::session::journal::{Begin, CallRecord, CallState, JournalError, Outcome};
+use crate::session::journal::{CallRecord, CallState, JournalError, Outcome};
 use crate::session::registry::{valid_id, Registry, RegistryError};
+use crate::session::{CallSpec, SubmitError};
 
 /// Largest message either way: a `Finished` of a 20 MiB PDF read is ~27 MiB of
 /// base64, and a `write` may carry a large file; the same bound as the channel
@@ -200,32 +202,19 @@ impl v1::sandbox_server::Sandbox for SandboxService {
             return Err(RegistryError::InvalidId(r.call_id).into());
         }
         let session = self.registry.get(&r.session_id)?;
-        let input: serde_json::Value = serde_json::from_str(&r.input_json).map_err(|e| {
-            status(
-                Code::InvalidArgument,
-                "INVALID_INPUT_JSON",
-                format!("input_json is not JSON: {e}"),
-            )
-        })?;
         // Checked: a deadline too far to represent is no deadline.
         let deadline = timeout.and_then(|d| tokio::time::Instant::now().checked_add(d));
-        let (rec, executed_now, ends_at) =
-            match session.journal().begin(&r.call_id, &r.tool, &r.input_json) {
-                Ok(Begin::New(rec)) => {
-                    let (s, run) = (session.clone(), rec.clone());
-                    // Running from now: before Started reaches the client.
-                    let running = session.activity().start();
-                    // The call runs on its own task: a client that goes away does
-                    // not stop it, and its result waits in the journal. A
-                    // deadline is a cancel of the call this request started.
-                    tokio::spawn(
-                        async move { s.run_journaled(&run, &input, deadline, running).await },
-                    );
-                    (rec, true, deadline)
-                }
-                Ok(Begin::Existing(rec)) => (rec, false, None),
-                Err(e) => return Err(journal_status(e)),
-            };
+        // A deadline is a cancel of the call this request started; a resumed
+        // call keeps the deadline of the request that started it.
+        let spec = CallSpec::new(r.call_id, r.tool, r.input_json).with_deadline(deadline);
+        let submitted = session.submit(spec).map_err(|e| match e {
+            SubmitError::InvalidInput(_) => {
+                status(Code::InvalidArgument, "INVALID_INPUT_JSON", e.to_string())
+            }
+            SubmitError::Journal(e) => journal_status(e),
+        })?;
+        let (rec, executed_now) = (submitted.record, submitted.executed_now);
+        let ends_at = if executed_now { deadline } else { None };
         Ok(Response::new(forward(
             rec,
             executed_now,

@@ -122,7 +122,11 @@ where
     Ok(out)
 }
 
-async fn open(cfg: &SandboxConfig, policy: &Arc<Policy>, ws: &Path) -> anyhow::Result<Session> {
+async fn open(
+    cfg: &SandboxConfig,
+    policy: &Arc<Policy>,
+    ws: &Path,
+) -> anyhow::Result<Arc<Session>> {
     Ok(Session::open(
         cfg,
         // The bench's own temporary directory.
@@ -132,7 +136,7 @@ async fn open(cfg: &SandboxConfig, policy: &Arc<Policy>, ws: &Path) -> anyhow::R
 }
 
 /// A session whose workspace hands makes (a filesystem of its own).
-async fn open_made(cfg: &SandboxConfig, policy: &Arc<Policy>) -> anyhow::Result<Session> {
+async fn open_made(cfg: &SandboxConfig, policy: &Arc<Policy>) -> anyhow::Result<Arc<Session>> {
     Ok(Session::open(cfg, SessionOptions::new(policy.clone())).await?)
 }
 

@@ -88,7 +88,7 @@ async fn demo(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Res
     crate::session::sweep_orphans(&sandbox);
     let workspaces = sandbox.workspaces.clone();
     crate::worker::prepare_workspaces(&w_config, &sandbox);
-    let registry = crate::worker::registry(&w_config, sandbox);
+    let registry = crate::worker::registry(&w_config, sandbox)?;
     let worker = {
         let registry = registry.clone();
         let shutdown = shutdown.clone();

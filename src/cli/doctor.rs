@@ -398,7 +398,14 @@ pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result
         let rt = super::runtime()?;
         let probe = rt.block_on(async {
             let t = Instant::now();
-            let s = super::open_session("default", lookup, None, false).await?;
+            let s = super::open_session(
+                "default",
+                lookup,
+                None,
+                false,
+                crate::session::Connector::Local,
+            )
+            .await?;
             let opened = t.elapsed();
             let r = s
                 .call("bash", &serde_json::json!({"command": "/bin/true"}))

@@ -38,6 +38,9 @@ pub struct Args {
     /// (exit status 124). Default: the environment's call timeout.
     #[arg(long)]
     timeout: Option<f64>,
+    /// The call's id in the audit log (default: `exec-<pid>`).
+    #[arg(long)]
+    call_id: Option<String>,
     /// The command and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -67,9 +70,17 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
     super::require_root("hands exec")?;
     let rt = super::runtime()?;
     let code = rt.block_on(async {
-        let session =
-            super::open_session(&args.env, lookup, args.workspace, args.allow_root_workspace)
-                .await?;
+        let session = super::open_session(
+            &args.env,
+            lookup,
+            args.workspace,
+            args.allow_root_workspace,
+            crate::session::Connector::Exec,
+        )
+        .await?;
+        let call_id = args
+            .call_id
+            .unwrap_or_else(|| format!("exec-{}", std::process::id()));
         let before = session.limit_events();
         let timeout = match args.timeout {
             Some(s) if s > 0.0 => Duration::from_secs_f64(s),
@@ -78,7 +89,12 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         let (in_r, in_w) = pipe_pair()?;
         let (out_r, out_w) = pipe_pair()?;
         let (err_r, err_w) = pipe_pair()?;
-        let run = session.exec(args.command.clone(), [in_r, out_w, err_w], Some(timeout));
+        let run = session.exec(
+            &call_id,
+            args.command.clone(),
+            [in_r, out_w, err_w],
+            Some(timeout),
+        );
         let mut out = pipe::Receiver::from_owned_fd(out_r)?;
         let mut err = pipe::Receiver::from_owned_fd(err_r)?;
         let mut stdin_w = pipe::Sender::from_owned_fd(in_w)?;

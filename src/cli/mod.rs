@@ -1,5 +1,6 @@
 //! One module per subcommand. `anyhow` lives here, at the binary's edge.
 
+pub mod audit;
 pub mod bench;
 pub mod bench_tunnel;
 pub mod conformance;
@@ -22,10 +23,16 @@ use crate::policy::Policy;
 use crate::sandbox::SandboxConfig;
 use crate::session::{Session, SessionOptions};
 
-/// Logs to stderr, filtered by `HANDS_LOG` (default `warn`).
-pub fn init_logging() {
+/// Logs to stderr, filtered by `HANDS_LOG` (default `warn`; for a daemon,
+/// `warn,hands::audit=info`: the audit records are mirrored to its log).
+pub fn init_logging(daemon: bool) {
+    let default = if daemon {
+        "warn,hands::audit=info"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("HANDS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -142,28 +149,49 @@ pub fn release_cgroups() {
     }
 }
 
+/// The audit log of commands without a worker configuration:
+/// `$HANDS_AUDIT_LOG`, else `audit.jsonl` in the data directory (where a
+/// worker with no `[audit] file` writes too).
+pub fn default_audit_file(cfg: &SandboxConfig) -> PathBuf {
+    std::env::var_os("HANDS_AUDIT_LOG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cfg.data_dir.join(crate::audit::DEFAULT_FILE))
+}
+
 /// Opens a session of environment `env` (looked up in `lookup`) on
-/// `workspace` (or a fresh one).
+/// `workspace` (or a fresh one). A command that is a face of its own
+/// (`connector`: `hands tool`, `hands exec`) audits its call in the audit log;
+/// an in-process one (`Connector::Local`: doctor, bench) in its log only.
 pub async fn open_session(
     env: &str,
     lookup: &Lookup,
     workspace: Option<PathBuf>,
     allow_root_workspace: bool,
-) -> anyhow::Result<Session> {
+    connector: crate::session::Connector,
+) -> anyhow::Result<Arc<Session>> {
     let policy: Policy = lookup.load()?.policy(env)?;
     let cfg = SandboxConfig::from_env().context("sandbox configuration")?;
     crate::session::sweep_orphans(&cfg);
-    Session::open(
-        &cfg,
-        SessionOptions {
-            policy: Arc::new(policy),
-            workspace,
-            allow_root_workspace,
-            extra_dirs: Vec::new(),
-            journal: None,
-            kept: None,
-        },
-    )
-    .await
-    .with_context(|| format!("opening a session in environment {env:?}"))
+    let worker = crate::util::hostname();
+    let audit = match connector {
+        crate::session::Connector::Local => crate::audit::Auditor::log_only(worker),
+        _ => {
+            let file = default_audit_file(&cfg);
+            let log = crate::audit::AuditLog::open(
+                &file,
+                crate::audit::DEFAULT_MAX_BYTES,
+                crate::audit::DEFAULT_KEEP,
+            )?;
+            crate::audit::Auditor::new(log, worker)
+        }
+    };
+    let mut opts = SessionOptions::new(Arc::new(policy));
+    opts.workspace = workspace;
+    opts.allow_root_workspace = allow_root_workspace;
+    opts.audit = Some(audit);
+    opts.connector = connector;
+    let session = Session::open(&cfg, opts)
+        .await
+        .with_context(|| format!("opening a session in environment {env:?}"))?;
+    Ok(session)
 }

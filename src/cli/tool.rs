@@ -22,6 +22,9 @@ pub struct Args {
     /// will belong to root on the host.
     #[arg(long)]
     allow_root_workspace: bool,
+    /// The call's id in the audit log (default: `tool-<pid>`).
+    #[arg(long)]
+    call_id: Option<String>,
     /// bash, read, write, edit, glob or grep.
     tool: String,
     /// The tool's input, as the JSON object of a `tool_use` block.
@@ -34,10 +37,18 @@ pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result
         serde_json::from_str(&args.input).context("the tool input is not valid JSON")?;
     let rt = super::runtime()?;
     rt.block_on(async {
-        let session =
-            super::open_session(&args.env, lookup, args.workspace, args.allow_root_workspace)
-                .await?;
-        let result = session.call(&args.tool, &input).await;
+        let session = super::open_session(
+            &args.env,
+            lookup,
+            args.workspace,
+            args.allow_root_workspace,
+            crate::session::Connector::Tool,
+        )
+        .await?;
+        let call_id = args
+            .call_id
+            .unwrap_or_else(|| format!("tool-{}", std::process::id()));
+        let result = session.call_as(&call_id, &args.tool, &input).await;
         let workspaces = session.workspaces();
         session.close().await.context("closing the session")?;
         workspaces.drain(super::DRAIN);

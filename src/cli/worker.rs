@@ -62,7 +62,7 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         }
         let workspaces = sandbox.workspaces.clone();
         crate::worker::prepare_workspaces(&config, &sandbox);
-        let registry = crate::worker::registry(&config, sandbox);
+        let registry = crate::worker::registry(&config, sandbox)?;
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;

@@ -7,8 +7,10 @@
 //! listed (all pages) and reconciled, so nothing emitted in between is missed;
 //! duplicates are removed by event id. Where hands differs from the SDK:
 //!
-//! - a result whose post failed is kept and re-posted at the next reconcile,
-//!   never executed again (the SDK re-runs the tool);
+//! - a result whose post failed is re-posted at the next reconcile from the
+//!   session's call journal, never executed again (the SDK re-runs the tool):
+//!   calls go through the one call pipeline (`Session::submit`) under their
+//!   `tool_use_id`, which also audits them;
 //! - when the lease is lost, the call in flight is abandoned (its processes
 //!   are killed by the session's close) and nothing more is posted;
 //! - a non-object input reaches the tool, which answers `is_error`, instead
@@ -26,7 +28,8 @@ use super::http::{Api, ApiError, Request};
 use super::lease::EndReason;
 use super::secret::Secret;
 use super::sse::{Frame, Parser};
-use crate::session::Session;
+use crate::session::{CallSpec, Session};
+use crate::tools::ToolResult;
 
 /// The tools the runner owns.
 pub const OWNED: [&str; 6] = ["bash", "read", "write", "edit", "glob", "grep"];
@@ -67,8 +70,6 @@ struct State {
     confirmations: HashMap<String, String>,
     held: HashMap<String, Call>,
     terminated_threads: HashSet<String>,
-    /// Results computed but not (yet) posted: re-posted, never re-executed.
-    unposted: HashMap<String, String>,
     /// Calls queued or executing.
     outstanding: usize,
     /// A turn-ending idle waits for outstanding calls.
@@ -207,7 +208,8 @@ impl Runner {
             return;
         }
         if call.permission.as_deref() == Some("deny") {
-            tracing::info!(target: "hands::audit", session = %self.session_id, tool_use_id = %call.id, tool = %call.name, "tool call denied by permission policy");
+            self.sandbox
+                .audit_refused(&call.id, &call.name, "denied by the permission policy");
             st.answered.insert(call.id);
             return;
         }
@@ -215,7 +217,11 @@ impl Runner {
         let run = match (verdict.as_deref(), call.permission.as_deref()) {
             (Some("allow"), _) => true,
             (Some(_), _) => {
-                tracing::info!(target: "hands::audit", session = %self.session_id, tool_use_id = %call.id, tool = %call.name, "tool call denied by confirmation");
+                self.sandbox.audit_refused(
+                    &call.id,
+                    &call.name,
+                    "denied by the user's confirmation",
+                );
                 st.answered.insert(call.id);
                 self.settle_deferred(&mut st);
                 return;
@@ -397,9 +403,6 @@ impl Runner {
                     _ => {}
                 }
             }
-            // Results now in the log need no re-post.
-            let answered = st.answered.clone();
-            st.unposted.retain(|id, _| !answered.contains(id));
         }
         if !listed {
             return;
@@ -572,28 +575,18 @@ impl Runner {
     }
 
     async fn execute_and_post(&self, call: &Call) {
-        let stored = self.st().unposted.get(&call.id).cloned();
-        let event = match stored {
-            Some(e) => e, // computed before; its post failed: re-post, never re-run
-            None => {
-                let t0 = Instant::now();
-                let result = self.sandbox.call(&call.name, &call.input).await;
-                // The audit trail: one line per executed call, never its content.
-                tracing::info!(
-                    target: "hands::audit",
-                    session = %self.session_id,
-                    sandbox = %self.sandbox.id(),
-                    tool_use_id = %call.id,
-                    tool = %call.name,
-                    is_error = result.is_error,
-                    ms = t0.elapsed().as_millis() as u64,
-                    "tool call"
-                );
-                let e = result_event(call, &result);
-                self.st().unposted.insert(call.id.clone(), e.clone());
-                e
-            }
+        // Through the one call pipeline, under the call's own id: a call whose
+        // result was computed before (its post failed) is found in the
+        // session's journal and re-posted, never run again.
+        let spec = CallSpec::new(call.id.clone(), call.name.clone(), call.input.to_string());
+        let result = match self.sandbox.submit(spec) {
+            Ok(submitted) => match submitted.result().await {
+                Ok((result, _)) => result,
+                Err(e) => Arc::new(ToolResult::err(e.to_string())),
+            },
+            Err(e) => Arc::new(ToolResult::err(e.to_string())),
         };
+        let event = result_event(call, &result);
         {
             let st = self.st();
             if call
@@ -608,9 +601,7 @@ impl Runner {
             return;
         }
         if self.post(&event).await {
-            let mut st = self.st();
-            st.unposted.remove(&call.id);
-            st.answered.insert(call.id.clone());
+            self.st().answered.insert(call.id.clone());
         }
     }
 

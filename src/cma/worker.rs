@@ -459,6 +459,10 @@ impl Shared {
                 .open_in(
                     &sandbox_id,
                     &self.cfg.environment,
+                    crate::session::Origin {
+                        connector: crate::session::Connector::ClaudeManagedAgents,
+                        session: item.session_id.clone(),
+                    },
                     extra,
                     Some(item.session_id.clone()),
                 )

@@ -9,6 +9,7 @@
 //! before it is removed.
 
 pub mod activity;
+pub mod call;
 pub mod journal;
 pub mod registry;
 pub mod slot;
@@ -18,17 +19,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::sync::Mutex;
-use tracing::Instrument;
 
+pub use call::{CallSpec, Connector, Origin, SubmitError, Submitted};
+
+use crate::audit::Auditor;
 use crate::policy::{Degradation, NetworkMode, Policy};
 use crate::sandbox::cgroup::{CgroupLimits, SessionCgroup};
 use crate::sandbox::landlock::LandlockFeature;
 use crate::sandbox::proto::{ConfinementReport, ExtraDir, NetMode, Setup};
 use crate::sandbox::{HelperClient, SandboxConfig, SandboxError};
-use crate::tools::bash::{BashLimits, BashSession};
-use crate::tools::{timed_out, Tool, ToolResult};
+use crate::tools::bash::BashSession;
 use crate::workspace::{Geometry, Workspace, WorkspaceError, Workspaces};
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,13 @@ pub struct SessionOptions {
     /// ends, and open the one kept under it when there is one (a Claude Managed
     /// Agents session's id: every work item of the session finds its files).
     pub kept: Option<String>,
+    /// Who the session serves (the audit log and tracing name it); `None`:
+    /// `connector`, under the session's own id.
+    pub origin: Option<Origin>,
+    /// The face of a session without an `origin` (a command's own session).
+    pub connector: Connector,
+    /// Where its calls' audit records go; `None`: the process's log only.
+    pub audit: Option<Arc<Auditor>>,
 }
 
 impl SessionOptions {
@@ -82,7 +90,17 @@ impl SessionOptions {
             extra_dirs: Vec::new(),
             journal: None,
             kept: None,
+            origin: None,
+            connector: Connector::Local,
+            audit: None,
         }
+    }
+
+    /// Serving `origin`, with audit records to `audit`.
+    pub fn serving(mut self, origin: Origin, audit: Arc<Auditor>) -> SessionOptions {
+        self.origin = Some(origin);
+        self.audit = Some(audit);
+        self
     }
 
     /// In the directory `workspace`, owned by root only if `allow_root` says so.
@@ -113,6 +131,8 @@ pub struct Session {
     /// Calls running, calls run, last use: what the registry lists and
     /// closes idle sessions by.
     activity: Arc<activity::Activity>,
+    origin: Origin,
+    audit: Arc<Auditor>,
     closed: bool,
 }
 
@@ -173,7 +193,10 @@ impl Session {
     /// 2. resolve the given workspace, or make a new one (see [`crate::workspace`]);
     /// 3. create the cgroup with the policy's limits;
     /// 4. start the helper in it, which confines itself and reports `Ready`.
-    pub async fn open(cfg: &SandboxConfig, opts: SessionOptions) -> Result<Session, SessionError> {
+    pub async fn open(
+        cfg: &SandboxConfig,
+        opts: SessionOptions,
+    ) -> Result<Arc<Session>, SessionError> {
         let id = new_id();
         let started = std::time::Instant::now();
         let slot = slot::acquire(&cfg.state_dir, cfg.slots)?;
@@ -300,7 +323,11 @@ impl Session {
             "session open"
         );
         let env = sandbox_env(&policy);
-        Ok(Session {
+        let origin = opts.origin.unwrap_or_else(|| Origin {
+            connector: opts.connector,
+            session: id.clone(),
+        });
+        Ok(Arc::new(Session {
             id,
             policy,
             workspace_path,
@@ -316,8 +343,12 @@ impl Session {
                 None => journal::Journal::standalone(journal::Limits::default()),
             },
             activity: Arc::new(activity::Activity::new()),
+            origin,
+            audit: opts
+                .audit
+                .unwrap_or_else(|| Auditor::log_only(crate::util::hostname())),
             closed: false,
-        })
+        }))
     }
 
     pub fn id(&self) -> &str {
@@ -354,14 +385,6 @@ impl Session {
         self.helper.pid()
     }
 
-    /// Runs one tool call. Never fails: every problem is a result with
-    /// `is_error`, in the contract's words where it has them.
-    pub async fn call(&self, name: &str, input: &Value) -> ToolResult {
-        self.call_traced(name, input, "")
-            .instrument(tracing::info_span!("tool", session_id = %self.id, tool = name))
-            .await
-    }
-
     /// The session's call journal.
     pub fn journal(&self) -> &journal::Journal {
         &self.journal
@@ -373,197 +396,12 @@ impl Session {
         &self.activity
     }
 
-    /// Executes a journaled call to its end: its output goes to the record as it
-    /// is produced, a cancel or the `deadline` stops it (for bash: the shell and
-    /// every process of the session are killed, and the shell needs a restart),
-    /// and the result is recorded whoever is watching. `running` counts the
-    /// call (taken with `activity().start()` before the task running this was
-    /// spawned, so that a client told the call started sees it running); it
-    /// ends before the result is recorded.
-    pub async fn run_journaled(
-        &self,
-        rec: &journal::CallRecord,
-        input: &Value,
-        deadline: Option<tokio::time::Instant>,
-        running: activity::Running,
-    ) {
-        let sink = |bytes: &[u8]| rec.append_output(bytes);
-        let run = self
-            .call_inner(&rec.tool, input, &rec.call_id, Some(&sink))
-            .instrument(tracing::info_span!("tool", session_id = %self.id, call_id = %rec.call_id, tool = %rec.tool));
-        let stop = async {
-            match deadline {
-                Some(d) => tokio::select! {
-                    () = rec.cancelled() => {}
-                    () = tokio::time::sleep_until(d) => {}
-                },
-                None => rec.cancelled().await,
-            }
-        };
-        let (result, outcome) = tokio::select! {
-            r = run => r,
-            () = stop => {
-                if rec.tool == "bash" {
-                    self.bash.lock().await.abort(&self.helper).await;
-                }
-                let tool = crate::tools::path::py_repr(&rec.tool);
-                match rec.cancel_cause() {
-                    Some(journal::CancelCause::Shutdown { grace }) => (
-                        ToolResult::err(format!(
-                            "tool {tool} cut short: the worker is shutting down (calls still \
-                             running {}s after it was told to stop are killed, with every \
-                             process they started)",
-                            grace.as_secs()
-                        )),
-                        journal::Outcome::Shutdown,
-                    ),
-                    Some(journal::CancelCause::Requested) | None => (
-                        ToolResult::err(format!("tool {tool} cancelled")),
-                        journal::Outcome::Cancelled,
-                    ),
-                }
-            }
-        };
-        drop(running);
-        rec.finish(result, outcome);
-        self.journal.retire(&rec.call_id);
-    }
-
-    /// As [`Session::call`], with a call id for the tracing span.
-    pub async fn call_traced(&self, name: &str, input: &Value, call_id: &str) -> ToolResult {
-        let _running = self.activity.start();
-        self.call_inner(name, input, call_id, None).await.0
-    }
-
-    /// Runs the call; when the session hit its memory or pids limit meanwhile,
-    /// the result says so (the kernel's own trace is a bare `Killed`, or a
-    /// `fork: Resource temporarily unavailable`). The counters are the
-    /// session's: a limit hit by another call running at the same time in
-    /// the session is reported too.
-    async fn call_inner(
-        &self,
-        name: &str,
-        input: &Value,
-        call_id: &str,
-        sink: Option<crate::tools::bash::OutputSink<'_>>,
-    ) -> (ToolResult, journal::Outcome) {
-        let before = self.limit_events();
-        let (mut result, outcome) = self.call_tool(name, input, call_id, sink).await;
-        let after = self.limit_events();
-        let limits = &self.policy.limits;
-        for note in limit_notes(before, after, limits) {
-            result.append_note(&note);
-        }
-        (result, outcome)
-    }
-
     /// The session's limit counters (zero when it has no cgroup any more).
     pub fn limit_events(&self) -> crate::sandbox::cgroup::LimitEvents {
         self.cgroup
             .as_ref()
             .map(SessionCgroup::limit_events)
             .unwrap_or_default()
-    }
-
-    async fn call_tool(
-        &self,
-        name: &str,
-        input: &Value,
-        call_id: &str,
-        sink: Option<crate::tools::bash::OutputSink<'_>>,
-    ) -> (ToolResult, journal::Outcome) {
-        use journal::Outcome::{Completed, TimedOut};
-        let Some(tool) = Tool::from_name(name) else {
-            let text = format!("unknown tool {}", crate::tools::path::py_repr(name));
-            return (ToolResult::err(text), Completed);
-        };
-        if !self.policy.tools.contains(&tool) {
-            let text = format!(
-                "{name}: tool is not enabled in environment {}",
-                self.policy.name
-            );
-            return (ToolResult::err(text), Completed);
-        }
-        tracing::debug!(call_id, "call");
-        let limits = &self.policy.limits;
-        match tool {
-            Tool::Bash => {
-                let bash_limits = BashLimits {
-                    output_bytes: limits.output_bytes,
-                    default_timeout: limits.bash_timeout,
-                    call_timeout: limits.call_timeout,
-                };
-                let mut bash = self.bash.lock().await;
-                let r = bash
-                    .call(&self.helper, input, &bash_limits, &self.env, sink)
-                    .await;
-                let outcome = if bash.last_timed_out() {
-                    TimedOut
-                } else {
-                    Completed
-                };
-                (r, outcome)
-            }
-            file_tool => {
-                // `[]` is the SDK's `{}`; other non-objects are refused by the
-                // tool's own validation with the contract's text.
-                let input = match input {
-                    Value::Array(a) if a.is_empty() => Value::Object(Default::default()),
-                    other => other.clone(),
-                };
-                match tokio::time::timeout(limits.call_timeout, self.helper.tool(file_tool, input))
-                    .await
-                {
-                    Ok(Ok(result)) => (result, Completed),
-                    Ok(Err(e)) => (
-                        ToolResult::err(format!("{name}: sandbox error: {e}")),
-                        Completed,
-                    ),
-                    Err(_) => (timed_out(name), TimedOut),
-                }
-            }
-        }
-    }
-
-    /// Runs `argv` directly (no shell) in the session with the given stdio fds
-    /// (consumed: closed once the child has them);
-    /// returns its exit status (128 + signal when killed). With a timeout, the
-    /// command and everything it started are killed when it expires
-    /// (`Ok(None)`).
-    pub async fn exec(
-        &self,
-        argv: Vec<String>,
-        stdio: [std::os::fd::OwnedFd; 3],
-        timeout: Option<Duration>,
-    ) -> Result<Option<i32>, SessionError> {
-        let _running = self.activity.start();
-        let [i, o, e] = &stdio;
-        let (_pid, exit) = self
-            .helper
-            .spawn(
-                argv,
-                self.env.clone(),
-                crate::sandbox::mounts::WORKSPACE.into(),
-                [i, o, e],
-                true,
-            )
-            .await?;
-        // The child has its own copies; ours must close so the reader sees EOF.
-        drop(stdio);
-        let wait = async {
-            exit.await
-                .map_err(|_| SandboxError::HelperDied(String::new()))
-        };
-        match timeout {
-            None => Ok(Some(wait.await?)),
-            Some(t) => match tokio::time::timeout(t, wait).await {
-                Ok(r) => Ok(Some(r?)),
-                Err(_) => {
-                    let _ = self.helper.kill_all().await;
-                    Ok(None)
-                }
-            },
-        }
     }
 
     /// Kills every process of the session but its helper, and waits until
@@ -580,7 +418,20 @@ impl Session {
 
     /// Closes the session: kills the helper (and so every process of the
     /// session), empties and removes the cgroup, removes a workspace it made.
-    pub async fn close(mut self) -> Result<(), SessionError> {
+    /// While a call's task still holds the session, its processes are killed
+    /// now and the rest is released when that task lets go (as on drop).
+    pub async fn close(self: Arc<Self>) -> Result<(), SessionError> {
+        let mut this = match Arc::try_unwrap(self) {
+            Ok(s) => s,
+            Err(shared) => {
+                shared.terminate();
+                return Ok(());
+            }
+        };
+        this.close_owned().await
+    }
+
+    async fn close_owned(&mut self) -> Result<(), SessionError> {
         self.closed = true;
         self.helper.shutdown().await;
         let cg = self.cgroup.take();

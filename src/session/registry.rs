@@ -2,7 +2,8 @@
 //! and close, the worker's session capacity, the environments (policies) a
 //! session may be opened in, the listing of what is open, and the idle
 //! timeout that closes sessions a client abandoned. Connectors (the hands.v1
-//! service, the Claude Managed Agents loop) reach sessions only through this.
+//! service, the Claude Managed Agents runner) reach sessions only through
+//! this, and run calls only through [`Session::submit`].
 //!
 //! A registry is one worker process's set of sessions: it draws an instance id
 //! when it is made, which the worker reports in `Info` so a gateway can tell
@@ -14,7 +15,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::Mutex;
 
-use super::{Session, SessionError, SessionOptions};
+use super::{Connector, Origin, Session, SessionError, SessionOptions};
+use crate::audit::Auditor;
 use crate::policy::Policy;
 use crate::sandbox::SandboxConfig;
 
@@ -127,6 +129,8 @@ pub struct Registry {
     /// journal is released when the session is dropped (the registry keeps no
     /// reference to a closed session).
     journals: Arc<super::journal::JournalStore>,
+    /// Where every session's calls are audited.
+    audit: Arc<Auditor>,
 }
 
 impl Registry {
@@ -148,7 +152,19 @@ impl Registry {
             sessions: Default::default(),
             opening: Mutex::new(()),
             journals: super::journal::JournalStore::new(Default::default()),
+            audit: Auditor::log_only(crate::util::hostname()),
         }
+    }
+
+    /// This registry with its sessions' calls audited by `audit`.
+    pub fn with_audit(mut self, audit: Arc<Auditor>) -> Registry {
+        self.audit = audit;
+        self
+    }
+
+    /// Where this registry's sessions audit their calls.
+    pub fn audit(&self) -> &Arc<Auditor> {
+        &self.audit
     }
 
     /// This registry with the call journal's budget set to `limits`.
@@ -212,32 +228,27 @@ impl Registry {
         id: &str,
         environment: &str,
     ) -> Result<(Arc<Session>, bool), RegistryError> {
-        self.open_owned(id, environment, Vec::new(), Owner::Client, None)
+        let origin = Origin {
+            connector: Connector::HandsV1,
+            session: id.to_string(),
+        };
+        self.open_owned(id, environment, Vec::new(), Owner::Client, None, origin)
             .await
     }
 
     /// Opens a session for a connector of the worker, which closes it itself
-    /// (never for idleness), with extra workspace directories.
-    pub async fn open_with(
-        &self,
-        id: &str,
-        environment: &str,
-        extra_dirs: Vec<crate::sandbox::proto::ExtraDir>,
-    ) -> Result<(Arc<Session>, bool), RegistryError> {
-        self.open_in(id, environment, extra_dirs, None).await
-    }
-
-    /// [`Registry::open_with`], in the workspace kept under `kept` (see
-    /// [`SessionOptions::kept`]) when one is given. Connector sessions: the
-    /// idle timeout never closes them.
+    /// (never for idleness), serving `origin`, with extra workspace
+    /// directories, in the workspace kept under `kept` (see
+    /// [`SessionOptions::kept`]) when one is given.
     pub async fn open_in(
         &self,
         id: &str,
         environment: &str,
+        origin: Origin,
         extra_dirs: Vec<crate::sandbox::proto::ExtraDir>,
         kept: Option<String>,
     ) -> Result<(Arc<Session>, bool), RegistryError> {
-        self.open_owned(id, environment, extra_dirs, Owner::Connector, kept)
+        self.open_owned(id, environment, extra_dirs, Owner::Connector, kept, origin)
             .await
     }
 
@@ -248,6 +259,7 @@ impl Registry {
         extra_dirs: Vec<crate::sandbox::proto::ExtraDir>,
         owner: Owner,
         kept: Option<String>,
+        origin: Origin,
     ) -> Result<(Arc<Session>, bool), RegistryError> {
         if !valid_id(id) {
             return Err(RegistryError::InvalidId(id.to_string()));
@@ -275,20 +287,21 @@ impl Registry {
                 return Err(RegistryError::AtCapacity(self.capacity));
             }
         }
-        let session = Arc::new(
-            Session::open(
-                &self.cfg,
-                SessionOptions {
-                    policy,
-                    workspace: None,
-                    allow_root_workspace: false,
-                    extra_dirs,
-                    journal: Some(self.journals.clone()),
-                    kept,
-                },
-            )
-            .await?,
-        );
+        let session = Session::open(
+            &self.cfg,
+            SessionOptions {
+                policy,
+                workspace: None,
+                allow_root_workspace: false,
+                extra_dirs,
+                journal: Some(self.journals.clone()),
+                kept,
+                connector: origin.connector,
+                origin: Some(origin),
+                audit: Some(self.audit.clone()),
+            },
+        )
+        .await?;
         self.forget_idle_closed(id);
         self.map().insert(
             id.to_string(),

@@ -24,6 +24,11 @@
 //! [sessions]                        # sessions opened through hands.v1
 //! idle_timeout_secs = 1800          # closed after this long with no call running or request naming them; 0 = never
 //!
+//! [audit]                           # the tamper-evident audit log: one record per call
+//! file = "/var/log/hands/audit.jsonl"   # default: $HANDS_AUDIT_LOG, else audit.jsonl in the data directory
+//! max_bytes = "64MiB"               # rotated past this size (0: never); the chain carries over
+//! keep = 10                         # rotated files kept (audit.jsonl.1 … .10)
+//!
 //! [journal]                         # finished results kept so a resumed call gets them again
 //! session_bytes = "256MiB"          # held per session (results, output tails, call ids)
 //! worker_bytes = "1GiB"             # held over every session of the worker
@@ -76,6 +81,30 @@ struct RawConfig {
     journal: Option<RawJournal>,
     #[serde(default)]
     sessions: Option<RawSessions>,
+    #[serde(default)]
+    audit: Option<RawAudit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    #[serde(default)]
+    file: Option<PathBuf>,
+    #[serde(default)]
+    max_bytes: Option<RawSize>,
+    #[serde(default)]
+    keep: Option<u32>,
+}
+
+/// Where the worker's audit log goes (`[audit]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// `None`: `$HANDS_AUDIT_LOG`, else `audit.jsonl` in the data directory.
+    pub file: Option<PathBuf>,
+    /// A file is rotated past this size; 0: never.
+    pub max_bytes: u64,
+    /// Rotated files kept.
+    pub keep: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,6 +211,8 @@ pub struct Config {
     /// Sessions opened through hands.v1 are closed after this long idle
     /// (`[sessions] idle_timeout_secs`); `None`: never.
     pub session_idle_timeout: Option<Duration>,
+    /// The audit log (`[audit]`).
+    pub audit: AuditSettings,
 }
 
 pub use crate::configfile::ConfigError;
@@ -294,7 +325,39 @@ impl Config {
                 ))
             }
         };
+        let audit = match raw.audit {
+            None => AuditSettings {
+                file: None,
+                max_bytes: crate::audit::DEFAULT_MAX_BYTES,
+                keep: crate::audit::DEFAULT_KEEP,
+            },
+            Some(a) => AuditSettings {
+                file: a.file.map(|f| base.join(f)),
+                max_bytes: match &a.max_bytes {
+                    None => crate::audit::DEFAULT_MAX_BYTES,
+                    Some(v) => match v.bytes() {
+                        Ok(0) => 0,
+                        Ok(n) if n >= 4096 => n,
+                        Ok(n) => {
+                            return Err(invalid(
+                                "audit.max_bytes",
+                                format!("{n} bytes is below the 4 KiB minimum (0: never rotate)"),
+                            ))
+                        }
+                        Err(e) => return Err(invalid("audit.max_bytes", e)),
+                    },
+                },
+                keep: match a.keep {
+                    None => crate::audit::DEFAULT_KEEP,
+                    Some(k) if (1..=1000).contains(&k) => k,
+                    Some(_) => {
+                        return Err(invalid("audit.keep", "must be between 1 and 1000".into()))
+                    }
+                },
+            },
+        };
         Ok(Config {
+            audit,
             worker_id: raw.worker_id,
             capacity: raw.capacity,
             policies,

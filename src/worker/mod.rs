@@ -44,6 +44,8 @@ pub enum WorkerError {
     Tls(crate::tls::TlsError),
     #[error("Claude Managed Agents connector: {}", crate::util::error_chain(.0))]
     Connector(crate::cma::worker::ConnectorError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// How long cut-short results (and finished ones) have to reach their callers
@@ -92,13 +94,27 @@ pub fn prepare_workspaces(config: &Config, sandbox: &SandboxConfig) {
     }
 }
 
-/// The registry a worker serves from.
-pub fn registry(config: &Config, sandbox: SandboxConfig) -> Arc<Registry> {
-    Arc::new(
+/// The audit log a worker writes: `[audit] file`, else `$HANDS_AUDIT_LOG`,
+/// else `audit.jsonl` in the data directory.
+pub fn audit_file(config: &Config, sandbox: &SandboxConfig) -> std::path::PathBuf {
+    config
+        .audit
+        .file
+        .clone()
+        .unwrap_or_else(|| crate::cli::default_audit_file(sandbox))
+}
+
+/// The registry a worker serves from, auditing to the configured log.
+pub fn registry(config: &Config, sandbox: SandboxConfig) -> Result<Arc<Registry>, WorkerError> {
+    let file = audit_file(config, &sandbox);
+    let log = crate::audit::AuditLog::open(&file, config.audit.max_bytes, config.audit.keep)?;
+    let audit = crate::audit::Auditor::new(log, config.worker_id.clone());
+    Ok(Arc::new(
         Registry::new(sandbox, config.policies.iter().cloned(), config.capacity)
             .with_journal_limits(config.journal)
-            .with_idle_timeout(config.session_idle_timeout),
-    )
+            .with_idle_timeout(config.session_idle_timeout)
+            .with_audit(audit),
+    ))
 }
 
 /// The routes a worker serves on every connection, tunnelled or not:

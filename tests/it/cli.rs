@@ -641,6 +641,7 @@ fn the_repository_and_the_binary_document_themselves() {
         "[tunnel]\n",
         "[journal]\n",
         "[sessions]\n",
+        "[audit]\n",
         "[anthropic]\n",
     ] {
         let prefix = table.trim().trim_matches(|c| c == '[' || c == ']');

@@ -1432,9 +1432,14 @@ async fn a_call_cancelled_mid_write_leaves_the_helper_channel_framed() {
     let content = "x".repeat(24 << 20);
     for i in 0..8 {
         let input = json!({"file_path": format!("big{i}"), "content": content});
-        let call = s.call("write", &input);
-        // Cancelled after the first bytes are on their way.
-        let _ = tokio::time::timeout(std::time::Duration::from_micros(200 + i * 300), call).await;
+        // Cancelled by its deadline after the first bytes are on their way.
+        let deadline =
+            tokio::time::Instant::now() + std::time::Duration::from_micros(200 + i * 300);
+        let spec = hands::session::CallSpec::new(format!("big{i}"), "write", input.to_string())
+            .with_deadline(Some(deadline));
+        let submitted = s.submit(spec).unwrap();
+        let (_, outcome) = submitted.result().await.unwrap();
+        let _ = outcome;
     }
     for i in 0..3 {
         let r = tool(

@@ -379,6 +379,7 @@ async fn instantly_exiting_commands_never_lose_their_exit() {
         let null = || std::fs::File::open("/dev/null").unwrap().into();
         let status = s
             .exec(
+                &format!("x{i}"),
                 vec!["/bin/sh".into(), "-c".into(), format!("exit {}", i % 7)],
                 [null(), null(), null()],
                 Some(Duration::from_secs(10)),

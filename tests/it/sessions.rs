@@ -45,7 +45,7 @@ impl Worker {
         let config =
             hands::worker::Config::load(&path, &hands::policy::lookup::Lookup::builtin_only())
                 .unwrap();
-        let registry = hands::worker::registry(&config, crate::util::config());
+        let registry = hands::worker::registry(&config, crate::util::config()).unwrap();
         let (stop, shutdown) = watch::channel(false);
         let (bound_tx, bound) = tokio::sync::oneshot::channel::<SocketAddr>();
         let reg = registry.clone();
@@ -257,7 +257,16 @@ async fn list_sessions_shows_each_open_session_and_a_listed_session_can_be_close
     assert_eq!(w.bash("first", "c2", "echo two").await, "two");
     assert!(w.open("second").await.unwrap());
     w.registry
-        .open_with("connector", "default", Vec::new())
+        .open_in(
+            "connector",
+            "default",
+            hands::session::Origin {
+                connector: hands::session::Connector::ClaudeManagedAgents,
+                session: "sesn_connector".into(),
+            },
+            Vec::new(),
+            None,
+        )
         .await
         .unwrap();
 
@@ -433,7 +442,16 @@ async fn a_connectors_sessions_are_not_closed_for_idleness() {
     // The connector's session first: idle longer than the client's.
     let (connector, _) = w
         .registry
-        .open_with("cma-session", "default", Vec::new())
+        .open_in(
+            "cma-session",
+            "default",
+            hands::session::Origin {
+                connector: hands::session::Connector::ClaudeManagedAgents,
+                session: "sesn_cma-session".into(),
+            },
+            Vec::new(),
+            None,
+        )
         .await
         .unwrap();
     assert!(w.open("client").await.unwrap());

@@ -244,7 +244,7 @@ async fn worker_with(
     std::fs::write(&path, toml).unwrap();
     let config =
         hands::worker::Config::load(&path, &hands::policy::lookup::Lookup::builtin_only()).unwrap();
-    let registry = hands::worker::registry(&config, crate::util::config());
+    let registry = hands::worker::registry(&config, crate::util::config()).unwrap();
     let (stop, shutdown) = watch::channel(false);
     let (states_tx, states) = watch::channel(Vec::new());
     let reg = registry.clone();

@@ -76,13 +76,17 @@ pub fn policy(name: &str) -> Policy {
         .clone()
 }
 
-pub async fn open_with(policy: Policy, workspace: Option<&Path>) -> Session {
+pub async fn open_with(policy: Policy, workspace: Option<&Path>) -> Arc<Session> {
     open_cfg(&config(), policy, workspace).await
 }
 
 /// A session with a sandbox configuration of the test's own (weakened layers,
 /// a single slot).
-pub async fn open_cfg(cfg: &SandboxConfig, policy: Policy, workspace: Option<&Path>) -> Session {
+pub async fn open_cfg(
+    cfg: &SandboxConfig,
+    policy: Policy,
+    workspace: Option<&Path>,
+) -> Arc<Session> {
     try_open_cfg(cfg, policy, workspace)
         .await
         .expect("open session")
@@ -93,7 +97,7 @@ pub async fn try_open_cfg(
     cfg: &SandboxConfig,
     policy: Policy,
     workspace: Option<&Path>,
-) -> Result<Session, hands::session::SessionError> {
+) -> Result<Arc<Session>, hands::session::SessionError> {
     Session::open(
         cfg,
         SessionOptions {
@@ -105,33 +109,36 @@ pub async fn try_open_cfg(
             extra_dirs: Vec::new(),
             journal: None,
             kept: None,
+            origin: None,
+            connector: hands::session::Connector::Local,
+            audit: None,
         },
     )
     .await
 }
 
-pub async fn open(workspace: Option<&Path>) -> Session {
+pub async fn open(workspace: Option<&Path>) -> Arc<Session> {
     open_with(policy("default"), workspace).await
 }
 
-pub async fn bash(s: &Session, cmd: &str) -> ToolResult {
+pub async fn bash(s: &Arc<Session>, cmd: &str) -> ToolResult {
     s.call("bash", &json!({ "command": cmd })).await
 }
 
 /// Runs a bash command and returns its text, panicking on is_error.
-pub async fn sh(s: &Session, cmd: &str) -> String {
+pub async fn sh(s: &Arc<Session>, cmd: &str) -> String {
     let r = bash(s, cmd).await;
     assert!(!r.is_error, "command {cmd:?} failed: {}", r.text_content());
     r.text_content()
 }
 
-pub async fn tool(s: &Session, name: &str, input: Value) -> ToolResult {
+pub async fn tool(s: &Arc<Session>, name: &str, input: Value) -> ToolResult {
     s.call(name, &input).await
 }
 
 /// Runs a Python snippet in the sandbox with Debian's python3 and returns
 /// (is_error, text). Probes print `DENIED <errno>` or `ALLOWED`.
-pub async fn py(s: &Session, code: &str) -> (bool, String) {
+pub async fn py(s: &Arc<Session>, code: &str) -> (bool, String) {
     let path = format!("/tmp/probe-{}.py", rand_hex());
     let write = format!("cat > {path} <<'PYEOF'\n{code}\nPYEOF");
     sh(s, &write).await;
@@ -291,7 +298,7 @@ pub fn user_workspace() -> tempfile::TempDir {
 
 /// Opens a session in slot 0 (uid base + 0), waiting while another test holds
 /// it: for tests that must see the next session of the same slot.
-pub async fn open_in_slot_zero(policy: Policy) -> Session {
+pub async fn open_in_slot_zero(policy: Policy) -> Arc<Session> {
     let mut cfg = config();
     cfg.slots = 1;
     let policy = Arc::new(policy);
@@ -309,7 +316,7 @@ pub async fn open_in_slot_zero(policy: Policy) -> Session {
 
 /// Closes a session and waits until its workspace is removed from the host (a
 /// filesystem of its own is detached and deleted in the background).
-pub async fn close_and_drain(s: Session) {
+pub async fn close_and_drain(s: Arc<Session>) {
     let workspaces = s.workspaces();
     s.close().await.expect("close");
     workspaces.drain(std::time::Duration::from_secs(30));

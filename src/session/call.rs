@@ -1,0 +1,521 @@
+//! The one call pipeline. Every face a brain reaches sessions through — the
+//! hands.v1 service (tunnel and debug listener), the Claude Managed Agents
+//! runner, `hands tool`, `hands exec`, and every later connector — submits a
+//! call with [`Session::submit`]: the client's call id, the tool, its raw JSON
+//! input. What a call is owed lives here and nowhere else:
+//!
+//! - **at-most-once**: the call id goes through the session's journal first; the
+//!   same id and input again resumes the record, other input is refused, a
+//!   dropped result is `Expired` — never a second run;
+//! - **the journal record** is what the face gets back: it follows the output
+//!   and the result from there, and a call keeps running when every face
+//!   watching it goes away;
+//! - **the tracing span** `call` carries the connector, the client's session id
+//!   and call id, the tool and the sandbox session's own id;
+//! - **timeouts**: the client's deadline and cancel stop the call here (for
+//!   bash and exec, with every process of the session); the policy's call
+//!   timeout is enforced by the tools below;
+//! - **the audit record**: one per call, written before the result is
+//!   published, so no client sees a result the audit log does not hold.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+use super::journal::{self, Begin, CallRecord, CallState, JournalError, Outcome};
+use super::{activity, Session, SessionError};
+use crate::sandbox::SandboxError;
+use crate::tools::bash::BashLimits;
+use crate::tools::{timed_out, Tool, ToolResult};
+
+/// The face a call came through: its name is what the audit log and the
+/// tracing span record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connector {
+    /// The hands.v1 gRPC service, through the tunnel or the debug listener.
+    HandsV1,
+    /// The Claude Managed Agents work-queue connector.
+    ClaudeManagedAgents,
+    /// `hands tool`.
+    Tool,
+    /// `hands exec`.
+    Exec,
+    /// In-process callers: `hands bench`, `hands doctor`, tests.
+    Local,
+}
+
+impl Connector {
+    pub fn name(self) -> &'static str {
+        match self {
+            Connector::HandsV1 => "hands.v1",
+            Connector::ClaudeManagedAgents => "claude-managed-agents",
+            Connector::Tool => "hands-tool",
+            Connector::Exec => "hands-exec",
+            Connector::Local => "local",
+        }
+    }
+}
+
+/// Who a session serves: the connector that opened it and the client's own id
+/// for it (a hands.v1 session id, a Claude Managed Agents `sesn_…`).
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub connector: Connector,
+    pub session: String,
+}
+
+/// A process's stdio attached to an `exec` call (which, unlike a tool call, a
+/// remote face cannot make: its descriptors are local).
+pub struct Attach {
+    argv: Vec<String>,
+    stdio: [OwnedFd; 3],
+    timeout: Option<Duration>,
+    status: oneshot::Sender<Result<Option<i32>, SessionError>>,
+}
+
+/// One call, as a face submits it.
+pub struct CallSpec {
+    /// The client's call id (a hands.v1 call id, a `toolu_…`).
+    pub call_id: String,
+    pub tool: String,
+    /// The input, raw JSON as the client sent it.
+    pub input: String,
+    /// The client's deadline: past it the call is cancelled.
+    pub deadline: Option<tokio::time::Instant>,
+    attach: Option<Attach>,
+}
+
+impl CallSpec {
+    pub fn new(
+        call_id: impl Into<String>,
+        tool: impl Into<String>,
+        input: impl Into<String>,
+    ) -> Self {
+        CallSpec {
+            call_id: call_id.into(),
+            tool: tool.into(),
+            input: input.into(),
+            deadline: None,
+            attach: None,
+        }
+    }
+
+    pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("input_json is not JSON: {0}")]
+    InvalidInput(serde_json::Error),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// What [`Session::submit`] returns.
+pub struct Submitted {
+    pub record: Arc<CallRecord>,
+    /// True when this submission started the call; false when it resumed one.
+    pub executed_now: bool,
+    /// The task running the call, when this submission started it (a
+    /// short-lived command waits for it before it closes the session).
+    pub task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Submitted {
+    /// Waits for the call's result (once it is finished, it is in the audit
+    /// log too).
+    pub async fn result(&self) -> Result<(Arc<ToolResult>, Outcome), JournalError> {
+        finished(&self.record).await
+    }
+}
+
+/// Waits until `rec` is finished: its result and outcome, or why it is gone.
+pub async fn finished(rec: &CallRecord) -> Result<(Arc<ToolResult>, Outcome), JournalError> {
+    let mut state = rec.subscribe();
+    loop {
+        match &*state.borrow_and_update() {
+            CallState::Finished {
+                result, outcome, ..
+            } => return Ok((result.clone(), *outcome)),
+            CallState::Expired { why, .. } => {
+                return Err(JournalError::Expired {
+                    call_id: rec.call_id.clone(),
+                    why: *why,
+                })
+            }
+            CallState::Running { .. } => {}
+        }
+        if state.changed().await.is_err() {
+            return Err(JournalError::NotFound(rec.call_id.clone()));
+        }
+    }
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Bytes of a result's content: its texts and its base64 data.
+fn content_bytes(r: &ToolResult) -> usize {
+    r.content
+        .iter()
+        .map(|b| match b {
+            crate::tools::ContentBlock::Text { text } => text.len(),
+            crate::tools::ContentBlock::Image { source }
+            | crate::tools::ContentBlock::Document { source } => source.data.len(),
+        })
+        .sum()
+}
+
+/// Call ids of in-process callers that have none of their own.
+static LOCAL_IDS: AtomicU64 = AtomicU64::new(1);
+
+impl Session {
+    /// Submits a call: the one entry point (see the module doc). A new call id
+    /// starts the call on a task of its own; a known one resumes its record.
+    pub fn submit(self: &Arc<Self>, spec: CallSpec) -> Result<Submitted, SubmitError> {
+        let input: Value = serde_json::from_str(&spec.input).map_err(SubmitError::InvalidInput)?;
+        let rec = match self.journal.begin(&spec.call_id, &spec.tool, &spec.input)? {
+            Begin::Existing(rec) => {
+                return Ok(Submitted {
+                    record: rec,
+                    executed_now: false,
+                    task: None,
+                })
+            }
+            Begin::New(rec) => rec,
+        };
+        // Running from now: before the face tells its client the call started.
+        let running = self.activity.start();
+        let span = tracing::info_span!(
+            "call",
+            connector = self.origin.connector.name(),
+            session = %self.origin.session,
+            call_id = %spec.call_id,
+            tool = %spec.tool,
+            sandbox = %self.id,
+        );
+        let (s, r) = (self.clone(), rec.clone());
+        let (deadline, attach) = (spec.deadline, spec.attach);
+        let task = tokio::spawn(
+            async move { s.run_journaled(&r, input, deadline, attach, running).await }
+                .instrument(span),
+        );
+        Ok(Submitted {
+            record: rec,
+            executed_now: true,
+            task: Some(task),
+        })
+    }
+
+    /// Runs one tool call through [`Session::submit`] under a call id of its
+    /// own and waits for its result (in-process callers). Never fails: every
+    /// problem is a result with `is_error`.
+    pub async fn call(self: &Arc<Self>, name: &str, input: &Value) -> ToolResult {
+        let id = format!("local-{}", LOCAL_IDS.fetch_add(1, Ordering::Relaxed));
+        self.call_as(&id, name, input).await
+    }
+
+    /// [`Session::call`] under the caller's call id.
+    pub async fn call_as(self: &Arc<Self>, call_id: &str, name: &str, input: &Value) -> ToolResult {
+        let spec = CallSpec::new(call_id, name, input.to_string());
+        let submitted = match self.submit(spec) {
+            Ok(s) => s,
+            Err(e) => return ToolResult::err(e.to_string()),
+        };
+        let r = submitted.result().await;
+        if let Some(task) = submitted.task {
+            let _ = task.await;
+        }
+        match r {
+            Ok((result, _)) => Arc::unwrap_or_clone(result),
+            Err(e) => ToolResult::err(e.to_string()),
+        }
+    }
+
+    /// Runs `argv` directly (no shell) in the session with the given stdio fds
+    /// (consumed: closed once the child has them), as call `call_id` of tool
+    /// `exec` through [`Session::submit`]; returns its exit status (128 +
+    /// signal when killed). With a timeout, the command and everything it
+    /// started are killed when it expires (`Ok(None)`).
+    pub async fn exec(
+        self: &Arc<Self>,
+        call_id: &str,
+        argv: Vec<String>,
+        stdio: [OwnedFd; 3],
+        timeout: Option<Duration>,
+    ) -> Result<Option<i32>, SessionError> {
+        let (tx, rx) = oneshot::channel();
+        let input = serde_json::json!({
+            "argv": &argv,
+            "timeout_ms": timeout.map(|t| t.as_millis() as u64),
+        });
+        let mut spec = CallSpec::new(call_id, "exec", input.to_string());
+        spec.attach = Some(Attach {
+            argv,
+            stdio,
+            timeout,
+            status: tx,
+        });
+        let submitted = self.submit(spec).map_err(|e| {
+            SessionError::Sandbox(SandboxError::HelperDied(format!(": exec not started: {e}")))
+        })?;
+        let status = rx.await;
+        if let Some(task) = submitted.task {
+            let _ = task.await;
+        }
+        status.map_err(|_| {
+            SandboxError::HelperDied(": the exec call ended without a status".into())
+        })?
+    }
+
+    /// Writes the audit record of a call a connector refused without running
+    /// it (a Claude Managed Agents permission or confirmation that denied it).
+    pub fn audit_refused(&self, call_id: &str, tool: &str, why: &str) {
+        let mut f = self.audit_fields(call_id, tool);
+        f.insert("outcome".into(), "denied".into());
+        f.insert("is_error".into(), true.into());
+        f.insert("reason".into(), why.into());
+        self.audit.record("call", f);
+    }
+
+    fn audit_fields(&self, call_id: &str, tool: &str) -> Map<String, Value> {
+        let mut f = Map::new();
+        f.insert("connector".into(), self.origin.connector.name().into());
+        f.insert("session".into(), self.origin.session.clone().into());
+        f.insert("sandbox".into(), self.id.clone().into());
+        f.insert("call_id".into(), call_id.into());
+        f.insert("tool".into(), tool.into());
+        f
+    }
+
+    /// Executes a journaled call to its end: its output goes to the record as
+    /// it is produced, a cancel or the `deadline` stops it (for bash: the shell
+    /// and every process of the session are killed, and the shell needs a
+    /// restart), the audit record is written, and the result is recorded
+    /// whoever is watching. `running` counts the call; it ends before the
+    /// result is recorded.
+    async fn run_journaled(
+        &self,
+        rec: &CallRecord,
+        input: Value,
+        deadline: Option<tokio::time::Instant>,
+        attach: Option<Attach>,
+        running: activity::Running,
+    ) {
+        let t0 = Instant::now();
+        let sink = |bytes: &[u8]| rec.append_output(bytes);
+        let run = async {
+            match attach {
+                Some(a) => self.run_exec(a).await,
+                None => {
+                    self.call_inner(&rec.tool, &input, &rec.call_id, Some(&sink))
+                        .await
+                }
+            }
+        };
+        let stop = async {
+            match deadline {
+                Some(d) => tokio::select! {
+                    () = rec.cancelled() => {}
+                    () = tokio::time::sleep_until(d) => {}
+                },
+                None => rec.cancelled().await,
+            }
+        };
+        let (result, outcome) = tokio::select! {
+            r = run => r,
+            () = stop => {
+                match rec.tool.as_str() {
+                    "bash" => self.bash.lock().await.abort(&self.helper).await,
+                    "exec" => { let _ = self.helper.kill_all().await; }
+                    _ => {}
+                }
+                let tool = crate::tools::path::py_repr(&rec.tool);
+                match rec.cancel_cause() {
+                    Some(journal::CancelCause::Shutdown { grace }) => (
+                        ToolResult::err(format!(
+                            "tool {tool} cut short: the worker is shutting down (calls still \
+                             running {}s after it was told to stop are killed, with every \
+                             process they started)",
+                            grace.as_secs()
+                        )),
+                        Outcome::Shutdown,
+                    ),
+                    Some(journal::CancelCause::Requested) | None => (
+                        ToolResult::err(format!("tool {tool} cancelled")),
+                        Outcome::Cancelled,
+                    ),
+                }
+            }
+        };
+        drop(running);
+        let mut f = self.audit_fields(&rec.call_id, &rec.tool);
+        f.insert("outcome".into(), outcome.name().into());
+        f.insert("is_error".into(), result.is_error.into());
+        let ms = (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+        f.insert("duration_ms".into(), ms.into());
+        f.insert("output_bytes".into(), content_bytes(&result).into());
+        self.audit.record("call", f);
+        rec.finish(result, outcome);
+        self.journal.retire(&rec.call_id);
+    }
+
+    /// The `exec` call: `argv` with attached stdio; its typed status goes to
+    /// the attacher, its result to the journal.
+    async fn run_exec(&self, a: Attach) -> (ToolResult, Outcome) {
+        let Attach {
+            argv,
+            stdio,
+            timeout,
+            status,
+        } = a;
+        let r = self.spawn_attached(argv, stdio, timeout).await;
+        let out = match &r {
+            Ok(Some(code)) => {
+                let text = format!("exit status {code}");
+                if *code == 0 {
+                    (ToolResult::ok(text), Outcome::Completed)
+                } else {
+                    (ToolResult::err(text), Outcome::Completed)
+                }
+            }
+            Ok(None) => (timed_out("exec"), Outcome::TimedOut),
+            Err(e) => (ToolResult::err(format!("exec: {e}")), Outcome::Completed),
+        };
+        let _ = status.send(r);
+        out
+    }
+
+    async fn spawn_attached(
+        &self,
+        argv: Vec<String>,
+        stdio: [OwnedFd; 3],
+        timeout: Option<Duration>,
+    ) -> Result<Option<i32>, SessionError> {
+        let [i, o, e] = &stdio;
+        let (_pid, exit) = self
+            .helper
+            .spawn(
+                argv,
+                self.env.clone(),
+                crate::sandbox::mounts::WORKSPACE.into(),
+                [i, o, e],
+                true,
+            )
+            .await?;
+        // The child has its own copies; ours must close so the reader sees EOF.
+        drop(stdio);
+        let wait = async {
+            exit.await
+                .map_err(|_| SandboxError::HelperDied(String::new()))
+        };
+        match timeout {
+            None => Ok(Some(wait.await?)),
+            Some(t) => match tokio::time::timeout(t, wait).await {
+                Ok(r) => Ok(Some(r?)),
+                Err(_) => {
+                    let _ = self.helper.kill_all().await;
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    /// Runs the call; when the session hit its memory or pids limit meanwhile,
+    /// the result says so (the kernel's own trace is a bare `Killed`, or a
+    /// `fork: Resource temporarily unavailable`). The counters are the
+    /// session's: a limit hit by another call running at the same time in
+    /// the session is reported too.
+    async fn call_inner(
+        &self,
+        name: &str,
+        input: &Value,
+        call_id: &str,
+        sink: Option<crate::tools::bash::OutputSink<'_>>,
+    ) -> (ToolResult, Outcome) {
+        let before = self.limit_events();
+        let (mut result, outcome) = self.call_tool(name, input, call_id, sink).await;
+        let after = self.limit_events();
+        let limits = &self.policy.limits;
+        for note in super::limit_notes(before, after, limits) {
+            result.append_note(&note);
+        }
+        (result, outcome)
+    }
+
+    async fn call_tool(
+        &self,
+        name: &str,
+        input: &Value,
+        call_id: &str,
+        sink: Option<crate::tools::bash::OutputSink<'_>>,
+    ) -> (ToolResult, Outcome) {
+        use Outcome::{Completed, TimedOut};
+        let Some(tool) = Tool::from_name(name) else {
+            let text = format!("unknown tool {}", crate::tools::path::py_repr(name));
+            return (ToolResult::err(text), Completed);
+        };
+        if !self.policy.tools.contains(&tool) {
+            let text = format!(
+                "{name}: tool is not enabled in environment {}",
+                self.policy.name
+            );
+            return (ToolResult::err(text), Completed);
+        }
+        tracing::debug!(call_id, "call");
+        let limits = &self.policy.limits;
+        match tool {
+            Tool::Bash => {
+                let bash_limits = BashLimits {
+                    output_bytes: limits.output_bytes,
+                    default_timeout: limits.bash_timeout,
+                    call_timeout: limits.call_timeout,
+                };
+                let mut bash = self.bash.lock().await;
+                let r = bash
+                    .call(&self.helper, input, &bash_limits, &self.env, sink)
+                    .await;
+                let outcome = if bash.last_timed_out() {
+                    TimedOut
+                } else {
+                    Completed
+                };
+                (r, outcome)
+            }
+            file_tool => {
+                // `[]` is the SDK's `{}`; other non-objects are refused by the
+                // tool's own validation with the contract's text.
+                let input = match input {
+                    Value::Array(a) if a.is_empty() => Value::Object(Default::default()),
+                    other => other.clone(),
+                };
+                match tokio::time::timeout(limits.call_timeout, self.helper.tool(file_tool, input))
+                    .await
+                {
+                    Ok(Ok(result)) => (result, Completed),
+                    Ok(Err(e)) => (
+                        ToolResult::err(format!("{name}: sandbox error: {e}")),
+                        Completed,
+                    ),
+                    Err(_) => (timed_out(name), TimedOut),
+                }
+            }
+        }
+    }
+}
