@@ -218,7 +218,7 @@ impl Ca {
     pub fn worker(&self, worker_id: &str, days: i64) -> Result<Issued, PkiError> {
         let key = KeyPair::generate().map_err(gen("the worker key"))?;
         let mut wk = params(worker_id, days);
-        let uri = format!("{}{worker_id}", crate::tls::WORKER_URI_PREFIX);
+        let uri = format!("{}{worker_id}", crate::net::tls::WORKER_URI_PREFIX);
         wk.subject_alt_names = vec![SanType::URI(
             uri.clone().try_into().map_err(|_| PkiError::Name(uri))?,
         )];
@@ -317,7 +317,7 @@ pub fn issue_worker(dir: &Path, worker_id: &str, days: i64) -> Result<[PathBuf; 
         path,
     };
     let first = dir.join("worker.pem");
-    if crate::tls::worker_identity_of_file(&first).is_ok_and(|id| id == worker_id) {
+    if crate::net::tls::worker_identity_of_file(&first).is_ok_and(|id| id == worker_id) {
         return Err(exists(first));
     }
     let [cert_name, key_name] = worker_files(worker_id);

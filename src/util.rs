@@ -44,6 +44,14 @@ pub fn return_large_buffers_to_the_kernel() {
     }
 }
 
+/// This host's name (the worker id of commands that have no configuration).
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,19 +59,11 @@ mod tests {
     #[test]
     fn chains_and_comparisons() {
         let io = std::io::Error::other("inner cause");
-        let outer = crate::tls::TlsError::Certificate("outer".into());
+        let outer = crate::net::tls::TlsError::Certificate("outer".into());
         assert_eq!(error_chain(&outer), "certificate: outer");
         assert_eq!(error_chain(&io), "inner cause");
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
     }
-}
-
-/// This host's name (the worker id of commands that have no configuration).
-pub fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
 }

@@ -107,8 +107,8 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
 
 /// Whether the connector stopped because of its environment key: it could
 /// not be read, or the control plane refused it.
-fn key_problem(e: &crate::cma::worker::ConnectorError) -> bool {
-    use crate::cma::worker::ConnectorError;
+fn key_problem(e: &crate::connectors::cma::worker::ConnectorError) -> bool {
+    use crate::connectors::cma::worker::ConnectorError;
     match e {
         ConnectorError::Secret(_) => true,
         // The connector stops on an API error only when the poll is refused

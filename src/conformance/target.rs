@@ -144,7 +144,7 @@ fn rejection(s: tonic::Status) -> Rejection {
         code: name,
         reason: s
             .metadata()
-            .get(crate::service::REASON)
+            .get(crate::connectors::hands_v1::REASON)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string(),

@@ -47,8 +47,8 @@ use tokio::sync::mpsc;
 
 use super::workers::{Conn, RouteError};
 use super::{Gateway, SessionRoute};
+use crate::connectors::hands_v1::REASON;
 use crate::proto::v1;
-use crate::service::REASON;
 
 /// An API error: an HTTP status, a machine-readable type and a message.
 #[derive(Debug)]
@@ -194,12 +194,12 @@ fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
 }
 
-/// The request body, at most [`crate::service::MAX_MESSAGE`] bytes, with at
+/// The request body, at most [`crate::connectors::hands_v1::MAX_MESSAGE`] bytes, with at
 /// most `api.idle_timeout_secs` between two of its chunks (a client that
 /// stops sending mid-body does not hold its connection forever).
 async fn read_body(gw: &Gateway, body: axum::body::Body) -> Result<axum::body::Bytes, ApiError> {
     use http_body_util::BodyExt;
-    let mut body = http_body_util::Limited::new(body, crate::service::MAX_MESSAGE);
+    let mut body = http_body_util::Limited::new(body, crate::connectors::hands_v1::MAX_MESSAGE);
     let mut buf = bytes::BytesMut::new();
     loop {
         let frame = tokio::time::timeout(gw.body_idle_timeout, body.frame())
@@ -239,7 +239,7 @@ fn body_error(e: &(dyn std::error::Error + 'static)) -> ApiError {
             "PAYLOAD_TOO_LARGE",
             format!(
                 "the request body is over the {} MiB message limit",
-                crate::service::MAX_MESSAGE >> 20
+                crate::connectors::hands_v1::MAX_MESSAGE >> 20
             ),
         )
     } else {

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::tls::TlsFiles;
+use crate::net::tls::TlsFiles;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -54,13 +54,13 @@ pub enum GatewayError {
     // Causes are part of each message and not also a `source()`, so that a
     // printer of error chains shows them once.
     #[error("tunnel TLS: {0}")]
-    Tls(crate::tls::TlsError),
+    Tls(crate::net::tls::TlsError),
     #[error("connection budgets: {0}")]
     Budgets(listen::BudgetError),
 }
 
-impl From<crate::tls::TlsError> for GatewayError {
-    fn from(e: crate::tls::TlsError) -> Self {
+impl From<crate::net::tls::TlsError> for GatewayError {
+    fn from(e: crate::net::tls::TlsError) -> Self {
         GatewayError::Tls(e)
     }
 }
@@ -133,7 +133,7 @@ pub async fn run(
 ) -> Result<(), GatewayError> {
     let budgets =
         listen::Budgets::resolve(config.tunnel_max_connections, config.api_max_connections)?;
-    let tls = Arc::new(crate::tls::ServerTls::server(config.tls.clone())?);
+    let tls = Arc::new(crate::net::tls::ServerTls::server(config.tls.clone())?);
     let tunnel_listener = bind("the tunnel listener", config.tunnel_listen).await?;
     let api_listener = bind("the API listener", config.api_listen).await?;
     let local = |l: &tokio::net::TcpListener, what, addr| {

@@ -487,7 +487,7 @@ pub async fn serve_tunnel(
         .and_then(|c| c.first())
         .ok_or_else(|| AcceptError::Identity("no client certificate".into()))?;
     let worker_id =
-        crate::tls::worker_identity(cert).map_err(|e| AcceptError::Identity(e.to_string()))?;
+        crate::net::tls::worker_identity(cert).map_err(|e| AcceptError::Identity(e.to_string()))?;
     if let Some(allowed) = &cfg.allowed {
         if !allowed.contains(&worker_id) {
             return Err(AcceptError::NotAllowed(worker_id));
@@ -515,8 +515,8 @@ pub async fn serve_tunnel(
     tokio::pin!(conn);
     let origin: http::Uri = "http://worker.hands".parse().expect("static URI");
     let mut client = SandboxClient::with_origin(TunnelChannel(send), origin)
-        .max_decoding_message_size(crate::service::MAX_MESSAGE)
-        .max_encoding_message_size(crate::service::MAX_MESSAGE);
+        .max_decoding_message_size(crate::connectors::hands_v1::MAX_MESSAGE)
+        .max_encoding_message_size(crate::connectors::hands_v1::MAX_MESSAGE);
     let info = tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(10), client.info(v1::InfoRequest {})) => match r {
             Ok(Ok(r)) => r.into_inner(),

@@ -493,3 +493,28 @@ async fn route_forever(mut r: OwnedReadHalf, routes: Arc<Mutex<Routes>>, dead: A
     routes.pending.clear();
     routes.exits.clear();
 }
+
+impl crate::tools::bash::ShellHost for HelperClient {
+    async fn spawn_shell(
+        &self,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        stdin: &OwnedFd,
+        stdout: &OwnedFd,
+    ) -> Result<(), String> {
+        self.spawn(
+            argv,
+            env,
+            super::mounts::WORKSPACE.into(),
+            [stdin, stdout, stdout],
+            true,
+        )
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+    }
+
+    async fn kill_everything(&self) {
+        let _ = self.kill_all().await;
+    }
+}

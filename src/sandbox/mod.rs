@@ -95,3 +95,28 @@ impl SandboxConfig {
         })
     }
 }
+
+/// What confinement this kernel gives every session (reported to clients).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Isolation {
+    /// The landlock ABI (0: none).
+    pub landlock_abi: u32,
+    pub seccomp: bool,
+    /// `v1`, `v2`, or empty when no usable hierarchy was found.
+    pub cgroup_version: &'static str,
+    pub namespaces: [&'static str; 5],
+}
+
+/// Detects [`Isolation`] on this host.
+pub fn isolation() -> Isolation {
+    Isolation {
+        landlock_abi: sys::landlock_abi().unwrap_or(0),
+        seccomp: seccomp::programs(seccomp::Profile::default()).is_ok(),
+        cgroup_version: match cgroup::Cgroups::detect().map(|c| c.version()) {
+            Ok(cgroup::CgroupVersion::V1) => "v1",
+            Ok(cgroup::CgroupVersion::V2) => "v2",
+            Err(_) => "",
+        },
+        namespaces: ["mnt", "pid", "net", "ipc", "uts"],
+    }
+}

@@ -15,7 +15,7 @@ use super::proto::Setup;
 use super::sys;
 
 /// Where the workspace appears inside the sandbox.
-pub const WORKSPACE: &str = "/workspace";
+pub const WORKSPACE: &str = crate::workspace::MOUNT_POINT;
 
 /// Device nodes bound from the host's /dev. `tty` opens nothing: the helper starts
 /// a session of its own, so no process in the sandbox has a controlling terminal

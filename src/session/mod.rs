@@ -21,7 +21,12 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
+pub use crate::sandbox::{isolation, Isolation};
 pub use call::{CallSpec, Connector, Origin, SubmitError, Submitted};
+
+/// The largest call input or result a session takes or gives (a 20 MiB PDF
+/// read is ~27 MiB of base64): the bound of the channel to its sandbox.
+pub const MAX_MESSAGE: usize = crate::sandbox::proto::MAX_FRAME;
 
 use crate::audit::Auditor;
 use crate::policy::{Degradation, NetworkMode, Policy};

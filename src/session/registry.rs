@@ -208,6 +208,12 @@ impl Registry {
         &self.cfg
     }
 
+    /// Where this registry's sessions' workspaces come from (connectors keep
+    /// and sweep theirs).
+    pub fn workspaces(&self) -> Arc<crate::workspace::Workspaces> {
+        self.cfg.workspaces.clone()
+    }
+
     /// The environments sessions can be opened in.
     pub fn environments(&self) -> impl Iterator<Item = &Policy> {
         self.policies.values().map(|p| p.as_ref())
@@ -245,7 +251,7 @@ impl Registry {
         id: &str,
         environment: &str,
         origin: Origin,
-        extra_dirs: Vec<crate::sandbox::proto::ExtraDir>,
+        extra_dirs: Vec<crate::workspace::ExtraDir>,
         kept: Option<String>,
     ) -> Result<(Arc<Session>, bool), RegistryError> {
         self.open_owned(id, environment, extra_dirs, Owner::Connector, kept, origin)
@@ -256,7 +262,7 @@ impl Registry {
         &self,
         id: &str,
         environment: &str,
-        extra_dirs: Vec<crate::sandbox::proto::ExtraDir>,
+        extra_dirs: Vec<crate::workspace::ExtraDir>,
         owner: Owner,
         kept: Option<String>,
         origin: Origin,

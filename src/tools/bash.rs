@@ -16,7 +16,24 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 
 use super::{input, timed_out, ToolResult};
-use crate::sandbox::HelperClient;
+
+/// Where the shell runs: a session's sandbox, which implements this (the
+/// tools know nothing of the sandbox; the sandbox runs the tools).
+pub trait ShellHost: Sync {
+    /// Starts `argv` in the workspace with `env`, stdin from `stdin`, stdout
+    /// and stderr to `stdout`; every process it starts dies with it.
+    fn spawn_shell(
+        &self,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        stdin: &OwnedFd,
+        stdout: &OwnedFd,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+
+    /// Kills every process of the session but its supervisor, and waits
+    /// until they are gone.
+    fn kill_everything(&self) -> impl std::future::Future<Output = ()> + Send;
+}
 
 /// The shell, exactly as the SDK starts it.
 pub const SHELL_ARGV: [&str; 3] = ["/bin/bash", "--noprofile", "--norc"];
@@ -233,21 +250,19 @@ fn pipe_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
 impl BashSession {
     async fn start(
         &mut self,
-        helper: &HelperClient,
+        helper: &impl ShellHost,
         env: &[(String, String)],
     ) -> Result<(), String> {
         let (in_r, in_w) = pipe_pair().map_err(|e| e.to_string())?;
         let (out_r, out_w) = pipe_pair().map_err(|e| e.to_string())?;
         helper
-            .spawn(
+            .spawn_shell(
                 SHELL_ARGV.iter().map(|s| s.to_string()).collect(),
                 env.to_vec(),
-                crate::sandbox::mounts::WORKSPACE.into(),
-                [&in_r, &out_w, &out_w],
-                true,
+                &in_r,
+                &out_w,
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         // Our copies of the child's ends must go, or EOF never comes.
         drop((in_r, out_w));
         let stdin = pipe::Sender::from_owned_fd(in_w).map_err(|e| e.to_string())?;
@@ -259,7 +274,7 @@ impl BashSession {
 
     /// Kills the shell and everything the session started, and leaves the
     /// session needing a restart (a cancelled call, like a timed-out one).
-    pub async fn abort(&mut self, helper: &HelperClient) {
+    pub async fn abort(&mut self, helper: &impl ShellHost) {
         self.kill(helper).await;
         self.dead = true;
     }
@@ -270,15 +285,15 @@ impl BashSession {
     }
 
     /// Kills the shell and everything the session started.
-    pub async fn kill(&mut self, helper: &HelperClient) {
+    pub async fn kill(&mut self, helper: &impl ShellHost) {
         self.shell = None;
-        let _ = helper.kill_all().await;
+        helper.kill_everything().await;
     }
 
     /// One bash tool call.
     pub async fn call(
         &mut self,
-        helper: &HelperClient,
+        helper: &impl ShellHost,
         raw_input: &Value,
         limits: &BashLimits,
         env: &[(String, String)],
@@ -335,7 +350,7 @@ impl BashSession {
 
     async fn exec(
         &mut self,
-        helper: &HelperClient,
+        helper: &impl ShellHost,
         command: &str,
         limit: usize,
         env: &[(String, String)],

@@ -55,9 +55,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::connectors::hands_v1::tunnel::{Backoff, Endpoint, TunnelConfig};
+use crate::net::ProxyChoice;
 use crate::policy::lookup::{Lookup, Source};
 use crate::policy::Policy;
-use crate::tunnel::{Backoff, Endpoint, ProxyChoice, TunnelConfig};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,7 +77,7 @@ struct RawConfig {
     #[serde(default)]
     tunnel: Option<RawTunnel>,
     #[serde(default)]
-    anthropic: Option<crate::cma::config::Raw>,
+    anthropic: Option<crate::connectors::cma::config::Raw>,
     #[serde(default)]
     journal: Option<RawJournal>,
     #[serde(default)]
@@ -205,7 +206,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub tunnel: Option<TunnelConfig>,
     /// The Claude Managed Agents connector (`[anthropic]`).
-    pub anthropic: Option<crate::cma::config::AnthropicConfig>,
+    pub anthropic: Option<crate::connectors::cma::config::AnthropicConfig>,
     /// The call journal's budget (`[journal]`).
     pub journal: crate::session::journal::Limits,
     /// Sessions opened through hands.v1 are closed after this long idle
@@ -382,7 +383,7 @@ fn journal_limits(
     };
     // At least one maximal message: below that, every result but the newest
     // would be dropped as soon as it finished.
-    let min = crate::service::MAX_MESSAGE as u64;
+    let min = crate::connectors::hands_v1::MAX_MESSAGE as u64;
     let size = |key, v: &Option<RawSize>, default| match v {
         None => Ok(default),
         Some(v) => match v.bytes() {
@@ -439,13 +440,14 @@ fn tunnel_config(
     }
     let mut endpoints = Vec::new();
     for e in &t.endpoints {
-        let (host, port) = crate::tunnel::proxy::split_host_port(e, 0)
+        let (host, port) = crate::net::proxy::split_host_port(e, 0)
             .filter(|(h, p)| !h.is_empty() && *p != 0)
             .ok_or_else(|| invalid("tunnel.endpoints", format!("{e:?} is not host:port")))?;
         endpoints.push(Endpoint { host, port });
     }
     if let Some(name) = &t.server_name {
-        crate::tls::server_name(name).map_err(|e| invalid("tunnel.server_name", e.to_string()))?;
+        crate::net::tls::server_name(name)
+            .map_err(|e| invalid("tunnel.server_name", e.to_string()))?;
     }
     if t.connections == 0 || t.connections > 64 {
         return Err(invalid(
@@ -469,18 +471,18 @@ fn tunnel_config(
         None | Some("env") => ProxyChoice::FromEnv,
         Some("none") => ProxyChoice::Direct,
         Some(url) => ProxyChoice::Explicit(
-            crate::tunnel::proxy::Proxy::parse(url)
+            crate::net::proxy::Proxy::parse(url)
                 .map_err(|e| invalid("tunnel.proxy", e.to_string()))?,
         ),
     };
-    let tls = crate::tls::TlsFiles {
+    let tls = crate::net::tls::TlsFiles {
         ca: base.join(&t.ca),
         cert: base.join(&t.cert),
         key: base.join(&t.key),
     };
     // The gateway knows a worker by its certificate: a worker_id that says
     // otherwise would route sessions to the wrong name. Fail at startup.
-    let identity = crate::tls::worker_identity_of_file(&tls.cert)
+    let identity = crate::net::tls::worker_identity_of_file(&tls.cert)
         .map_err(|e| invalid("tunnel.cert", e.to_string()))?;
     if identity != worker_id {
         return Err(invalid(

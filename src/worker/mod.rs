@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::connectors::hands_v1::{detect_isolation, SandboxService};
 use crate::proto::v1::sandbox_server::SandboxServer;
 use crate::sandbox::SandboxConfig;
-use crate::service::{detect_isolation, SandboxService};
 use crate::session::registry::Registry;
 
 pub use config::Config;
@@ -31,19 +31,14 @@ pub use config::Config;
 /// of error chains shows them once.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("binding the debug listener {addr}: {cause}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        cause: std::io::Error,
-    },
-    #[error("serving: {}", crate::util::error_chain(.0))]
-    Serve(tonic::transport::Error),
+    #[error(transparent)]
+    Listen(#[from] crate::connectors::hands_v1::listener::ListenError),
     #[error("gRPC reflection: {}", crate::util::error_chain(.0))]
     Reflection(tonic_reflection::server::Error),
     #[error("tunnel TLS: {0}")]
-    Tls(crate::tls::TlsError),
+    Tls(crate::net::tls::TlsError),
     #[error("Claude Managed Agents connector: {}", crate::util::error_chain(.0))]
-    Connector(crate::cma::worker::ConnectorError),
+    Connector(crate::connectors::cma::worker::ConnectorError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
 }
@@ -148,7 +143,7 @@ pub async fn serve(
     config: &Config,
     registry: Arc<Registry>,
     on_bound: impl FnOnce(std::net::SocketAddr),
-    tunnel_states: Option<watch::Sender<Vec<crate::tunnel::SlotState>>>,
+    tunnel_states: Option<watch::Sender<Vec<crate::connectors::hands_v1::tunnel::SlotState>>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
     // What every part below stops on: the caller's `stop`, or the connector's end.
@@ -172,9 +167,10 @@ pub async fn serve(
     let routes = routes(config, registry).await?;
     let tunnel = match &config.tunnel {
         Some(t) => {
-            let tls =
-                Arc::new(crate::tls::ClientTls::client(t.tls.clone()).map_err(WorkerError::Tls)?);
-            Some(crate::tunnel::run(
+            let tls = Arc::new(
+                crate::net::tls::ClientTls::client(t.tls.clone()).map_err(WorkerError::Tls)?,
+            );
+            Some(crate::connectors::hands_v1::tunnel::run(
                 Arc::new(t.clone()),
                 tls,
                 routes.clone(),
@@ -185,30 +181,19 @@ pub async fn serve(
         None => None,
     };
     let debug = async {
-        let Some(addr) = config.listen else {
-            return Ok(());
-        };
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|cause| WorkerError::Bind { addr, cause })?;
-        let bound = listener
-            .local_addr()
-            .map_err(|cause| WorkerError::Bind { addr, cause })?;
-        on_bound(bound);
-        let mut stop = shutdown.clone();
-        tonic::transport::Server::builder()
-            .add_routes(routes.clone())
-            .serve_with_incoming_shutdown(
-                // No Nagle: Started and Finished are separate small writes,
-                // and delayed ACKs would hold the second for 40 ms.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            )
-            .await
-            .map_err(WorkerError::Serve)?;
-        Ok::<_, WorkerError>(())
+        match config.listen {
+            Some(addr) => {
+                crate::connectors::hands_v1::listener::serve(
+                    addr,
+                    routes.clone(),
+                    on_bound,
+                    shutdown.clone(),
+                )
+                .await
+            }
+            None => Ok(()),
+        }
+        .map_err(WorkerError::from)
     };
     let tunnel = async {
         if let Some(t) = tunnel {
@@ -217,7 +202,7 @@ pub async fn serve(
     };
     let anthropic = async {
         match &config.anthropic {
-            Some(a) => crate::cma::worker::run(
+            Some(a) => crate::connectors::cma::worker::run(
                 a.clone(),
                 config.worker_id.clone(),
                 cma_registry,

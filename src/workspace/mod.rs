@@ -712,3 +712,49 @@ fn kept_name(key: &str) -> String {
         format!("kept-h{hex}")
     }
 }
+
+/// Where the workspace appears inside the sandbox.
+pub const MOUNT_POINT: &str = "/workspace";
+
+/// A subdirectory of the workspace that the sandbox also shows at another
+/// absolute path and/or mounts read-only. The directory itself always lives in
+/// the workspace, so the host side never touches a path the sandbox chose.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExtraDir {
+    /// Relative to the workspace; normal components only.
+    pub rel: PathBuf,
+    /// An absolute sandbox path made a symlink to `/workspace/<rel>`; normal
+    /// components only, and outside every path the sandbox mounts itself.
+    pub link_at: Option<PathBuf>,
+    /// Mounted read-only inside the sandbox (bash included).
+    pub read_only: bool,
+}
+
+impl ExtraDir {
+    /// Checks the shape (the mounts trust it afterwards).
+    pub fn validate(&self) -> Result<(), String> {
+        use std::path::Component;
+        let normal =
+            |p: &std::path::Path| p.components().all(|c| matches!(c, Component::Normal(_)));
+        if self.rel.as_os_str().is_empty() || !normal(&self.rel) {
+            return Err(format!("{:?}: not a clean relative path", self.rel));
+        }
+        if let Some(at) = &self.link_at {
+            let mut c = at.components();
+            if c.next() != Some(Component::RootDir)
+                || !normal(c.as_path())
+                || c.as_path().as_os_str().is_empty()
+            {
+                return Err(format!("{at:?}: not a clean absolute path"));
+            }
+            for reserved in ["/proc", "/sys", "/dev", "/tmp", "/workspace"] {
+                if at.starts_with(reserved) || std::path::Path::new(reserved).starts_with(at) {
+                    return Err(format!(
+                        "{at:?}: overlaps {reserved}, which the sandbox mounts itself"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -30,8 +30,8 @@ use std::io::BufRead;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hands::cma::config::AnthropicConfig;
-use hands::cma::secret::KeySource;
+use hands::connectors::cma::config::AnthropicConfig;
+use hands::connectors::cma::secret::KeySource;
 use hands::gateway::client::ApiClient;
 use serde_json::{json, Value};
 
@@ -246,7 +246,7 @@ struct Served {
     env: Value,
     registry: Arc<hands::session::registry::Registry>,
     stop: tokio::sync::watch::Sender<bool>,
-    connector: tokio::task::JoinHandle<Result<(), hands::cma::worker::ConnectorError>>,
+    connector: tokio::task::JoinHandle<Result<(), hands::connectors::cma::worker::ConnectorError>>,
     _dir: tempfile::TempDir,
 }
 
@@ -282,9 +282,9 @@ impl Served {
             max_idle: Some(Duration::from_secs(2)),
             base_url: fake.url(),
             memory_sync: Some(Duration::from_secs(5)),
-            memory_deletions: hands::cma::memory::Deletions::Enabled,
+            memory_deletions: hands::connectors::cma::memory::Deletions::Enabled,
             stream_read_timeout: Duration::from_secs(600),
-            skill_limits: hands::cma::skills::SkillLimits {
+            skill_limits: hands::connectors::cma::skills::SkillLimits {
                 archive_bytes: 1 << 20,
                 entries: 100,
                 unpacked_bytes: 4 << 20,
@@ -312,7 +312,7 @@ impl Served {
             capacity + 1,
         ));
         let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let connector = tokio::spawn(hands::cma::worker::run(
+        let connector = tokio::spawn(hands::connectors::cma::worker::run(
             cfg,
             "it-worker".into(),
             registry.clone(),
@@ -396,7 +396,7 @@ impl Served {
             .to_string()
     }
 
-    async fn finish(self) -> Result<(), hands::cma::worker::ConnectorError> {
+    async fn finish(self) -> Result<(), hands::connectors::cma::worker::ConnectorError> {
         self.stop.send_replace(true);
         let r = tokio::time::timeout(Duration::from_secs(15), self.connector)
             .await

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hands::conformance::{self, target::Grpc, Status};
+use hands::connectors::hands_v1::{detect_isolation, SandboxService};
 use hands::proto::v1;
 use hands::proto::v1::sandbox_server::{Sandbox, SandboxServer};
-use hands::service::{detect_isolation, SandboxService};
 use hands::session::registry::Registry;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response};
@@ -550,7 +550,7 @@ async fn serve_double(mode: Mode) -> (SocketAddr, Arc<Registry>) {
     let limit = match mode {
         Mode::NoMessageLimit => 256 << 20,
         Mode::TinyMessageLimit => 4 << 20,
-        _ => hands::service::MAX_MESSAGE,
+        _ => hands::connectors::hands_v1::MAX_MESSAGE,
     };
     let server = SandboxServer::new(Double {
         inner,

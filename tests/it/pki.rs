@@ -178,7 +178,7 @@ fn pki_init_issues_another_worker_certificate_from_the_existing_ca() {
     );
     assert!(ok && text.contains("worker-w2.pem: OK"), "{text}");
     assert_eq!(
-        hands::tls::worker_identity_of_file(&dir.join("worker-w2.pem")).unwrap(),
+        hands::net::tls::worker_identity_of_file(&dir.join("worker-w2.pem")).unwrap(),
         "w2"
     );
     let (_, a) = openssl(&["x509", "-in", "worker-w2.pem", "-noout", "-pubkey"], &dir);

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
+use hands::connectors::hands_v1::{detect_isolation, SandboxService};
 use hands::proto::v1;
 use hands::proto::v1::sandbox_client::SandboxClient;
-use hands::service::{detect_isolation, SandboxService};
 use hands::session::registry::Registry;
 use tonic::transport::Channel;
 use tonic::Code;

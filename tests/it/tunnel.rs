@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hands::connectors::hands_v1::tunnel::SlotState;
 use hands::gateway::client::ApiClient;
 use hands::gateway::{Bound, Gateway};
 use hands::pki::{Ca, Issued};
 use hands::session::registry::Registry;
-use hands::tunnel::SlotState;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;

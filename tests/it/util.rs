@@ -325,7 +325,7 @@ pub async fn close_and_drain(s: Arc<Session>) {
 /// The machine-readable reason a hands.v1 error carries (`SESSION_NOT_FOUND`).
 pub fn reason(s: &tonic::Status) -> String {
     s.metadata()
-        .get(hands::service::REASON)
+        .get(hands::connectors::hands_v1::REASON)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string()

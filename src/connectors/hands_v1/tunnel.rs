@@ -12,16 +12,14 @@
 //! so a gateway that accepts and drops at once is not hammered. HTTP/2 PINGs
 //! every `keepalive` detect a silent peer within twice that.
 
-pub mod proxy;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::watch;
 
-use crate::tls::ClientTls;
-use proxy::Proxy;
+use crate::net::tls::ClientTls;
+pub use crate::net::{DialError, ProxyChoice};
 
 /// One gateway address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,19 +30,8 @@ pub struct Endpoint {
 
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&proxy::authority(&self.host, self.port))
+        f.write_str(&crate::net::proxy::authority(&self.host, self.port))
     }
-}
-
-/// How the proxy for a dial is chosen.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProxyChoice {
-    /// `HTTPS_PROXY` / `NO_PROXY` from the environment.
-    FromEnv,
-    /// Never use a proxy.
-    Direct,
-    /// Always this proxy.
-    Explicit(Proxy),
 }
 
 /// Reconnect timing.
@@ -89,7 +76,7 @@ pub struct TunnelConfig {
     pub endpoints: Vec<Endpoint>,
     /// The name the gateway's certificate must carry; default each endpoint's host.
     pub server_name: Option<String>,
-    pub tls: crate::tls::TlsFiles,
+    pub tls: crate::net::tls::TlsFiles,
     /// Connections kept per endpoint.
     pub connections: usize,
     pub proxy: ProxyChoice,
@@ -155,26 +142,6 @@ struct Slot {
     states: Option<Arc<watch::Sender<Vec<SlotState>>>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    #[error("connecting to {endpoint}: {cause}")]
-    Tcp {
-        endpoint: String,
-        cause: std::io::Error,
-    },
-    #[error(transparent)]
-    Proxy(#[from] proxy::ProxyError),
-    #[error("TLS handshake with {endpoint}: {cause}")]
-    Handshake {
-        endpoint: String,
-        cause: std::io::Error,
-    },
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-    #[error("{endpoint}: timed out after {timeout:?}")]
-    Timeout { endpoint: String, timeout: Duration },
-}
-
 impl Slot {
     fn set(&self, state: SlotState) {
         if let Some(s) = &self.states {
@@ -233,36 +200,9 @@ impl Slot {
     ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, DialError> {
         let e = &self.endpoint;
         let timeout = self.config.connect_timeout;
-        let proxy = match &self.config.proxy {
-            ProxyChoice::Direct => None,
-            ProxyChoice::Explicit(p) => Some(p.clone()),
-            ProxyChoice::FromEnv => Proxy::from_env(&e.host, e.port)?,
-        };
-        let tcp = match proxy {
-            Some(p) => p.connect(&e.host, e.port, timeout).await?,
-            None => {
-                match tokio::time::timeout(
-                    timeout,
-                    tokio::net::TcpStream::connect((e.host.as_str(), e.port)),
-                )
-                .await
-                {
-                    Ok(r) => r.map_err(|cause| DialError::Tcp {
-                        endpoint: e.to_string(),
-                        cause,
-                    })?,
-                    Err(_) => {
-                        return Err(DialError::Timeout {
-                            endpoint: e.to_string(),
-                            timeout,
-                        })
-                    }
-                }
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp = crate::net::dial(&e.host, e.port, &self.config.proxy, timeout).await?;
         let name = self.config.server_name.as_deref().unwrap_or(&e.host);
-        let name = crate::tls::server_name(name)?;
+        let name = crate::net::tls::server_name(name)?;
         let connector = tokio_rustls::TlsConnector::from(self.tls.get());
         match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
             Ok(r) => r.map_err(|cause| DialError::Handshake {

@@ -67,7 +67,7 @@ use super::beneath::{is_clean, Beneath, FileMeta, Kind};
 use super::http::{Api, ApiError, Beta, Request};
 use super::secret::Secret;
 use super::worker::urlencode;
-use crate::sandbox::proto::ExtraDir;
+use crate::workspace::ExtraDir;
 
 pub const MARKER: &str = ".anthropic-memory-store";
 pub const MAX_FILES: usize = 10_000;
@@ -145,7 +145,7 @@ pub fn plan(session: &Value) -> Result<Vec<StorePlan>, String> {
                     ));
                 }
                 let shown: PathBuf = p.components().collect();
-                match shown.strip_prefix(crate::sandbox::mounts::WORKSPACE) {
+                match shown.strip_prefix(crate::workspace::MOUNT_POINT) {
                     Ok(rest) if !rest.as_os_str().is_empty() => StorePlan {
                         id,
                         read_only,
@@ -172,7 +172,7 @@ pub fn plan(session: &Value) -> Result<Vec<StorePlan>, String> {
                 }
                 StorePlan {
                     rel: PathBuf::from("memory").join(&name),
-                    shown_at: Path::new(crate::sandbox::mounts::WORKSPACE)
+                    shown_at: Path::new(crate::workspace::MOUNT_POINT)
                         .join("memory")
                         .join(&name),
                     id,

@@ -102,7 +102,7 @@ pub async fn run(
     });
     // Kept workspaces past their retention: at start, then every hour.
     let sweeper = {
-        let workspaces = shared.registry.sandbox().workspaces.clone();
+        let workspaces = shared.registry.workspaces();
         let retention = shared.cfg.workspace_retention;
         tokio::spawn(async move {
             loop {
@@ -609,7 +609,7 @@ impl Shared {
             }
         }
         if session_over.load(std::sync::atomic::Ordering::SeqCst) && !item.session_id.is_empty() {
-            let workspaces = self.registry.sandbox().workspaces.clone();
+            let workspaces = self.registry.workspaces();
             let key = item.session_id.clone();
             match tokio::task::spawn_blocking(move || workspaces.delete_kept(&key)).await {
                 Ok(Ok(true)) => {

@@ -28,7 +28,7 @@ use crate::session::{CallSpec, SubmitError};
 /// Largest message either way: a `Finished` of a 20 MiB PDF read is ~27 MiB of
 /// base64, and a `write` may carry a large file; the same bound as the channel
 /// to the session helper.
-pub const MAX_MESSAGE: usize = crate::sandbox::proto::MAX_FRAME;
+pub const MAX_MESSAGE: usize = crate::session::MAX_MESSAGE;
 
 /// The trailer that carries an error's machine-readable reason.
 pub const REASON: &str = "hands-reason";
@@ -60,18 +60,12 @@ impl From<RegistryError> for Status {
 
 /// The confinement this kernel gives every session (for `Info`).
 pub fn detect_isolation() -> v1::Isolation {
+    let i = crate::session::isolation();
     v1::Isolation {
-        landlock_abi: crate::sandbox::sys::landlock_abi().unwrap_or(0),
-        seccomp: crate::sandbox::seccomp::programs(crate::sandbox::seccomp::Profile::default())
-            .is_ok(),
-        cgroup_version: match crate::sandbox::cgroup::Cgroups::detect().map(|c| c.version()) {
-            Ok(crate::sandbox::cgroup::CgroupVersion::V1) => "v1".into(),
-            Ok(crate::sandbox::cgroup::CgroupVersion::V2) => "v2".into(),
-            Err(_) => String::new(),
-        },
-        namespaces: ["mnt", "pid", "net", "ipc", "uts"]
-            .map(String::from)
-            .to_vec(),
+        landlock_abi: i.landlock_abi,
+        seccomp: i.seccomp,
+        cgroup_version: i.cgroup_version.to_string(),
+        namespaces: i.namespaces.map(String::from).to_vec(),
     }
 }
 

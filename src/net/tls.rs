@@ -1,4 +1,5 @@
-//! TLS for the tunnel, both ends: TLS 1.3 only, the ring provider, PEM files
+//! TLS: the client configuration of public HTTPS APIs (system roots), and
+//! the tunnel's, both ends: TLS 1.3 only, the ring provider, PEM files
 //! re-read when they change, and the worker identity a client certificate
 //! carries.
 //!
@@ -18,6 +19,26 @@ use std::time::SystemTime;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// A client configuration for public HTTPS APIs: TLS 1.2 and 1.3, the
+/// system's root certificates, ALPN `alpn`.
+pub fn system_roots_client(alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for cert in found.certs {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        tracing::warn!("no system root certificates found; https:// connections will fail");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}
 
 /// ALPN for the tunnel: HTTP/2 only.
 pub const ALPN_H2: &[u8] = b"h2";

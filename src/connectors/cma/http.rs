@@ -174,24 +174,9 @@ pub struct Connector {
 impl Connector {
     /// TLS 1.2+ with the system's root certificates.
     pub fn new() -> Result<Connector, ApiError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let found = rustls_native_certs::load_native_certs();
-        for cert in found.certs {
-            let _ = roots.add(cert);
-        }
-        if roots.is_empty() {
-            tracing::warn!("no system root certificates found; https:// API calls will fail");
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ApiError::BaseUrl(format!("TLS: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Connector {
-            tls: Arc::new(config),
-        })
+        let tls = crate::net::tls::system_roots_client(b"http/1.1")
+            .map_err(|e| ApiError::BaseUrl(format!("TLS: {e}")))?;
+        Ok(Connector { tls })
     }
 }
 
@@ -216,25 +201,15 @@ impl tower::Service<http::Uri> for Connector {
                 .trim_end_matches(']')
                 .to_string();
             let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-            let proxy = if https {
-                crate::tunnel::proxy::Proxy::from_env(&host, port)
-                    .map_err(|e| io_err(e.to_string()))?
+            // Plain http:// (a local test double) is never proxied.
+            let choice = if https {
+                crate::net::ProxyChoice::FromEnv
             } else {
-                None
+                crate::net::ProxyChoice::Direct
             };
-            let tcp = match proxy {
-                Some(p) => p
-                    .connect(&host, port, CONNECT_TIMEOUT)
-                    .await
-                    .map_err(|e| io_err(e.to_string()))?,
-                None => tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    tokio::net::TcpStream::connect((host.as_str(), port)),
-                )
+            let tcp = crate::net::dial(&host, port, &choice, CONNECT_TIMEOUT)
                 .await
-                .map_err(|_| io_err(format!("connecting to {host}:{port}: timed out")))??,
-            };
-            let _ = tcp.set_nodelay(true);
+                .map_err(|e| io_err(e.to_string()))?;
             if !https {
                 return Ok(Conn::Plain(TokioIo::new(tcp)));
             }
