@@ -36,13 +36,13 @@ use hands::gateway::client::ApiClient;
 use serde_json::{json, Value};
 
 /// The fake control plane, as a process.
-struct Fake {
+pub(crate) struct Fake {
     child: std::process::Child,
     addr: std::net::SocketAddr,
 }
 
 impl Fake {
-    fn start() -> Fake {
+    pub(crate) fn start() -> Fake {
         let mut child = Command::new(python())
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cma/fake_cp.py"))
             .args(["--port", "0"])
@@ -62,11 +62,11 @@ impl Fake {
         Fake { child, addr }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    async fn control(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+    pub(crate) async fn control(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let mut c = ApiClient::new(self.addr, "");
         let a = c.request(method, path, body.as_ref()).await.unwrap();
         assert!(a.status < 300, "{method} {path}: {} {}", a.status, a.body);
@@ -411,7 +411,7 @@ impl Served {
     }
 }
 
-fn bash_use(id: &str, command: &str) -> Value {
+pub(crate) fn bash_use(id: &str, command: &str) -> Value {
     json!({"type": "agent.tool_use", "id": id, "name": "bash", "input": {"command": command}})
 }
 
@@ -1012,7 +1012,7 @@ impl Served {
 impl Fake {
     /// Appends one call to the session's history and returns its result
     /// (text, is_error) once a worker posted it.
-    async fn call(&self, sid: &str, event: Value) -> (String, bool) {
+    pub(crate) async fn call(&self, sid: &str, event: Value) -> (String, bool) {
         let id = event["id"].as_str().unwrap().to_string();
         self.control(
             "POST",

@@ -2,6 +2,7 @@
 //! seccomp, cgroups and namespaces. Under `CI=true` a missing kernel feature is a
 //! failure, never a skip.
 
+mod audit;
 mod cli;
 mod cma;
 mod cma_differential;

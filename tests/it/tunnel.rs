@@ -35,14 +35,14 @@ fn put(dir: &Path, name: &str, issued: &Issued) -> (PathBuf, PathBuf) {
 }
 
 /// One CA with a gateway and a worker certificate, in a temporary directory.
-struct Pki {
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
     ca: Ca,
-    ca_pem: PathBuf,
+    pub(crate) ca_pem: PathBuf,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::new(30).unwrap();
         let ca_pem = dir.path().join("ca.pem");
@@ -52,30 +52,30 @@ impl Pki {
     fn path(&self) -> &Path {
         self.dir.path()
     }
-    fn gateway(&self, name: &str, days: i64) -> (PathBuf, PathBuf) {
+    pub(crate) fn gateway(&self, name: &str, days: i64) -> (PathBuf, PathBuf) {
         let issued = self
             .ca
             .gateway(&["localhost".into(), "127.0.0.1".into()], days)
             .unwrap();
         put(self.path(), name, &issued)
     }
-    fn worker(&self, id: &str, days: i64) -> (PathBuf, PathBuf) {
+    pub(crate) fn worker(&self, id: &str, days: i64) -> (PathBuf, PathBuf) {
         put(self.path(), id, &self.ca.worker(id, days).unwrap())
     }
 }
 
-struct Gw {
-    bound: Bound,
+pub(crate) struct Gw {
+    pub(crate) bound: Bound,
     gw: Arc<Gateway>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), hands::gateway::GatewayError>>,
 }
 
 impl Gw {
-    fn api(&self) -> ApiClient {
+    pub(crate) fn api(&self) -> ApiClient {
         ApiClient::new(self.bound.api, TOKEN)
     }
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.send_replace(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
     }
@@ -91,7 +91,7 @@ impl Gw {
     }
 }
 
-async fn gateway(pki: &Pki, cert: &(PathBuf, PathBuf), listen: &str, extra: &str) -> Gw {
+pub(crate) async fn gateway(pki: &Pki, cert: &(PathBuf, PathBuf), listen: &str, extra: &str) -> Gw {
     gateway_with(pki, cert, listen, extra, "").await
 }
 
@@ -262,7 +262,7 @@ async fn worker_with(
 }
 
 /// Waits until the gateway lists `n` workers.
-async fn wait_workers(api: &mut ApiClient, n: usize) -> Value {
+pub(crate) async fn wait_workers(api: &mut ApiClient, n: usize) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let a = api.request("GET", "/v1/workers", None).await.unwrap();
@@ -278,7 +278,7 @@ async fn wait_workers(api: &mut ApiClient, n: usize) -> Value {
     }
 }
 
-async fn open(api: &mut ApiClient) -> String {
+pub(crate) async fn open(api: &mut ApiClient) -> String {
     let a = api
         .request(
             "POST",
@@ -291,7 +291,13 @@ async fn open(api: &mut ApiClient) -> String {
     a.body["session_id"].as_str().unwrap().to_string()
 }
 
-async fn tool(api: &mut ApiClient, session: &str, id: &str, name: &str, input: Value) -> Value {
+pub(crate) async fn tool(
+    api: &mut ApiClient,
+    session: &str,
+    id: &str,
+    name: &str,
+    input: Value,
+) -> Value {
     let a = api
         .request(
             "POST",
@@ -304,7 +310,7 @@ async fn tool(api: &mut ApiClient, session: &str, id: &str, name: &str, input: V
     a.body
 }
 
-fn text(result: &Value) -> String {
+pub(crate) fn text(result: &Value) -> String {
     result["content"]
         .as_array()
         .unwrap()
