@@ -300,6 +300,15 @@ impl AuditLog {
     /// Appends `event` (a JSON object; its own `seq` and `prev` are replaced)
     /// as the next record, in one write. Returns the record's link and hash.
     pub fn append(&self, event: Map<String, Value>) -> Result<(Link, String), AuditError> {
+        self.append_line(&event).map(|(link, hash, _)| (link, hash))
+    }
+
+    /// [`AuditLog::append`], also returning the record's line as written
+    /// (without its newline).
+    pub fn append_line(
+        &self,
+        event: &Map<String, Value>,
+    ) -> Result<(Link, String, String), AuditError> {
         let mut inner = self.lock_inner();
         let locked = self.flock(&mut inner)?;
         let r = self.append_locked(&mut inner, event);
@@ -310,8 +319,8 @@ impl AuditLog {
     fn append_locked(
         &self,
         inner: &mut Inner,
-        event: Map<String, Value>,
-    ) -> Result<(Link, String), AuditError> {
+        event: &Map<String, Value>,
+    ) -> Result<(Link, String, String), AuditError> {
         self.catch_up(inner, false)?;
         if self.max_bytes > 0 && inner.size >= self.max_bytes {
             self.rotate(inner)?;
@@ -320,19 +329,28 @@ impl AuditLog {
             seq: inner.head.seq + 1,
             prev: inner.head.hash.clone(),
         };
-        let mut record = Map::new();
-        record.insert("seq".into(), link.seq.into());
-        record.insert("prev".into(), link.prev.clone().into());
-        for (k, v) in event {
-            if k != "seq" && k != "prev" {
-                record.insert(k, v);
-            }
+        // `{"seq":…,"prev":"…",` then the event's own fields (its `seq` and
+        // `prev`, if any, dropped).
+        let encode = |e: &Map<String, Value>| {
+            serde_json::to_vec(e).map_err(|e| AuditError::Io {
+                path: self.path.clone(),
+                op: "encoding a record",
+                cause: io::Error::other(e),
+            })
+        };
+        let fields = if event.contains_key("seq") || event.contains_key("prev") {
+            let mut e = event.clone();
+            e.remove("seq");
+            e.remove("prev");
+            encode(&e)?
+        } else {
+            encode(event)?
+        };
+        let mut line = format!("{{\"seq\":{},\"prev\":\"{}\"", link.seq, link.prev).into_bytes();
+        if fields.len() > 2 {
+            line.push(b',');
         }
-        let mut line = serde_json::to_vec(&Value::Object(record)).map_err(|e| AuditError::Io {
-            path: self.path.clone(),
-            op: "encoding a record",
-            cause: io::Error::other(e),
-        })?;
+        line.extend_from_slice(&fields[1..]);
         let hash = hash_line(&line);
         line.push(b'\n');
         inner
@@ -344,7 +362,9 @@ impl AuditLog {
             seq: link.seq,
             hash: hash.clone(),
         };
-        Ok((link, hash))
+        line.pop();
+        let line = String::from_utf8(line).unwrap_or_default();
+        Ok((link, hash, line))
     }
 
     /// `<file>.N` → `<file>.N+1` (the oldest past `keep` removed), `<file>` →
@@ -439,15 +459,19 @@ impl Auditor {
         event.insert("kind".into(), kind.into());
         event.insert("worker".into(), self.worker.clone().into());
         event.extend(fields);
+        let mirrored = tracing::enabled!(target: "hands::audit", tracing::Level::INFO);
         let Some(log) = &self.log else {
-            let record = Value::Object(event).to_string();
-            tracing::info!(target: "hands::audit", %record, "audit");
+            if mirrored {
+                let record = Value::Object(event).to_string();
+                tracing::info!(target: "hands::audit", %record, "audit");
+            }
             return;
         };
-        match log.append(event.clone()) {
-            Ok((link, hash)) => {
-                let record = Value::Object(event).to_string();
-                tracing::info!(target: "hands::audit", seq = link.seq, %hash, %record, "audit");
+        match log.append_line(&event) {
+            Ok((link, hash, record)) => {
+                if mirrored {
+                    tracing::info!(target: "hands::audit", seq = link.seq, %hash, %record, "audit");
+                }
             }
             Err(e) => {
                 let record = Value::Object(event).to_string();

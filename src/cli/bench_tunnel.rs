@@ -277,6 +277,9 @@ async fn bench(
         .arg("--config")
         .arg(d.join("worker.toml"))
         .stdout(Stdio::null())
+        // Its log (an audit record mirrored per call, as in production) is
+        // written, to a file of the bench's: it would drown the figures.
+        .stderr(std::fs::File::create(d.join("worker.log")).context("the worker's log")?)
         .spawn()
         .context("starting the worker")?;
     let worker_pid = worker.id();

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
@@ -256,10 +255,20 @@ impl HelperClient {
         req: &Request,
         fds: Vec<OwnedFd>,
     ) -> Result<Response, SandboxError> {
+        let frame = proto::encode_frame(req).map_err(host("encode"))?;
+        self.send_frame(id, frame, fds).await
+    }
+
+    /// Sends an encoded request frame and waits for its answer.
+    async fn send_frame(
+        &self,
+        id: u64,
+        frame: Vec<u8>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Response, SandboxError> {
         if self.is_dead() {
             return Err(SandboxError::HelperDied(String::new()));
         }
-        let frame = proto::encode_frame(req).map_err(host("encode"))?;
         let (tx, rx) = oneshot::channel();
         lock(&self.routes).pending.insert(id, tx);
         if self.writer.send(Outgoing { frame, fds }).is_err() {
@@ -272,16 +281,23 @@ impl HelperClient {
 
     /// Runs a file tool in the helper. Dropping the future raises the tool's
     /// cancel flag.
-    pub async fn tool(&self, tool: Tool, input: Value) -> Result<ToolResult, SandboxError> {
+    pub async fn tool(
+        &self,
+        tool: Tool,
+        input: Box<serde_json::value::RawValue>,
+    ) -> Result<ToolResult, SandboxError> {
         let id = self.next_id();
         let guard = CancelOnDrop {
             client: self,
             id,
             armed: true,
         };
-        let resp = self
-            .request(id, &Request::Tool { id, tool, input }, Vec::new())
-            .await;
+        let frame = proto::encode_frame_with(&Request::Tool { id, tool }, input.get().as_bytes())
+            .map_err(host("encode"));
+        let resp = match frame {
+            Ok(frame) => self.send_frame(id, frame, Vec::new()).await,
+            Err(e) => Err(e),
+        };
         let mut guard = guard;
         guard.armed = false;
         match resp? {

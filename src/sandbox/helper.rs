@@ -251,10 +251,20 @@ fn serve(
     base.max_file_bytes = setup.max_file_bytes;
     base.output_limit = setup.output_limit;
 
-    while let Some(req) = proto::read_frame::<_, Request>(&mut reader)? {
+    while let Some((req, payload)) = proto::read_frame_with::<_, Request>(&mut reader)? {
         match req {
-            Request::Tool { id, tool, input } => {
+            Request::Tool { id, tool } => {
+                // Not JSON cannot come from the worker, which checked it;
+                // `null` then gets the tool's own refusal.
+                let input: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
                 let mut ctx = base.clone();
+                if small_read(tool, &input) {
+                    // Answered here, on the reading thread: a hop to the pool
+                    // costs more than reading a small file.
+                    let result = crate::tools::fs::run(tool, &input, &ctx);
+                    send(&writer, &Response::ToolDone { id, result });
+                    continue;
+                }
                 ctx.cancel = Arc::new(AtomicBool::new(false));
                 lock(&cancels).insert(id, ctx.cancel.clone());
                 let writer = writer.clone();
@@ -315,6 +325,23 @@ fn serve(
     // The worker closed the channel: end the session. Exiting as pid 1 makes the
     // kernel kill everything left in the namespace.
     Ok(())
+}
+
+/// Reads of regular files up to this size are answered on the reading thread.
+const SMALL_READ: u64 = 256 * 1024;
+
+/// Whether call `input` of `tool` is a read of a regular file of at most
+/// [`SMALL_READ`] bytes (as it is now: a file that grows meanwhile only makes
+/// that one read slower; the read tool itself never blocks on a FIFO).
+fn small_read(tool: crate::tools::Tool, input: &serde_json::Value) -> bool {
+    if tool != crate::tools::Tool::Read {
+        return false;
+    }
+    let Some(path) = input.get("file_path").and_then(|p| p.as_str()) else {
+        return false;
+    };
+    let full = std::path::Path::new(mounts::WORKSPACE).join(path);
+    std::fs::metadata(full).is_ok_and(|m| m.is_file() && m.len() <= SMALL_READ)
 }
 
 type Job = Box<dyn FnOnce() + Send>;

@@ -9,7 +9,6 @@ use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::landlock::{LandlockFeature, LandlockReport};
 use crate::tools::{Tool, ToolResult};
@@ -77,7 +76,9 @@ pub use crate::workspace::ExtraDir;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Run a file tool.
-    Tool { id: u64, tool: Tool, input: Value },
+    /// Its input is the frame's payload: the client's JSON as it came (see
+    /// [`encode_frame_with`]), parsed once, in the helper.
+    Tool { id: u64, tool: Tool },
     /// Raise the cancel flag of a running file tool.
     Cancel { id: u64 },
     /// Start a process. Three fds travel with this frame: stdin, stdout, stderr.
@@ -165,6 +166,53 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> io::Result<Vec<u8>> {
     let mut buf = Vec::new();
     write_frame(&mut buf, msg)?;
     Ok(buf)
+}
+
+/// Encodes one frame whose body is `msg`'s JSON, a NUL byte (which JSON text
+/// never holds), then `payload` as it is: a call's input travels without being
+/// parsed and encoded again on the way.
+pub fn encode_frame_with<T: Serialize>(msg: &T, payload: &[u8]) -> io::Result<Vec<u8>> {
+    let header = serde_json::to_vec(msg).map_err(io::Error::other)?;
+    let len = header.len() + 1 + payload.len();
+    if len > MAX_FRAME {
+        return Err(io::Error::other(format!(
+            "frame of {len} bytes exceeds {MAX_FRAME}"
+        )));
+    }
+    let mut buf = Vec::with_capacity(4 + len);
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    buf.extend_from_slice(&header);
+    buf.push(0);
+    buf.extend_from_slice(payload);
+    Ok(buf)
+}
+
+/// Reads one frame (blocking) and its payload (empty when it has none);
+/// `Ok(None)` on a clean EOF between frames.
+pub fn read_frame_with<R: Read, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> io::Result<Option<(T, Vec<u8>)>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::other(format!(
+            "frame of {len} bytes exceeds {MAX_FRAME}"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    let (header, payload) = match memchr::memchr(0, &body) {
+        Some(i) => (&body[..i], body[i + 1..].to_vec()),
+        None => (&body[..], Vec::new()),
+    };
+    serde_json::from_slice(header)
+        .map(|m| Some((m, payload)))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Reads one frame (blocking); `Ok(None)` on a clean EOF between frames.

@@ -189,7 +189,10 @@ impl Session {
     /// Submits a call: the one entry point (see the module doc). A new call id
     /// starts the call on a task of its own; a known one resumes its record.
     pub fn submit(self: &Arc<Self>, spec: CallSpec) -> Result<Submitted, SubmitError> {
-        let input: Value = serde_json::from_str(&spec.input).map_err(SubmitError::InvalidInput)?;
+        // Checked, not parsed: the input travels as the client's text to the
+        // tool that reads it (file tools parse it in the sandbox's helper).
+        serde_json::from_str::<&serde_json::value::RawValue>(&spec.input)
+            .map_err(SubmitError::InvalidInput)?;
         let rec = match self.journal.begin(&spec.call_id, &spec.tool, &spec.input)? {
             Begin::Existing(rec) => {
                 return Ok(Submitted {
@@ -206,12 +209,12 @@ impl Session {
             "call",
             connector = self.origin.connector.name(),
             session = %self.origin.session,
-            call_id = %spec.call_id,
-            tool = %spec.tool,
+            call_id = %rec.call_id,
+            tool = %rec.tool,
             sandbox = %self.id,
         );
         let (s, r) = (self.clone(), rec.clone());
-        let (deadline, attach) = (spec.deadline, spec.attach);
+        let (input, deadline, attach) = (spec.input, spec.deadline, spec.attach);
         let task = tokio::spawn(
             async move { s.run_journaled(&r, input, deadline, attach, running).await }
                 .instrument(span),
@@ -313,7 +316,7 @@ impl Session {
     async fn run_journaled(
         &self,
         rec: &CallRecord,
-        input: Value,
+        input: String,
         deadline: Option<tokio::time::Instant>,
         attach: Option<Attach>,
         running: activity::Running,
@@ -445,7 +448,7 @@ impl Session {
     async fn call_inner(
         &self,
         name: &str,
-        input: &Value,
+        input: &str,
         call_id: &str,
         sink: Option<crate::tools::bash::OutputSink<'_>>,
     ) -> (ToolResult, Outcome) {
@@ -462,7 +465,7 @@ impl Session {
     async fn call_tool(
         &self,
         name: &str,
-        input: &Value,
+        input: &str,
         call_id: &str,
         sink: Option<crate::tools::bash::OutputSink<'_>>,
     ) -> (ToolResult, Outcome) {
@@ -487,9 +490,10 @@ impl Session {
                     default_timeout: limits.bash_timeout,
                     call_timeout: limits.call_timeout,
                 };
+                let input: Value = serde_json::from_str(input).unwrap_or(Value::Null);
                 let mut bash = self.bash.lock().await;
                 let r = bash
-                    .call(&self.helper, input, &bash_limits, &self.env, sink)
+                    .call(&self.helper, &input, &bash_limits, &self.env, sink)
                     .await;
                 let outcome = if bash.last_timed_out() {
                     TimedOut
@@ -501,9 +505,18 @@ impl Session {
             file_tool => {
                 // `[]` is the SDK's `{}`; other non-objects are refused by the
                 // tool's own validation with the contract's text.
-                let input = match input {
-                    Value::Array(a) if a.is_empty() => Value::Object(Default::default()),
-                    other => other.clone(),
+                let raw = match serde_json::from_str::<Vec<serde::de::IgnoredAny>>(input) {
+                    Ok(a) if a.is_empty() => "{}".to_string(),
+                    _ => input.to_string(),
+                };
+                let input = match serde_json::value::RawValue::from_string(raw) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return (
+                            ToolResult::err(format!("{name}: input is not JSON: {e}")),
+                            Completed,
+                        )
+                    }
                 };
                 match tokio::time::timeout(limits.call_timeout, self.helper.tool(file_tool, input))
                     .await

@@ -16,7 +16,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
@@ -274,6 +273,9 @@ const OUTPUT_CHUNK: usize = 64 * 1024;
 /// `from_offset` (when `output`), then Finished. A call cancelled by this
 /// stream's `deadline` ends it with DEADLINE_EXCEEDED instead (whether or not
 /// the client enforces deadlines itself); its Finished stays journaled.
+///
+/// The stream is polled by the connection's own task: no forwarder task and
+/// no channel between the record and the client.
 fn forward(
     rec: Arc<CallRecord>,
     executed_now: bool,
@@ -281,88 +283,120 @@ fn forward(
     output: bool,
     deadline: Option<tokio::time::Instant>,
 ) -> EventStream {
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(async move {
-        let started = v1::Started {
-            call_id: rec.call_id.clone(),
-            executed_now,
-        };
-        if tx
-            .send(Ok(event(v1::call_event::Event::Started(started))))
-            .await
-            .is_err()
-        {
+    let started = v1::Started {
+        call_id: rec.call_id.clone(),
+        executed_now,
+    };
+    let follow = Follow {
+        state: rec.subscribe(),
+        rec,
+        offset: from_offset,
+        output,
+        deadline,
+        pending: std::collections::VecDeque::from([Ok(event(v1::call_event::Event::Started(
+            started,
+        )))]),
+        done: false,
+        fresh: true,
+    };
+    Box::pin(futures_util::stream::unfold(follow, |mut f| async move {
+        let item = f.next().await?;
+        Some((item, f))
+    }))
+}
+
+/// The state of one [`forward`] stream.
+struct Follow {
+    rec: Arc<CallRecord>,
+    state: tokio::sync::watch::Receiver<CallState>,
+    offset: u64,
+    output: bool,
+    deadline: Option<tokio::time::Instant>,
+    /// Events ready to go, in order.
+    pending: std::collections::VecDeque<Result<v1::CallEvent, Status>>,
+    /// The last event is queued: nothing follows it.
+    done: bool,
+    /// The state has not been looked at yet (no change to wait for first).
+    fresh: bool,
+}
+
+impl Follow {
+    async fn next(&mut self) -> Option<Result<v1::CallEvent, Status>> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(e);
+            }
+            if self.done {
+                return None;
+            }
+            if !self.fresh && self.state.changed().await.is_err() {
+                return None;
+            }
+            self.fresh = false;
+            self.look();
+        }
+    }
+
+    /// Queues what the record's state holds beyond what was sent.
+    fn look(&mut self) {
+        let snapshot = self.state.borrow_and_update().clone();
+        if let CallState::Expired { why, .. } = snapshot {
+            let e = JournalError::Expired {
+                call_id: self.rec.call_id.clone(),
+                why,
+            };
+            self.finish(Err(journal_status(e)));
             return;
         }
-        let mut state = rec.subscribe();
-        let mut offset = from_offset;
-        loop {
-            let snapshot = state.borrow_and_update().clone();
-            if let CallState::Expired { why, .. } = snapshot {
-                let e = JournalError::Expired {
-                    call_id: rec.call_id.clone(),
-                    why,
-                };
-                let _ = tx.send(Err(journal_status(e))).await;
-                return;
-            }
-            if output {
-                while offset < snapshot.output_end() {
-                    let (at, data) = match rec.read_output(offset, OUTPUT_CHUNK) {
-                        Ok(v) => v,
-                        Err(e) => {
-                            let _ = tx.send(Err(journal_status(e))).await;
-                            return;
-                        }
-                    };
-                    if data.is_empty() {
-                        break;
-                    }
-                    offset = at + data.len() as u64;
-                    let out = v1::Output { offset: at, data };
-                    if tx
-                        .send(Ok(event(v1::call_event::Event::Output(out))))
-                        .await
-                        .is_err()
-                    {
+        if self.output {
+            while self.offset < snapshot.output_end() {
+                let (at, data) = match self.rec.read_output(self.offset, OUTPUT_CHUNK) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.finish(Err(journal_status(e)));
                         return;
                     }
-                }
-            }
-            if let CallState::Finished {
-                result, outcome, ..
-            } = &snapshot
-            {
-                let outcome = match outcome {
-                    Outcome::Completed => v1::Outcome::Completed,
-                    Outcome::TimedOut => v1::Outcome::TimedOut,
-                    Outcome::Cancelled => v1::Outcome::Cancelled,
-                    Outcome::Shutdown => v1::Outcome::Shutdown,
                 };
-                if outcome == v1::Outcome::Cancelled
-                    && deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
-                {
-                    let _ = tx
-                        .send(Err(status(
-                            Code::DeadlineExceeded,
-                            "DEADLINE_EXCEEDED",
-                            "the call's deadline passed: it was cancelled, and its result is kept for Attach",
-                        )))
-                        .await;
-                    return;
+                if data.is_empty() {
+                    break;
                 }
-                let fin = crate::proto::finished(result, outcome);
-                let _ = tx
-                    .send(Ok(event(v1::call_event::Event::Finished(fin))))
-                    .await;
-                return;
-            }
-            if state.changed().await.is_err() {
-                return;
+                self.offset = at + data.len() as u64;
+                let out = v1::Output { offset: at, data };
+                self.pending
+                    .push_back(Ok(event(v1::call_event::Event::Output(out))));
             }
         }
-    });
-    Box::pin(ReceiverStream::new(rx))
+        if let CallState::Finished {
+            result, outcome, ..
+        } = &snapshot
+        {
+            let outcome = match outcome {
+                Outcome::Completed => v1::Outcome::Completed,
+                Outcome::TimedOut => v1::Outcome::TimedOut,
+                Outcome::Cancelled => v1::Outcome::Cancelled,
+                Outcome::Shutdown => v1::Outcome::Shutdown,
+            };
+            if outcome == v1::Outcome::Cancelled
+                && self
+                    .deadline
+                    .is_some_and(|d| tokio::time::Instant::now() >= d)
+            {
+                self.finish(Err(status(
+                    Code::DeadlineExceeded,
+                    "DEADLINE_EXCEEDED",
+                    "the call's deadline passed: it was cancelled, and its result is kept for Attach",
+                )));
+                return;
+            }
+            let fin = crate::proto::finished(result, outcome);
+            self.finish(Ok(event(v1::call_event::Event::Finished(fin))));
+        }
+    }
+
+    fn finish(&mut self, last: Result<v1::CallEvent, Status>) {
+        self.pending.push_back(last);
+        self.done = true;
+    }
 }
 
 /// The client's deadline, from `grpc-timeout`: at most 8 digits and a unit
