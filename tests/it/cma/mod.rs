@@ -8,8 +8,10 @@
 //! suite may use): the fake as a process ([`Fake`]), an environment on it
 //! served by an in-process connector ([`Served`]) or by `hands worker` as a
 //! process of its own ([`WorkerProcess`]), and helpers that build events and
-//! wait on real happenings — the fake's request log, a file, a process — never
-//! on a fixed sleep. The tests are in the submodules, by concern.
+//! wait on real happenings — the fake's request log, a call in the journal, a
+//! file, a process — never on a fixed sleep for readiness (a sleep left in a
+//! test is part of its scenario, and says so). The tests are in the
+//! submodules, by concern.
 
 use std::io::BufRead;
 use std::process::Command;
@@ -23,7 +25,8 @@ use serde_json::{json, Value};
 
 use crate::differential::python;
 
-/// How long any wait on the fake or the worker may take before the test fails.
+/// How long the harness's waits for an event (`until`, `Fake::await_requests`,
+/// `Fake::call`, …) may take before the test fails.
 pub(crate) const DEADLINE: Duration = Duration::from_secs(60);
 
 mod checklist;
