@@ -43,6 +43,32 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Child processes of every thread of `pid`.
+/// CPU time (user + system) process `pid` has used, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The fields after the command name, which is in parentheses and may
+    // hold spaces: utime and stime are the 12th and 13th of them.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    ticks as f64 / hz
+}
+
+/// CPU seconds of the worker and of its sessions' helpers (its children).
+fn worker_cpu(worker: u32) -> (f64, f64) {
+    let helpers = children(worker).into_iter().map(cpu_secs).sum();
+    (cpu_secs(worker), helpers)
+}
+
 fn children(pid: u32) -> Vec<u32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
@@ -495,6 +521,7 @@ async fn measure(
         let per = (4000 / conc).clamp(50, 2000);
         let api_addr = bound.api;
         let ss = sessions.clone();
+        let cpu0 = worker_cpu(worker_pid);
         let gw = throughput(conc, per, move |i| {
             let ss = ss.clone();
             async move {
@@ -514,6 +541,7 @@ async fn measure(
             }
         })
         .await?;
+        let cpu1 = worker_cpu(worker_pid);
         let ss = sessions.clone();
         let ch = channel.clone();
         let direct = throughput(conc, per, move |i| {
@@ -542,6 +570,27 @@ async fn measure(
         figures.insert(
             format!("reads/s at {conc} concurrent, gRPC direct"),
             json!(direct.round()),
+        );
+        let cpu2 = worker_cpu(worker_pid);
+        // CPU time per call: what a read costs the host whatever the load
+        // generator does to the wall clock on a machine it shares.
+        let calls = (conc * per) as f64;
+        let us = |a: f64, b: f64| json!(((b - a) / calls * 1e6).round());
+        figures.insert(
+            format!("worker CPU us per read at {conc} concurrent, gateway API -> tunnel"),
+            us(cpu0.0, cpu1.0),
+        );
+        figures.insert(
+            format!("helper CPU us per read at {conc} concurrent, gateway API -> tunnel"),
+            us(cpu0.1, cpu1.1),
+        );
+        figures.insert(
+            format!("worker CPU us per read at {conc} concurrent, gRPC direct"),
+            us(cpu1.0, cpu2.0),
+        );
+        figures.insert(
+            format!("helper CPU us per read at {conc} concurrent, gRPC direct"),
+            us(cpu1.1, cpu2.1),
         );
     }
 

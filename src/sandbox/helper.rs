@@ -445,15 +445,31 @@ fn spawn(
 /// Reaps every child (the helper is the namespace's init, so orphans land here
 /// too) and reports the exits of processes it spawned.
 fn reap_forever(children: &Children, writer: &Writer) {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag};
     loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(status) => {
+        // Wait for an exit without reaping it: a child whose exec failed is
+        // reaped by `Command::spawn` itself (which panics if it finds it gone),
+        // while the Spawn handler holds `procs`. So the reaper reaps only with
+        // `procs` held: after a spawn in progress has either recorded its pid
+        // or reaped its failed child.
+        match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(exited) => {
+                let Some(pid) = exited.pid() else {
+                    continue;
+                };
+                let mut procs = lock(&children.procs);
+                let status = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(s) => s,
+                    // Reaped already: a failed spawn's child.
+                    Err(_) => continue,
+                };
                 let (pid, code) = match status {
                     WaitStatus::Exited(pid, code) => (pid, code),
                     WaitStatus::Signaled(pid, sig, _) => (pid, 128 + sig as i32),
                     _ => continue,
                 };
-                let flag = lock(&children.procs).remove(&pid.as_raw());
+                let flag = procs.remove(&pid.as_raw());
+                drop(procs);
                 if let Some(kill_rest) = flag {
                     if kill_rest {
                         kill_all(Duration::from_secs(5));

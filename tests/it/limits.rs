@@ -391,6 +391,38 @@ async fn instantly_exiting_commands_never_lose_their_exit() {
     s.close().await.unwrap();
 }
 
+/// A command that cannot be started, many times over: `Command::spawn` reaps
+/// its failed child itself, and the helper's reaper must never take that
+/// child from under it. (The helper died of that race once, under the full
+/// suite's load, taking its session with it; the window is a few
+/// instructions, so this guards the path rather than reproducing the race on
+/// demand.)
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_spawns_never_take_the_helper_down() {
+    require_sandbox!();
+    let s = open(None).await;
+    for i in 0..1000 {
+        let null = || std::fs::File::open("/dev/null").unwrap().into();
+        let r = s
+            .exec(
+                &format!("missing{i}"),
+                vec!["/no/such/program".into()],
+                [null(), null(), null()],
+                Some(Duration::from_secs(10)),
+            )
+            .await;
+        match r {
+            Err(hands::session::SessionError::Sandbox(hands::sandbox::SandboxError::Spawn {
+                errno: Some(libc::ENOENT),
+                ..
+            })) => {}
+            other => panic!("spawn {i}: {other:?}"),
+        }
+    }
+    assert_eq!(sh(&s, "echo alive").await.trim(), "alive");
+    s.close().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // The host's disk, and what a session leaves behind.
 
