@@ -182,6 +182,42 @@ fn content_bytes(r: &ToolResult) -> usize {
         .sum()
 }
 
+/// What [`Session::begin`] found.
+enum Begun {
+    Existing(Arc<CallRecord>),
+    New(Arc<CallRecord>, Start),
+}
+
+/// What running a new call takes.
+struct Start {
+    input: String,
+    deadline: Option<tokio::time::Instant>,
+    attach: Option<Attach>,
+    running: activity::Running,
+    span: tracing::Span,
+}
+
+/// Ends a call whose execution was dropped before it finished: cancelled,
+/// audited, its result held like any other.
+struct FinishOnDrop<'a>(&'a Session, &'a CallRecord);
+
+impl Drop for FinishOnDrop<'_> {
+    fn drop(&mut self) {
+        let (session, rec) = (self.0, self.1);
+        let mut f = session.audit_fields(&rec.call_id, &rec.tool);
+        f.insert("outcome".into(), Outcome::Cancelled.name().into());
+        f.insert("is_error".into(), true.into());
+        f.insert("reason".into(), "its caller went away".into());
+        session.audit.record("call", f);
+        let tool = crate::tools::path::py_repr(&rec.tool);
+        rec.finish(
+            ToolResult::err(format!("tool {tool} cancelled")),
+            Outcome::Cancelled,
+        );
+        session.journal.retire(&rec.call_id);
+    }
+}
+
 /// Call ids of in-process callers that have none of their own.
 static LOCAL_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -189,18 +225,50 @@ impl Session {
     /// Submits a call: the one entry point (see the module doc). A new call id
     /// starts the call on a task of its own; a known one resumes its record.
     pub fn submit(self: &Arc<Self>, spec: CallSpec) -> Result<Submitted, SubmitError> {
-        // Checked, not parsed: the input travels as the client's text to the
-        // tool that reads it (file tools parse it in the sandbox's helper).
-        serde_json::from_str::<&serde_json::value::RawValue>(&spec.input)
-            .map_err(SubmitError::InvalidInput)?;
-        let rec = match self.journal.begin(&spec.call_id, &spec.tool, &spec.input)? {
-            Begin::Existing(rec) => {
+        let (rec, start) = match self.begin(spec)? {
+            Begun::Existing(rec) => {
                 return Ok(Submitted {
                     record: rec,
                     executed_now: false,
                     task: None,
                 })
             }
+            Begun::New(rec, start) => (rec, start),
+        };
+        let (s, r) = (self.clone(), rec.clone());
+        let task = tokio::spawn(async move { s.execute(&r, start).await });
+        Ok(Submitted {
+            record: rec,
+            executed_now: true,
+            task: Some(task),
+        })
+    }
+
+    /// [`Session::submit`], run in the caller's task rather than a task of its
+    /// own, for a caller that waits for the result anyway (no task hop). A
+    /// caller that gives up midway ends the call as cancelled.
+    pub async fn submit_and_wait(
+        &self,
+        spec: CallSpec,
+    ) -> Result<(Arc<ToolResult>, Outcome), SubmitError> {
+        let rec = match self.begin(spec)? {
+            Begun::Existing(rec) => rec,
+            Begun::New(rec, start) => {
+                self.execute(&rec, start).await;
+                rec
+            }
+        };
+        Ok(finished(&rec).await?)
+    }
+
+    /// The journal's verdict on a call, and what running it takes.
+    fn begin(&self, spec: CallSpec) -> Result<Begun, SubmitError> {
+        // Checked, not parsed: the input travels as the client's text to the
+        // tool that reads it (file tools parse it in the sandbox's helper).
+        serde_json::from_str::<&serde_json::value::RawValue>(&spec.input)
+            .map_err(SubmitError::InvalidInput)?;
+        let rec = match self.journal.begin(&spec.call_id, &spec.tool, &spec.input)? {
+            Begin::Existing(rec) => return Ok(Begun::Existing(rec)),
             Begin::New(rec) => rec,
         };
         // Running from now: before the face tells its client the call started.
@@ -213,39 +281,47 @@ impl Session {
             tool = %rec.tool,
             sandbox = %self.id,
         );
-        let (s, r) = (self.clone(), rec.clone());
-        let (input, deadline, attach) = (spec.input, spec.deadline, spec.attach);
-        let task = tokio::spawn(
-            async move { s.run_journaled(&r, input, deadline, attach, running).await }
-                .instrument(span),
-        );
-        Ok(Submitted {
-            record: rec,
-            executed_now: true,
-            task: Some(task),
-        })
+        Ok(Begun::New(
+            rec,
+            Start {
+                input: spec.input,
+                deadline: spec.deadline,
+                attach: spec.attach,
+                running,
+                span,
+            },
+        ))
     }
 
-    /// Runs one tool call through [`Session::submit`] under a call id of its
-    /// own and waits for its result (in-process callers). Never fails: every
+    /// Runs a call [`Session::begin`] started, in its span; if this future is
+    /// dropped midway, the call ends as cancelled (never left running).
+    async fn execute(&self, rec: &CallRecord, start: Start) {
+        let Start {
+            input,
+            deadline,
+            attach,
+            running,
+            span,
+        } = start;
+        let guard = FinishOnDrop(self, rec);
+        self.run_journaled(rec, input, deadline, attach, running)
+            .instrument(span)
+            .await;
+        std::mem::forget(guard);
+    }
+
+    /// Runs one tool call through the pipeline ([`Session::submit_and_wait`])
+    /// under a call id of its own (in-process callers). Never fails: every
     /// problem is a result with `is_error`.
-    pub async fn call(self: &Arc<Self>, name: &str, input: &Value) -> ToolResult {
+    pub async fn call(&self, name: &str, input: &Value) -> ToolResult {
         let id = format!("local-{}", LOCAL_IDS.fetch_add(1, Ordering::Relaxed));
         self.call_as(&id, name, input).await
     }
 
     /// [`Session::call`] under the caller's call id.
-    pub async fn call_as(self: &Arc<Self>, call_id: &str, name: &str, input: &Value) -> ToolResult {
+    pub async fn call_as(&self, call_id: &str, name: &str, input: &Value) -> ToolResult {
         let spec = CallSpec::new(call_id, name, input.to_string());
-        let submitted = match self.submit(spec) {
-            Ok(s) => s,
-            Err(e) => return ToolResult::err(e.to_string()),
-        };
-        let r = submitted.result().await;
-        if let Some(task) = submitted.task {
-            let _ = task.await;
-        }
-        match r {
+        match self.submit_and_wait(spec).await {
             Ok((result, _)) => Arc::unwrap_or_clone(result),
             Err(e) => ToolResult::err(e.to_string()),
         }
@@ -440,11 +516,12 @@ impl Session {
         }
     }
 
-    /// Runs the call; when the session hit its memory or pids limit meanwhile,
-    /// the result says so (the kernel's own trace is a bare `Killed`, or a
-    /// `fork: Resource temporarily unavailable`). The counters are the
-    /// session's: a limit hit by another call running at the same time in
-    /// the session is reported too.
+    /// Runs the call; when the session hit its memory or pids limit since the
+    /// counters were last read (at the end of the previous call), the result
+    /// says so (the kernel's own trace is a bare `Killed`, or a `fork:
+    /// Resource temporarily unavailable`). The counters are the session's: a
+    /// limit hit by another call running at the same time, or by a background
+    /// process between calls, is reported too — once. One reading per call.
     async fn call_inner(
         &self,
         name: &str,
@@ -452,11 +529,17 @@ impl Session {
         call_id: &str,
         sink: Option<crate::tools::bash::OutputSink<'_>>,
     ) -> (ToolResult, Outcome) {
-        let before = self.limit_events();
         let (mut result, outcome) = self.call_tool(name, input, call_id, sink).await;
-        let after = self.limit_events();
+        let now = self.limit_events();
+        let before = {
+            let mut seen = self.limits_seen.lock().unwrap_or_else(|p| p.into_inner());
+            let before = *seen;
+            seen.oom_kills = seen.oom_kills.max(now.oom_kills);
+            seen.pids_refused = seen.pids_refused.max(now.pids_refused);
+            before
+        };
         let limits = &self.policy.limits;
-        for note in super::limit_notes(before, after, limits) {
+        for note in super::limit_notes(before, now, limits) {
             result.append_note(&note);
         }
         (result, outcome)
@@ -505,9 +588,13 @@ impl Session {
             file_tool => {
                 // `[]` is the SDK's `{}`; other non-objects are refused by the
                 // tool's own validation with the contract's text.
-                let raw = match serde_json::from_str::<Vec<serde::de::IgnoredAny>>(input) {
-                    Ok(a) if a.is_empty() => "{}".to_string(),
-                    _ => input.to_string(),
+                let empty_array = input.trim_start().starts_with('[')
+                    && serde_json::from_str::<Vec<serde::de::IgnoredAny>>(input)
+                        .is_ok_and(|a| a.is_empty());
+                let raw = if empty_array {
+                    "{}".to_string()
+                } else {
+                    input.to_string()
                 };
                 let input = match serde_json::value::RawValue::from_string(raw) {
                     Ok(r) => r,

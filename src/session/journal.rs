@@ -193,6 +193,8 @@ pub struct CallRecord {
     cause: Mutex<Option<CancelCause>>,
     /// When the call started (shutdown logs how long calls have run).
     pub started: Instant,
+    /// Its result is counted among the held ones (see [`Journal::retire`]).
+    held: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -589,6 +591,7 @@ impl Journal {
                 cancel: Notify::new(),
                 cause: Mutex::new(None),
                 started: Instant::now(),
+                held: std::sync::atomic::AtomicBool::new(false),
             });
             let s = st.sessions.get_mut(&key).expect("created above");
             s.calls
@@ -613,12 +616,15 @@ impl Journal {
                 return;
             };
             let bytes = match s.calls.get(call_id) {
-                Some(Entry::Live(rec)) if rec.is_finished() => rec.held_bytes(),
+                Some(Entry::Live(rec)) if rec.is_finished() => {
+                    // Once: a result is held at most once.
+                    if rec.held.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    rec.held_bytes()
+                }
                 _ => return,
             };
-            if s.held.iter().any(|h| h.call_id == call_id) {
-                return;
-            }
             s.held.push_back(Held {
                 seq,
                 call_id: call_id.to_string(),

@@ -138,6 +138,8 @@ pub struct Session {
     activity: Arc<activity::Activity>,
     origin: Origin,
     audit: Arc<Auditor>,
+    /// The limit counters as the last call's end saw them.
+    limits_seen: std::sync::Mutex<crate::sandbox::cgroup::LimitEvents>,
     closed: bool,
 }
 
@@ -349,6 +351,7 @@ impl Session {
             },
             activity: Arc::new(activity::Activity::new()),
             origin,
+            limits_seen: Default::default(),
             audit: opts
                 .audit
                 .unwrap_or_else(|| Auditor::log_only(crate::util::hostname())),
