@@ -401,7 +401,7 @@ async fn instantly_exiting_commands_never_lose_their_exit() {
 async fn failed_spawns_never_take_the_helper_down() {
     require_sandbox!();
     let s = open(None).await;
-    for i in 0..1000 {
+    for i in 0..500 {
         let null = || std::fs::File::open("/dev/null").unwrap().into();
         let r = s
             .exec(
