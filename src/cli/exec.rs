@@ -66,8 +66,9 @@ fn not_started(program: &str, errno: Option<i32>, message: &str) -> Option<(i32,
     }
 }
 
-pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
+pub fn run(mut args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
     super::require_root("hands exec")?;
+    let call_id = super::call_id(args.call_id.take(), "exec")?;
     let rt = super::runtime()?;
     let code = rt.block_on(async {
         let session = super::open_session(
@@ -78,9 +79,6 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
             crate::session::Connector::Exec,
         )
         .await?;
-        let call_id = args
-            .call_id
-            .unwrap_or_else(|| format!("exec-{}", std::process::id()));
         let before = session.limit_events();
         let timeout = match args.timeout {
             Some(s) if s > 0.0 => Duration::from_secs_f64(s),

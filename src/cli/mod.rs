@@ -149,6 +149,17 @@ pub fn release_cgroups() {
     }
 }
 
+/// The call id a command's call has in the audit log: `given` (checked as
+/// hands.v1 checks ids), else `<prefix>-<pid>`.
+pub fn call_id(given: Option<String>, prefix: &str) -> anyhow::Result<String> {
+    let id = given.unwrap_or_else(|| format!("{prefix}-{}", std::process::id()));
+    anyhow::ensure!(
+        crate::session::registry::valid_id(&id),
+        "--call-id {id:?}: 1 to 128 characters of [A-Za-z0-9._:-]"
+    );
+    Ok(id)
+}
+
 /// The audit log of commands without a worker configuration:
 /// `$HANDS_AUDIT_LOG`, else `audit.jsonl` in the data directory (where a
 /// worker with no `[audit] file` writes too).

@@ -31,10 +31,11 @@ pub struct Args {
     input: String,
 }
 
-pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result<ExitCode> {
+pub fn run(mut args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result<ExitCode> {
     super::require_root("hands tool")?;
     let input: serde_json::Value =
         serde_json::from_str(&args.input).context("the tool input is not valid JSON")?;
+    let call_id = super::call_id(args.call_id.take(), "tool")?;
     let rt = super::runtime()?;
     rt.block_on(async {
         let session = super::open_session(
@@ -45,9 +46,6 @@ pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result
             crate::session::Connector::Tool,
         )
         .await?;
-        let call_id = args
-            .call_id
-            .unwrap_or_else(|| format!("tool-{}", std::process::id()));
         let result = session.call_as(&call_id, &args.tool, &input).await;
         let workspaces = session.workspaces();
         session.close().await.context("closing the session")?;

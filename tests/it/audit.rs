@@ -521,3 +521,26 @@ fn audit_verify_accepts_a_rotated_chain_and_refuses_its_files_out_of_order() {
     let (code, out) = verify(&[dir.path().join("missing")]);
     assert_eq!(code, 2, "{out}");
 }
+
+/// A command's `--call-id` is checked as hands.v1 checks ids, before anything
+/// is made: an id that could break a log line never reaches one.
+#[test]
+fn a_command_s_call_id_is_checked_before_anything_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    for cmd in [
+        vec!["tool", "--call-id", "evil\n{\"seq\":1}", "bash", "{}"],
+        vec!["exec", "--call-id", "a b", "--", "/bin/true"],
+    ] {
+        let out = Command::new(hands_bin())
+            .args(&cmd)
+            .env("HANDS_AUDIT_LOG", &log)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("--call-id"), "{err}");
+    }
+    assert!(!log.exists(), "nothing was audited");
+}
