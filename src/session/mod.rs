@@ -398,8 +398,8 @@ impl Session {
         &self.journal
     }
 
-    /// How busy the session is (every call through [`Session::call`],
-    /// [`Session::run_journaled`] and [`Session::exec`] counts).
+    /// How busy the session is (every call through [`Session::submit`],
+    /// whichever face made it, counts).
     pub fn activity(&self) -> &Arc<activity::Activity> {
         &self.activity
     }
