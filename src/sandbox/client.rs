@@ -279,20 +279,17 @@ impl HelperClient {
             .map_err(|_| SandboxError::HelperDied(String::new()))
     }
 
-    /// Runs a file tool in the helper. Dropping the future raises the tool's
+    /// Runs a file tool in the helper on `input`, JSON text passed through as
+    /// it is (the helper parses it). Dropping the future raises the tool's
     /// cancel flag.
-    pub async fn tool(
-        &self,
-        tool: Tool,
-        input: Box<serde_json::value::RawValue>,
-    ) -> Result<ToolResult, SandboxError> {
+    pub async fn tool(&self, tool: Tool, input: &str) -> Result<ToolResult, SandboxError> {
         let id = self.next_id();
         let guard = CancelOnDrop {
             client: self,
             id,
             armed: true,
         };
-        let frame = proto::encode_frame_with(&Request::Tool { id, tool }, input.get().as_bytes())
+        let frame = proto::encode_frame_with(&Request::Tool { id, tool }, input.as_bytes())
             .map_err(host("encode"));
         let resp = match frame {
             Ok(frame) => self.send_frame(id, frame, Vec::new()).await,

@@ -217,21 +217,5 @@ pub fn read_frame_with<R: Read, T: for<'de> Deserialize<'de>>(
 
 /// Reads one frame (blocking); `Ok(None)` on a clean EOF between frames.
 pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> io::Result<Option<T>> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(io::Error::other(format!(
-            "frame of {len} bytes exceeds {MAX_FRAME}"
-        )));
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
-    serde_json::from_slice(&body)
-        .map(Some)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    Ok(read_frame_with(r)?.map(|(msg, _payload)| msg))
 }

@@ -591,20 +591,8 @@ impl Session {
                 let empty_array = input.trim_start().starts_with('[')
                     && serde_json::from_str::<Vec<serde::de::IgnoredAny>>(input)
                         .is_ok_and(|a| a.is_empty());
-                let raw = if empty_array {
-                    "{}".to_string()
-                } else {
-                    input.to_string()
-                };
-                let input = match serde_json::value::RawValue::from_string(raw) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        return (
-                            ToolResult::err(format!("{name}: input is not JSON: {e}")),
-                            Completed,
-                        )
-                    }
-                };
+                // Checked as JSON by `begin`: passed through as it is.
+                let input = if empty_array { "{}" } else { input };
                 match tokio::time::timeout(limits.call_timeout, self.helper.tool(file_tool, input))
                     .await
                 {

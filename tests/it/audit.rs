@@ -5,107 +5,14 @@
 //! mirrored to the worker's log; `hands audit verify` finds an edited, a
 //! deleted, an inserted and a reordered record, and accepts a rotated chain.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use hands::proto::v1;
 use serde_json::{json, Value};
 
 use crate::util::hands_bin;
-
-/// A `hands worker` process; its stderr collected.
-struct WorkerProc {
-    child: std::process::Child,
-    addr: String,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl WorkerProc {
-    /// Starts `hands worker` with `config` (written to `dir/worker.toml`), with
-    /// no `HANDS_LOG`: the default log level.
-    fn start(dir: &Path, config: &str) -> WorkerProc {
-        let path = dir.join("worker.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(hands_bin())
-            .args(["worker", "--config"])
-            .arg(&path)
-            .env_remove("HANDS_LOG")
-            .env_remove("HANDS_AUDIT_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start hands worker");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let Some(addr) = line
-            .trim()
-            .strip_prefix("listening on ")
-            .map(str::to_string)
-        else {
-            let _ = child.kill();
-            let _ = child.wait();
-            std::thread::sleep(Duration::from_millis(100));
-            panic!(
-                "the worker did not start: {line:?}\n{}",
-                stderr.lock().unwrap()
-            );
-        };
-        WorkerProc {
-            child,
-            addr,
-            stderr,
-        }
-    }
-
-    async fn client(&self) -> v1::sandbox_client::SandboxClient<tonic::transport::Channel> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to the debug listener");
-        v1::sandbox_client::SandboxClient::new(channel)
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-}
-
-impl Drop for WorkerProc {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        for _ in 0..500 {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::worker::Daemon;
 
 /// Makes call `call_id` in hands.v1 session `session` and returns its
 /// Started's `executed_now` and its result's text.
@@ -208,7 +115,7 @@ async fn each_face_s_call_appears_once_with_the_client_s_ids() {
         env["id"].as_str().unwrap(),
         fake.url(),
     );
-    let worker = WorkerProc::start(dir.path(), &config);
+    let worker = Daemon::start_by_default(dir.path(), &config, &[]);
 
     // hands.v1 on the debug listener; the same call again resumes it.
     let mut client = worker.client().await;
@@ -367,36 +274,11 @@ async fn the_audit_log_is_written_at_the_default_log_level() {
     // A disk filesystem, as a data directory must be.
     let dir = tempfile::Builder::new().tempdir_in("/var/tmp").unwrap();
     let data = dir.path().join("data");
-    let path = dir.path().join("worker.toml");
-    std::fs::write(
-        &path,
+    let w = Daemon::start_by_default(
+        dir.path(),
         "worker_id = \"quiet\"\ncapacity = 1\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .unwrap();
-    let mut child = Command::new(hands_bin())
-        .args(["worker", "--config"])
-        .arg(&path)
-        .env_remove("HANDS_LOG")
-        .env_remove("HANDS_AUDIT_LOG")
-        .env("HANDS_DATA_DIR", &data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    let w = WorkerProc {
-        child,
-        addr,
-        stderr: Default::default(),
-    };
+        &[("HANDS_DATA_DIR", &data)],
+    );
     let mut client = w.client().await;
     client
         .open_session(v1::OpenSessionRequest {

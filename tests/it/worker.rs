@@ -181,7 +181,7 @@ async fn the_debug_listener_serves_reflection() {
 /// A `hands worker` process of a test's own: its configuration `config` in
 /// `dir`, the global `args` (`--policy-dir`) before `worker`, extra
 /// environment, and its stderr collected.
-struct Daemon {
+pub(crate) struct Daemon {
     child: std::process::Child,
     addr: String,
     stderr: Arc<Mutex<String>>,
@@ -189,6 +189,22 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, config: &str, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
+        Daemon::start_logging(dir, config, args, env, Some("info"))
+    }
+
+    /// [`Daemon::start`] with no `HANDS_LOG` and no `HANDS_AUDIT_LOG` from the
+    /// test's environment: the worker's default log level and audit log.
+    pub(crate) fn start_by_default(dir: &Path, config: &str, env: &[(&str, &Path)]) -> Daemon {
+        Daemon::start_logging(dir, config, &[], env, None)
+    }
+
+    fn start_logging(
+        dir: &Path,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &Path)],
+        log: Option<&str>,
+    ) -> Daemon {
         let path = dir.join("worker.toml");
         std::fs::write(&path, config).unwrap();
         let mut cmd = Command::new(hands_bin());
@@ -196,9 +212,13 @@ impl Daemon {
             .args(["worker", "--config"])
             .arg(&path)
             .current_dir("/")
-            .env("HANDS_LOG", "info")
+            .env_remove("HANDS_AUDIT_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        match log {
+            Some(filter) => cmd.env("HANDS_LOG", filter),
+            None => cmd.env_remove("HANDS_LOG"),
+        };
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -240,7 +260,9 @@ impl Daemon {
         }
     }
 
-    async fn client(&self) -> v1::sandbox_client::SandboxClient<tonic::transport::Channel> {
+    pub(crate) async fn client(
+        &self,
+    ) -> v1::sandbox_client::SandboxClient<tonic::transport::Channel> {
         v1::sandbox_client::SandboxClient::new(connect(&self.addr).await)
     }
 
@@ -259,7 +281,7 @@ impl Daemon {
             .collect()
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
