@@ -44,8 +44,14 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 
 /// The hex SHA-256 of one record's line (without its newline).
 pub fn hash_line(line: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let d = ring::digest::digest(&ring::digest::SHA256, line);
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    let mut hex = String::with_capacity(64);
+    for b in d.as_ref() {
+        hex.push(HEX[(b >> 4) as usize] as char);
+        hex.push(HEX[(b & 15) as usize] as char);
+    }
+    hex
 }
 
 /// The chain fields of a record; the rest of the line is the event.
@@ -580,6 +586,14 @@ pub fn verify(files: &[PathBuf]) -> io::Result<Verdict> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_s_hash_is_its_sha256_in_lower_case_hex() {
+        assert_eq!(
+            hash_line(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 
     fn event(n: u64) -> Map<String, Value> {
         let mut m = Map::new();

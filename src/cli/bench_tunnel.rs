@@ -286,7 +286,7 @@ async fn bench(
     std::fs::write(
         d.join("worker.toml"),
         format!(
-            "worker_id = \"bench-worker\"\ncapacity = 64\nenvironments = [\"default\"]\nlisten = \"{debug}\"\n[tunnel]\nendpoints = [\"{}\"]\nserver_name = \"localhost\"\nca = \"pki/ca.pem\"\ncert = \"pki/worker.pem\"\nkey = \"pki/worker-key.pem\"\nproxy = \"none\"\n",
+            "worker_id = \"bench-worker\"\ncapacity = 64\nenvironments = [\"default\"]\nlisten = \"{debug}\"\n[tunnel]\nendpoints = [\"{}\"]\nserver_name = \"localhost\"\nca = \"pki/ca.pem\"\ncert = \"pki/worker.pem\"\nkey = \"pki/worker-key.pem\"\nproxy = \"none\"\n[audit]\nfile = \"audit.jsonl\"\n",
             bound.tunnel
         ),
     )?;

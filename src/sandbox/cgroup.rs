@@ -18,6 +18,7 @@
 //! controllers, is refused with what to do. A v2 hierarchy can be rooted anywhere,
 //! which is how the v2 code path is tested on a fake cgroupfs here.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -366,6 +367,7 @@ impl Cgroups {
             cg,
             rel,
             version: self.version,
+            counters: Default::default(),
         }
     }
 
@@ -454,6 +456,10 @@ pub struct SessionCgroup {
     /// same on v2), where the kernel counts the limits' events.
     memory_dir: PathBuf,
     pids_dir: PathBuf,
+    /// The two counter files (memory, pids), opened at the first read that
+    /// finds them and read in place after every call (a `pread` each, not an
+    /// open, read and close).
+    counters: [std::sync::OnceLock<File>; 2],
 }
 
 /// How often a session hit its limits so far (counters only grow).
@@ -467,9 +473,15 @@ pub struct LimitEvents {
     pub pids_refused: u64,
 }
 
-/// The value of `key` in a flat-keyed cgroup file (`key value` lines).
-fn counter(path: &Path, key: &str) -> u64 {
-    std::fs::read_to_string(path)
+/// The value of `key` in a flat-keyed cgroup file (`key value` lines), read
+/// from its start.
+fn counter(file: Option<&File>, key: &str) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let Some(file) = file else { return 0 };
+    // These files hold a few short lines (v2 `memory.events` is the longest).
+    let mut buf = [0u8; 1024];
+    let n = file.read_at(&mut buf, 0).unwrap_or(0);
+    std::str::from_utf8(&buf[..n])
         .ok()
         .and_then(|text| {
             text.lines().find_map(|l| {
@@ -579,9 +591,17 @@ impl SessionCgroup {
             CgroupVersion::V1 => "memory.oom_control",
             CgroupVersion::V2 => "memory.events",
         };
+        let file = |i: usize, path: PathBuf| -> Option<&File> {
+            if let Some(f) = self.counters[i].get() {
+                return Some(f);
+            }
+            let f = File::open(path).ok()?;
+            // Two first readers at once: either copy is the same file.
+            Some(self.counters[i].get_or_init(|| f))
+        };
         LimitEvents {
-            oom_kills: counter(&self.memory_dir.join(memory_file), "oom_kill"),
-            pids_refused: counter(&self.pids_dir.join("pids.events"), "max"),
+            oom_kills: counter(file(0, self.memory_dir.join(memory_file)), "oom_kill"),
+            pids_refused: counter(file(1, self.pids_dir.join("pids.events")), "max"),
         }
     }
 }

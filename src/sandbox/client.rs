@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+/// The helper's side of the channel, as the worker reads it.
+type HelperReader = tokio::io::BufReader<OwnedReadHalf>;
 use tokio::sync::{mpsc, oneshot};
 
 use super::cgroup::{CgroupError, SessionCgroup};
@@ -151,7 +154,10 @@ impl HelperClient {
 
         ours.set_nonblocking(true).map_err(host("socket"))?;
         let stream = tokio::net::UnixStream::from_std(ours).map_err(host("socket"))?;
-        let (mut read_half, write_half) = stream.into_split();
+        let (read_half, write_half) = stream.into_split();
+        // A frame of up to 32 KiB (most results) arrives in one read; the
+        // buffer is per session, so it stays small.
+        let mut read_half = tokio::io::BufReader::with_capacity(32 << 10, read_half);
         let routes: Arc<Mutex<Routes>> = Arc::default();
         let dead = Arc::new(AtomicBool::new(false));
         let (writer, outgoing) = mpsc::unbounded_channel();
@@ -453,7 +459,7 @@ fn stream_fd(s: &tokio::net::UnixStream) -> std::os::fd::BorrowedFd<'_> {
     s.as_fd()
 }
 
-async fn read_response(r: &mut OwnedReadHalf) -> Result<Option<Response>, SandboxError> {
+async fn read_response(r: &mut HelperReader) -> Result<Option<Response>, SandboxError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -468,12 +474,12 @@ async fn read_response(r: &mut OwnedReadHalf) -> Result<Option<Response>, Sandbo
     r.read_exact(&mut body)
         .await
         .map_err(|e| SandboxError::HelperDied(format!(": {e}")))?;
-    serde_json::from_slice(&body)
+    proto::decode_response(body)
         .map(Some)
-        .map_err(|e| SandboxError::Protocol(e.to_string()))
+        .map_err(SandboxError::Protocol)
 }
 
-async fn route_forever(mut r: OwnedReadHalf, routes: Arc<Mutex<Routes>>, dead: Arc<AtomicBool>) {
+async fn route_forever(mut r: HelperReader, routes: Arc<Mutex<Routes>>, dead: Arc<AtomicBool>) {
     loop {
         let resp = match read_response(&mut r).await {
             Ok(Some(resp)) => resp,
@@ -482,6 +488,7 @@ async fn route_forever(mut r: OwnedReadHalf, routes: Arc<Mutex<Routes>>, dead: A
         let mut routes = lock(&routes);
         match resp {
             Response::ToolDone { id, .. }
+            | Response::ToolText { id, .. }
             | Response::Spawned { id, .. }
             | Response::SpawnFailed { id, .. }
             | Response::Killed { id, .. } => {

@@ -8,7 +8,7 @@
 //! every process of the session, setsid'ed and double-forked daemons included.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -67,6 +67,26 @@ fn send(w: &Writer, msg: &Response) {
         Err(p) => p.into_inner(),
     };
     let _ = proto::write_frame(&mut *guard, msg);
+}
+
+/// Sends the result of file tool call `id`, encoded before the writer is taken.
+fn send_result(w: &Writer, id: u64, result: &crate::tools::ToolResult) {
+    let frame = match proto::encode_result(id, result) {
+        Ok(frame) => frame,
+        // Over the frame limit (the tools bound their output far below it).
+        Err(e) => match proto::encode_result(
+            id,
+            &crate::tools::ToolResult::err(format!("the result could not be sent: {e}")),
+        ) {
+            Ok(frame) => frame,
+            Err(_) => return,
+        },
+    };
+    let mut guard = match w.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let _ = guard.write_all(&frame);
 }
 
 /// Entry point of `hands __sandbox-helper`. Never returns.
@@ -262,7 +282,7 @@ fn serve(
                     // Answered here, on the reading thread: a hop to the pool
                     // costs more than reading a small file.
                     let result = crate::tools::fs::run(tool, &input, &ctx);
-                    send(&writer, &Response::ToolDone { id, result });
+                    send_result(&writer, id, &result);
                     continue;
                 }
                 ctx.cancel = Arc::new(AtomicBool::new(false));
@@ -272,7 +292,7 @@ fn serve(
                 pool.run(Box::new(move || {
                     let result = crate::tools::fs::run(tool, &input, &ctx);
                     lock(&cancels).remove(&id);
-                    send(&writer, &Response::ToolDone { id, result });
+                    send_result(&writer, id, &result);
                 }));
             }
             Request::Cancel { id } => {

@@ -113,6 +113,13 @@ pub enum Response {
         id: u64,
         result: ToolResult,
     },
+    /// A file tool's result of one text block, the common case: the text is
+    /// the frame's payload as UTF-8 bytes (see [`encode_result`]), not a JSON
+    /// string with its escapes. The worker reads it as [`Response::ToolDone`].
+    ToolText {
+        id: u64,
+        is_error: bool,
+    },
     Spawned {
         id: u64,
         pid: i32,
@@ -187,6 +194,50 @@ pub fn encode_frame_with<T: Serialize>(msg: &T, payload: &[u8]) -> io::Result<Ve
     Ok(buf)
 }
 
+/// Encodes the answer to file tool call `id`: one text block as a
+/// [`Response::ToolText`] header with the text as payload, anything else
+/// (an image, a document) as [`Response::ToolDone`].
+pub fn encode_result(id: u64, result: &ToolResult) -> io::Result<Vec<u8>> {
+    match result.content.as_slice() {
+        [crate::tools::ContentBlock::Text { text }] => encode_frame_with(
+            &Response::ToolText {
+                id,
+                is_error: result.is_error,
+            },
+            text.as_bytes(),
+        ),
+        _ => encode_frame(&Response::ToolDone {
+            id,
+            result: result.clone(),
+        }),
+    }
+}
+
+/// Decodes one frame's body from the helper: its header, and for a
+/// [`Response::ToolText`] the text payload, which must be UTF-8. A text result
+/// comes out as [`Response::ToolDone`].
+pub fn decode_response(mut body: Vec<u8>) -> Result<Response, String> {
+    let Some(nul) = memchr::memchr(0, &body) else {
+        return serde_json::from_slice(&body).map_err(|e| e.to_string());
+    };
+    let payload = body.split_off(nul + 1);
+    body.truncate(nul);
+    match serde_json::from_slice(&body).map_err(|e| e.to_string())? {
+        Response::ToolText { id, is_error } => {
+            let text = String::from_utf8(payload)
+                .map_err(|e| format!("tool {id}: its text is not UTF-8: {e}"))?;
+            Ok(Response::ToolDone {
+                id,
+                result: ToolResult {
+                    content: vec![crate::tools::ContentBlock::Text { text }],
+                    is_error,
+                },
+            })
+        }
+        other => Err(format!("a payload after a {other:?} frame")),
+    }
+}
+
 /// Reads one frame (blocking) and its payload (empty when it has none);
 /// `Ok(None)` on a clean EOF between frames.
 pub fn read_frame_with<R: Read, T: for<'de> Deserialize<'de>>(
@@ -218,4 +269,75 @@ pub fn read_frame_with<R: Read, T: for<'de> Deserialize<'de>>(
 /// Reads one frame (blocking); `Ok(None)` on a clean EOF between frames.
 pub fn read_frame<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R) -> io::Result<Option<T>> {
     Ok(read_frame_with(r)?.map(|(msg, _payload)| msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tools::ContentBlock;
+
+    fn body(frame: Vec<u8>) -> Vec<u8> {
+        frame[4..].to_vec()
+    }
+
+    #[test]
+    fn a_text_result_travels_as_bytes_and_comes_back_whole() {
+        let text = "line \"one\"\n\ttab, NUL \0 and é\n".repeat(100);
+        let result = ToolResult {
+            content: vec![ContentBlock::Text { text: text.clone() }],
+            is_error: true,
+        };
+        let frame = encode_result(7, &result).unwrap();
+        // The text is in the frame as it is, not as an escaped JSON string.
+        assert!(frame.windows(text.len()).any(|w| w == text.as_bytes()));
+        match decode_response(body(frame)).unwrap() {
+            Response::ToolDone { id, result: back } => {
+                assert_eq!(id, 7);
+                assert_eq!(back, result);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_result_of_other_blocks_travels_as_json() {
+        let result = ToolResult {
+            content: vec![
+                ContentBlock::Text { text: "a".into() },
+                ContentBlock::Text { text: "b".into() },
+            ],
+            is_error: false,
+        };
+        let frame = encode_result(3, &result).unwrap();
+        assert!(!frame[4..].contains(&0), "no payload separator");
+        match decode_response(body(frame)).unwrap() {
+            Response::ToolDone {
+                id: 3,
+                result: back,
+            } => assert_eq!(back, result),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_text_payload_that_is_not_utf8_is_a_protocol_error() {
+        let mut frame = encode_frame_with(
+            &Response::ToolText {
+                id: 1,
+                is_error: false,
+            },
+            b"ok",
+        )
+        .unwrap();
+        let n = frame.len();
+        frame[n - 1] = 0xff;
+        let err = decode_response(body(frame)).unwrap_err();
+        assert!(err.contains("not UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn a_payload_after_any_other_frame_is_a_protocol_error() {
+        let frame = encode_frame_with(&Response::Killed { id: 1, ok: true }, b"x").unwrap();
+        assert!(decode_response(body(frame)).is_err());
+    }
 }

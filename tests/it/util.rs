@@ -51,6 +51,15 @@ pub fn config() -> SandboxConfig {
 pub fn hands_bin() -> &'static str {
     static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
+        // Every worker a test starts appends its audit records to a file of
+        // this run, not to the machine's own log under /var/lib/hands (a test
+        // about the default location removes the variable and names its own
+        // data directory).
+        if std::env::var_os("HANDS_AUDIT_LOG").is_none() {
+            let dir = std::env::temp_dir().join(format!("hands-it-audit-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::env::set_var("HANDS_AUDIT_LOG", dir.join("audit.jsonl"));
+        }
         std::env::var("HANDS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hands").into())
     })
 }
