@@ -10,6 +10,7 @@ pub mod client;
 pub mod helper;
 pub mod landlock;
 pub mod mounts;
+pub mod netfilter;
 pub mod proto;
 pub mod seccomp;
 pub mod sys;
