@@ -223,6 +223,24 @@ pub fn checks() -> Vec<Check> {
         },
         action: "session processes run with RLIMIT_CORE 1, the value the kernel honours for pipe handlers too: no crash inside reaches the host".into(),
     });
+    let (ok, status) = match crate::sandbox::netfilter::probe() {
+        Ok(()) => (
+            true,
+            "nftables and routes installed in a test namespace".to_string(),
+        ),
+        Err(e) => (false, format!("unavailable: {e}")),
+    };
+    out.push(Check {
+        feature: "egress barrier",
+        ok,
+        required: false,
+        status,
+        action: if ok {
+            "sessions in network.mode = \"egress\" get nftables in their namespace: TCP to other hosts goes to the worker's transparent listener, everything else is dropped".into()
+        } else {
+            "sessions in network.mode = \"egress\" fail to open (fail closed); \"none\" and \"loopback\" are unaffected".into()
+        },
+    });
     let pidfd = sys::pidfd_open(std::process::id() as i32).is_ok();
     out.push(Check {
         feature: "pidfd",

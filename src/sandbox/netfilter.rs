@@ -62,6 +62,90 @@ pub fn in_netns_of<T: Send>(pid: i32, f: impl FnOnce() -> io::Result<T> + Send) 
     })
 }
 
+/// The ports of the worker's listeners on the session's loopback (IPv4 and,
+/// where the kernel has it, IPv6). Below 1024 or bound before any session
+/// process runs, so no session process can take them.
+pub const HTTP_PROXY_PORT: u16 = 3128;
+pub const SOCKS_PORT: u16 = 1080;
+pub const TRANSPARENT_PORT: u16 = 15001;
+pub const DNS_PORT: u16 = 53;
+
+/// The worker's sockets inside a session's network namespace, made there by
+/// [`install_with_listeners`] and served from the worker's runtime.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub transparent: Vec<std::net::TcpListener>,
+    pub http: Vec<std::net::TcpListener>,
+    pub socks: Vec<std::net::TcpListener>,
+    pub dns: Vec<std::net::UdpSocket>,
+}
+
+/// [`install`] with [`TRANSPARENT_PORT`], then the listeners bound on
+/// `127.0.0.1` and `::1` (IPv6 skipped where the namespace has no `::1`),
+/// non-blocking, ready for the worker's runtime.
+pub fn install_with_listeners() -> io::Result<Listeners> {
+    install(TRANSPARENT_PORT)?;
+    let mut l = Listeners::default();
+    for ip in [
+        std::net::IpAddr::from(Ipv4Addr::LOCALHOST),
+        std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+    ] {
+        let tcp = |port: u16| -> io::Result<Option<std::net::TcpListener>> {
+            match std::net::TcpListener::bind((ip, port)) {
+                Ok(s) => {
+                    s.set_nonblocking(true)?;
+                    Ok(Some(s))
+                }
+                Err(e) if ip.is_ipv6() && no_ipv6(&e) => Ok(None),
+                Err(e) => Err(io::Error::new(
+                    e.kind(),
+                    format!("binding {ip}:{port}: {e}"),
+                )),
+            }
+        };
+        l.transparent.extend(tcp(TRANSPARENT_PORT)?);
+        l.http.extend(tcp(HTTP_PROXY_PORT)?);
+        l.socks.extend(tcp(SOCKS_PORT)?);
+        match std::net::UdpSocket::bind((ip, DNS_PORT)) {
+            Ok(s) => {
+                s.set_nonblocking(true)?;
+                l.dns.push(s);
+            }
+            Err(e) if ip.is_ipv6() && no_ipv6(&e) => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("binding {ip}:{DNS_PORT}/udp: {e}"),
+                ))
+            }
+        }
+    }
+    Ok(l)
+}
+
+/// Installs the barrier and its listeners in a network namespace made for
+/// the purpose on a thread of its own, gone with the thread: whether `egress`
+/// sessions can open on this host (`hands doctor`, tests).
+pub fn probe() -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("netns-probe".into())
+        .spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| io::Error::other(format!("a network namespace: {e}")))?;
+            install_with_listeners().map(drop)
+        })?
+        .join()
+        .map_err(|_| io::Error::other("the probe thread panicked"))?
+}
+
+/// IPv6 is off in this kernel or namespace.
+fn no_ipv6(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL) | Some(libc::EAFNOSUPPORT)
+    )
+}
+
 /// Installs the barrier in the calling thread's network namespace (see the
 /// module doc): `lo` up, default routes over `lo`, and the `hands` table with
 /// TCP redirected to `transparent_port`.
@@ -608,6 +692,13 @@ mod tests {
             Ok(())
         })
         .unwrap();
+    }
+
+    #[test]
+    fn the_probe_installs_the_barrier_and_its_listeners_in_a_namespace_of_its_own() {
+        probe().unwrap();
+        // Again: the namespace went with its thread, and the ports with it.
+        probe().unwrap();
     }
 
     #[test]

@@ -1,0 +1,1100 @@
+//! Serving an `egress` session's listeners: the explicit HTTP proxy (CONNECT
+//! and absolute-URI forwarding), SOCKS5 (CONNECT, names resolved here), and
+//! the transparent listener every other TCP connection of the session is
+//! redirected to (see [`crate::sandbox::netfilter`]).
+//!
+//! Every path comes to one decision ([`Gate`]) made on what the worker itself
+//! resolved, and connects to exactly the address it checked. A name the policy
+//! does not allow is never resolved, so a name cannot carry data out through
+//! the worker's resolver. Each decision is one audit record, and each denial is
+//! kept for the note the running `bash` call's result ends with.
+//!
+//! The signal of a denial, per path: the HTTP proxy answers `403 Forbidden`
+//! with an `X-Hands-Egress` header and a body naming the host, the port, the
+//! environment and the rule; SOCKS5 answers reply code 2 ("connection not
+//! allowed by ruleset"); a transparent connection is reset at once.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use super::sniff::{self, Sniffed};
+use crate::audit::Auditor;
+use crate::sandbox::netfilter::Listeners;
+
+/// A request head or a SOCKS handshake must arrive within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection to an allowed address must be made within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new connection may stay silent before it is taken for a
+/// protocol where the server speaks first (SSH banners aside, SMTP, FTP).
+const FIRST_BYTES_WAIT: Duration = Duration::from_millis(500);
+/// The largest HTTP request head the proxy reads.
+const MAX_HEAD: usize = 64 << 10;
+/// Connections of one session at once; beyond it a new one is refused.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// The decision for one destination (the policy's rules and address checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// The rule that decided, as written in the policy, or `no rule matches`.
+    pub rule: String,
+    /// Why, in a few words the agent can read.
+    pub reason: String,
+}
+
+/// The policy as the proxy asks it.
+pub trait Gate: Send + Sync + 'static {
+    /// Before resolving `name`: `Some` refuses it (denied, or matched by no
+    /// rule), so an unlisted name is never sent to a resolver.
+    fn check_name(&self, name: &str, port: u16) -> Option<Verdict>;
+    /// The decision for a connection to `port` of `addrs`, which are what
+    /// `name` resolved to, or the one address of a connection without a name.
+    fn decide(&self, name: Option<&str>, port: u16, addrs: &[IpAddr]) -> Verdict;
+}
+
+/// What one session's egress shares between its listeners.
+pub struct Context {
+    /// The client's session id and the worker's sandbox id, for the audit log.
+    pub session: String,
+    pub sandbox: String,
+    pub environment: String,
+    pub gate: Arc<dyn Gate>,
+    pub audit: Arc<Auditor>,
+    /// The call running in the session, whose result gets the denial note.
+    call: Mutex<Option<String>>,
+    /// Denied destinations since the running call began.
+    denials: Mutex<Vec<String>>,
+    /// What the session resolver answered, address → name: the name of a
+    /// transparent connection that carries none itself.
+    names: Mutex<HashMap<IpAddr, String>>,
+    connections: Arc<Semaphore>,
+}
+
+impl Context {
+    pub fn new(
+        session: String,
+        sandbox: String,
+        environment: String,
+        gate: Arc<dyn Gate>,
+        audit: Arc<Auditor>,
+    ) -> Context {
+        Context {
+            session,
+            sandbox,
+            environment,
+            gate,
+            audit,
+            call: Mutex::new(None),
+            denials: Mutex::new(Vec::new()),
+            names: Mutex::new(HashMap::new()),
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        }
+    }
+
+    /// Remembers that the session resolver answered `name` with `addrs`.
+    pub fn resolved(&self, name: &str, addrs: &[IpAddr]) {
+        let mut names = lock(&self.names);
+        // Bounded: a session that resolves without end forgets the oldest
+        // half rather than growing the worker.
+        if names.len() > 4096 {
+            let keep: Vec<_> = names.keys().take(2048).copied().collect();
+            for k in keep {
+                names.remove(&k);
+            }
+        }
+        for a in addrs {
+            names.insert(*a, name.to_string());
+        }
+    }
+
+    /// A call starts: denials from here on belong to it.
+    pub fn begin_call(&self, call_id: &str) {
+        *lock(&self.call) = Some(call_id.to_string());
+        lock(&self.denials).clear();
+    }
+
+    /// The call ended: the destinations denied while it ran, each once, in
+    /// the order they were first denied.
+    pub fn end_call(&self) -> Vec<String> {
+        *lock(&self.call) = None;
+        let mut seen = Vec::new();
+        for d in lock(&self.denials).drain(..) {
+            if !seen.contains(&d) {
+                seen.push(d);
+            }
+        }
+        seen
+    }
+
+    /// The note a call's result ends with when something was denied.
+    pub fn note(&self, denied: &[String]) -> Option<String> {
+        if denied.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "[egress] denied by environment {}: {}",
+            self.environment,
+            denied.join(", ")
+        ))
+    }
+
+    fn record(
+        &self,
+        via: &str,
+        host: &str,
+        port: u16,
+        addr: Option<IpAddr>,
+        v: &Verdict,
+        (up, down): (u64, u64),
+    ) {
+        let mut f = Map::new();
+        f.insert("session".into(), self.session.clone().into());
+        f.insert("sandbox".into(), self.sandbox.clone().into());
+        f.insert(
+            "call_id".into(),
+            lock(&self.call).clone().map_or(Value::Null, Value::from),
+        );
+        f.insert("via".into(), via.into());
+        f.insert("host".into(), host.into());
+        f.insert("port".into(), port.into());
+        f.insert(
+            "address".into(),
+            addr.map_or(Value::Null, |a| a.to_string().into()),
+        );
+        f.insert(
+            "decision".into(),
+            if v.allowed { "allowed" } else { "denied" }.into(),
+        );
+        f.insert("rule".into(), v.rule.clone().into());
+        f.insert("reason".into(), v.reason.clone().into());
+        f.insert("bytes_up".into(), json!(up));
+        f.insert("bytes_down".into(), json!(down));
+        self.audit.record("egress", f);
+    }
+
+    fn deny(&self, via: &str, host: &str, port: u16, addr: Option<IpAddr>, v: &Verdict) {
+        self.record(via, host, port, addr, v, (0, 0));
+        lock(&self.denials).push(format!("{} ({})", hostport(host, port), v.reason));
+    }
+}
+
+/// Closes `conn` with a reset: the client learns at once that it was refused
+/// (`SO_LINGER` of zero; the socket is non-blocking, so nothing waits).
+fn reset(conn: TcpStream) {
+    let _ = nix::sys::socket::setsockopt(
+        &conn,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
+    drop(conn);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn hostport(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// A session's egress: its listeners served until it is dropped, which also
+/// ends every connection it carries.
+pub struct SessionEgress {
+    ctx: Arc<Context>,
+    _stop: watch::Sender<()>,
+    accepts: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SessionEgress {
+    fn drop(&mut self) {
+        for t in &self.accepts {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Face {
+    Http,
+    Socks,
+    Transparent,
+}
+
+impl SessionEgress {
+    /// Serves `listeners` (made in the session's namespace) on the current
+    /// runtime. The DNS sockets are served by the session resolver.
+    pub fn start(listeners: Listeners, ctx: Context) -> io::Result<SessionEgress> {
+        let ctx = Arc::new(ctx);
+        let (stop, stopped) = watch::channel(());
+        let mut accepts = Vec::new();
+        for (face, list) in [
+            (Face::Http, listeners.http),
+            (Face::Socks, listeners.socks),
+            (Face::Transparent, listeners.transparent),
+        ] {
+            for l in list {
+                let l = TcpListener::from_std(l)?;
+                accepts.push(tokio::spawn(accept_forever(
+                    l,
+                    face,
+                    ctx.clone(),
+                    stopped.clone(),
+                )));
+            }
+        }
+        Ok(SessionEgress {
+            ctx,
+            _stop: stop,
+            accepts,
+        })
+    }
+
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+}
+
+async fn accept_forever(
+    l: TcpListener,
+    face: Face,
+    ctx: Arc<Context>,
+    stopped: watch::Receiver<()>,
+) {
+    loop {
+        let (conn, _) = match l.accept().await {
+            Ok(c) => c,
+            // Out of descriptors or the like: wait a little, keep serving.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
+            // Over the bound: refused at once.
+            reset(conn);
+            continue;
+        };
+        let ctx = ctx.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = conn.set_nodelay(true);
+            tokio::select! {
+                _ = serve(face, conn, &ctx) => {}
+                _ = stopped.changed() => {}
+            }
+        });
+    }
+}
+
+async fn serve(face: Face, conn: TcpStream, ctx: &Context) {
+    match face {
+        Face::Http => http(conn, ctx).await,
+        Face::Socks => socks(conn, ctx).await,
+        Face::Transparent => transparent(conn, ctx).await,
+    }
+}
+
+/// What came of trying to reach a destination.
+enum Reach {
+    Connected(TcpStream, IpAddr, Verdict),
+    Denied(Verdict),
+    /// Not a policy decision: the name did not resolve or nothing answered.
+    Failed(String),
+}
+
+/// Lower case, no trailing dot.
+fn normalize(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Decides on `host` (a name or an IP literal) and `port`, and connects to
+/// the first address that was checked and answers.
+async fn reach(
+    ctx: &Context,
+    via: &str,
+    host: &str,
+    port: u16,
+    must_include: Option<IpAddr>,
+) -> Reach {
+    let host = normalize(host);
+    let (name, addrs) = match host.parse::<IpAddr>() {
+        Ok(ip) => (None, vec![ip]),
+        Err(_) => {
+            if let Some(v) = ctx.gate.check_name(&host, port) {
+                ctx.deny(via, &host, port, must_include, &v);
+                return Reach::Denied(v);
+            }
+            match resolve(&host, port).await {
+                Ok(a) if !a.is_empty() => (Some(host.as_str()), a),
+                Ok(_) | Err(_) => return Reach::Failed(format!("{host} does not resolve")),
+            }
+        }
+    };
+    let verdict = ctx.gate.decide(name, port, &addrs);
+    if !verdict.allowed {
+        ctx.deny(via, &host, port, addrs.first().copied(), &verdict);
+        return Reach::Denied(verdict);
+    }
+    // A transparent connection goes where it was going, and only if that is
+    // one of the addresses its name was checked with.
+    let targets: Vec<IpAddr> = match must_include {
+        Some(ip) if addrs.contains(&ip) => vec![ip],
+        Some(ip) => {
+            let v = Verdict {
+                allowed: false,
+                rule: verdict.rule,
+                reason: format!("{host} does not resolve to {ip}"),
+            };
+            ctx.deny(via, &host, port, Some(ip), &v);
+            return Reach::Denied(v);
+        }
+        None => addrs,
+    };
+    let mut last = String::new();
+    for ip in targets {
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((ip, port))).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Reach::Connected(s, ip, verdict);
+            }
+            Ok(Err(e)) => last = format!("{}: {e}", SocketAddr::from((ip, port))),
+            Err(_) => last = format!("{}: timed out", SocketAddr::from((ip, port))),
+        }
+    }
+    Reach::Failed(last)
+}
+
+/// The worker's own resolution of an allowed name.
+async fn resolve(name: &str, port: u16) -> io::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for a in tokio::net::lookup_host((name, port)).await? {
+        if !out.contains(&a.ip()) {
+            out.push(a.ip());
+        }
+    }
+    Ok(out)
+}
+
+/// Relays both ways until either side is done; returns the bytes sent up
+/// (client → destination) and down. `first` is what the client already sent.
+async fn relay(mut client: TcpStream, mut upstream: TcpStream, first: &[u8]) -> (u64, u64) {
+    if !first.is_empty() && upstream.write_all(first).await.is_err() {
+        return (0, 0);
+    }
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => (up + first.len() as u64, down),
+        Err(_) => (first.len() as u64, 0),
+    }
+}
+
+/// Reads what the client sends first, up to a TLS ClientHello or an HTTP
+/// head; empty when it stays silent for [`FIRST_BYTES_WAIT`].
+async fn first_bytes<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Sniffed {
+    let deadline = Instant::now() + FIRST_BYTES_WAIT;
+    loop {
+        let s = sniff::sniff(buf);
+        if s != Sniffed::NeedMore || buf.len() >= sniff::MAX_SNIFF {
+            return s;
+        }
+        let wait = if buf.is_empty() {
+            deadline.saturating_duration_since(Instant::now())
+        } else {
+            HANDSHAKE_TIMEOUT
+        };
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(wait, r.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return sniff::sniff(buf),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => {
+                return if buf.is_empty() {
+                    Sniffed::Other
+                } else {
+                    sniff::sniff(buf)
+                }
+            }
+        }
+    }
+}
+
+/// The name a client's first bytes carry, when it disagrees with `host`.
+fn disagreement(sniffed: &Sniffed, host: &str) -> Option<String> {
+    let named = match sniffed {
+        Sniffed::Tls(Some(n)) | Sniffed::Http(Some(n)) => normalize(n),
+        _ => return None,
+    };
+    (named != normalize(host)).then_some(named)
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+
+async fn write_status(conn: &mut TcpStream, status: &str, reason_header: Option<&str>, body: &str) {
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len() + 1
+    );
+    if let Some(r) = reason_header {
+        // Header values stay on one line.
+        let r: String = r
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        head.push_str(&format!("X-Hands-Egress: {r}\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(body.as_bytes()).await;
+    let _ = conn.write_all(b"\n").await;
+    let _ = conn.shutdown().await;
+}
+
+fn denial_text(ctx: &Context, host: &str, port: u16, v: &Verdict) -> String {
+    format!(
+        "hands egress: {} denied in environment {}: {} (rule: {})",
+        hostport(host, port),
+        ctx.environment,
+        v.reason,
+        v.rule
+    )
+}
+
+async fn forbidden(conn: &mut TcpStream, ctx: &Context, host: &str, port: u16, v: &Verdict) {
+    let text = denial_text(ctx, host, port, v);
+    write_status(
+        conn,
+        "403 Forbidden",
+        Some(&format!(
+            "denied; host={host}; port={port}; rule={}",
+            v.rule
+        )),
+        &text,
+    )
+    .await;
+}
+
+/// Reads a request head (through the blank line); the bytes after it stay in
+/// the returned buffer after `end`.
+async fn read_head(conn: &mut TcpStream) -> Result<(Vec<u8>, usize), &'static str> {
+    let mut buf = Vec::with_capacity(4096);
+    let read = async {
+        loop {
+            if let Some(i) = memchr::memmem::find(&buf, b"\r\n\r\n") {
+                return Ok(i + 4);
+            }
+            if buf.len() > MAX_HEAD {
+                return Err("431 Request Header Fields Too Large");
+            }
+            let mut chunk = [0u8; 4096];
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Err(""),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await {
+        Ok(Ok(end)) => Ok((buf, end)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("408 Request Timeout"),
+    }
+}
+
+/// `host:port` (port required) or `[v6]:port`.
+fn authority(s: &str, default_port: Option<u16>) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => default_port?,
+            None => return None,
+        };
+        (h.to_string(), port)
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h.to_string(), p.parse().ok()?),
+            Some(_) => return None,
+            None => (s.to_string(), default_port?),
+        }
+    };
+    if host.is_empty() || port == 0 {
+        return None;
+    }
+    Some((host, port))
+}
+
+async fn http(mut conn: TcpStream, ctx: &Context) {
+    let (buf, end) = match read_head(&mut conn).await {
+        Ok(h) => h,
+        Err("") => return,
+        Err(status) => {
+            return write_status(
+                &mut conn,
+                status,
+                None,
+                "hands egress: the request head did not arrive whole",
+            )
+            .await
+        }
+    };
+    let head = &buf[..end - 4];
+    let Some(line) = std::str::from_utf8(head)
+        .ok()
+        .and_then(|t| t.split("\r\n").next())
+    else {
+        return write_status(
+            &mut conn,
+            "400 Bad Request",
+            None,
+            "hands egress: a request head that is not text",
+        )
+        .await;
+    };
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return write_status(
+            &mut conn,
+            "400 Bad Request",
+            None,
+            "hands egress: a malformed request line",
+        )
+        .await;
+    };
+    if !version.starts_with("HTTP/1.") {
+        return write_status(
+            &mut conn,
+            "505 HTTP Version Not Supported",
+            None,
+            "hands egress: HTTP/1.x only",
+        )
+        .await;
+    }
+    let host_header = sniff::header(head, "host");
+    if method == "CONNECT" {
+        let Some((host, port)) = authority(target, None) else {
+            return write_status(
+                &mut conn,
+                "400 Bad Request",
+                None,
+                "hands egress: CONNECT needs host:port",
+            )
+            .await;
+        };
+        if let Some(h) = &host_header {
+            if normalize(sniff::strip_port(h)) != normalize(&host) {
+                let v = Verdict {
+                    allowed: false,
+                    rule: "Host must name the CONNECT target".into(),
+                    reason: format!("Host {h} disagrees with the target"),
+                };
+                ctx.deny("connect", &host, port, None, &v);
+                return forbidden(&mut conn, ctx, &host, port, &v).await;
+            }
+        }
+        match reach(ctx, "connect", &host, port, None).await {
+            Reach::Denied(v) => forbidden(&mut conn, ctx, &host, port, &v).await,
+            Reach::Failed(why) => {
+                write_status(
+                    &mut conn,
+                    "502 Bad Gateway",
+                    None,
+                    &format!("hands egress: {why}"),
+                )
+                .await
+            }
+            Reach::Connected(up, ip, v) => {
+                if conn
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let mut first = buf[end..].to_vec();
+                let sniffed = first_bytes(&mut conn, &mut first).await;
+                if let Some(named) = disagreement(&sniffed, &host) {
+                    let v = Verdict {
+                        allowed: false,
+                        rule: v.rule,
+                        reason: format!("the connection names {named}, not {host}"),
+                    };
+                    ctx.deny("connect", &host, port, Some(ip), &v);
+                    return reset(conn);
+                }
+                let (up_n, down_n) = relay(conn, up, &first).await;
+                ctx.record("connect", &host, port, Some(ip), &v, (up_n, down_n));
+            }
+        }
+        return;
+    }
+    // Absolute-URI forwarding of plain HTTP.
+    let Some(rest) = target.strip_prefix("http://") else {
+        return write_status(
+            &mut conn,
+            "400 Bad Request",
+            None,
+            "hands egress: a proxy request needs an absolute http:// URI (use CONNECT for https)",
+        )
+        .await;
+    };
+    let (auth, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let Some((host, port)) = authority(auth, Some(80)) else {
+        return write_status(
+            &mut conn,
+            "400 Bad Request",
+            None,
+            "hands egress: a malformed URI authority",
+        )
+        .await;
+    };
+    if let Some(h) = &host_header {
+        if normalize(sniff::strip_port(h)) != normalize(&host) {
+            let v = Verdict {
+                allowed: false,
+                rule: "Host must name the request's target".into(),
+                reason: format!("Host {h} disagrees with the URI"),
+            };
+            ctx.deny("http", &host, port, None, &v);
+            return forbidden(&mut conn, ctx, &host, port, &v).await;
+        }
+    }
+    match reach(ctx, "http", &host, port, None).await {
+        Reach::Denied(v) => forbidden(&mut conn, ctx, &host, port, &v).await,
+        Reach::Failed(why) => {
+            write_status(
+                &mut conn,
+                "502 Bad Gateway",
+                None,
+                &format!("hands egress: {why}"),
+            )
+            .await
+        }
+        Reach::Connected(up, ip, v) => {
+            // origin-form, no proxy headers, one request per connection (a
+            // second request on it could name another host).
+            let mut out = format!("{method} {path} {version}\r\n");
+            let text = String::from_utf8_lossy(head);
+            for l in text.split("\r\n").skip(1) {
+                let name = l
+                    .split(':')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                if name.starts_with("proxy-") || name == "connection" || name == "keep-alive" {
+                    continue;
+                }
+                out.push_str(l);
+                out.push_str("\r\n");
+            }
+            if host_header.is_none() {
+                out.push_str(&format!("Host: {}\r\n", hostport(&host, port)));
+            }
+            out.push_str("Connection: close\r\n\r\n");
+            let mut first = out.into_bytes();
+            first.extend_from_slice(&buf[end..]);
+            let (up_n, down_n) = relay(conn, up, &first).await;
+            ctx.record("http", &host, port, Some(ip), &v, (up_n, down_n));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// SOCKS5
+
+async fn socks(mut conn: TcpStream, ctx: &Context) {
+    let handshake = async {
+        let mut hello = [0u8; 2];
+        conn.read_exact(&mut hello).await.ok()?;
+        if hello[0] != 5 {
+            return None;
+        }
+        let mut methods = vec![0u8; hello[1] as usize];
+        conn.read_exact(&mut methods).await.ok()?;
+        if !methods.contains(&0) {
+            let _ = conn.write_all(&[5, 0xff]).await;
+            return None;
+        }
+        conn.write_all(&[5, 0]).await.ok()?;
+        let mut req = [0u8; 4];
+        conn.read_exact(&mut req).await.ok()?;
+        let host = match req[3] {
+            1 => {
+                let mut a = [0u8; 4];
+                conn.read_exact(&mut a).await.ok()?;
+                std::net::Ipv4Addr::from(a).to_string()
+            }
+            3 => {
+                let mut n = [0u8; 1];
+                conn.read_exact(&mut n).await.ok()?;
+                let mut name = vec![0u8; n[0] as usize];
+                conn.read_exact(&mut name).await.ok()?;
+                String::from_utf8(name).ok()?
+            }
+            4 => {
+                let mut a = [0u8; 16];
+                conn.read_exact(&mut a).await.ok()?;
+                std::net::Ipv6Addr::from(a).to_string()
+            }
+            _ => return Some(Err(8u8)),
+        };
+        let mut port = [0u8; 2];
+        conn.read_exact(&mut port).await.ok()?;
+        if req[0] != 5 {
+            return None;
+        }
+        if req[1] != 1 {
+            // BIND and UDP ASSOCIATE: not offered.
+            return Some(Err(7u8));
+        }
+        Some(Ok((host, u16::from_be_bytes(port))))
+    };
+    let reply = |code: u8| [5, code, 0, 1, 0, 0, 0, 0, 0, 0];
+    let (host, port) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Some(Ok(t))) => t,
+        Ok(Some(Err(code))) => {
+            let _ = conn.write_all(&reply(code)).await;
+            return;
+        }
+        _ => return,
+    };
+    match reach(ctx, "socks", &host, port, None).await {
+        // 2: connection not allowed by ruleset.
+        Reach::Denied(_) => {
+            let _ = conn.write_all(&reply(2)).await;
+        }
+        // 4: host unreachable (no such name, or nothing answered).
+        Reach::Failed(_) => {
+            let _ = conn.write_all(&reply(4)).await;
+        }
+        Reach::Connected(up, ip, v) => {
+            if conn.write_all(&reply(0)).await.is_err() {
+                return;
+            }
+            let mut first = Vec::new();
+            let sniffed = first_bytes(&mut conn, &mut first).await;
+            if host.parse::<IpAddr>().is_err() {
+                if let Some(named) = disagreement(&sniffed, &host) {
+                    let v = Verdict {
+                        allowed: false,
+                        rule: v.rule,
+                        reason: format!("the connection names {named}, not {host}"),
+                    };
+                    ctx.deny("socks", &host, port, Some(ip), &v);
+                    return reset(conn);
+                }
+            }
+            let (up_n, down_n) = relay(conn, up, &first).await;
+            ctx.record("socks", &host, port, Some(ip), &v, (up_n, down_n));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// transparent
+
+/// Where a redirected connection was going.
+fn original_destination(conn: &TcpStream) -> io::Result<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    match conn.local_addr()? {
+        SocketAddr::V4(_) => {
+            let a = getsockopt(conn, sockopt::OriginalDst)?;
+            Ok(SocketAddr::from((
+                std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        SocketAddr::V6(_) => {
+            let a = getsockopt(conn, sockopt::Ip6tOriginalDst)?;
+            Ok(SocketAddr::from((
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+            )))
+        }
+    }
+}
+
+async fn transparent(mut conn: TcpStream, ctx: &Context) {
+    let Ok(dst) = original_destination(&conn) else {
+        return reset(conn);
+    };
+    let (ip, port) = (dst.ip(), dst.port());
+    if ip.is_loopback() {
+        // Straight to the listener's port: not a redirected connection.
+        return reset(conn);
+    }
+    let mut first = Vec::new();
+    let sniffed = first_bytes(&mut conn, &mut first).await;
+    let carried = match &sniffed {
+        Sniffed::Tls(Some(n)) | Sniffed::Http(Some(n)) => Some(normalize(n)),
+        _ => None,
+    };
+    let answered = lock(&ctx.names).get(&ip).cloned();
+    let name = carried.or(answered);
+    let outcome = match &name {
+        // The name decides, and the connection must go to one of its
+        // addresses as the worker resolves them.
+        Some(n) if n.parse::<IpAddr>().is_err() => {
+            reach(ctx, "transparent", n, port, Some(ip)).await
+        }
+        _ => reach(ctx, "transparent", &ip.to_string(), port, None).await,
+    };
+    match outcome {
+        Reach::Connected(up, ip, v) => {
+            let host = name.unwrap_or_else(|| ip.to_string());
+            let (up_n, down_n) = relay(conn, up, &first).await;
+            ctx.record("transparent", &host, port, Some(ip), &v, (up_n, down_n));
+        }
+        Reach::Denied(_) | Reach::Failed(_) => reset(conn),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+
+    /// Allows `localhost` and the addresses it resolves to; refuses every
+    /// other name before resolving it, and every address without a name.
+    struct TestGate;
+
+    impl Gate for TestGate {
+        fn check_name(&self, name: &str, _port: u16) -> Option<Verdict> {
+            (name != "localhost").then(|| Verdict {
+                allowed: false,
+                rule: "no rule matches".into(),
+                reason: format!("no rule allows {name}"),
+            })
+        }
+        fn decide(&self, name: Option<&str>, _port: u16, _addrs: &[IpAddr]) -> Verdict {
+            Verdict {
+                allowed: name == Some("localhost"),
+                rule: if name.is_some() {
+                    "localhost".into()
+                } else {
+                    "no rule matches".into()
+                },
+                reason: if name.is_some() {
+                    "allowed".into()
+                } else {
+                    "an address without a name".into()
+                },
+            }
+        }
+    }
+
+    /// A thread in a network namespace of its own with the barrier and the
+    /// listeners; runs the closures it is sent (the session's side).
+    struct Session {
+        jobs: mpsc::Sender<Box<dyn FnOnce() + Send>>,
+    }
+
+    impl Session {
+        fn start() -> (Session, Listeners) {
+            let (jobs, rx) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+            let (ltx, lrx) = mpsc::channel();
+            std::thread::spawn(move || {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                ltx.send(crate::sandbox::netfilter::install_with_listeners().unwrap())
+                    .unwrap();
+                for job in rx {
+                    job();
+                }
+            });
+            (Session { jobs }, lrx.recv().unwrap())
+        }
+
+        fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+            let (tx, rx) = mpsc::channel();
+            self.jobs
+                .send(Box::new(move || {
+                    let _ = tx.send(f());
+                }))
+                .unwrap();
+            rx.recv().unwrap()
+        }
+    }
+
+    /// An upstream server on the host's loopback: answers `hello` to anything.
+    async fn upstream() -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 1024];
+                    let _ = c.read(&mut b).await;
+                    let _ = c.write_all(b"hello").await;
+                });
+            }
+        });
+        port
+    }
+
+    fn egress(listeners: Listeners) -> SessionEgress {
+        let ctx = Context::new(
+            "s".into(),
+            "sb".into(),
+            "testenv".into(),
+            Arc::new(TestGate),
+            Auditor::log_only("test".to_string()),
+        );
+        SessionEgress::start(listeners, ctx).unwrap()
+    }
+
+    fn exchange(port: u16, send: Vec<u8>) -> String {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(&send).unwrap();
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_http_proxy_connects_an_allowed_name_and_refuses_another_with_a_readable_403() {
+        use crate::sandbox::netfilter::HTTP_PROXY_PORT as P;
+        let (session, listeners) = Session::start();
+        let eg = egress(listeners);
+        let up = upstream().await;
+        eg.context().begin_call("call-1");
+        let got = session.run(move || {
+            exchange(
+                P,
+                format!("CONNECT localhost:{up} HTTP/1.1\r\nHost: localhost:{up}\r\n\r\nping")
+                    .into_bytes(),
+            )
+        });
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(got.ends_with("hello"), "{got}");
+        let got =
+            session.run(move || exchange(P, b"CONNECT denied.test:443 HTTP/1.1\r\n\r\n".to_vec()));
+        assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+        assert!(
+            got.contains("X-Hands-Egress: denied; host=denied.test; port=443"),
+            "{got}"
+        );
+        assert!(
+            got.contains("denied.test:443 denied in environment testenv"),
+            "{got}"
+        );
+        let got = session.run(move || {
+            exchange(
+                P,
+                format!("GET http://localhost:{up}/x HTTP/1.1\r\nHost: localhost:{up}\r\n\r\n")
+                    .into_bytes(),
+            )
+        });
+        assert!(got.ends_with("hello"), "{got}");
+        // A Host that names another host than the URI.
+        let got = session.run(move || {
+            exchange(
+                P,
+                format!("GET http://localhost:{up}/ HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+                    .into_bytes(),
+            )
+        });
+        assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+        let denied = eg.context().end_call();
+        assert_eq!(denied.len(), 2, "{denied:?}");
+        assert!(denied[0].starts_with("denied.test:443"), "{denied:?}");
+        let note = eg.context().note(&denied).unwrap();
+        assert!(note.contains("denied by environment testenv"), "{note}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn socks5_connects_an_allowed_name_and_refuses_another_with_code_2() {
+        use crate::sandbox::netfilter::SOCKS_PORT as P;
+        let (session, listeners) = Session::start();
+        let _eg = egress(listeners);
+        let up = upstream().await;
+        let socks = move |name: &str, port: u16| -> (Vec<u8>, String) {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", P)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(&[5, 1, 0]).unwrap();
+            let mut m = [0u8; 2];
+            c.read_exact(&mut m).unwrap();
+            let mut req = vec![5, 1, 0, 3, name.len() as u8];
+            req.extend(name.as_bytes());
+            req.extend(port.to_be_bytes());
+            c.write_all(&req).unwrap();
+            let mut reply = [0u8; 10];
+            c.read_exact(&mut reply).unwrap();
+            let _ = c.write_all(b"ping");
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+            (reply.to_vec(), String::from_utf8_lossy(&rest).into_owned())
+        };
+        let (reply, body) = session.run(move || socks("localhost", up));
+        assert_eq!(reply[1], 0, "{reply:?}");
+        assert_eq!(body, "hello");
+        let (reply, _) = session.run(move || socks("denied.test", 443));
+        assert_eq!(reply[1], 2, "connection not allowed by ruleset: {reply:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transparent_connection_without_an_allowed_name_is_reset_at_once() {
+        let (session, listeners) = Session::start();
+        let _eg = egress(listeners);
+        let err = session.run(|| {
+            let started = Instant::now();
+            let mut c = std::net::TcpStream::connect_timeout(
+                &"192.0.2.10:443".parse().unwrap(),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = c.write_all(&crate::egress::sniff::tests_hello("denied.test"));
+            let mut b = [0u8; 16];
+            let r = c.read(&mut b);
+            (r.map_err(|e| e.kind()), started.elapsed())
+        });
+        match err.0 {
+            Err(std::io::ErrorKind::ConnectionReset) | Ok(0) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn authorities_need_a_port_unless_one_is_implied() {
+        assert_eq!(authority("a.test:443", None), Some(("a.test".into(), 443)));
+        assert_eq!(authority("a.test", None), None);
+        assert_eq!(authority("a.test", Some(80)), Some(("a.test".into(), 80)));
+        assert_eq!(
+            authority("[2001:db8::1]:8443", None),
+            Some(("2001:db8::1".into(), 8443))
+        );
+        assert_eq!(
+            authority("2001:db8::1:443", None),
+            None,
+            "v6 needs brackets"
+        );
+        assert_eq!(authority("a.test:0", None), None);
+        assert_eq!(authority("a.test:99999", None), None);
+        assert_eq!(authority(":443", None), None);
+    }
+}
