@@ -89,6 +89,8 @@ pub struct HelperClient {
     report: ConfinementReport,
     reader: tokio::task::JoinHandle<()>,
     writer_task: tokio::task::JoinHandle<()>,
+    /// The egress listeners made in the session's namespace, until taken.
+    egress: Mutex<Option<super::netfilter::Listeners>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -167,6 +169,27 @@ impl HelperClient {
             routes.clone(),
             dead.clone(),
         ));
+        // The egress barrier and the worker's listeners, in the helper's
+        // namespace before it learns what to build: nothing the session runs
+        // ever sees the namespace without them.
+        let listeners = if setup.net == proto::NetMode::Egress {
+            let made = tokio::task::spawn_blocking(move || {
+                super::netfilter::in_netns_of(pid, super::netfilter::install_with_listeners)
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r);
+            match made {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    kill_and_reap(&pidfd);
+                    writer_task.abort();
+                    return Err(host("installing the egress barrier")(e));
+                }
+            }
+        } else {
+            None
+        };
         // A detached copy of the workspace's mount, made here in the worker's
         // mount namespace (a mount of another namespace cannot be cloned from
         // inside the helper's); the helper idmaps and attaches it.
@@ -231,7 +254,13 @@ impl HelperClient {
             report,
             reader,
             writer_task,
+            egress: Mutex::new(listeners),
         })
+    }
+
+    /// The worker's listeners in an `egress` session's namespace, once.
+    pub fn take_egress_listeners(&self) -> Option<super::netfilter::Listeners> {
+        lock(&self.egress).take()
     }
 
     /// What the helper enforced.

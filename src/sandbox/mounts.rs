@@ -85,6 +85,54 @@ fn bind_read_only(src: &Path, dst: &Path) -> Result<(), MountError> {
     .map_err(err("remount read-only", dst))
 }
 
+/// What the session's `/etc/resolv.conf` says in `egress` mode: the session
+/// resolver the worker serves on the session's loopback.
+pub const RESOLV_CONF: &str = "# hands: the session resolver; it answers the names this environment allows\nnameserver 127.0.0.1\noptions edns0\n";
+
+/// Puts [`RESOLV_CONF`] where `/etc/resolv.conf` leads in the new root (the
+/// host's file bound read-only, or the target of its symlink, as systemd-resolved
+/// hosts have it), bound read-only over whatever the host has there.
+fn resolver_conf(root: &Path) -> Result<(), MountError> {
+    let src = root.join(".hands-resolv.conf");
+    std::fs::write(&src, RESOLV_CONF).map_err(err("write", &src))?;
+    // Follow the link as the session would see it: relative to its directory,
+    // absolute ones from the new root.
+    let mut at = under(root, Path::new("/etc/resolv.conf"));
+    for _ in 0..8 {
+        match std::fs::read_link(&at) {
+            Ok(target) if target.is_absolute() => at = under(root, &target),
+            Ok(target) => {
+                let dir = at.parent().unwrap_or(root).to_path_buf();
+                at = dir.join(target);
+            }
+            Err(_) => break,
+        }
+    }
+    if !at.starts_with(root) || at.components().any(|c| c == Component::ParentDir) {
+        // `..` in a link: resolve it lexically inside the root.
+        let mut clean = PathBuf::new();
+        for c in at.strip_prefix(root).unwrap_or(&at).components() {
+            match c {
+                Component::ParentDir => {
+                    clean.pop();
+                }
+                Component::Normal(n) => clean.push(n),
+                _ => {}
+            }
+        }
+        at = under(root, &clean);
+    }
+    if std::fs::symlink_metadata(&at).is_err() {
+        // Not there (no /etc in the policy, or a link into a directory the
+        // sandbox does not show): made on the root's own tmpfs.
+        if let Some(parent) = at.parent() {
+            std::fs::create_dir_all(parent).map_err(err("mkdir", parent))?;
+        }
+        std::fs::write(&at, b"").map_err(err("create", &at))?;
+    }
+    bind_read_only(&src, &at)
+}
+
 fn tmpfs(dst: &Path, opts: &str, flags: MsFlags) -> Result<(), MountError> {
     std::fs::create_dir_all(dst).map_err(err("mkdir", dst))?;
     mount(Some("tmpfs"), dst, Some("tmpfs"), flags, Some(opts)).map_err(err("mount tmpfs", dst))
@@ -166,6 +214,10 @@ pub fn build(setup: &Setup, ws_tree: OwnedFd) -> Result<bool, MountError> {
             std::fs::write(&dst, b"").map_err(err("create", &dst))?;
             bind_read_only(p, &dst)?;
         }
+    }
+
+    if setup.net == super::proto::NetMode::Egress {
+        resolver_conf(root)?;
     }
 
     // The session's own procfs comes first: the idmap below forks a child whose

@@ -25,6 +25,11 @@ pub enum NetMode {
     /// Own network namespace with no interface up; IPv4 and IPv6 sockets refused
     /// (seccomp), and landlock refuses every TCP bind/connect.
     None,
+    /// Own network namespace with `lo` up and the egress barrier the worker
+    /// installed before setup (see [`super::netfilter`]): TCP to other hosts
+    /// reaches the worker's transparent listener, nothing else leaves `lo`;
+    /// `/etc/resolv.conf` names the session resolver on 127.0.0.1.
+    Egress,
 }
 
 /// Everything the helper needs to build and confine the session, sent as the

@@ -8,6 +8,7 @@ mod cma;
 mod cma_differential;
 mod conformance;
 mod differential;
+mod egress;
 mod escapes;
 mod isolation;
 mod limits;
