@@ -151,6 +151,8 @@ fn confine(
     let idmapped = stage("mounts", mounts::build(setup, workspace))?;
 
     stage("hostname", nix::unistd::sethostname("hands"))?;
+    // Loopback and Egress: `lo` up.
+    // egress: the nftables barrier is installed by the egress layer
     if setup.net != proto::NetMode::None {
         stage("loopback", sys::loopback_up())?;
     }
@@ -186,6 +188,8 @@ fn confine(
     stage("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
     // Installed below, after landlock; landlock's judgement of a missing TCP
     // right counts on it.
+    // Egress, like Loopback, keeps IPv4/IPv6 sockets.
+    // egress: the nftables barrier is installed by the egress layer
     let inet_refused = setup.net == proto::NetMode::None && !setup.weakened_inet_guard;
     let ll = stage(
         "landlock",

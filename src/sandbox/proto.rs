@@ -22,6 +22,9 @@ pub const MAX_FRAME: usize = 64 << 20;
 pub enum NetMode {
     /// Own network namespace with `lo` up; landlock leaves TCP alone.
     Loopback,
+    /// Own network namespace with `lo` up; nftables allows only the worker's
+    /// egress listeners.
+    Egress,
     /// Own network namespace with no interface up; IPv4 and IPv6 sockets refused
     /// (seccomp), and landlock refuses every TCP bind/connect.
     None,
