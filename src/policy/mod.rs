@@ -32,7 +32,7 @@
 //! tmp_size = "256MiB"           # size of the session's private tmpfs at /tmp, >= 1 MiB
 //!
 //! [network]
-//! mode = "loopback"          # "none" | "loopback"
+//! mode = "loopback"          # "none" | "loopback" | "egress"
 //!
 //! [limits]
 //! memory = "1GiB"            # cgroup memory limit of the whole session, >= 16 MiB
@@ -54,6 +54,12 @@
 //! [sandbox]                  # optional
 //! landlock = "covered"       # or "full": what a landlock right the kernel lacks means
 //! allow_degraded = []        # kernel features the operator accepts running without
+//!
+//! [egress]                   # required with mode = "egress", refused with any other
+//! allow = ["pypi.org:443", "*.pythonhosted.org:443"]  # non-empty: what may be reached
+//! deny = []                  # optional: refused even when allowed
+//! resolvers = []             # optional: DNS servers; empty = the host's resolv.conf
+//! allow_broad = false        # optional: accept too-broad allow rules (`*`, `*.com`)
 //! ```
 //!
 //! Rules that are not obvious from the table:
@@ -68,7 +74,16 @@
 //! - `network.mode`: both give the session a network namespace of its own. `"none"`:
 //!   no interface up, not even `lo`, and landlock denies every TCP bind and connect as
 //!   a second wall. `"loopback"`: only `lo` up, so a process may serve and reach
-//!   itself, nothing else. Egress through an allowlist proxy will be a third mode.
+//!   itself, nothing else. `"egress"`: `lo` up, and the hosts of the `[egress]`
+//!   table reachable through the worker's egress layer (a proxy in the worker and
+//!   an nftables barrier in the session's namespace), nothing else.
+//! - `[egress]` (see [`crate::egress`] for the rule syntax, the address classes and
+//!   the decision): present exactly when `network.mode = "egress"`, and then
+//!   `allow` is non-empty; `Policy::egress` is `Some` exactly then. Each rule
+//!   of `allow` and `deny` is checked (an error names it: `egress.allow[2]`), a
+//!   rule listed twice (in normal form) is refused, and so is a too-broad allow
+//!   rule unless `allow_broad = true`. `resolvers` are `address` or
+//!   `address:port` (port 53 by default, IPv6 bracketed with a port).
 //! - `limits.call_timeout` must be strictly greater than `limits.bash_timeout`: with
 //!   equal deadlines the two race and the model sees either bash's own
 //!   `bash command timed out` or the runner's `tool 'bash' timed out` (the SDK keeps
