@@ -70,7 +70,7 @@ pub fn checks() -> Vec<Check> {
         for f in LandlockFeature::missing_at(abi) {
             let action = match f {
                 LandlockFeature::LandlockNet => format!(
-                    "network.mode = \"none\": {}; \"loopback\" asks for no TCP rule",
+                    "network.mode = \"none\": {}; \"loopback\" and \"egress\" ask for no TCP rule",
                     landlock::coverage(f, true).unwrap_or("nothing")
                 ),
                 _ => landlock::coverage(f, true).unwrap_or("nothing").to_string(),
@@ -375,6 +375,8 @@ fn policies(lookup: &crate::policy::lookup::Lookup) -> Vec<Check> {
 /// The missing landlock rights a session of `policy` would refuse at `abi`.
 pub fn landlock_refusal(policy: &crate::policy::Policy, abi: u32) -> Vec<LandlockFeature> {
     use crate::policy::{LandlockMode, NetworkMode};
+    // "loopback" and "egress" ask landlock for no TCP rule: the session's network
+    // namespace (and for egress its nftables barrier) confines them.
     let none = policy.network.mode == NetworkMode::None;
     landlock::refused(
         abi,

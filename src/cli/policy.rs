@@ -7,7 +7,8 @@
 //! everything to fix. Each file gets one line on stdout: `ok   <path> (<summary>)`
 //! or `FAIL <error>` (the error names the file and the key). The summary prints the
 //! values as the worker will use them, in the units a policy file accepts, so an
-//! admin sees e.g. that `"1GiB"` was read as 1 GiB.
+//! admin sees e.g. that `"1GiB"` was read as 1 GiB. An egress policy's rules follow,
+//! one per line (`allow pypi.org:443`), with its resolvers.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -130,7 +131,12 @@ pub fn check(paths: &[PathBuf]) -> anyhow::Result<()> {
     let mut failed = 0;
     for path in paths {
         match Policy::load(path) {
-            Ok(policy) => println!("ok   {} ({})", path.display(), summary(&policy)),
+            Ok(policy) => {
+                println!("ok   {} ({})", path.display(), summary(&policy));
+                for line in egress_lines(&policy) {
+                    println!("     {line}");
+                }
+            }
             Err(error) => {
                 failed += 1;
                 println!("FAIL {error}");
@@ -141,6 +147,25 @@ pub fn check(paths: &[PathBuf]) -> anyhow::Result<()> {
         bail!("{failed} of {} policy files invalid", paths.len());
     }
     Ok(())
+}
+
+/// The egress rules of `policy`, as written, one per line; nothing for other modes.
+fn egress_lines(policy: &Policy) -> Vec<String> {
+    let Some(egress) = &policy.egress else {
+        return Vec::new();
+    };
+    let mut lines: Vec<String> = egress.allow.iter().map(|r| format!("allow {r}")).collect();
+    lines.extend(egress.deny.iter().map(|r| format!("deny  {r}")));
+    if egress.resolvers.is_empty() {
+        lines.push("resolvers: the host's (/etc/resolv.conf)".to_string());
+    } else {
+        let resolvers: Vec<String> = egress.resolvers.iter().map(|r| r.to_string()).collect();
+        lines.push(format!("resolvers: {}", resolvers.join(" ")));
+    }
+    if egress.allow_broad {
+        lines.push("allow_broad: too-broad rules accepted".to_string());
+    }
+    lines
 }
 
 /// One line with every value of the policy that decides what a session may do.

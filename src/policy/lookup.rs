@@ -10,7 +10,7 @@
 //!    file's directory (only commands that read one: `hands worker`,
 //!    `hands policy list --config`);
 //! 4. `/etc/hands/policies`;
-//! 5. the policies built into the binary (`default`, `strict`, `build`).
+//! 5. the policies built into the binary (`default`, `strict`, `build`, `packages`).
 //!
 //! A setting given at run time thus wins over one written in a file, and the
 //! operator's files over the built-in copies.
@@ -322,7 +322,7 @@ mod tests {
         assert_eq!(default.shadows, [Source::File(b), Source::BuiltIn]);
         assert_eq!(catalog.get("strict").unwrap().source, Source::BuiltIn);
         let names: Vec<&str> = catalog.iter().map(|e| e.policy.name.as_str()).collect();
-        assert_eq!(names, ["build", "custom", "default", "strict"]);
+        assert_eq!(names, ["build", "custom", "default", "packages", "strict"]);
         assert!(matches!(
             catalog.get("nope"),
             Err(PolicyError::NotFound { .. })

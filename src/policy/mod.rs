@@ -11,7 +11,7 @@
 //!
 //! Lookup ([`lookup`]): the command line's directories, `$HANDS_POLICY_DIR`, a worker
 //! configuration's `policy_dirs`, `/etc/hands/policies`, then the policies compiled
-//! into the binary (`default`, `strict`, `build`, the files of `policies/`), so
+//! into the binary (`default`, `strict`, `build`, `packages`, the files of `policies/`), so
 //! `hands exec --env default` works on a fresh machine. Every file found is
 //! validated: an invalid one is an error, never a silent fall-back to the built-in.
 //!
@@ -32,7 +32,7 @@
 //! tmp_size = "256MiB"           # size of the session's private tmpfs at /tmp, >= 1 MiB
 //!
 //! [network]
-//! mode = "loopback"          # "none" | "loopback"
+//! mode = "loopback"          # "none" | "loopback" | "egress"
 //!
 //! [limits]
 //! memory = "1GiB"            # cgroup memory limit of the whole session, >= 16 MiB
@@ -54,6 +54,12 @@
 //! [sandbox]                  # optional
 //! landlock = "covered"       # or "full": what a landlock right the kernel lacks means
 //! allow_degraded = []        # kernel features the operator accepts running without
+//!
+//! [egress]                   # required with mode = "egress", refused with any other
+//! allow = ["pypi.org:443", "*.pythonhosted.org:443"]  # non-empty: what may be reached
+//! deny = []                  # optional: refused even when allowed
+//! resolvers = []             # optional: DNS servers; empty = the host's resolv.conf
+//! allow_broad = false        # optional: accept too-broad allow rules (`*`, `*.com`)
 //! ```
 //!
 //! Rules that are not obvious from the table:
@@ -68,7 +74,16 @@
 //! - `network.mode`: both give the session a network namespace of its own. `"none"`:
 //!   no interface up, not even `lo`, and landlock denies every TCP bind and connect as
 //!   a second wall. `"loopback"`: only `lo` up, so a process may serve and reach
-//!   itself, nothing else. Egress through an allowlist proxy will be a third mode.
+//!   itself, nothing else. `"egress"`: `lo` up, and the hosts of the `[egress]`
+//!   table reachable through the worker's egress layer (a proxy in the worker and
+//!   an nftables barrier in the session's namespace), nothing else.
+//! - `[egress]` (see [`crate::egress`] for the rule syntax, the address classes and
+//!   the decision): present exactly when `network.mode = "egress"`, and then
+//!   `allow` is non-empty; `Policy::egress` is `Some` exactly then. Each rule
+//!   of `allow` and `deny` is checked (an error names it: `egress.allow[2]`), a
+//!   rule listed twice (in normal form) is refused, and so is a too-broad allow
+//!   rule unless `allow_broad = true`. `resolvers` are `address` or
+//!   `address:port` (port 53 by default, IPv6 bracketed with a port).
 //! - `limits.call_timeout` must be strictly greater than `limits.bash_timeout`: with
 //!   equal deadlines the two race and the model sees either bash's own
 //!   `bash command timed out` or the runner's `tool 'bash' timed out` (the SDK keeps
@@ -111,9 +126,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::egress::EgressPolicy;
 use crate::sandbox::mounts;
 use crate::tools::Tool;
-use raw::{RawDuration, RawLimits, RawPolicy, RawSize};
+use raw::{RawDuration, RawEgress, RawLimits, RawPolicy, RawSize};
 
 /// A validated environment policy. Every field has passed the checks of the module
 /// doc; consumers use the values as they are.
@@ -131,6 +147,9 @@ pub struct Policy {
     pub allow_degraded: BTreeSet<Degradation>,
     /// What a landlock right the kernel lacks means for this environment.
     pub landlock: LandlockMode,
+    /// The `[egress]` table: `Some` exactly when `network.mode` is `"egress"`
+    /// (with at least one allow rule), `None` otherwise.
+    pub egress: Option<EgressPolicy>,
 }
 
 /// What a session does about a landlock right its kernel lacks (a kernel older
@@ -172,7 +191,7 @@ pub struct Network {
 }
 
 /// How much network a session has. Deserialised directly: serde's "unknown variant,
-/// expected `none` or `loopback`" already says everything.
+/// expected one of `none`, `loopback`, `egress`" already says everything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
@@ -180,6 +199,9 @@ pub enum NetworkMode {
     None,
     /// A private network namespace with only `lo` up.
     Loopback,
+    /// A private network namespace with `lo` up, from which the hosts of the
+    /// policy's `[egress]` table are reachable through the worker, and nothing else.
+    Egress,
 }
 
 impl NetworkMode {
@@ -187,6 +209,7 @@ impl NetworkMode {
         match self {
             NetworkMode::None => "none",
             NetworkMode::Loopback => "loopback",
+            NetworkMode::Egress => "egress",
         }
     }
 }
@@ -338,10 +361,11 @@ const MAX_NAME_LEN: usize = 64;
 const NAME_RULE: &str = "it must match [a-z0-9][a-z0-9_-]* and be at most 64 characters";
 
 /// The policies compiled into the binary, so a fresh machine has working environments.
-const BUILTIN: [(&str, &str); 3] = [
+const BUILTIN: [(&str, &str); 4] = [
     ("default", include_str!("../../policies/default.toml")),
     ("strict", include_str!("../../policies/strict.toml")),
     ("build", include_str!("../../policies/build.toml")),
+    ("packages", include_str!("../../policies/packages.toml")),
 ];
 
 /// Paths the sandbox mounts itself; a read-only host path on, in or above one of them
@@ -511,7 +535,41 @@ impl Validator<'_> {
             env: self.env(raw.env)?,
             allow_degraded: self.degradations(&raw.sandbox.allow_degraded)?,
             landlock: raw.sandbox.landlock,
+            egress: self.egress(raw.network.mode, raw.egress.as_ref())?,
         })
+    }
+
+    /// The `[egress]` table, required with `mode = "egress"` and refused with
+    /// any other mode (a table that does nothing would mislead its reader).
+    fn egress(&self, mode: NetworkMode, raw: Option<&RawEgress>) -> Result<Option<EgressPolicy>> {
+        let raw = match (mode, raw) {
+            (NetworkMode::Egress, Some(raw)) => raw,
+            (NetworkMode::Egress, None) => {
+                return Err(self.error(
+                    "egress",
+                    "network.mode = \"egress\" needs an [egress] table with an allow list",
+                ))
+            }
+            (_, None) => return Ok(None),
+            (other, Some(_)) => {
+                return Err(self.error(
+                    "egress",
+                    format!(
+                        "[egress] applies only to network.mode = \"egress\" (this policy's mode is \"{}\")",
+                        other.name()
+                    ),
+                ))
+            }
+        };
+        if raw.allow.is_empty() {
+            return Err(self.error(
+                "egress.allow",
+                "must allow at least one destination (use network.mode = \"loopback\" for none)",
+            ));
+        }
+        EgressPolicy::parse(&raw.allow, &raw.deny, &raw.resolvers, raw.allow_broad)
+            .map(Some)
+            .map_err(|e| self.error(format!("egress.{}", e.key), e.message))
     }
 
     fn limits(&self, raw: &RawLimits) -> Result<Limits> {
@@ -806,6 +864,103 @@ enabled = ["bash", "read", "write", "edit", "glob", "grep"]
         assert_eq!(policy.tools, Tool::ALL.into_iter().collect());
         assert!(policy.env.is_empty());
         assert!(policy.allow_degraded.is_empty());
+        assert_eq!(policy.egress, None);
+    }
+
+    /// `VALID` in egress mode with `table` as its `[egress]` table.
+    fn egress(table: &str) -> String {
+        format!(
+            "{}\n[egress]\n{table}\n",
+            with_line("mode", "mode = \"egress\"")
+        )
+    }
+
+    #[test]
+    fn egress_table() {
+        let policy = parse(&egress(
+            r#"allow = ["pypi.org:443", "*.pythonhosted.org", "10.20.0.0/16:5432"]
+deny = ["evil.pythonhosted.org"]
+resolvers = ["1.1.1.1", "[2606:4700::1111]:53"]"#,
+        ))
+        .unwrap();
+        assert_eq!(policy.network.mode, NetworkMode::Egress);
+        let table = policy.egress.unwrap();
+        let allow: Vec<&str> = table.allow.iter().map(|r| r.text()).collect();
+        assert_eq!(
+            allow,
+            ["pypi.org:443", "*.pythonhosted.org", "10.20.0.0/16:5432"]
+        );
+        assert_eq!(table.deny[0].text(), "evil.pythonhosted.org");
+        assert_eq!(table.resolvers.len(), 2);
+        assert!(!table.allow_broad);
+        let d = table.decide(
+            Some("evil.pythonhosted.org"),
+            443,
+            &["151.101.0.223".parse().unwrap()],
+            &[],
+        );
+        assert!(!d.is_allowed(), "{d}");
+
+        // Resolvers and deny are optional.
+        let policy = parse(&egress(r#"allow = ["pypi.org"]"#)).unwrap();
+        assert!(policy.egress.unwrap().resolvers.is_empty());
+        let policy = parse(&egress("allow = [\"*.com\"]\nallow_broad = true")).unwrap();
+        assert!(policy.egress.unwrap().allow_broad);
+    }
+
+    #[test]
+    fn bad_egress() {
+        rejected(
+            &with_line("mode", "mode = \"egress\""),
+            "egress",
+            "needs an [egress] table",
+        );
+        rejected(
+            &format!("{VALID}\n[egress]\nallow = [\"pypi.org\"]\n"),
+            "egress",
+            "applies only to network.mode = \"egress\" (this policy's mode is \"loopback\")",
+        );
+        rejected(&egress("allow = []"), "egress.allow", "at least one");
+        rejected(
+            &egress("deny = [\"x.test\"]"),
+            "egress.allow",
+            "at least one",
+        );
+        rejected(
+            &egress(r#"allow = ["pypi.org", "github.com", "10.0.0.1/8"]"#),
+            "egress.allow[2]",
+            "write the network as `10.0.0.0/8`",
+        );
+        rejected(
+            &egress(r#"allow = ["pypi.org", "*.co.uk"]"#),
+            "egress.allow[1]",
+            "too broad: `*.co.uk` allows every site under `co.uk`, a public suffix (anyone can register a name there); set allow_broad = true in [egress] to allow it anyway",
+        );
+        rejected(
+            &egress(r#"allow = ["*"]"#),
+            "egress.allow[0]",
+            "allow_broad = true",
+        );
+        rejected(
+            &egress("allow = [\"pypi.org\"]\ndeny = [\"a.*.b\"]"),
+            "egress.deny[0]",
+            "whole first label",
+        );
+        rejected(
+            &egress("allow = [\"pypi.org\"]\nresolvers = [\"dns.google\"]"),
+            "egress.resolvers[0]",
+            "not an IP address",
+        );
+        rejected(
+            &egress(r#"allow = ["pypi.org:0"]"#),
+            "egress.allow[0]",
+            "out of range",
+        );
+        parse_error(
+            &egress("allow = [\"pypi.org\"]\nports = [443]"),
+            "unknown field `ports`",
+        );
+        parse_error(&egress("allow = \"pypi.org\""), "invalid type");
     }
 
     #[test]
@@ -859,6 +1014,16 @@ landlock = "full"
         }
         let strict = set.get("strict").unwrap();
         assert_eq!(strict.network.mode, NetworkMode::None);
+        // `build` stays offline; `packages` is build with egress to registries.
+        let build = set.get("build").unwrap();
+        assert_eq!(build.network.mode, NetworkMode::Loopback);
+        let packages = set.get("packages").unwrap();
+        assert_eq!(packages.network.mode, NetworkMode::Egress);
+        assert_eq!(packages.limits, build.limits);
+        let egress = packages.egress.as_ref().unwrap();
+        assert!(egress.allow.iter().all(|r| r.port() == Some(443)));
+        assert!(egress.name_allowed("files.pythonhosted.org", Some(443)));
+        assert!(!egress.name_allowed("example.com", None));
         assert!(strict.limits.memory_bytes < set.get("default").unwrap().limits.memory_bytes);
     }
 

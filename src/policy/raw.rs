@@ -22,6 +22,7 @@ pub(super) struct RawPolicy {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub sandbox: RawSandbox,
+    pub egress: Option<RawEgress>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -35,6 +36,20 @@ pub(super) struct RawFilesystem {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawNetwork {
     pub mode: NetworkMode,
+}
+
+/// Rules as strings, so a bad one is reported by [`crate::egress`] with its index.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEgress {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+    #[serde(default)]
+    pub resolvers: Vec<String>,
+    #[serde(default)]
+    pub allow_broad: bool,
 }
 
 #[derive(Debug, Deserialize)]

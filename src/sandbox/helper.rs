@@ -171,6 +171,8 @@ fn confine(
     let idmapped = stage("mounts", mounts::build(setup, workspace))?;
 
     stage("hostname", nix::unistd::sethostname("hands"))?;
+    // Loopback and Egress: `lo` up (Egress's barrier was installed by the
+    // worker before setup, see `netfilter`).
     if setup.net != proto::NetMode::None {
         stage("loopback", sys::loopback_up())?;
     }
@@ -206,6 +208,7 @@ fn confine(
     stage("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
     // Installed below, after landlock; landlock's judgement of a missing TCP
     // right counts on it.
+    // Egress, like Loopback, keeps IPv4/IPv6 sockets: its barrier is nftables.
     let inet_refused = setup.net == proto::NetMode::None && !setup.weakened_inet_guard;
     let ll = stage(
         "landlock",

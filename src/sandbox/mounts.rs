@@ -372,6 +372,8 @@ pub fn landlock_rules(setup: &Setup) -> super::landlock::Rules {
             .collect(),
         devices: DEVICES.iter().map(|d| Path::new("/dev").join(d)).collect(),
         list_only: vec![PathBuf::from("/"), PathBuf::from("/dev")],
+        // Egress, like Loopback, leaves TCP to the network namespace (and its
+        // barrier, installed by the worker before setup).
         deny_tcp: setup.net == super::proto::NetMode::None,
     }
 }

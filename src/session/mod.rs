@@ -299,6 +299,7 @@ impl Session {
             net: match policy.network.mode {
                 NetworkMode::None => NetMode::None,
                 NetworkMode::Loopback => NetMode::Loopback,
+                NetworkMode::Egress => NetMode::Egress,
             },
             allow_degraded: degradations(&policy),
             landlock_covered: policy.landlock == crate::policy::LandlockMode::Covered,
