@@ -113,8 +113,15 @@ pub fn run(mut args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
             let _ = tokio::io::copy(&mut i, &mut stdin_w).await;
         });
         let (status, (), ()) = tokio::join!(run, relay_out, relay_err);
-        let notes =
+        let mut notes =
             crate::session::limit_notes(before, session.limit_events(), &session.policy().limits);
+        let env = session.policy().name.clone();
+        notes.extend(
+            session
+                .egress_denied()
+                .into_iter()
+                .map(|d| format!("egress denied in environment {env}: {d}")),
+        );
         let workspaces = session.workspaces();
         session.close().await.context("closing the session")?;
         workspaces.drain(super::DRAIN);

@@ -61,6 +61,74 @@ pub trait Gate: Send + Sync + 'static {
     fn decide(&self, name: Option<&str>, port: u16, addrs: &[IpAddr]) -> Verdict;
 }
 
+/// The environment's `[egress]` rules and the host's own addresses, as the
+/// proxy asks them.
+pub struct PolicyGate {
+    pub policy: super::EgressPolicy,
+    /// The host's interface addresses (refused unless a rule names them).
+    pub host_addrs: Vec<IpAddr>,
+}
+
+impl PolicyGate {
+    pub fn new(policy: super::EgressPolicy) -> PolicyGate {
+        PolicyGate {
+            policy,
+            host_addrs: host_addresses(),
+        }
+    }
+}
+
+/// The addresses of the host's interfaces, as the worker sees them.
+pub fn host_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(sa) = a.address else { continue };
+            let ip = if let Some(v4) = sa.as_sockaddr_in() {
+                IpAddr::from(v4.ip())
+            } else if let Some(v6) = sa.as_sockaddr_in6() {
+                IpAddr::from(v6.ip())
+            } else {
+                continue;
+            };
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+    }
+    out
+}
+
+fn verdict(d: &super::Decision) -> Verdict {
+    let text = d.to_string();
+    Verdict {
+        allowed: d.is_allowed(),
+        rule: d.rule().unwrap_or("no rule matches").to_string(),
+        reason: text
+            .split_once(" denied: ")
+            .map(|(_, why)| why.to_string())
+            .unwrap_or(text),
+    }
+}
+
+impl Gate for PolicyGate {
+    fn check_name(&self, name: &str, port: u16) -> Option<Verdict> {
+        if self.policy.name_allowed(name, Some(port)) {
+            return None;
+        }
+        Some(verdict(&self.policy.decide(
+            Some(name),
+            port,
+            &[],
+            &self.host_addrs,
+        )))
+    }
+
+    fn decide(&self, name: Option<&str>, port: u16, addrs: &[IpAddr]) -> Verdict {
+        verdict(&self.policy.decide(name, port, addrs, &self.host_addrs))
+    }
+}
+
 /// What one session's egress shares between its listeners.
 pub struct Context {
     /// The client's session id and the worker's sandbox id, for the audit log.
@@ -73,6 +141,8 @@ pub struct Context {
     call: Mutex<Option<String>>,
     /// Denied destinations since the running call began.
     denials: Mutex<Vec<String>>,
+    /// Those of the last call that ended.
+    last: Mutex<Vec<String>>,
     /// What the session resolver answered, address → name: the name of a
     /// transparent connection that carries none itself.
     names: Mutex<HashMap<IpAddr, String>>,
@@ -95,6 +165,7 @@ impl Context {
             audit,
             call: Mutex::new(None),
             denials: Mutex::new(Vec::new()),
+            last: Mutex::new(Vec::new()),
             names: Mutex::new(HashMap::new()),
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         }
@@ -123,7 +194,7 @@ impl Context {
     }
 
     /// The call ended: the destinations denied while it ran, each once, in
-    /// the order they were first denied.
+    /// the order they were first denied (also kept for [`Context::last_denied`]).
     pub fn end_call(&self) -> Vec<String> {
         *lock(&self.call) = None;
         let mut seen = Vec::new();
@@ -132,7 +203,13 @@ impl Context {
                 seen.push(d);
             }
         }
+        *lock(&self.last) = seen.clone();
         seen
+    }
+
+    /// What the last call that ended had denied.
+    pub fn last_denied(&self) -> Vec<String> {
+        lock(&self.last).clone()
     }
 
     /// The note a call's result ends with when something was denied.

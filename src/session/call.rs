@@ -399,6 +399,16 @@ impl Session {
     ) {
         let t0 = Instant::now();
         let sink = |bytes: &[u8]| rec.append_output(bytes);
+        // Connections the call's processes open are its own: bash and exec
+        // run the agent's programs (file tools open none).
+        let egress = self
+            .egress
+            .as_ref()
+            .filter(|_| matches!(rec.tool.as_str(), "bash" | "exec"))
+            .map(|e| e.context().clone());
+        if let Some(ctx) = &egress {
+            ctx.begin_call(&rec.call_id);
+        }
         let run = async {
             match attach {
                 Some(a) => self.run_exec(a).await,
@@ -444,6 +454,13 @@ impl Session {
             }
         };
         drop(running);
+        let mut result = result;
+        if let Some(ctx) = &egress {
+            let denied = ctx.end_call();
+            if let Some(note) = ctx.note(&denied) {
+                result.append_note(&note);
+            }
+        }
         let mut f = self.audit_fields(&rec.call_id, &rec.tool);
         f.insert("outcome".into(), outcome.name().into());
         f.insert("is_error".into(), result.is_error.into());

@@ -138,6 +138,8 @@ pub struct Session {
     activity: Arc<activity::Activity>,
     origin: Origin,
     audit: Arc<Auditor>,
+    /// The session's proxies and resolver (`network.mode = "egress"`).
+    egress: Option<crate::egress::proxy::SessionEgress>,
     /// The limit counters as the last call's end saw them.
     limits_seen: std::sync::Mutex<crate::sandbox::cgroup::LimitEvents>,
     closed: bool,
@@ -182,7 +184,31 @@ fn sandbox_env(policy: &Policy) -> Vec<(String, String)> {
         env.retain(|(ek, _)| ek != k);
         env.push((k.clone(), v.clone()));
     }
+    if policy.egress.is_some() {
+        env.extend(proxy_env().map(|(k, v)| (k.to_string(), v)));
+    }
     env
+}
+
+/// The proxy variables of an `egress` session (a policy cannot set them):
+/// every client that honours them goes through the worker's explicit proxies;
+/// those that do not are captured by the barrier all the same.
+pub fn proxy_env() -> impl Iterator<Item = (&'static str, String)> {
+    use crate::sandbox::netfilter::{HTTP_PROXY_PORT, SOCKS_PORT};
+    let http = format!("http://127.0.0.1:{HTTP_PROXY_PORT}");
+    let socks = format!("socks5h://127.0.0.1:{SOCKS_PORT}");
+    let none = "localhost,127.0.0.1,::1".to_string();
+    [
+        ("HTTP_PROXY", http.clone()),
+        ("HTTPS_PROXY", http.clone()),
+        ("ALL_PROXY", socks.clone()),
+        ("NO_PROXY", none.clone()),
+        ("http_proxy", http.clone()),
+        ("https_proxy", http),
+        ("all_proxy", socks),
+        ("no_proxy", none),
+    ]
+    .into_iter()
 }
 
 fn new_id() -> String {
@@ -335,6 +361,36 @@ impl Session {
             connector: opts.connector,
             session: id.clone(),
         });
+        let audit = opts
+            .audit
+            .unwrap_or_else(|| Auditor::log_only(crate::util::hostname()));
+        // The egress layer serves the listeners the barrier made in the
+        // session's namespace; a session whose egress cannot start is not opened.
+        let egress = match (&policy.egress, helper.take_egress_listeners()) {
+            (Some(rules), Some(listeners)) => {
+                let ctx = crate::egress::proxy::Context::new(
+                    origin.session.clone(),
+                    id.clone(),
+                    policy.name.clone(),
+                    Arc::new(crate::egress::proxy::PolicyGate::new(rules.clone())),
+                    audit.clone(),
+                );
+                match crate::egress::proxy::SessionEgress::start(listeners, ctx) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        helper.shutdown().await;
+                        let _ = cgroup.kill_all(Duration::from_secs(5));
+                        let _ = cgroup.delete();
+                        cleanup_workspace(workspace);
+                        return Err(SandboxError::HelperDied(format!(
+                            ": serving the egress listeners: {e}"
+                        ))
+                        .into());
+                    }
+                }
+            }
+            _ => None,
+        };
         Ok(Arc::new(Session {
             id,
             policy,
@@ -353,9 +409,8 @@ impl Session {
             activity: Arc::new(activity::Activity::new()),
             origin,
             limits_seen: Default::default(),
-            audit: opts
-                .audit
-                .unwrap_or_else(|| Auditor::log_only(crate::util::hostname())),
+            audit,
+            egress,
             closed: false,
         }))
     }
@@ -392,6 +447,15 @@ impl Session {
     /// Host pid of the session's helper.
     pub fn helper_pid(&self) -> i32 {
         self.helper.pid()
+    }
+
+    /// The destinations the session's egress denied during its last `bash`
+    /// or `exec` call (empty outside `network.mode = "egress"`).
+    pub fn egress_denied(&self) -> Vec<String> {
+        self.egress
+            .as_ref()
+            .map(|e| e.context().last_denied())
+            .unwrap_or_default()
     }
 
     /// The session's call journal.

@@ -78,7 +78,8 @@ fn spawn_kept(cmd: Command) -> u32 {
     });
     let (reply, pid) = mpsc::channel();
     let mut kept = Command::new("setpriv");
-    kept.args(["--pdeathsig", "KILL", "--"]).arg(cmd.get_program());
+    kept.args(["--pdeathsig", "KILL", "--"])
+        .arg(cmd.get_program());
     kept.args(cmd.get_args());
     for (k, v) in cmd.get_envs() {
         match v {
@@ -183,7 +184,11 @@ impl Net {
         std::fs::write(&ca_pem, &ca.issued.cert_pem).unwrap();
         let server = ca
             .gateway(
-                &["allowed.test".into(), "tls.test".into(), "a.wild.test".into()],
+                &[
+                    "allowed.test".into(),
+                    "tls.test".into(),
+                    "a.wild.test".into(),
+                ],
                 30,
             )
             .unwrap();
@@ -220,7 +225,10 @@ impl Net {
         let mut servers = nsenter(s);
         servers
             .arg("python3")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/egress/servers.py"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/egress/servers.py"
+            ))
             .arg(d)
             .arg(d.join("server.pem"))
             .arg(d.join("server-key.pem"));
@@ -231,7 +239,10 @@ impl Net {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(d.join("servers.ready").exists(), "the test servers did not start");
+        assert!(
+            d.join("servers.ready").exists(),
+            "the test servers did not start"
+        );
 
         let policies = d.join("policies");
         std::fs::create_dir(&policies).unwrap();
@@ -256,7 +267,13 @@ impl Net {
             .arg(hands_bin())
             .arg("--policy-dir")
             .arg(self.policies())
-            .args(["exec", "--env", "egtest", "--allow-root-workspace", "--workspace"])
+            .args([
+                "exec",
+                "--env",
+                "egtest",
+                "--allow-root-workspace",
+                "--workspace",
+            ])
             .arg(ws.path())
             .args(["--", "/bin/sh", "-c", script])
             .output()
@@ -283,7 +300,14 @@ fn www(d: &Path) {
     let work = d.join("repo-work");
     let git = |dir: &Path, args: &[&str]| {
         run(Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"])
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
             .arg("-C")
             .arg(dir)
             .args(args));
@@ -293,7 +317,10 @@ fn www(d: &Path) {
     std::fs::write(work.join("README"), "cloned through hands egress\n").unwrap();
     git(&work, &["add", "README"]);
     git(&work, &["commit", "-qm", "one"]);
-    git(&www, &["clone", "-q", "--bare", work.to_str().unwrap(), "repo.git"]);
+    git(
+        &www,
+        &["clone", "-q", "--bare", work.to_str().unwrap(), "repo.git"],
+    );
     git(&www.join("repo.git"), &["update-server-info"]);
     run(Command::new("python3").arg("-c").arg(WHEEL).arg(&www));
 }
@@ -338,9 +365,17 @@ const CURL: &str = "curl -sS --max-time 20 --cacert /workspace/ca.pem";
 fn curl_through_the_proxy_reaches_an_allowed_host() {
     crate::require_sandbox!();
     let net = Net::get();
-    let out = net.exec(&format!("{CURL} http://allowed.test/plain && {CURL} https://allowed.test/tls"));
+    let out = net.exec(&format!(
+        "{CURL} http://allowed.test/plain && {CURL} https://allowed.test/tls"
+    ));
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("hello from 198.51.100.10 allowed.test /plain"), "{t}");
-    assert!(t.contains("hello from 198.51.100.10 allowed.test /tls"), "{t}");
+    assert!(
+        t.contains("hello from 198.51.100.10 allowed.test /plain"),
+        "{t}"
+    );
+    assert!(
+        t.contains("hello from 198.51.100.10 allowed.test /tls"),
+        "{t}"
+    );
 }
