@@ -13,6 +13,7 @@ pub mod cli;
 pub mod configfile;
 pub mod conformance;
 pub mod connectors;
+pub mod egress;
 pub mod gateway;
 pub mod net;
 pub mod pki;
