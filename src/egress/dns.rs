@@ -17,9 +17,10 @@
 //! - **Answers out** ([`response`]): the ID and the question as received,
 //!   QR and RA set, RD copied, never AA, only the answer section. A UDP
 //!   response stays within 512 bytes: answers that do not fit are left out
-//!   whole and TC is set. The [`SessionResolver`] also never gives more than
-//!   [`ResolverLimits::max_addrs`] addresses (16 by default), which always fit
-//!   for names of ordinary length.
+//!   whole and TC is set, for the client to ask again over TCP
+//!   ([`SessionResolver::serve_tcp`], up to 64 KiB). The [`SessionResolver`]
+//!   never gives more than [`ResolverLimits::max_addrs`] addresses (16 by
+//!   default), which fit in 512 bytes for names of up to 40-odd bytes.
 //! - **Upstream** ([`query_upstream`]): the worker's own queries for names the
 //!   policy allows, over UDP from a fresh socket (random source port, random
 //!   ID), each server in turn with a timeout, retried over TCP when the answer
@@ -39,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -53,6 +54,8 @@ pub const TYPE_AAAA: u16 = 28;
 pub const CLASS_IN: u16 = 1;
 /// The largest response sent over UDP (RFC 1035 §4.2.1; EDNS is not offered).
 pub const MAX_UDP_RESPONSE: usize = 512;
+/// The largest response sent over TCP (its 2-byte length prefix).
+pub const MAX_TCP_RESPONSE: usize = 65535;
 /// How long [`query_upstream`] waits for each server (and again for a TCP
 /// retry).
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -312,11 +315,22 @@ fn header_only(h: Header, rcode: Rcode) -> Vec<u8> {
 /// none for any other QTYPE). It is at most [`MAX_UDP_RESPONSE`] bytes: answer
 /// records that do not fit are left out whole and TC is set.
 pub fn response(query: &Query, rcode: Rcode, addrs: &[IpAddr], ttl: u32) -> Vec<u8> {
+    response_within(query, rcode, addrs, ttl, MAX_UDP_RESPONSE)
+}
+
+/// [`response`] with another size limit (over TCP, [`MAX_TCP_RESPONSE`]).
+fn response_within(
+    query: &Query,
+    rcode: Rcode,
+    addrs: &[IpAddr],
+    ttl: u32,
+    max_len: usize,
+) -> Vec<u8> {
     let mut flags = FLAG_QR | FLAG_RA | rcode as u16;
     if query.recursion_desired {
         flags |= FLAG_RD;
     }
-    let mut out = Vec::with_capacity(MAX_UDP_RESPONSE);
+    let mut out = Vec::with_capacity(MAX_UDP_RESPONSE.min(max_len));
     put_header(&mut out, query.id, 0, [1, 0, 0, 0]);
     out.extend_from_slice(&query.question);
     let mut count: u16 = 0;
@@ -335,7 +349,7 @@ pub fn response(query: &Query, rcode: Rcode, addrs: &[IpAddr], ttl: u32) -> Vec<
         };
         // Owner (a pointer to the question's name at offset 12), TYPE, CLASS,
         // TTL, RDLENGTH, RDATA.
-        if out.len() + 12 + rdata.len() > MAX_UDP_RESPONSE {
+        if out.len() + 12 + rdata.len() > max_len || count == u16::MAX {
             flags |= FLAG_TC;
             break;
         }
@@ -742,6 +756,12 @@ pub struct ResolverLimits {
     pub ttl: u32,
     /// Addresses given at most in one response.
     pub max_addrs: usize,
+    /// TCP connections served at once by [`SessionResolver::serve_tcp`]; one
+    /// beyond is closed at once.
+    pub max_tcp_connections: usize,
+    /// How long a TCP connection may take to send its next query (or a
+    /// whole one), and to take its answer, before it is closed.
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for ResolverLimits {
@@ -751,30 +771,46 @@ impl Default for ResolverLimits {
             answer_timeout: Duration::from_secs(4),
             ttl: 30,
             max_addrs: 16,
+            max_tcp_connections: 8,
+            tcp_idle_timeout: Duration::from_secs(10),
         }
     }
 }
 
 /// The DNS server of one session: answers every query through its
 /// [`Answerer`], never forwarding one.
+///
+/// Clones share the answerer and the bound on queries in flight, so one clone
+/// can [`serve`](Self::serve) UDP while another serves TCP.
 pub struct SessionResolver<A> {
     answerer: Arc<A>,
     limits: ResolverLimits,
+    in_flight: Arc<Semaphore>,
+}
+
+impl<A> Clone for SessionResolver<A> {
+    fn clone(&self) -> Self {
+        SessionResolver {
+            answerer: self.answerer.clone(),
+            limits: self.limits.clone(),
+            in_flight: self.in_flight.clone(),
+        }
+    }
 }
 
 impl<A: Answerer> SessionResolver<A> {
     /// A resolver with the default [`ResolverLimits`].
     pub fn new(answerer: A) -> Self {
-        SessionResolver {
-            answerer: Arc::new(answerer),
-            limits: ResolverLimits::default(),
-        }
+        Self::with_limits(answerer, ResolverLimits::default())
     }
 
-    /// The same resolver with other limits.
-    pub fn with_limits(mut self, limits: ResolverLimits) -> Self {
-        self.limits = limits;
-        self
+    /// A resolver with these limits.
+    pub fn with_limits(answerer: A, limits: ResolverLimits) -> Self {
+        SessionResolver {
+            answerer: Arc::new(answerer),
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            limits,
+        }
     }
 
     /// Answers the queries arriving on `socket` (bound in the session's
@@ -784,7 +820,6 @@ impl<A: Answerer> SessionResolver<A> {
     /// the queries in flight.
     pub async fn serve(self, socket: UdpSocket) -> io::Result<()> {
         let socket = Arc::new(socket);
-        let permits = Arc::new(Semaphore::new(self.limits.max_in_flight));
         let mut tasks = JoinSet::new();
         let mut buf = vec![0u8; RECV_BUF];
         loop {
@@ -803,7 +838,7 @@ impl<A: Answerer> SessionResolver<A> {
                     continue;
                 }
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
                 let resp = response(&query, Rcode::Refused, &[], 0);
                 let _ = socket.send_to(&resp, peer).await;
                 continue;
@@ -812,7 +847,7 @@ impl<A: Answerer> SessionResolver<A> {
             let limits = self.limits.clone();
             let socket = socket.clone();
             tasks.spawn(async move {
-                let resp = answer_query(&*answerer, &limits, &query).await;
+                let resp = answer_query(&*answerer, &limits, &query, MAX_UDP_RESPONSE).await;
                 let _ = socket.send_to(&resp, peer).await;
                 drop(permit);
             });
@@ -824,10 +859,89 @@ impl<A: Answerer> SessionResolver<A> {
     /// queries in flight.
     pub async fn respond(&self, packet: &[u8]) -> Option<Vec<u8>> {
         match parse_query(packet) {
-            Ok(query) => Some(answer_query(&*self.answerer, &self.limits, &query).await),
+            Ok(query) => {
+                let resp = answer_query(&*self.answerer, &self.limits, &query, MAX_UDP_RESPONSE);
+                Some(resp.await)
+            }
             Err(e) => e.response(),
         }
     }
+
+    /// Answers DNS over TCP (RFC 7766: each message after a 2-byte length) on
+    /// connections accepted from `listener`, for the clients that retry a
+    /// truncated UDP answer. At most [`ResolverLimits::max_tcp_connections`]
+    /// connections at once, each answered one query at a time, closed when
+    /// idle for [`ResolverLimits::tcp_idle_timeout`] or on a packet that would
+    /// be dropped over UDP; the queries count against the same bound on
+    /// queries in flight as UDP's. Returns on an accept error other than a
+    /// transient one or a lack of resources (after which it waits a little).
+    pub async fn serve_tcp(self, listener: TcpListener) -> io::Result<()> {
+        let connections = Arc::new(Semaphore::new(self.limits.max_tcp_connections));
+        let mut tasks = JoinSet::new();
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) if is_transient(&e) || e.kind() == io::ErrorKind::ConnectionAborted => {
+                    continue
+                }
+                Err(e) if is_out_of_resources(&e) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                continue;
+            };
+            let this = self.clone();
+            tasks.spawn(async move {
+                let _ = this.serve_connection(stream).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve_connection(&self, mut stream: TcpStream) -> io::Result<()> {
+        let idle = self.limits.tcp_idle_timeout;
+        let timed_out = |_| io::Error::from(io::ErrorKind::TimedOut);
+        loop {
+            let len = match tokio::time::timeout(idle, stream.read_u16()).await {
+                Err(_) => return Ok(()),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Ok(len) => usize::from(len?),
+            };
+            let mut buf = vec![0u8; len];
+            tokio::time::timeout(idle, stream.read_exact(&mut buf))
+                .await
+                .map_err(timed_out)??;
+            let resp = match parse_query(&buf) {
+                Ok(query) => match self.in_flight.clone().try_acquire_owned() {
+                    Ok(_permit) => {
+                        answer_query(&*self.answerer, &self.limits, &query, MAX_TCP_RESPONSE).await
+                    }
+                    Err(_) => response(&query, Rcode::Refused, &[], 0),
+                },
+                Err(e) => match e.response() {
+                    Some(resp) => resp,
+                    None => return Ok(()),
+                },
+            };
+            let mut framed = Vec::with_capacity(2 + resp.len());
+            put_u16(&mut framed, resp.len() as u16);
+            framed.extend_from_slice(&resp);
+            tokio::time::timeout(idle, stream.write_all(&framed))
+                .await
+                .map_err(timed_out)??;
+        }
+    }
+}
+
+fn is_out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 fn is_transient(e: &io::Error) -> bool {
@@ -844,6 +958,7 @@ async fn answer_query<A: Answerer>(
     answerer: &A,
     limits: &ResolverLimits,
     query: &Query,
+    max_len: usize,
 ) -> Vec<u8> {
     if query.qclass != CLASS_IN {
         return response(query, Rcode::Refused, &[], 0);
@@ -862,7 +977,7 @@ async fn answer_query<A: Answerer>(
                 .filter(|a| matches!(query.qtype, TYPE_A | TYPE_AAAA) && a.is_ipv4() == wanted_v4)
                 .take(limits.max_addrs)
                 .collect();
-            response(query, Rcode::NoError, &addrs, limits.ttl)
+            response_within(query, Rcode::NoError, &addrs, limits.ttl, max_len)
         }
         Answer::NoData => response(query, Rcode::NoError, &[], 0),
         Answer::NxDomain => response(query, Rcode::NxDomain, &[], 0),
@@ -876,7 +991,6 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
-    use tokio::net::TcpListener;
 
     const LOCAL: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
@@ -1721,11 +1835,7 @@ mod tests {
         let server = socket.local_addr().unwrap();
         let limits = ResolverLimits::default();
         let bound = limits.max_in_flight;
-        tokio::spawn(
-            SessionResolver::new(answerer)
-                .with_limits(limits)
-                .serve(socket),
-        );
+        tokio::spawn(SessionResolver::with_limits(answerer, limits).serve(socket));
 
         let client = UdpSocket::bind((LOCAL, 0)).await.unwrap();
         for id in 0..bound as u16 {
@@ -1798,11 +1908,7 @@ mod tests {
             answer_timeout: Duration::from_millis(200),
             ..ResolverLimits::default()
         };
-        tokio::spawn(
-            SessionResolver::new(answerer)
-                .with_limits(limits)
-                .serve(socket),
-        );
+        tokio::spawn(SessionResolver::with_limits(answerer, limits).serve(socket));
         let resp = ask(server, &query_packet(1, "slow.test", TYPE_A)).await;
         assert_eq!(rcode_of(&resp), Rcode::ServFail as u16);
     }
@@ -1833,6 +1939,101 @@ mod tests {
         assert_eq!(rcode_of(&resp), Rcode::FormErr as u16);
         let resp = ask(server, &query_packet(10, "x.test", TYPE_A)).await;
         assert_eq!(rcode_of(&resp), Rcode::NxDomain as u16);
+    }
+
+    /// A resolver answering sixteen IPv6 addresses for any name, on both UDP
+    /// and TCP of the same port of 127.0.0.1.
+    async fn sixteen_addresses_resolver(limits: ResolverLimits) -> SocketAddr {
+        let answerer = |_: &str, _: u16| async {
+            let addrs = (1..=16u16).map(|i| IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 1, i)));
+            Answer::Addrs(addrs.collect())
+        };
+        let (listener, udp) = loop {
+            let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            if let Ok(udp) = UdpSocket::bind((LOCAL, port)).await {
+                break (listener, udp);
+            }
+        };
+        let addr = udp.local_addr().unwrap();
+        let resolver = SessionResolver::with_limits(answerer, limits);
+        tokio::spawn(resolver.clone().serve(udp));
+        tokio::spawn(resolver.serve_tcp(listener));
+        addr
+    }
+
+    async fn ask_tcp_once(stream: &mut TcpStream, packet: &[u8]) -> io::Result<Vec<u8>> {
+        let mut framed = Vec::new();
+        put_u16(&mut framed, packet.len() as u16);
+        framed.extend_from_slice(packet);
+        stream.write_all(&framed).await?;
+        let len = usize::from(stream.read_u16().await?);
+        let mut buf = vec![0u8; len];
+        stream.read_exact(&mut buf).await?;
+        Ok(buf)
+    }
+
+    #[tokio::test]
+    async fn an_answer_truncated_over_udp_comes_whole_over_tcp() {
+        let server = sixteen_addresses_resolver(ResolverLimits::default()).await;
+        let long = format!("{}.{}.test", "a".repeat(63), "b".repeat(63));
+        let packet = query_packet(0x5151, &long, TYPE_AAAA);
+
+        let resp = ask(server, &packet).await;
+        assert_eq!(flags_of(&resp) & FLAG_TC, FLAG_TC);
+        assert!(ancount_of(&resp) < 16);
+
+        let mut stream = TcpStream::connect(server).await.unwrap();
+        let resp = ask_tcp_once(&mut stream, &packet).await.unwrap();
+        assert_eq!(flags_of(&resp) & FLAG_TC, 0);
+        let Some(Reply::Addrs(addrs)) = parse_response(&resp, 0x5151, &long, TYPE_AAAA) else {
+            panic!("{resp:?}")
+        };
+        assert_eq!(addrs.len(), 16);
+        // The connection serves the next query too; garbage closes it.
+        let resp = ask_tcp_once(&mut stream, &query_packet(2, "x.test", TYPE_A))
+            .await
+            .unwrap();
+        assert_eq!((rcode_of(&resp), ancount_of(&resp)), (0, 0));
+        let resp = ask_tcp_once(&mut stream, &message(3, 0, [2, 0, 0, 0], &[]))
+            .await
+            .unwrap();
+        assert_eq!(rcode_of(&resp), Rcode::FormErr as u16);
+        assert!(ask_tcp_once(&mut stream, b"junk").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn tcp_connections_beyond_the_bound_are_closed() {
+        let limits = ResolverLimits {
+            max_tcp_connections: 2,
+            ..ResolverLimits::default()
+        };
+        let server = sixteen_addresses_resolver(limits).await;
+        let packet = query_packet(1, "x.test", TYPE_AAAA);
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut stream = TcpStream::connect(server).await.unwrap();
+            ask_tcp_once(&mut stream, &packet).await.unwrap();
+            held.push(stream);
+        }
+        let mut third = TcpStream::connect(server).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), ask_tcp_once(&mut third, &packet));
+        assert!(
+            got.await.unwrap().is_err(),
+            "the third connection was served"
+        );
+        drop(held);
+        // Once the others are gone, a new connection is served.
+        let served = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let mut stream = TcpStream::connect(server).await.unwrap();
+                if ask_tcp_once(&mut stream, &packet).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        served.await.unwrap();
     }
 
     /// Runs dig against `server`, `None` when dig is not installed.
@@ -1878,6 +2079,10 @@ mod tests {
             out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
             "{out}"
         );
+        let out = dig(resolver, &["root.test", "A", "+norecurse", "+noedns"])
+            .await
+            .unwrap();
+        assert!(out.contains("status: REFUSED"), "{out}");
         assert_eq!(
             *seen.lock().unwrap(),
             vec![
@@ -1885,5 +2090,23 @@ mod tests {
                 ("www.allowed.test".into(), TYPE_AAAA)
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn dig_falls_back_to_tcp_for_a_truncated_answer() {
+        let server = sixteen_addresses_resolver(ResolverLimits::default()).await;
+        let long = format!("{}.{}.test", "a".repeat(63), "b".repeat(63));
+        let Some(out) = dig(server, &[&long, "AAAA", "+short"]).await else {
+            return;
+        };
+        assert_eq!(out.lines().count(), 16, "{out}");
+        let out = dig(server, &[&long, "AAAA", "+short", "+tcp"])
+            .await
+            .unwrap();
+        assert_eq!(out.lines().count(), 16, "{out}");
+        let out = dig(server, &[&long, "AAAA", "+short", "+ignore"])
+            .await
+            .unwrap();
+        assert!(out.lines().count() < 16, "{out}");
     }
 }
