@@ -20,7 +20,8 @@
 //!   whole and TC is set, for the client to ask again over TCP
 //!   ([`SessionResolver::serve_tcp`], up to 64 KiB). The [`SessionResolver`]
 //!   never gives more than [`ResolverLimits::max_addrs`] addresses (16 by
-//!   default), which fit in 512 bytes for names of up to 40-odd bytes.
+//!   default): sixteen AAAA records fit in 512 bytes for names of up to 46
+//!   bytes, sixteen A records for names of up to 238.
 //! - **Upstream** ([`query_upstream`]): the worker's own queries for names the
 //!   policy allows, over UDP from a fresh socket (random source port, random
 //!   ID), each server in turn with a timeout, retried over TCP when the answer
@@ -1205,16 +1206,25 @@ mod tests {
             "whole records only"
         );
 
-        // Sixteen addresses of an ordinary name fit.
-        let q = parse_query(&query_packet(
-            1,
-            "a-rather-long-host-name.example.test",
-            TYPE_AAAA,
-        ))
-        .unwrap();
-        let resp = response(&q, Rcode::NoError, &addrs, 1);
-        assert_eq!(flags_of(&resp) & FLAG_TC, 0);
-        assert_eq!(ancount_of(&resp), 16);
+        // Sixteen AAAA records fit for a name of 46 bytes, not 47; sixteen A
+        // records for 238, not 239 (as the module documentation says).
+        let v4s: Vec<IpAddr> = (1..=16).map(v4).collect();
+        for (qtype, addrs, fits) in [(TYPE_AAAA, &addrs, 46), (TYPE_A, &v4s, 238)] {
+            for (len, whole) in [(fits, true), (fits + 1, false)] {
+                let mut name = String::new();
+                let mut left = len;
+                while left > 63 {
+                    name.push_str(&format!("{}.", "a".repeat(62)));
+                    left -= 63;
+                }
+                name.push_str(&"b".repeat(left));
+                assert_eq!(name.len(), len);
+                let q = parse_query(&query_packet(1, &name, qtype)).unwrap();
+                let resp = response(&q, Rcode::NoError, addrs, 1);
+                assert_eq!(flags_of(&resp) & FLAG_TC == 0, whole, "{qtype} {len}");
+                assert_eq!(ancount_of(&resp) == 16, whole, "{qtype} {len}");
+            }
+        }
     }
 
     #[test]
@@ -1747,6 +1757,23 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got, vec![v4(1), v4(2)]);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_skipped_for_the_next() {
+        let closed = UdpSocket::bind((LOCAL, 0)).await.unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        let (good, _) = fake_upstream(None, loopback_answers).await;
+        let started = std::time::Instant::now();
+        let got = query_upstream(&[closed_addr, good], "allowed.test", TYPE_A)
+            .await
+            .unwrap();
+        assert_eq!(got, vec![v4(1), v4(2)]);
+        assert!(
+            started.elapsed() < UPSTREAM_TIMEOUT,
+            "the refusal was not waited out"
+        );
     }
 
     #[tokio::test]
