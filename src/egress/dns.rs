@@ -1192,8 +1192,8 @@ mod tests {
             "c".repeat(63)
         );
         let q = parse_query(&query_packet(1, &long, TYPE_AAAA)).unwrap();
-        let addrs: Vec<IpAddr> = (0..16u16)
-            .map(|i| IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, i + 1)))
+        let addrs: Vec<IpAddr> = (0..16u8)
+            .map(|i| IpAddr::V6(Ipv4Addr::new(127, 0, 0, i + 1).to_ipv6_mapped()))
             .collect();
         let resp = response(&q, Rcode::NoError, &addrs, 1);
         assert!(resp.len() <= MAX_UDP_RESPONSE);
@@ -1968,11 +1968,12 @@ mod tests {
         assert_eq!(rcode_of(&resp), Rcode::NxDomain as u16);
     }
 
-    /// A resolver answering sixteen IPv6 addresses for any name, on both UDP
+    /// A resolver answering sixteen IPv6 addresses (IPv4-mapped loopback) for
+    /// any name, on both UDP
     /// and TCP of the same port of 127.0.0.1.
     async fn sixteen_addresses_resolver(limits: ResolverLimits) -> SocketAddr {
         let answerer = |_: &str, _: u16| async {
-            let addrs = (1..=16u16).map(|i| IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 1, i)));
+            let addrs = (1..=16).map(|i| IpAddr::V6(Ipv4Addr::new(127, 0, 0, i).to_ipv6_mapped()));
             Answer::Addrs(addrs.collect())
         };
         let (listener, udp) = loop {
