@@ -9,6 +9,13 @@
 //! session's DNS resolver and the kernel barrier of the session's network namespace
 //! call it with what they saw, and enforce its answer.
 //!
+//! Its submodules are that enforcement, served from the worker's runtime for
+//! each session in the mode: [`proxy`] (the explicit HTTP and SOCKS5 proxies and
+//! the transparent listener), [`sniff`] (the name a connection's first bytes
+//! carry) and [`dns`] (the session resolver, which answers only allowed names and
+//! never forwards another upstream). The kernel barrier that leaves a session no
+//! other way out is [`crate::sandbox::netfilter`].
+//!
 //! # Rules
 //!
 //! - a host name, `pypi.org`, optionally with a port, `github.com:443` (without a
@@ -64,6 +71,7 @@
 //!   connection by CIDR.
 
 mod classes;
+pub mod dns;
 pub mod proxy;
 mod rules;
 pub mod sniff;
