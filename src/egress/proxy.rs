@@ -59,6 +59,11 @@ pub trait Gate: Send + Sync + 'static {
     /// The decision for a connection to `port` of `addrs`, which are what
     /// `name` resolved to, or the one address of a connection without a name.
     fn decide(&self, name: Option<&str>, port: u16, addrs: &[IpAddr]) -> Verdict;
+    /// Whether the session resolver may answer `name` at all (on some port).
+    fn name_answerable(&self, name: &str) -> bool;
+    /// Whether the session resolver may give out `addr` (not of a refused
+    /// class, or opened by a network rule).
+    fn addr_answerable(&self, addr: IpAddr) -> bool;
 }
 
 /// The environment's `[egress]` rules and the host's own addresses, as the
@@ -127,6 +132,19 @@ impl Gate for PolicyGate {
     fn decide(&self, name: Option<&str>, port: u16, addrs: &[IpAddr]) -> Verdict {
         verdict(&self.policy.decide(name, port, addrs, &self.host_addrs))
     }
+
+    fn name_answerable(&self, name: &str) -> bool {
+        self.policy.name_allowed(name, None)
+    }
+
+    fn addr_answerable(&self, addr: IpAddr) -> bool {
+        let in_net = |rules: &[super::Rule]| rules.iter().any(|r| r.matches_addr_any_port(addr));
+        if in_net(&self.policy.deny) {
+            return false;
+        }
+        (super::classify(addr).is_none() && !self.host_addrs.contains(&addr))
+            || in_net(&self.policy.allow)
+    }
 }
 
 /// What one session's egress shares between its listeners.
@@ -137,6 +155,8 @@ pub struct Context {
     pub environment: String,
     pub gate: Arc<dyn Gate>,
     pub audit: Arc<Auditor>,
+    /// The policy's resolvers; empty: the host's (getaddrinfo).
+    pub resolvers: Vec<SocketAddr>,
     /// The call running in the session, whose result gets the denial note.
     call: Mutex<Option<String>>,
     /// Denied destinations since the running call began.
@@ -163,6 +183,7 @@ impl Context {
             environment,
             gate,
             audit,
+            resolvers: Vec::new(),
             call: Mutex::new(None),
             denials: Mutex::new(Vec::new()),
             last: Mutex::new(Vec::new()),
@@ -338,6 +359,13 @@ impl SessionEgress {
                 )));
             }
         }
+        for sock in listeners.dns {
+            let sock = tokio::net::UdpSocket::from_std(sock)?;
+            let resolver = super::dns::SessionResolver::new(Answers(ctx.clone()));
+            accepts.push(tokio::spawn(async move {
+                let _ = resolver.serve(sock).await;
+            }));
+        }
         Ok(SessionEgress {
             ctx,
             _stop: stop,
@@ -421,7 +449,7 @@ async fn reach(
                 ctx.deny(via, &host, port, must_include, &v);
                 return Reach::Denied(v);
             }
-            match resolve(&host, port).await {
+            match resolve(&ctx.resolvers, &host, port).await {
                 Ok(a) if !a.is_empty() => (Some(host.as_str()), a),
                 Ok(_) | Err(_) => return Reach::Failed(format!("{host} does not resolve")),
             }
@@ -461,15 +489,76 @@ async fn reach(
     Reach::Failed(last)
 }
 
-/// The worker's own resolution of an allowed name.
-async fn resolve(name: &str, port: u16) -> io::Result<Vec<IpAddr>> {
+/// The worker's own resolution of an allowed name: the policy's resolvers
+/// asked directly (A and AAAA), or the host's resolver.
+async fn resolve(resolvers: &[SocketAddr], name: &str, port: u16) -> io::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
-    for a in tokio::net::lookup_host((name, port)).await? {
-        if !out.contains(&a.ip()) {
-            out.push(a.ip());
+    if resolvers.is_empty() {
+        for a in tokio::net::lookup_host((name, port)).await? {
+            if !out.contains(&a.ip()) {
+                out.push(a.ip());
+            }
+        }
+        return Ok(out);
+    }
+    let (v4, v6) = tokio::join!(
+        super::dns::query_upstream(resolvers, name, super::dns::TYPE_A),
+        super::dns::query_upstream(resolvers, name, super::dns::TYPE_AAAA),
+    );
+    match (v4, v6) {
+        (Err(e), Err(_)) => return Err(e),
+        (a, b) => {
+            for ip in a.unwrap_or_default().into_iter().chain(b.unwrap_or_default()) {
+                if !out.contains(&ip) {
+                    out.push(ip);
+                }
+            }
         }
     }
     Ok(out)
+}
+
+/// The session resolver's answers: an allowed name resolved by the worker,
+/// less the addresses the session may not reach; any other name NXDOMAIN,
+/// never asked upstream.
+struct Answers(Arc<Context>);
+
+impl super::dns::Answerer for Answers {
+    async fn answer(&self, name: &str, qtype: u16) -> super::dns::Answer {
+        use super::dns::Answer;
+        let ctx = &self.0;
+        let refused = |reason: String| {
+            let v = Verdict {
+                allowed: false,
+                rule: "no rule matches".into(),
+                reason,
+            };
+            ctx.deny("dns", name, 53, None, &v);
+        };
+        if !ctx.gate.name_answerable(name) {
+            refused(format!("no rule allows {name}"));
+            return Answer::NxDomain;
+        }
+        if qtype != super::dns::TYPE_A && qtype != super::dns::TYPE_AAAA {
+            return Answer::NoData;
+        }
+        let addrs = match resolve(&ctx.resolvers, name, 0).await {
+            Ok(a) => a,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Answer::NxDomain,
+            Err(_) => return Answer::ServFail,
+        };
+        let given: Vec<IpAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| ctx.gate.addr_answerable(*a))
+            .collect();
+        if given.is_empty() && !addrs.is_empty() {
+            refused(format!("{name} resolves only to addresses the session may not reach"));
+            return Answer::Refused;
+        }
+        ctx.resolved(name, &given);
+        Answer::Addrs(given)
+    }
 }
 
 /// Relays both ways until either side is done; returns the bytes sent up
@@ -966,6 +1055,12 @@ mod tests {
                 rule: "no rule matches".into(),
                 reason: format!("no rule allows {name}"),
             })
+        }
+        fn name_answerable(&self, name: &str) -> bool {
+            name == "localhost"
+        }
+        fn addr_answerable(&self, _addr: IpAddr) -> bool {
+            true
         }
         fn decide(&self, name: Option<&str>, _port: u16, _addrs: &[IpAddr]) -> Verdict {
             Verdict {

@@ -368,13 +368,14 @@ impl Session {
         // session's namespace; a session whose egress cannot start is not opened.
         let egress = match (&policy.egress, helper.take_egress_listeners()) {
             (Some(rules), Some(listeners)) => {
-                let ctx = crate::egress::proxy::Context::new(
+                let mut ctx = crate::egress::proxy::Context::new(
                     origin.session.clone(),
                     id.clone(),
                     policy.name.clone(),
                     Arc::new(crate::egress::proxy::PolicyGate::new(rules.clone())),
                     audit.clone(),
                 );
+                ctx.resolvers = rules.resolvers.clone();
                 match crate::egress::proxy::SessionEgress::start(listeners, ctx) {
                     Ok(e) => Some(e),
                     Err(e) => {

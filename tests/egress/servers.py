@@ -46,6 +46,12 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def server_bind(self):
+        # HTTPServer's own looks its address up in DNS (getfqdn), which has
+        # no answer in the test network.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
 
 class Bait(socketserver.BaseRequestHandler):
     def handle(self):

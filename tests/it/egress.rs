@@ -39,7 +39,9 @@ allow = [
     "tls.test:443",
     "rebind.test",
     "metadata.test",
-    "198.51.100.0/24:80",
+    # The test servers live in a documentation range, refused unless a network
+    # rule opens it: only .10, on every port.
+    "198.51.100.10/32",
 ]
 deny = ["denied.test"]
 resolvers = ["198.51.100.53:53"]
@@ -61,7 +63,7 @@ enabled = ["bash", "read", "write", "edit", "glob", "grep"]
 
 /// Spawns long-lived processes from one thread that never ends, so their
 /// parent-death signal fires only when the test binary exits.
-fn spawn_kept(cmd: Command) -> u32 {
+fn spawn_kept(cmd: Command, log: Option<&Path>) -> u32 {
     type Job = (Command, mpsc::Sender<u32>);
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
     let tx = SPAWNER.get_or_init(|| {
@@ -87,7 +89,15 @@ fn spawn_kept(cmd: Command) -> u32 {
             None => kept.env_remove(k),
         };
     }
-    kept.stdout(Stdio::null()).stderr(Stdio::null());
+    match log {
+        Some(path) => {
+            let f = std::fs::File::create(path).unwrap();
+            kept.stdout(f.try_clone().unwrap()).stderr(f);
+        }
+        None => {
+            kept.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+    }
     tx.lock().unwrap().send((kept, reply)).unwrap();
     pid.recv().unwrap()
 }
@@ -96,7 +106,7 @@ fn spawn_kept(cmd: Command) -> u32 {
 fn namespace() -> u32 {
     let mut cmd = Command::new("unshare");
     cmd.args(["--net", "--", "sleep", "infinity"]);
-    let pid = spawn_kept(cmd);
+    let pid = spawn_kept(cmd, None);
     let own = std::fs::read_link("/proc/self/ns/net").unwrap();
     for _ in 0..500 {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
@@ -205,6 +215,7 @@ impl Net {
             "--bind-interfaces",
             "--listen-address=198.51.100.53",
             "--user=root",
+            "--group=root",
             "--log-queries",
         ])
         .arg(format!("--log-facility={}", d.join("dns.log").display()))
@@ -221,9 +232,10 @@ impl Net {
         ] {
             dns.arg(format!("--address=/{name}/{addr}"));
         }
-        spawn_kept(dns);
+        spawn_kept(dns, Some(&d.join("dnsmasq.out")));
         let mut servers = nsenter(s);
         servers
+            .env("PYTHONFAULTHANDLER", "1")
             .arg("python3")
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -232,17 +244,21 @@ impl Net {
             .arg(d)
             .arg(d.join("server.pem"))
             .arg(d.join("server-key.pem"));
-        spawn_kept(servers);
+        spawn_kept(servers, Some(&d.join("servers.out")));
         for _ in 0..1000 {
             if d.join("servers.ready").exists() && d.join("dns.log").exists() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(
-            d.join("servers.ready").exists(),
-            "the test servers did not start"
-        );
+        if !d.join("servers.ready").exists() {
+            let out = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
+            let (a, b) = (out("servers.out"), out("dnsmasq.out"));
+            panic!(
+                "the test servers did not start (in {}): {a}{b}",
+                dir.keep().display()
+            );
+        }
 
         let policies = d.join("policies");
         std::fs::create_dir(&policies).unwrap();
