@@ -109,10 +109,13 @@ fn verdict(d: &super::Decision) -> Verdict {
     Verdict {
         allowed: d.is_allowed(),
         rule: d.rule().unwrap_or("no rule matches").to_string(),
-        reason: text
-            .split_once(" denied: ")
-            .map(|(_, why)| why.to_string())
-            .unwrap_or(text),
+        // The words after "HOST:PORT denied: ", without the rule (named apart).
+        reason: {
+            let why = text.split_once(" denied: ").map_or(&*text, |(_, why)| why);
+            why.rsplit_once(" (rule: ")
+                .map_or(why, |(w, _)| w)
+                .to_string()
+        },
     }
 }
 
@@ -508,7 +511,11 @@ async fn resolve(resolvers: &[SocketAddr], name: &str, port: u16) -> io::Result<
     match (v4, v6) {
         (Err(e), Err(_)) => return Err(e),
         (a, b) => {
-            for ip in a.unwrap_or_default().into_iter().chain(b.unwrap_or_default()) {
+            for ip in a
+                .unwrap_or_default()
+                .into_iter()
+                .chain(b.unwrap_or_default())
+            {
                 if !out.contains(&ip) {
                     out.push(ip);
                 }
@@ -553,7 +560,9 @@ impl super::dns::Answerer for Answers {
             .filter(|a| ctx.gate.addr_answerable(*a))
             .collect();
         if given.is_empty() && !addrs.is_empty() {
-            refused(format!("{name} resolves only to addresses the session may not reach"));
+            refused(format!(
+                "{name} resolves only to addresses the session may not reach"
+            ));
             return Answer::Refused;
         }
         ctx.resolved(name, &given);

