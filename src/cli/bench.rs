@@ -46,6 +46,11 @@ pub struct Args {
     /// gRPC service vs in process, throughput, worker memory.
     #[arg(long)]
     tunnel: bool,
+    /// Measure egress instead: session open in an egress environment, and
+    /// connection setup and a 100 MiB download through the session's proxy,
+    /// against the same without hands.
+    #[arg(long, conflicts_with = "tunnel")]
+    egress: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -78,7 +83,7 @@ impl Series {
             samples,
         }
     }
-    fn p50(&self) -> f64 {
+    pub(super) fn p50(&self) -> f64 {
         pct(&self.samples, 0.5)
     }
     pub(super) fn row(&self, baseline: Option<&Series>) -> Row {
@@ -192,6 +197,9 @@ pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result
     super::require_root("hands bench")?;
     if args.tunnel {
         return super::bench_tunnel::run(args.iterations, args.json, lookup);
+    }
+    if args.egress {
+        return super::bench_egress::run(args.iterations, args.opens, args.json, lookup);
     }
     let policy: Policy = lookup.load()?.policy("default")?;
     let policy = Arc::new(policy);

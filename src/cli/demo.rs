@@ -1,7 +1,9 @@
 //! `hands demo`: a gateway and a worker in this process, on loopback, with a
 //! temporary PKI, and a scripted session through the gateway's HTTP API —
-//! every tool, one denied escape, one timeout — printed as a transcript. Each
-//! step checks what it shows, so the demo exits 0 only when hands works.
+//! every tool, one denied escape, one timeout, then a session of an `egress`
+//! environment with one allowed and one denied request — printed as a
+//! transcript. Each step checks what it shows, so the demo exits 0 only when
+//! hands works.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -74,12 +76,47 @@ async fn demo(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Res
         bound.tunnel, bound.api
     ));
 
+    // A web server on this host's loopback, and an egress environment that
+    // allows exactly it.
+    let web = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let web_port = web.local_addr()?.port();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut c, _)) = web.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 4096];
+                let _ = c.read(&mut b).await;
+                let body = "hello from the demo's server on the host\n";
+                let _ = c
+                    .write_all(
+                        format!(
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies)?;
+    let egress_policy = crate::policy::builtin_text("default")
+        .context("the default policy")?
+        .replace(
+            "mode = \"loopback\"",
+            &format!(
+                "mode = \"egress\"\n\n[egress]\n# The demo's server on the host's loopback, that port only.\nallow = [\"127.0.0.1/32:{web_port}\"]"
+            ),
+        );
+    std::fs::write(policies.join(format!("{EGRESS_ENV}.toml")), egress_policy)?;
+
     // The worker, dialing the gateway.
     let w_toml = dir.path().join("worker.toml");
     std::fs::write(
         &w_toml,
         format!(
-            "worker_id = \"{WORKER_ID}\"\ncapacity = 4\nenvironments = [\"{}\"]\n\n[tunnel]\nendpoints = [\"{}\"]\nserver_name = \"localhost\"\nca = \"pki/ca.pem\"\ncert = \"pki/worker.pem\"\nkey = \"pki/worker-key.pem\"\nproxy = \"none\"\n",
+            "worker_id = \"{WORKER_ID}\"\ncapacity = 4\nenvironments = [\"{}\", \"{EGRESS_ENV}\"]\npolicy_dirs = [\"policies\"]\n\n[tunnel]\nendpoints = [\"{}\"]\nserver_name = \"localhost\"\nca = \"pki/ca.pem\"\ncert = \"pki/worker.pem\"\nkey = \"pki/worker-key.pem\"\nproxy = \"none\"\n",
             args.env, bound.tunnel
         ),
     )?;
@@ -97,7 +134,10 @@ async fn demo(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Res
         })
     };
 
-    let result = script(&bound, &token, &args.env).await;
+    let result = match script(&bound, &token, &args.env).await {
+        Ok(()) => egress(&bound, &token, web_port).await,
+        Err(e) => Err(e),
+    };
 
     // The worker first: its tunnel ends with GOAWAY rather than a cut.
     stop_worker.send_replace(true);
@@ -125,6 +165,79 @@ async fn demo(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Res
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// The demo's egress environment.
+const EGRESS_ENV: &str = "demo-egress";
+
+/// A session of an `egress` environment: one request its policy allows, one it
+/// denies, and the note the model reads.
+async fn egress(bound: &crate::gateway::Bound, token: &str, port: u16) -> anyhow::Result<()> {
+    let mut api = ApiClient::new(bound.api, token);
+    let opened = api
+        .request(
+            "POST",
+            "/v1/sessions",
+            Some(&json!({"environment": EGRESS_ENV})),
+        )
+        .await?;
+    if opened.status != 201 {
+        bail!("opening a session: HTTP {}: {}", opened.status, opened.body);
+    }
+    let session = opened.body["session_id"]
+        .as_str()
+        .context("session_id")?
+        .to_string();
+    section(&format!(
+        "POST /v1/sessions -> {session} (environment {EGRESS_ENV}: egress to 127.0.0.1:{port} of the host only)"
+    ));
+    let mut s = Script {
+        api,
+        session: session.clone(),
+        n: 100,
+    };
+    // bash's /dev/tcp speaks to the session's HTTP proxy (127.0.0.1 inside
+    // the session is the session's own loopback; the proxy is the worker's).
+    let request = |url: &str, host: &str| {
+        format!(
+            "exec 3<>/dev/tcp/127.0.0.1/3128 && printf 'GET {url} HTTP/1.0\\r\\nHost: {host}\\r\\n\\r\\n' >&3 && cat <&3"
+        )
+    };
+    let r = s
+        .call(
+            "bash",
+            json!({"command": request(&format!("http://127.0.0.1:{port}/"), &format!("127.0.0.1:{port}"))}),
+            "a request the environment allows, through the session's proxy",
+        )
+        .await?;
+    expect(
+        text_of(&r).contains("hello from the demo's server on the host"),
+        "allowed: the worker connected to the address it checked",
+    )?;
+    let r = s
+        .call(
+            "bash",
+            json!({"command": format!("{}; curl -sS --max-time 5 https://example.com/ 2>&1 | head -1; true", request("http://example.com/", "example.com"))}),
+            "a host the environment does not allow, through the proxy and then with curl",
+        )
+        .await?;
+    let t = text_of(&r);
+    expect(
+        t.contains("403 Forbidden") && t.contains("X-Hands-Egress: denied; host=example.com"),
+        "denied with a 403 that names the host (example.com was never resolved)",
+    )?;
+    expect(
+        t.contains(&format!(
+            "[egress] denied by environment {EGRESS_ENV}: example.com"
+        )),
+        "the result ends with the note the model reads",
+    )?;
+    let closed = s
+        .api
+        .request("DELETE", &format!("/v1/sessions/{session}"), None)
+        .await?;
+    expect(closed.body["closed"] == true, "session closed")?;
+    Ok(())
 }
 
 fn section(title: &str) {

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod bench_egress;
 pub mod bench_tunnel;
 pub mod conformance;
 pub mod demo;

@@ -38,6 +38,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BYTES_WAIT: Duration = Duration::from_millis(500);
 /// The largest HTTP request head the proxy reads.
 const MAX_HEAD: usize = 64 << 10;
+/// The relay's buffer, each way, per connection.
+const RELAY_BUF: usize = 256 << 10;
 /// Connections of one session at once; beyond it a new one is refused.
 pub const MAX_CONNECTIONS: usize = 256;
 
@@ -576,7 +578,11 @@ async fn relay(mut client: TcpStream, mut upstream: TcpStream, first: &[u8]) -> 
     if !first.is_empty() && upstream.write_all(first).await.is_err() {
         return (0, 0);
     }
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    // 256 KiB each way: a bulk download moves in a few large reads and writes
+    // rather than many 8 KiB ones (two buffers per open connection).
+    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUF, RELAY_BUF)
+        .await
+    {
         Ok((up, down)) => (up + first.len() as u64, down),
         Err(_) => (first.len() as u64, 0),
     }
