@@ -39,7 +39,7 @@ const FIRST_BYTES_WAIT: Duration = Duration::from_millis(500);
 /// The largest HTTP request head the proxy reads.
 const MAX_HEAD: usize = 64 << 10;
 /// The relay's buffer, each way, per connection.
-const RELAY_BUF: usize = 256 << 10;
+const RELAY_BUF: usize = 64 << 10;
 /// Connections of one session at once; beyond it a new one is refused.
 pub const MAX_CONNECTIONS: usize = 256;
 
@@ -578,8 +578,9 @@ async fn relay(mut client: TcpStream, mut upstream: TcpStream, first: &[u8]) -> 
     if !first.is_empty() && upstream.write_all(first).await.is_err() {
         return (0, 0);
     }
-    // 256 KiB each way: a bulk download moves in a few large reads and writes
-    // rather than many 8 KiB ones (two buffers per open connection).
+    // 64 KiB each way: a bulk download moves in large reads and writes rather
+    // than many 8 KiB ones, and a session at its connection bound holds at
+    // most MAX_CONNECTIONS × 128 KiB (32 MiB) of the worker's memory.
     match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUF, RELAY_BUF)
         .await
     {
