@@ -42,6 +42,14 @@ pub struct Args {
     /// List the cases and exit.
     #[arg(long)]
     list: bool,
+    /// An environment in network.mode = "egress" for the egress cases (with
+    /// --egress-url; without them those cases are skipped).
+    #[arg(long, requires = "egress_url")]
+    egress_env: Option<String>,
+    /// An http:// URL the egress environment allows, answering a GET with 2xx
+    /// or 3xx.
+    #[arg(long, requires = "egress_env")]
+    egress_url: Option<String>,
 }
 
 fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
@@ -79,8 +87,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         None => Default::default(),
     };
+    let egress = match (&args.egress_env, &args.egress_url) {
+        (Some(env), Some(url)) => {
+            if !url.starts_with("http://") {
+                bail!("--egress-url {url:?}: an http:// URL");
+            }
+            Some(conformance::Egress {
+                env: env.clone(),
+                url: url.clone(),
+            })
+        }
+        _ => None,
+    };
     let opts = conformance::Options {
         env: args.env.clone(),
+        egress,
         only: args.cases.clone(),
         expected_failures,
         case_timeout: Duration::from_secs(args.case_timeout_secs),

@@ -793,6 +793,143 @@ case!(list_sessions_counts_running_calls, |t, c| {
     Ok(())
 });
 
+// ---- egress ------------------------------------------------------------------
+
+/// A session of the run's egress environment, or a skip.
+async fn egress_session(
+    t: &mut dyn Target,
+    c: &Ctx,
+    tag: &str,
+) -> Result<(String, super::Egress), String> {
+    let Some(e) = c.egress.clone() else {
+        return Err(format!(
+            "{}no egress environment given (--egress-env, --egress-url)",
+            super::SKIP
+        ));
+    };
+    let (sid, _) = r(t.open(&c.id(tag), &e.env).await, "OpenSession (egress)")?;
+    c.opened(&sid);
+    Ok((sid, e))
+}
+
+/// A bash command that sends `GET url` with `Host: host` to the session's
+/// HTTP proxy (from `$HTTP_PROXY`, as any client finds it) and prints the
+/// answer; needs nothing but bash and coreutils in the sandbox.
+fn proxied_get(url: &str, host: &str) -> String {
+    format!(
+        "p=${{HTTP_PROXY#http://}}; p=${{p%/}}; \
+         exec 3<>/dev/tcp/${{p%:*}}/${{p##*:}} || {{ echo 'no proxy at '$HTTP_PROXY; exit 0; }}; \
+         printf 'GET {url} HTTP/1.0\\r\\nHost: {host}\\r\\n\\r\\n' >&3; timeout 20 cat <&3; true"
+    )
+}
+
+fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest).to_string()
+}
+
+/// The answer is a 403 whose reason header names `host` and `port`.
+fn denied_403(got: &str, host: &str, port: u16) -> Result<(), String> {
+    let status = got.lines().next().unwrap_or("");
+    need!(
+        status.starts_with("HTTP/1.") && status.contains(" 403"),
+        "expected a 403 from the proxy, got: {got:?}"
+    );
+    let header = got
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("x-hands-egress:"))
+        .unwrap_or("");
+    need!(
+        header.contains(&format!("host={host}")) && header.contains(&format!("port={port}")),
+        "the X-Hands-Egress header does not name {host}:{port}: {got:?}"
+    );
+    Ok(())
+}
+
+case!(egress_allowed_host_is_reached, |t, c| {
+    let (sid, e) = egress_session(t, c, "eg-allow").await?;
+    let got = text(
+        t,
+        &sid,
+        "a",
+        "bash",
+        json!({"command": proxied_get(&e.url, &host_of(&e.url))}),
+    )
+    .await?;
+    let status = got.lines().next().unwrap_or("");
+    need!(
+        status.starts_with("HTTP/1.") && (status.contains(" 2") || status.contains(" 3")),
+        "{} is allowed but the answer was: {got:?}",
+        e.url
+    );
+    Ok(())
+});
+
+case!(
+    egress_denied_host_is_refused_with_a_403_naming_it,
+    |t, c| {
+        let (sid, _) = egress_session(t, c, "eg-deny").await?;
+        let host = format!("{}.invalid", c.id("denied"));
+        let got = text(
+            t,
+            &sid,
+            "d",
+            "bash",
+            json!({"command": proxied_get(&format!("http://{host}/"), &host)}),
+        )
+        .await?;
+        denied_403(&got, &host, 80)
+    }
+);
+
+case!(egress_metadata_address_is_refused, |t, c| {
+    let (sid, _) = egress_session(t, c, "eg-class").await?;
+    let got = text(
+        t,
+        &sid,
+        "m",
+        "bash",
+        json!({"command": proxied_get("http://169.254.169.254/latest/meta-data/", "169.254.169.254")}),
+    )
+    .await?;
+    denied_403(&got, "169.254.169.254", 80)
+});
+
+case!(egress_resolver_refuses_an_unlisted_name, |t, c| {
+    let (sid, _) = egress_session(t, c, "eg-dns").await?;
+    let name = format!("{}.invalid", c.id("exfil"));
+    let got = text(
+        t,
+        &sid,
+        "r",
+        "bash",
+        json!({"command": format!("getent hosts {name}; echo rc=$?")}),
+    )
+    .await?;
+    // getent: 2 is "not found"; an answer prints the address and exits 0.
+    need!(
+        got.lines().any(|l| l == "rc=2"),
+        "the session resolver answered an unlisted name: {got:?}"
+    );
+    Ok(())
+});
+
+case!(egress_bash_result_names_each_denial, |t, c| {
+    let (sid, e) = egress_session(t, c, "eg-note").await?;
+    let host = format!("{}.invalid", c.id("noted"));
+    // Only the status line of the proxy's answer is printed: the note must
+    // come from the worker, not from the 403's body.
+    let command = proxied_get(&format!("http://{host}/"), &host)
+        .replace("timeout 20 cat <&3", "timeout 20 head -n 1 <&3");
+    let got = text(t, &sid, "n", "bash", json!({ "command": command })).await?;
+    let note = got.lines().last().unwrap_or("");
+    need!(
+        note.contains("denied") && note.contains(&e.env) && note.contains(&format!("{host}:80")),
+        "the result does not end with a note naming {host}:80, the word denied and the environment: {got:?}"
+    );
+    Ok(())
+});
+
 /// Every case, in run order.
 pub fn all() -> Vec<Case> {
     macro_rules! list {
@@ -836,6 +973,11 @@ pub fn all() -> Vec<Case> {
         escape_network_is_isolated,
         escape_host_processes_invisible,
         escape_system_is_read_only,
+        egress_allowed_host_is_reached,
+        egress_denied_host_is_refused_with_a_403_naming_it,
+        egress_metadata_address_is_refused,
+        egress_resolver_refuses_an_unlisted_name,
+        egress_bash_result_names_each_denial,
     ]
 }
 

@@ -20,6 +20,8 @@ use target::{Kind, Target};
 /// What a case may use: the environment, and unique ids for this run.
 pub struct Ctx {
     pub env: String,
+    /// The egress cases' environment and a URL it allows (`None`: skipped).
+    pub egress: Option<Egress>,
     run: String,
     sessions: Mutex<Vec<String>>,
 }
@@ -30,6 +32,7 @@ impl Ctx {
         let _ = getrandom::fill(&mut b);
         Ctx {
             env: env.to_string(),
+            egress: None,
             run: format!("conf-{:08x}", u32::from_le_bytes(b)),
             sessions: Mutex::new(Vec::new()),
         }
@@ -134,9 +137,22 @@ pub fn parse_expected_failures(text: &str) -> Result<BTreeSet<String>, String> {
     Ok(set)
 }
 
+/// The egress cases' target: an environment in `network.mode = "egress"`
+/// and an `http://` URL its policy allows, which answers a GET with 2xx or 3xx.
+#[derive(Debug, Clone)]
+pub struct Egress {
+    pub env: String,
+    pub url: String,
+}
+
+/// A case's error that means "not applicable to this run", reported as skip.
+pub const SKIP: &str = "SKIP: ";
+
 /// Options of a run.
 pub struct Options {
     pub env: String,
+    /// Run the egress cases against this (skipped otherwise).
+    pub egress: Option<Egress>,
     /// Only these cases (all when empty).
     pub only: Vec<String>,
     pub expected_failures: BTreeSet<String>,
@@ -146,7 +162,8 @@ pub struct Options {
 
 /// Runs the cases against `target`.
 pub async fn run(target: &mut dyn Target, name: &str, opts: &Options) -> Report {
-    let ctx = Ctx::new(&opts.env);
+    let mut ctx = Ctx::new(&opts.env);
+    ctx.egress = opts.egress.clone();
     let mut reports = Vec::new();
     for case in cases::all() {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| o == case.name) {
@@ -171,6 +188,7 @@ pub async fn run(target: &mut dyn Target, name: &str, opts: &Options) -> Report 
         }
         let expected = opts.expected_failures.contains(case.name);
         let (status, detail) = match (result, expected) {
+            (Err(e), _) if e.starts_with(SKIP) => (Status::Skip, e[SKIP.len()..].to_string()),
             (Ok(()), false) => (Status::Pass, String::new()),
             (Ok(()), true) => (
                 Status::Xpass,

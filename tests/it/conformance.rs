@@ -108,9 +108,16 @@ fn the_project_worker_and_gateway_pass_the_conformance_suite() {
         format!("[tunnel]\nlisten = \"127.0.0.1:{tunnel}\"\nca = \"pki/ca.pem\"\ncert = \"pki/gateway.pem\"\nkey = \"pki/gateway-key.pem\"\n[api]\nlisten = \"127.0.0.1:{api}\"\ntoken_file = \"token\"\n"),
     )
     .unwrap();
+    let web = web_server();
+    std::fs::create_dir(d.join("policies")).unwrap();
+    std::fs::write(
+        d.join("policies").join(format!("{EGRESS_ENV}.toml")),
+        egress_policy_text(web),
+    )
+    .unwrap();
     std::fs::write(
         d.join("worker.toml"),
-        format!("worker_id = \"conf-worker\"\nlisten = \"127.0.0.1:{debug}\"\n[tunnel]\nendpoints = [\"127.0.0.1:{tunnel}\"]\nserver_name = \"localhost\"\nca = \"pki/ca.pem\"\ncert = \"pki/worker.pem\"\nkey = \"pki/worker-key.pem\"\nproxy = \"none\"\n"),
+        format!("worker_id = \"conf-worker\"\nlisten = \"127.0.0.1:{debug}\"\npolicy_dirs = [\"policies\"]\n[tunnel]\nendpoints = [\"127.0.0.1:{tunnel}\"]\nserver_name = \"localhost\"\nca = \"pki/ca.pem\"\ncert = \"pki/worker.pem\"\nkey = \"pki/worker-key.pem\"\nproxy = \"none\"\n"),
     )
     .unwrap();
     let spawn = |what: &str| {
@@ -126,7 +133,10 @@ fn the_project_worker_and_gateway_pass_the_conformance_suite() {
     wait_port(api);
     wait_port(debug);
 
-    let (code, report) = conformance(&["--grpc", &format!("127.0.0.1:{debug}")]);
+    let url = egress_target(web).url;
+    let egress = ["--egress-env", EGRESS_ENV, "--egress-url", url.as_str()];
+    let (code, report) =
+        conformance(&[&["--grpc", &format!("127.0.0.1:{debug}")][..], &egress[..]].concat());
     let all = statuses(&report);
     let bad: Vec<_> = all.iter().filter(|(_, s, _)| s != "pass").collect();
     assert!(bad.is_empty() && code == 0, "over gRPC: {bad:?}");
@@ -145,7 +155,8 @@ fn the_project_worker_and_gateway_pass_the_conformance_suite() {
         assert!(Instant::now() < deadline, "the worker never registered");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (code, report) = conformance(&["--gateway", &url, "--token-file", token]);
+    let (code, report) =
+        conformance(&[&["--gateway", &url, "--token-file", token][..], &egress[..]].concat());
     let all = statuses(&report);
     let bad: Vec<_> = all
         .iter()
@@ -217,6 +228,14 @@ enum Mode {
     Unconfined,
     ListsNothing,
     ListsNoActivity,
+    /// Every egress request goes nowhere (a proxy that refuses all).
+    EgressDeniesAll,
+    /// Egress sessions get a plain loopback environment: no proxy, no 403.
+    EgressUnpoliced,
+    /// The session resolver answers any name.
+    EgressResolvesAll,
+    /// Results do not say what egress denied.
+    EgressSilent,
 }
 
 /// Which cases each broken rule must make fail.
@@ -280,6 +299,22 @@ const TABLE: &[(Mode, &[&str])] = &[
             "list_sessions_shows_open_sessions",
             "list_sessions_counts_running_calls",
         ],
+    ),
+    (Mode::EgressDeniesAll, &["egress_allowed_host_is_reached"]),
+    (
+        Mode::EgressUnpoliced,
+        &[
+            "egress_denied_host_is_refused_with_a_403_naming_it",
+            "egress_metadata_address_is_refused",
+        ],
+    ),
+    (
+        Mode::EgressResolvesAll,
+        &["egress_resolver_refuses_an_unlisted_name"],
+    ),
+    (
+        Mode::EgressSilent,
+        &["egress_bash_result_names_each_denial"],
     ),
     (
         Mode::Unconfined,
@@ -382,6 +417,10 @@ impl Sandbox for Double {
         &self,
         req: Request<v1::OpenSessionRequest>,
     ) -> Result<Response<v1::OpenSessionResponse>, tonic::Status> {
+        let mut req = req;
+        if self.mode == Mode::EgressUnpoliced && req.get_ref().environment == EGRESS_ENV {
+            req.get_mut().environment = "default".into();
+        }
         let r = self
             .inner
             .open_session(req)
@@ -444,6 +483,20 @@ impl Sandbox for Double {
             }
             *n += 1;
         }
+        if req.get_ref().tool == "bash" {
+            let rewrite = |command: &str| match mode {
+                Mode::EgressDeniesAll => Some(format!("HTTP_PROXY=http://127.0.0.1:9; {command}")),
+                Mode::EgressResolvesAll if command.starts_with("getent hosts ") => {
+                    Some(command.replacen("getent hosts ", "getent hosts localhost #", 1))
+                }
+                _ => None,
+            };
+            let input: serde_json::Value =
+                serde_json::from_str(&req.get_ref().input_json).unwrap_or_default();
+            if let Some(c) = input["command"].as_str().and_then(rewrite) {
+                req.get_mut().input_json = serde_json::json!({ "command": c }).to_string();
+            }
+        }
         if mode == Mode::Unconfined && req.get_ref().tool == "bash" {
             // What the SDK worker does: bash on the host.
             let input: serde_json::Value =
@@ -493,6 +546,15 @@ impl Sandbox for Double {
                         r.is_error,
                     )))
                 }
+                Some(v1::call_event::Event::Finished(f)) if mode == Mode::EgressSilent => {
+                    let r = hands::proto::result_of(f).unwrap();
+                    let full = r.text_content();
+                    let text: Vec<&str> = full
+                        .lines()
+                        .filter(|l| !l.starts_with("[egress]"))
+                        .collect();
+                    Some(Ok(finished_text(text.join("\n"), r.is_error)))
+                }
                 Some(v1::call_event::Event::Finished(f))
                     if mode == Mode::ToolErrorsAsStatus && f.is_error =>
                 {
@@ -536,11 +598,56 @@ impl Sandbox for Double {
     }
 }
 
-async fn serve_double(mode: Mode) -> (SocketAddr, Arc<Registry>) {
-    let policies = hands::policy::PolicySet::builtin()
+/// The egress environment of these tests: the default policy in
+/// `network.mode = "egress"`, allowing exactly `127.0.0.1:port` (a web server
+/// of the test's on the host's loopback).
+const EGRESS_ENV: &str = "confegress";
+
+fn egress_policy_text(port: u16) -> String {
+    hands::policy::builtin_text("default").unwrap().replace(
+        "mode = \"loopback\"",
+        &format!("mode = \"egress\"\n[egress]\nallow = [\"127.0.0.1/32:{port}\"]"),
+    )
+}
+
+/// A web server on the host's loopback answering every request with 200.
+fn web_server() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut b = [0u8; 4096];
+                let _ = c.read(&mut b);
+                let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+            });
+        }
+    });
+    port
+}
+
+fn egress_target(port: u16) -> conformance::Egress {
+    conformance::Egress {
+        env: EGRESS_ENV.into(),
+        url: format!("http://127.0.0.1:{port}/"),
+    }
+}
+
+async fn serve_double(mode: Mode, web: u16) -> (SocketAddr, Arc<Registry>) {
+    let mut policies = hands::policy::PolicySet::builtin()
         .iter()
         .cloned()
         .collect::<Vec<_>>();
+    policies.push(
+        hands::policy::Policy::from_toml_str(
+            EGRESS_ENV,
+            &egress_policy_text(web),
+            std::path::Path::new("confegress.toml"),
+        )
+        .unwrap(),
+    );
     let registry = Arc::new(Registry::new(config(), policies, 32));
     let inner = Arc::new(SandboxService::new(
         registry.clone(),
@@ -583,11 +690,13 @@ async fn every_case_fails_against_a_double_that_breaks_its_rule() {
             case.name
         );
     }
+    let web = web_server();
     for (mode, cases) in TABLE {
-        let (addr, registry) = serve_double(*mode).await;
+        let (addr, registry) = serve_double(*mode, web).await;
         let mut target = Grpc::connect(addr).await.unwrap();
         let opts = conformance::Options {
             env: "default".into(),
+            egress: Some(egress_target(web)),
             only: cases.iter().map(|c| c.to_string()).collect(),
             expected_failures: BTreeSet::new(),
             case_timeout: Duration::from_secs(60),
