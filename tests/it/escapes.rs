@@ -1617,3 +1617,28 @@ async fn egress_leaves_only_through_the_worker() {
     assert!(text.contains("HTTPS_PROXY=http://127.0.0.1:3128"), "{text}");
     s.close().await.unwrap();
 }
+
+/// The worker's egress listeners live in each egress session's own network
+/// namespace: another session (here one of `loopback` mode, open at the same
+/// time as an egress one) finds nothing on their ports.
+#[tokio::test(flavor = "multi_thread")]
+async fn egress_listeners_are_not_reachable_from_another_session() {
+    require_sandbox!();
+    let egress = open_with(policy("packages"), None).await;
+    let other = open_with(policy("default"), None).await;
+    let probe = "import socket\n\
+                 for port in (3128, 1080, 15001):\n\
+                 \x20   try:\n\
+                 \x20       socket.create_connection(('127.0.0.1', port), 5).close(); print('OPEN', port)\n\
+                 \x20   except OSError as e:\n\
+                 \x20       print('CLOSED', port, e.errno)";
+    let (_, own) = py(&egress, probe).await;
+    assert!(
+        own.contains("OPEN 3128") && own.contains("OPEN 1080"),
+        "{own}"
+    );
+    let (_, out) = py(&other, probe).await;
+    assert_eq!(out.matches("CLOSED").count(), 3, "{out}");
+    egress.close().await.unwrap();
+    other.close().await.unwrap();
+}
