@@ -618,13 +618,53 @@ async fn first_bytes<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Snif
     }
 }
 
-/// The name a client's first bytes carry, when it disagrees with `host`.
-fn disagreement(sniffed: &Sniffed, host: &str) -> Option<String> {
+/// A request's `Host` that names another host than its target: the denial,
+/// recorded.
+fn host_disagrees(
+    ctx: &Context,
+    via: &str,
+    header: Option<&str>,
+    host: &str,
+    port: u16,
+) -> Option<Verdict> {
+    let h = header?;
+    if normalize(sniff::strip_port(h)) == normalize(host) {
+        return None;
+    }
+    let v = Verdict {
+        allowed: false,
+        rule: "Host must name the request's target".into(),
+        reason: format!("Host {h} disagrees with the target"),
+    };
+    ctx.deny(via, host, port, None, &v);
+    Some(v)
+}
+
+/// Whether a tunnel's first bytes (TLS server name, HTTP `Host`) name another
+/// host than the one it was opened to; if so the denial is recorded.
+fn names_another(
+    ctx: &Context,
+    via: &str,
+    sniffed: &Sniffed,
+    host: &str,
+    port: u16,
+    ip: IpAddr,
+    allowed: &Verdict,
+) -> bool {
     let named = match sniffed {
         Sniffed::Tls(Some(n)) | Sniffed::Http(Some(n)) => normalize(n),
-        _ => return None,
+        _ => return false,
     };
-    (named != normalize(host)).then_some(named)
+    if named == normalize(host) {
+        return false;
+    }
+    let v = Verdict {
+        allowed: false,
+        rule: allowed.rule.clone(),
+        reason: format!("the connection names {named}, not {host}"),
+    };
+    ctx.deny(via, host, port, Some(ip), &v);
+    true
 }
 
 // ---------------------------------------------------------------------------
@@ -782,16 +822,8 @@ async fn http(mut conn: TcpStream, ctx: &Context) {
             )
             .await;
         };
-        if let Some(h) = &host_header {
-            if normalize(sniff::strip_port(h)) != normalize(&host) {
-                let v = Verdict {
-                    allowed: false,
-                    rule: "Host must name the CONNECT target".into(),
-                    reason: format!("Host {h} disagrees with the target"),
-                };
-                ctx.deny("connect", &host, port, None, &v);
-                return forbidden(&mut conn, ctx, &host, port, &v).await;
-            }
+        if let Some(v) = host_disagrees(ctx, "connect", host_header.as_deref(), &host, port) {
+            return forbidden(&mut conn, ctx, &host, port, &v).await;
         }
         match reach(ctx, "connect", &host, port, None).await {
             Reach::Denied(v) => forbidden(&mut conn, ctx, &host, port, &v).await,
@@ -814,13 +846,7 @@ async fn http(mut conn: TcpStream, ctx: &Context) {
                 }
                 let mut first = buf[end..].to_vec();
                 let sniffed = first_bytes(&mut conn, &mut first).await;
-                if let Some(named) = disagreement(&sniffed, &host) {
-                    let v = Verdict {
-                        allowed: false,
-                        rule: v.rule,
-                        reason: format!("the connection names {named}, not {host}"),
-                    };
-                    ctx.deny("connect", &host, port, Some(ip), &v);
+                if names_another(ctx, "connect", &sniffed, &host, port, ip, &v) {
                     return reset(conn);
                 }
                 let (up_n, down_n) = relay(conn, up, &first).await;
@@ -852,16 +878,8 @@ async fn http(mut conn: TcpStream, ctx: &Context) {
         )
         .await;
     };
-    if let Some(h) = &host_header {
-        if normalize(sniff::strip_port(h)) != normalize(&host) {
-            let v = Verdict {
-                allowed: false,
-                rule: "Host must name the request's target".into(),
-                reason: format!("Host {h} disagrees with the URI"),
-            };
-            ctx.deny("http", &host, port, None, &v);
-            return forbidden(&mut conn, ctx, &host, port, &v).await;
-        }
+    if let Some(v) = host_disagrees(ctx, "http", host_header.as_deref(), &host, port) {
+        return forbidden(&mut conn, ctx, &host, port, &v).await;
     }
     match reach(ctx, "http", &host, port, None).await {
         Reach::Denied(v) => forbidden(&mut conn, ctx, &host, port, &v).await,
@@ -978,16 +996,10 @@ async fn socks(mut conn: TcpStream, ctx: &Context) {
             }
             let mut first = Vec::new();
             let sniffed = first_bytes(&mut conn, &mut first).await;
-            if host.parse::<IpAddr>().is_err() {
-                if let Some(named) = disagreement(&sniffed, &host) {
-                    let v = Verdict {
-                        allowed: false,
-                        rule: v.rule,
-                        reason: format!("the connection names {named}, not {host}"),
-                    };
-                    ctx.deny("socks", &host, port, Some(ip), &v);
-                    return reset(conn);
-                }
+            if host.parse::<IpAddr>().is_err()
+                && names_another(ctx, "socks", &sniffed, &host, port, ip, &v)
+            {
+                return reset(conn);
             }
             let (up_n, down_n) = relay(conn, up, &first).await;
             ctx.record("socks", &host, port, Some(ip), &v, (up_n, down_n));

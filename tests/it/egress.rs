@@ -274,70 +274,47 @@ impl Net {
         self.dir.path().join("policies")
     }
 
-    /// `hands exec` of `script` (sh) in a session of the test environment,
-    /// from the worker side; the workspace holds the test CA as `ca.pem`.
-    pub(crate) fn exec(&self, script: &str) -> Output {
+    /// `hands SUBCOMMAND --env egtest --workspace WS ARGS…` from the worker
+    /// side, in a fresh workspace holding the test CA as `ca.pem`; `log`, if
+    /// given, receives its audit records.
+    fn hands(&self, subcommand: &str, args: &[&str], log: Option<&Path>) -> Output {
         let ws = tempfile::tempdir().unwrap();
         std::fs::copy(&self.ca, ws.path().join("ca.pem")).unwrap();
-        let out = nsenter(self.worker)
-            .arg(hands_bin())
+        let mut cmd = nsenter(self.worker);
+        if let Some(log) = log {
+            cmd.env("HANDS_AUDIT_LOG", log);
+        }
+        cmd.arg(hands_bin())
             .arg("--policy-dir")
             .arg(self.policies())
             .args([
-                "exec",
+                subcommand,
                 "--env",
                 "egtest",
                 "--allow-root-workspace",
                 "--workspace",
             ])
             .arg(ws.path())
-            .args(["--", "/bin/sh", "-c", script])
+            .args(args)
             .output()
-            .unwrap();
-        out
+            .unwrap()
+    }
+
+    /// `hands exec` of `script` (sh) in a session of the test environment.
+    pub(crate) fn exec(&self, script: &str) -> Output {
+        self.hands("exec", &["--", "/bin/sh", "-c", script], None)
     }
 
     /// `hands tool bash` of `command` in a session of the test environment:
     /// the result as the model sees it (JSON on stdout).
     pub(crate) fn bash_tool(&self, command: &str) -> Output {
-        let ws = tempfile::tempdir().unwrap();
         let input = serde_json::json!({ "command": command }).to_string();
-        nsenter(self.worker)
-            .arg(hands_bin())
-            .arg("--policy-dir")
-            .arg(self.policies())
-            .args([
-                "tool",
-                "--env",
-                "egtest",
-                "--allow-root-workspace",
-                "--workspace",
-            ])
-            .arg(ws.path())
-            .args(["bash", &input])
-            .output()
-            .unwrap()
+        self.hands("tool", &["bash", &input], None)
     }
 
     /// `hands exec` with its audit records in `log`.
     pub(crate) fn exec_audited(&self, script: &str, log: &Path) -> Output {
-        let ws = tempfile::tempdir().unwrap();
-        nsenter(self.worker)
-            .env("HANDS_AUDIT_LOG", log)
-            .arg(hands_bin())
-            .arg("--policy-dir")
-            .arg(self.policies())
-            .args([
-                "exec",
-                "--env",
-                "egtest",
-                "--allow-root-workspace",
-                "--workspace",
-            ])
-            .arg(ws.path())
-            .args(["--", "/bin/sh", "-c", script])
-            .output()
-            .unwrap()
+        self.hands("exec", &["--", "/bin/sh", "-c", script], Some(log))
     }
 
     /// The lines the bait listeners logged.
@@ -638,6 +615,13 @@ fn attack_a_host_or_server_name_that_disagrees_with_the_target_is_refused() {
     ));
     assert!(!out.status.success(), "{}", text(&out));
     assert!(!net.bait().contains("198.51.100.66"), "{}", net.bait());
+    // Through the proxy: a tunnel to an allowed host:port whose TLS server name
+    // is another host.
+    let out = net.exec(&format!(
+        "{CURL} --connect-to allowed.test:443:tls.test:443 https://allowed.test/tunnelled"
+    ));
+    let t = text(&out);
+    assert!(!out.status.success() && !t.contains("hello from"), "{t}");
 }
 
 #[test]

@@ -1581,25 +1581,23 @@ async fn egress_leaves_only_through_the_worker() {
          \x20   u.sendto(b'x', ('192.0.2.1', 53)); print('UDP SENT')\n\
          except OSError as e:\n\
          \x20   print('UDP DENIED', e.errno)\n\
-         t0 = time.monotonic()\n\
          try:\n\
          \x20   c = socket.create_connection(('192.0.2.1', 80), 10)\n\
          \x20   c.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print('TCP READ', c.recv(10))\n\
          except OSError as e:\n\
-         \x20   print('TCP REFUSED', e.errno)\n\
-         print('SECONDS', round(time.monotonic() - t0))",
+         \x20   print('TCP REFUSED', e.errno)",
     )
     .await;
     assert!(
         out.contains(&format!("UDP DENIED {}", libc::EPERM)),
         "{out}"
     );
+    // Reset or refused by the worker, never a timeout (a hang shows as
+    // `TCP REFUSED None` after the 10 s connect timeout).
     assert!(
-        out.contains("TCP REFUSED") || out.contains("TCP READ b''"),
-        "{out}"
-    );
-    assert!(
-        out.contains("SECONDS 0") || out.contains("SECONDS 1"),
+        out.contains(&format!("TCP REFUSED {}", libc::ECONNRESET))
+            || out.contains(&format!("TCP REFUSED {}", libc::ECONNREFUSED))
+            || out.contains("TCP READ b''"),
         "{out}"
     );
     let r = bash(
