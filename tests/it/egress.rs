@@ -39,6 +39,8 @@ allow = [
     "tls.test:443",
     "rebind.test",
     "metadata.test",
+    "rebind6.test",
+    "nat64.test",
     # The test servers live in a documentation range, refused unless a network
     # rule opens it: only .10, on every port.
     "198.51.100.10/32",
@@ -229,6 +231,8 @@ impl Net {
             ("unlisted.test", "198.51.100.11"),
             ("rebind.test", "127.0.0.1"),
             ("metadata.test", "169.254.169.254"),
+            ("rebind6.test", "::ffff:127.0.0.1"),
+            ("nat64.test", "64:ff9b::a9fe:a9fe"),
         ] {
             dns.arg(format!("--address=/{name}/{addr}"));
         }
@@ -572,6 +576,76 @@ fn attack_a_name_that_resolves_to_loopback_or_the_metadata_address_is_refused() 
     );
     assert!(t.contains("a metadata address"), "{t}");
     assert!(!net.bait().contains("169.254.169.254"), "{}", net.bait());
+}
+
+#[test]
+fn attack_ipv4_hidden_in_ipv6_is_refused() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    // Literals through the proxy: mapped, NAT64 and 6to4 forms of the
+    // metadata address.
+    let t = text(&net.exec(&format!(
+        "{CURL} -g -i 'http://[::ffff:169.254.169.254]/latest/'; \
+         {CURL} -g -i 'http://[64:ff9b::a9fe:a9fe]/latest/'; \
+         {CURL} -g -i 'http://[2002:a9fe:a9fe::1]/latest/'"
+    )));
+    assert_eq!(t.matches("403 Forbidden").count(), 3, "{t}");
+    // Allowed names whose only answers are loopback mapped into IPv6 and the
+    // metadata address behind the NAT64 prefix.
+    let t = text(&net.exec(&format!(
+        "{CURL} -i http://rebind6.test/; {CURL} -i http://nat64.test/latest/"
+    )));
+    assert_eq!(t.matches("403 Forbidden").count(), 2, "{t}");
+    assert!(
+        t.contains("rebind6.test:80 denied in environment egtest: resolves to"),
+        "{t}"
+    );
+    // Around the proxy: a socket to the mapped form is an IPv4 connection to
+    // the metadata address, captured and refused.
+    let out = net.exec(&format!(
+        "{CURL} -g --noproxy '*' 'http://[::ffff:169.254.169.254]/latest/'; \
+         {CURL} -g --noproxy '*' 'http://[64:ff9b::a9fe:a9fe]/latest/'"
+    ));
+    let t = text(&out);
+    assert!(!out.status.success() && !t.contains("hello from"), "{t}");
+    assert!(!net.bait().contains("169.254.169.254"), "{}", net.bait());
+}
+
+#[test]
+fn attack_too_broad_rules_are_refused_by_policy_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |allow: &str, extra: &str| {
+        let file = dir.path().join("broad.toml");
+        let text = POLICY
+            .replace(
+                "deny = [\"denied.test\"]",
+                &format!("deny = [\"denied.test\"]\n{extra}"),
+            )
+            .replace("allow = [\n", &format!("allow = [\n    {allow},\n"));
+        std::fs::write(&file, text).unwrap();
+        Command::new(hands_bin())
+            .args(["policy", "check"])
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    for broad in [
+        "\"*\"",
+        "\"*.com\"",
+        "\"*.co.uk\"",
+        "\"0.0.0.0/0\"",
+        "\"::/0\"",
+    ] {
+        let out = check(broad, "");
+        let t = text(&out);
+        assert_ne!(out.status.code(), Some(0), "{broad}: {t}");
+        assert!(
+            t.contains("broad.toml") && t.contains("egress.allow") && t.contains("too broad"),
+            "{broad}: {t}"
+        );
+        let out = check(broad, "allow_broad = true");
+        assert_eq!(out.status.code(), Some(0), "{broad}: {}", text(&out));
+    }
 }
 
 #[test]
