@@ -11,7 +11,8 @@
 //!
 //! Its submodules are that enforcement, served from the worker's runtime for
 //! each session in the mode: [`proxy`] (the explicit HTTP and SOCKS5 proxies and
-//! the transparent listener), [`sniff`] (the name a connection's first bytes
+//! the transparent listener), `relay` (the `splice(2)` relay of an allowed
+//! connection's bytes), [`sniff`] (the name a connection's first bytes
 //! carry) and [`dns`] (the session resolver, which answers only allowed names and
 //! never forwards another upstream). The kernel barrier that leaves a session no
 //! other way out is [`crate::sandbox::netfilter`].
@@ -73,6 +74,7 @@
 mod classes;
 pub mod dns;
 pub mod proxy;
+mod relay;
 mod rules;
 pub mod sniff;
 

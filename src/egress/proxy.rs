@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use super::relay::relay;
 use super::sniff::{self, Sniffed};
 use crate::audit::Auditor;
 use crate::sandbox::netfilter::Listeners;
@@ -38,8 +39,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BYTES_WAIT: Duration = Duration::from_millis(500);
 /// The largest HTTP request head the proxy reads.
 const MAX_HEAD: usize = 64 << 10;
-/// The relay's buffer, each way, per connection.
-const RELAY_BUF: usize = 64 << 10;
 /// Connections of one session at once; beyond it a new one is refused.
 pub const MAX_CONNECTIONS: usize = 256;
 
@@ -292,7 +291,7 @@ impl Context {
 
 /// Closes `conn` with a reset: the client learns at once that it was refused
 /// (`SO_LINGER` of zero; the socket is non-blocking, so nothing waits).
-fn reset(conn: TcpStream) {
+pub(super) fn reset(conn: TcpStream) {
     let _ = nix::sys::socket::setsockopt(
         &conn,
         nix::sys::socket::sockopt::Linger,
@@ -569,23 +568,6 @@ impl super::dns::Answerer for Answers {
         }
         ctx.resolved(name, &given);
         Answer::Addrs(given)
-    }
-}
-
-/// Relays both ways until either side is done; returns the bytes sent up
-/// (client → destination) and down. `first` is what the client already sent.
-async fn relay(mut client: TcpStream, mut upstream: TcpStream, first: &[u8]) -> (u64, u64) {
-    if !first.is_empty() && upstream.write_all(first).await.is_err() {
-        return (0, 0);
-    }
-    // 64 KiB each way: a bulk download moves in large reads and writes rather
-    // than many 8 KiB ones, and a session at its connection bound holds at
-    // most MAX_CONNECTIONS × 128 KiB (32 MiB) of the worker's memory.
-    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUF, RELAY_BUF)
-        .await
-    {
-        Ok((up, down)) => (up + first.len() as u64, down),
-        Err(_) => (first.len() as u64, 0),
     }
 }
 
