@@ -73,6 +73,7 @@
 
 mod classes;
 pub mod dns;
+mod framing;
 pub mod proxy;
 mod relay;
 mod rules;

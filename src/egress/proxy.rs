@@ -25,7 +25,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use super::relay::relay;
+use super::framing;
+use super::relay::{self, relay};
 use super::sniff::{self, Sniffed};
 use crate::audit::Auditor;
 use crate::sandbox::netfilter::Listeners;
@@ -649,6 +650,89 @@ fn names_another(
     true
 }
 
+/// A request head as the destination gets it: `line` as its request line, the
+/// client's header lines without the proxy's and the connection's own
+/// (`Proxy-*`, `Connection`, `Keep-Alive`), `Host: host` when given (the client
+/// sent none), and `Connection: close`: one request per connection.
+fn head_for_destination(line: &str, head: &str, host: Option<String>) -> String {
+    let mut out = format!("{line}\r\n");
+    for l in head.split("\r\n").skip(1) {
+        let name = l.split(':').next().unwrap_or("").to_ascii_lowercase();
+        if name.starts_with("proxy-") || name == "connection" || name == "keep-alive" {
+            continue;
+        }
+        out.push_str(l);
+        out.push_str("\r\n");
+    }
+    if let Some(h) = host {
+        out.push_str(&format!("Host: {h}\r\n"));
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    out
+}
+
+/// How an allowed connection is passed on once its first bytes are in.
+enum Passing {
+    /// Relayed as it is: TLS, and protocols other than HTTP.
+    Whole,
+    /// Plain HTTP: one request per connection, as through the forward proxy.
+    /// Its head (rewritten, `Connection: close`) goes first, then exactly its
+    /// body, starting at `first[rest..]`; nothing after it is forwarded, so a
+    /// later request on the connection cannot name another host to the same
+    /// server (the client opens a new connection, decided afresh).
+    OneRequest {
+        head: String,
+        rest: usize,
+        body: framing::Body,
+    },
+}
+
+/// How to pass on a connection whose first bytes are `first`; refused, with
+/// the reason, when they are an HTTP request whose length is ambiguous.
+fn passing(first: &[u8], sniffed: &Sniffed) -> Result<Passing, &'static str> {
+    if !matches!(sniffed, Sniffed::Http(_)) {
+        return Ok(Passing::Whole);
+    }
+    let end = memchr::memmem::find(first, b"\r\n\r\n").ok_or("an incomplete request head")?;
+    let head = std::str::from_utf8(&first[..end]).map_err(|_| "a request head that is not text")?;
+    let body = framing::request_body(head)?;
+    let line = head.split("\r\n").next().unwrap_or_default();
+    Ok(Passing::OneRequest {
+        head: head_for_destination(line, head, None),
+        rest: end + 4,
+        body,
+    })
+}
+
+/// Passes an allowed connection on ([`Passing`]) and records it with the
+/// bytes each way; a request whose length is ambiguous is recorded as denied
+/// and the connection reset.
+async fn pass_on(
+    ctx: &Context,
+    via: &str,
+    (conn, up): (TcpStream, TcpStream),
+    (first, sniffed): (&[u8], &Sniffed),
+    (host, port, ip): (&str, u16, IpAddr),
+    allowed: &Verdict,
+) {
+    let bytes = match passing(first, sniffed) {
+        Ok(Passing::Whole) => relay(conn, up, first).await,
+        Ok(Passing::OneRequest { head, rest, body }) => {
+            relay::forward_one(conn, up, head.as_bytes(), &first[rest..], body).await
+        }
+        Err(why) => {
+            let v = Verdict {
+                allowed: false,
+                rule: allowed.rule.clone(),
+                reason: format!("the request's length is ambiguous: {why}"),
+            };
+            ctx.deny(via, host, port, Some(ip), &v);
+            return reset(conn);
+        }
+    };
+    ctx.record(via, host, port, Some(ip), allowed, bytes);
+}
+
 // ---------------------------------------------------------------------------
 // HTTP
 
@@ -831,8 +915,8 @@ async fn http(mut conn: TcpStream, ctx: &Context) {
                 if names_another(ctx, "connect", &sniffed, &host, port, ip, &v) {
                     return reset(conn);
                 }
-                let (up_n, down_n) = relay(conn, up, &first).await;
-                ctx.record("connect", &host, port, Some(ip), &v, (up_n, down_n));
+                let to = (host.as_str(), port, ip);
+                pass_on(ctx, "connect", (conn, up), (&first, &sniffed), to, &v).await;
             }
         }
         return;
@@ -860,6 +944,20 @@ async fn http(mut conn: TcpStream, ctx: &Context) {
         )
         .await;
     };
+    // Where the request ends, as the server will find it (the head is text:
+    // checked above).
+    let body = match framing::request_body(std::str::from_utf8(head).unwrap_or_default()) {
+        Ok(b) => b,
+        Err(why) => {
+            return write_status(
+                &mut conn,
+                "400 Bad Request",
+                None,
+                &format!("hands egress: the request's length is ambiguous: {why}"),
+            )
+            .await
+        }
+    };
     if let Some(v) = host_disagrees(ctx, "http", host_header.as_deref(), &host, port) {
         return forbidden(&mut conn, ctx, &host, port, &v).await;
     }
@@ -875,30 +973,16 @@ async fn http(mut conn: TcpStream, ctx: &Context) {
             .await
         }
         Reach::Connected(up, ip, v) => {
-            // origin-form, no proxy headers, one request per connection (a
-            // second request on it could name another host).
-            let mut out = format!("{method} {path} {version}\r\n");
-            let text = String::from_utf8_lossy(head);
-            for l in text.split("\r\n").skip(1) {
-                let name = l
-                    .split(':')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase();
-                if name.starts_with("proxy-") || name == "connection" || name == "keep-alive" {
-                    continue;
-                }
-                out.push_str(l);
-                out.push_str("\r\n");
-            }
-            if host_header.is_none() {
-                out.push_str(&format!("Host: {}\r\n", hostport(&host, port)));
-            }
-            out.push_str("Connection: close\r\n\r\n");
-            let mut first = out.into_bytes();
-            first.extend_from_slice(&buf[end..]);
-            let (up_n, down_n) = relay(conn, up, &first).await;
+            // origin-form, one request per connection (a second request on
+            // it could name another host): nothing after this request's body
+            // is forwarded.
+            let out = head_for_destination(
+                &format!("{method} {path} {version}"),
+                &String::from_utf8_lossy(head),
+                host_header.is_none().then(|| hostport(&host, port)),
+            );
+            let (up_n, down_n) =
+                relay::forward_one(conn, up, out.as_bytes(), &buf[end..], body).await;
             ctx.record("http", &host, port, Some(ip), &v, (up_n, down_n));
         }
     }
@@ -983,8 +1067,8 @@ async fn socks(mut conn: TcpStream, ctx: &Context) {
             {
                 return reset(conn);
             }
-            let (up_n, down_n) = relay(conn, up, &first).await;
-            ctx.record("socks", &host, port, Some(ip), &v, (up_n, down_n));
+            let to = (host.as_str(), port, ip);
+            pass_on(ctx, "socks", (conn, up), (&first, &sniffed), to, &v).await;
         }
     }
 }
@@ -1041,8 +1125,8 @@ async fn transparent(mut conn: TcpStream, ctx: &Context) {
     match outcome {
         Reach::Connected(up, ip, v) => {
             let host = name.unwrap_or_else(|| ip.to_string());
-            let (up_n, down_n) = relay(conn, up, &first).await;
-            ctx.record("transparent", &host, port, Some(ip), &v, (up_n, down_n));
+            let to = (host.as_str(), port, ip);
+            pass_on(ctx, "transparent", (conn, up), (&first, &sniffed), to, &v).await;
         }
         Reach::Denied(_) | Reach::Failed(_) => reset(conn),
     }

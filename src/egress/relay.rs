@@ -21,6 +21,8 @@ use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::framing::{Body, Chunked};
+
 /// The most one splice moves; the pipe holds this much (the kernel's default
 /// pipe size: larger pipes measured no faster).
 const CHUNK: usize = 64 << 10;
@@ -41,6 +43,114 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, first: &[u8]) -> (u64
         one_way(&upstream, &client, &down),
     );
     (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))
+}
+
+/// Relays one plain-HTTP request and its response: `head` (the request's head
+/// as the proxy rewrote it), then exactly the body `body` declares, taken from
+/// `rest` (what arrived with the head) and then from the client. Nothing the
+/// client sends after that body is forwarded: a pipelined or smuggled second
+/// request never reaches the destination. What it sends after the body is read
+/// and dropped, so that its end is seen and passed on (the destination's write
+/// half is shut down, as a relay of the whole stream would). The response goes
+/// down, spliced, until the destination ends it. Returns the bytes sent each
+/// way.
+pub async fn forward_one(
+    client: TcpStream,
+    upstream: TcpStream,
+    head: &[u8],
+    rest: &[u8],
+    body: Body,
+) -> (u64, u64) {
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let upload = async {
+        write_all(&upstream, head).await?;
+        up.fetch_add(head.len() as u64, Ordering::Relaxed);
+        send_body(&client, &upstream, rest, body, &up).await?;
+        drain(&client).await?;
+        shutdown_write(&upstream)
+    };
+    let download = one_way(&upstream, &client, &down);
+    tokio::pin!(upload, download);
+    let mut uploading = true;
+    loop {
+        tokio::select! {
+            r = &mut upload, if uploading => match r {
+                Ok(()) => uploading = false,
+                Err(_) => break,
+            },
+            _ = &mut download => break,
+        }
+    }
+    (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))
+}
+
+/// Sends the request's body, as `body` frames it, from `rest` and then the
+/// client, and not a byte more.
+async fn send_body(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    rest: &[u8],
+    body: Body,
+    up: &AtomicU64,
+) -> io::Result<()> {
+    let mut chunked = Chunked::default();
+    let mut left = match body {
+        Body::Length(0) => return Ok(()),
+        Body::Length(n) => n,
+        Body::Chunked => u64::MAX,
+    };
+    // How much of `bytes` belongs to the body, and whether the body ends there.
+    let mut take = |bytes: &[u8]| -> io::Result<(usize, bool)> {
+        match body {
+            Body::Length(_) => {
+                let n = left.min(bytes.len() as u64);
+                left -= n;
+                Ok((n as usize, left == 0))
+            }
+            Body::Chunked => match chunked.feed(bytes) {
+                Ok(Some(n)) => Ok((n, true)),
+                Ok(None) => Ok((bytes.len(), false)),
+                Err(why) => Err(io::Error::new(io::ErrorKind::InvalidData, why)),
+            },
+        }
+    };
+    let mut buf = Vec::new();
+    let mut bytes = rest;
+    loop {
+        let (n, done) = take(bytes)?;
+        write_all(upstream, &bytes[..n]).await?;
+        up.fetch_add(n as u64, Ordering::Relaxed);
+        if done {
+            return Ok(());
+        }
+        if buf.is_empty() {
+            buf = vec![0u8; CHUNK];
+        }
+        let k = loop {
+            client.readable().await?;
+            match client.try_read(&mut buf) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(k) => break k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        };
+        bytes = &buf[..k];
+    }
+}
+
+/// Reads and drops what `from` sends until it ends its side.
+async fn drain(from: &TcpStream) -> io::Result<()> {
+    let mut buf = [0u8; 4096];
+    loop {
+        from.readable().await?;
+        match from.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Moves what `from` sends to `to` until `from` ends its side, then ends
@@ -183,6 +293,73 @@ mod tests {
             got.len()
         );
         assert_eq!(relay.await.unwrap(), (18, 5 << 20));
+    }
+
+    /// What the destination receives of a forwarded request whose client
+    /// sends `sent`, when the head says `body`: read until the relay stops
+    /// sending (the server answers and closes once it has the body).
+    async fn forwarded(sent: &'static [u8], body: Body, body_len: usize) -> Vec<u8> {
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut server) = pair().await;
+        let head = b"POST /p HTTP/1.1\r\nConnection: close\r\n\r\n";
+        let relay = tokio::spawn(async move {
+            forward_one(client_side, upstream_side, head, &sent[..3], body).await
+        });
+        client.write_all(&sent[3..]).await.unwrap();
+        let mut got = vec![0u8; head.len() + body_len];
+        server.read_exact(&mut got).await.unwrap();
+        // Nothing more arrives: the answer goes down and the server closes.
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\n\r\nok")
+            .await
+            .unwrap();
+        let mut more = [0u8; 64];
+        let extra = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            server.read(&mut more),
+        )
+        .await;
+        assert!(
+            !matches!(extra, Ok(Ok(n)) if n > 0),
+            "more was forwarded: {extra:?} {:?}",
+            &more
+        );
+        drop(server);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"HTTP/1.1 200 OK\r\n\r\nok");
+        let (up, down) = relay.await.unwrap();
+        assert_eq!((up, down), ((head.len() + body_len) as u64, 21));
+        got.drain(..head.len());
+        got
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forwarded_request_is_exactly_one_request() {
+        // A body of its length, then a pipelined request for another host.
+        let got = forwarded(
+            b"hello worldGET / HTTP/1.1\r\nHost: other.test\r\n\r\n",
+            Body::Length(11),
+            11,
+        )
+        .await;
+        assert_eq!(got, b"hello world");
+        // No body, and a second request right behind the head.
+        let got = forwarded(
+            b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n",
+            Body::Length(0),
+            0,
+        )
+        .await;
+        assert!(got.is_empty());
+        // A chunked body, cut across the reads, then another request.
+        let got = forwarded(
+            b"5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\nHost: other.test\r\n\r\n",
+            Body::Chunked,
+            15,
+        )
+        .await;
+        assert_eq!(got, b"5\r\nhello\r\n0\r\n\r\n");
     }
 
     #[tokio::test]

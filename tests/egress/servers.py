@@ -8,7 +8,10 @@ Serves, until killed:
 - HTTPS (CERT, KEY) on 198.51.100.10:443 and :8443, the same answer, and the
   files under DIR/www (a git repository served the dumb way, a package index);
 - bait listeners on 169.254.169.254:80 and 198.51.100.66:80 that append every
-  connection they see to DIR/bait.log.
+  connection they see to DIR/bait.log;
+- a lax HTTP server on 198.51.100.10:8080 that answers every request a
+  connection carries, `Connection: close` or not (as some servers do), and
+  appends each request line, Host and body length to DIR/lax.log.
 
 Writes DIR/servers.ready when every socket is bound.
 """
@@ -59,7 +62,42 @@ class Bait(socketserver.BaseRequestHandler):
             f.write(f"{self.server.server_address} from {self.client_address}\n")
 
 
+class Lax(socketserver.StreamRequestHandler):
+    def handle(self):
+        while True:
+            line = self.rfile.readline(65536)
+            if not line:
+                return
+            headers = {}
+            while True:
+                h = self.rfile.readline(65536)
+                if h in (b"\r\n", b"\n", b""):
+                    break
+                k, _, v = h.decode("latin-1").partition(":")
+                headers[k.strip().lower()] = v.strip()
+            n = 0
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    n += size
+                    self.rfile.read(size + 2)
+                    if size == 0:
+                        break
+            else:
+                n = int(headers.get("content-length", "0"))
+                self.rfile.read(n)
+            entry = f"{line.decode('latin-1').strip()} host={headers.get('host')} body={n}"
+            with open(os.path.join(DIR, "lax.log"), "a") as f:
+                f.write(entry + "\n")
+            answer = f"lax: {entry}\n".encode()
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer)
+            self.wfile.flush()
+
+
 servers = []
+lax = socketserver.ThreadingTCPServer(("198.51.100.10", 8080), Lax)
+lax.daemon_threads = True
+servers.append(lax)
 for addr in ("198.51.100.10", "198.51.100.11"):
     servers.append(Server((addr, 80), Handler))
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

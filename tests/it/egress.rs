@@ -326,6 +326,11 @@ impl Net {
         std::fs::read_to_string(self.dir.path().join("bait.log")).unwrap_or_default()
     }
 
+    /// The requests the lax server answered.
+    pub(crate) fn lax(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("lax.log")).unwrap_or_default()
+    }
+
     /// What dnsmasq was asked.
     pub(crate) fn dns_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("dns.log")).unwrap_or_default()
@@ -646,6 +651,120 @@ fn attack_too_broad_rules_are_refused_by_policy_check() {
         let out = check(broad, "allow_broad = true");
         assert_eq!(out.status.code(), Some(0), "{broad}: {}", text(&out));
     }
+}
+
+/// `raw HOST PORT REQUEST…`: sends each request (Python escapes) as raw bytes
+/// to HOST:PORT on a connection of its own, prints what came back (until the
+/// last answer's body is in, or 5 s), then closes.
+const RAW_CLIENT: &str = r#"
+import socket, sys, time
+for req in sys.argv[3:]:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+    s.sendall(req.encode().decode("unicode_escape").encode("latin-1"))
+    s.settimeout(5)
+    got = b""
+    try:
+        while True:
+            head, sep, body = got.rpartition(b"\r\n\r\n")
+            if sep:
+                n = [l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")]
+                if n and len(body) >= int(n[0]):
+                    break
+            b = s.recv(65536)
+            if not b:
+                break
+            got += b
+    except socket.timeout:
+        print("(timed out)")
+    print(got.decode("latin-1"))
+    print("----")
+    s.close()
+"#;
+
+#[test]
+fn attack_a_second_request_on_a_forwarded_connection_never_reaches_the_server() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let url = "http://allowed.test:8080";
+    let host = "Host: allowed.test:8080";
+    let next = "GET /REQ HTTP/1.1\\r\\nHost: unlisted.test\\r\\n\\r\\n";
+    let requests = [
+        // Pipelined behind a request without a body.
+        format!("GET {url}/first-a1 HTTP/1.1\\r\\n{host}\\r\\n\\r\\n{}", next.replace("REQ", "second-a2")),
+        // Hidden after a body of the declared length.
+        format!(
+            "POST {url}/post-b1 HTTP/1.1\\r\\n{host}\\r\\nContent-Length: 5\\r\\n\\r\\nhello{}",
+            next.replace("REQ", "smuggled-b2")
+        ),
+        // After a chunked body's last chunk.
+        format!(
+            "POST {url}/chunked-c1 HTTP/1.1\\r\\n{host}\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n5\\r\\nhello\\r\\n0\\r\\n\\r\\n{}",
+            next.replace("REQ", "smuggled-c2")
+        ),
+        // A head two parsers could frame differently.
+        format!(
+            "POST {url}/both-d1 HTTP/1.1\\r\\n{host}\\r\\nContent-Length: 4\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n0\\r\\n\\r\\n{}",
+            next.replace("REQ", "smuggled-d2")
+        ),
+    ];
+    // Through the proxy, then the same requests (in origin form) in a
+    // CONNECT tunnel and around the proxy (captured transparently).
+    let origin = |r: &str| r.replacen(url, "", 1);
+    let mut script =
+        format!("cat > raw.py <<'EOF'\n{RAW_CLIENT}\nEOF\npython3 raw.py 127.0.0.1 3128");
+    for r in &requests {
+        script.push_str(&format!(" '{r}'"));
+    }
+    script
+        .push_str(" 'CONNECT allowed.test:8080 HTTP/1.1\\r\\nHost: allowed.test:8080\\r\\n\\r\\n");
+    script.push_str(
+        &origin(&requests[0])
+            .replace("first-a1", "tunnel-e1")
+            .replace("second-a2", "tunnel-e2"),
+    );
+    script.push_str("'; python3 raw.py 198.51.100.10 8080");
+    for r in &requests[..3] {
+        let r = origin(r);
+        script.push_str(&format!(
+            " '{}'",
+            r.replace("-a", "-f")
+                .replace("-b", "-g")
+                .replace("-c", "-h")
+        ));
+    }
+    let out = net.exec(&script);
+    let t = text(&out);
+    let lax = net.lax();
+    for forwarded in [
+        "GET /first-a1 HTTP/1.1 host=allowed.test:8080 body=0",
+        "POST /post-b1 HTTP/1.1 host=allowed.test:8080 body=5",
+        "POST /chunked-c1 HTTP/1.1 host=allowed.test:8080 body=5",
+        "GET /tunnel-e1 HTTP/1.1 host=allowed.test:8080 body=0",
+        "GET /first-f1 HTTP/1.1 host=allowed.test:8080 body=0",
+        "POST /post-g1 HTTP/1.1 host=allowed.test:8080 body=5",
+        "POST /chunked-h1 HTTP/1.1 host=allowed.test:8080 body=5",
+    ] {
+        assert!(lax.contains(forwarded), "{forwarded} missing: {lax}\n{t}");
+        assert!(t.contains(&format!("lax: {forwarded}")), "{t}");
+    }
+    for never in [
+        "second-a2",
+        "smuggled-b2",
+        "smuggled-c2",
+        "both-d1",
+        "smuggled-d2",
+        "tunnel-e2",
+        "second-f2",
+        "smuggled-g2",
+        "smuggled-h2",
+    ] {
+        assert!(!lax.contains(never), "{never} reached the server: {lax}");
+    }
+    assert!(
+        t.contains("400 Bad Request")
+            && t.contains("ambiguous: both Content-Length and Transfer-Encoding"),
+        "{t}"
+    );
 }
 
 #[test]
