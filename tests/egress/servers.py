@@ -3,8 +3,8 @@
     servers.py DIR CERT KEY
 
 Serves, until killed:
-- plain HTTP on 198.51.100.10:80 and 198.51.100.11:80, answering
-  "hello from ADDRESS HOST PATH";
+- plain HTTP on 198.51.100.10:80, 198.51.100.11:80 and [2001:db8::10]:80,
+  answering "hello from ADDRESS HOST PATH";
 - HTTPS (CERT, KEY) on 198.51.100.10:443 and :8443, the same answer, and the
   files under DIR/www (a git repository served the dumb way, a package index);
 - bait listeners on 169.254.169.254:80 and 198.51.100.66:80 that append every
@@ -18,6 +18,7 @@ Writes DIR/servers.ready when every socket is bound.
 
 import http.server
 import os
+import socket
 import socketserver
 import ssl
 import sys
@@ -94,7 +95,11 @@ class Lax(socketserver.StreamRequestHandler):
             self.wfile.flush()
 
 
-servers = []
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+
+servers = [Server6(("2001:db8::10", 80), Handler)]
 lax = socketserver.ThreadingTCPServer(("198.51.100.10", 8080), Lax)
 lax.daemon_threads = True
 servers.append(lax)

@@ -41,9 +41,12 @@ allow = [
     "metadata.test",
     "rebind6.test",
     "nat64.test",
+    "v6only.test",
     # The test servers live in a documentation range, refused unless a network
     # rule opens it: only .10, on every port.
     "198.51.100.10/32",
+    # The same for the IPv6 server, on port 80.
+    "[2001:db8::10]:80",
 ]
 deny = ["denied.test"]
 resolvers = ["198.51.100.53:53"]
@@ -178,12 +181,14 @@ impl Net {
             (w, "addr add 198.51.100.1/24 dev ew0"),
             (w, "link set ew0 up"),
             (w, "route add 169.254.169.254/32 dev ew0"),
+            (w, "addr add 2001:db8::1/64 dev ew0 nodad"),
             (s, "link set lo up"),
             (s, "addr add 198.51.100.10/24 dev es0"),
             (s, "addr add 198.51.100.11/24 dev es0"),
             (s, "addr add 198.51.100.53/24 dev es0"),
             (s, "addr add 198.51.100.66/24 dev es0"),
             (s, "addr add 169.254.169.254/32 dev es0"),
+            (s, "addr add 2001:db8::10/64 dev es0 nodad"),
             (s, "link set es0 up"),
             (s, "route add default via 198.51.100.1"),
         ] {
@@ -233,6 +238,7 @@ impl Net {
             ("metadata.test", "169.254.169.254"),
             ("rebind6.test", "::ffff:127.0.0.1"),
             ("nat64.test", "64:ff9b::a9fe:a9fe"),
+            ("v6only.test", "2001:db8::10"),
         ] {
             dns.arg(format!("--address=/{name}/{addr}"));
         }
@@ -614,6 +620,26 @@ fn attack_ipv4_hidden_in_ipv6_is_refused() {
     let t = text(&out);
     assert!(!out.status.success() && !t.contains("hello from"), "{t}");
     assert!(!net.bait().contains("169.254.169.254"), "{}", net.bait());
+}
+
+#[test]
+fn ipv6_destinations_are_reached_through_the_proxy_and_captured() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let out = net.exec(&format!(
+        "{CURL} http://v6only.test/proxied; {CURL} --noproxy '*' http://v6only.test/captured; \
+         {CURL} -g --noproxy '*' 'http://[2001:db8::10]/literal'; \
+         {CURL} -g -i 'http://[2001:db8::10]:8080/other-port'"
+    ));
+    let t = text(&out);
+    for path in ["/proxied", "/captured", "/literal"] {
+        assert!(
+            t.contains(&format!("hello from 2001:db8::10 v6only.test {path}"))
+                || t.contains(&format!("hello from 2001:db8::10 [2001:db8::10] {path}")),
+            "{path}: {t}"
+        );
+    }
+    assert!(t.contains("403 Forbidden"), "{t}");
 }
 
 #[test]
