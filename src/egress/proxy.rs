@@ -165,7 +165,9 @@ pub struct Context {
     /// The call running in the session, whose result gets the denial note.
     call: Mutex<Option<String>>,
     /// Denied destinations since the running call began.
-    denials: Mutex<Vec<String>>,
+    denials: Mutex<Denials>,
+    /// How many egress records the session may still write at once.
+    budget: Mutex<Budget>,
     /// Those of the last call that ended.
     last: Mutex<Vec<String>>,
     /// What the session resolver answered, address → name: the name of a
@@ -190,7 +192,8 @@ impl Context {
             audit,
             resolvers: Vec::new(),
             call: Mutex::new(None),
-            denials: Mutex::new(Vec::new()),
+            denials: Mutex::new(Denials::default()),
+            budget: Mutex::new(Budget::new()),
             last: Mutex::new(Vec::new()),
             names: Mutex::new(HashMap::new()),
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
@@ -216,18 +219,19 @@ impl Context {
     /// A call starts: denials from here on belong to it.
     pub fn begin_call(&self, call_id: &str) {
         *lock(&self.call) = Some(call_id.to_string());
-        lock(&self.denials).clear();
+        *lock(&self.denials) = Denials::default();
     }
 
     /// The call ended: the destinations denied while it ran, each once, in
-    /// the order they were first denied (also kept for [`Context::last_denied`]).
+    /// the order they were first denied, at most [`MAX_NOTED`] of them and
+    /// then how many more denials there were (also kept for
+    /// [`Context::last_denied`]).
     pub fn end_call(&self) -> Vec<String> {
         *lock(&self.call) = None;
-        let mut seen = Vec::new();
-        for d in lock(&self.denials).drain(..) {
-            if !seen.contains(&d) {
-                seen.push(d);
-            }
+        let d = std::mem::take(&mut *lock(&self.denials));
+        let mut seen = d.noted;
+        if d.more > 0 {
+            seen.push(format!("and {} more denials", d.more));
         }
         *lock(&self.last) = seen.clone();
         seen
@@ -281,12 +285,124 @@ impl Context {
         f.insert("reason".into(), v.reason.clone().into());
         f.insert("bytes_up".into(), json!(up));
         f.insert("bytes_down".into(), json!(down));
+        let (write, unwritten) = lock(&self.budget).take(Instant::now(), v.allowed);
+        if let Some(counts) = unwritten {
+            self.write_unitemised(counts);
+        }
+        if write {
+            self.audit.record("egress", f);
+        }
+    }
+
+    /// The record of decisions the budget counted instead of writing.
+    fn write_unitemised(&self, (allowed, denied): (u64, u64)) {
+        let mut f = Map::new();
+        f.insert("session".into(), self.session.clone().into());
+        f.insert("sandbox".into(), self.sandbox.clone().into());
+        f.insert("decision".into(), "not itemised".into());
+        f.insert("allowed".into(), json!(allowed));
+        f.insert("denied".into(), json!(denied));
+        f.insert(
+            "reason".into(),
+            format!(
+                "over the session's audit budget ({BUDGET_RATE} egress records a second, \
+                 bursts of {BUDGET_BURST}): counted, not itemised"
+            )
+            .into(),
+        );
         self.audit.record("egress", f);
+    }
+
+    /// Writes the count of what the budget has not itemised yet (the session
+    /// is ending).
+    pub fn flush(&self) {
+        let unwritten = lock(&self.budget).drain();
+        if let Some(counts) = unwritten {
+            self.write_unitemised(counts);
+        }
     }
 
     fn deny(&self, via: &str, host: &str, port: u16, addr: Option<IpAddr>, v: &Verdict) {
         self.record(via, host, port, addr, v, (0, 0));
-        lock(&self.denials).push(format!("{} ({})", hostport(host, port), v.reason));
+        lock(&self.denials).add(format!("{} ({})", hostport(host, port), v.reason));
+    }
+}
+
+/// The distinct destinations named in a call's denial note.
+pub const MAX_NOTED: usize = 16;
+
+/// A call's denials, bounded: a session that is denied without end costs the
+/// worker [`MAX_NOTED`] strings and a counter, and its note stays short.
+#[derive(Debug, Default)]
+struct Denials {
+    noted: Vec<String>,
+    /// Denials of destinations past the first [`MAX_NOTED`].
+    more: u64,
+}
+
+impl Denials {
+    fn add(&mut self, d: String) {
+        if self.noted.contains(&d) {
+            return;
+        }
+        if self.noted.len() < MAX_NOTED {
+            self.noted.push(d);
+        } else {
+            self.more += 1;
+        }
+    }
+}
+
+/// Egress records a session may write each second, on average…
+const BUDGET_RATE: u32 = 50;
+/// …and at once.
+const BUDGET_BURST: u32 = 500;
+
+/// The session's audit budget (a token bucket). Past it, decisions are
+/// counted, and the count is written as one record as soon as the budget
+/// allows another (or the session ends): a session that opens connections or
+/// asks names without end cannot flood the audit log, whose rotation would
+/// otherwise drop the older records of every session.
+#[derive(Debug)]
+struct Budget {
+    tokens: f64,
+    at: Option<Instant>,
+    /// Decisions counted instead of written: allowed, denied.
+    unwritten: (u64, u64),
+}
+
+impl Budget {
+    fn new() -> Budget {
+        Budget {
+            tokens: BUDGET_BURST as f64,
+            at: None,
+            unwritten: (0, 0),
+        }
+    }
+
+    /// Whether a decision made `now` is written, and the counts to write
+    /// first (when some were counted and the budget allows again).
+    fn take(&mut self, now: Instant, allowed: bool) -> (bool, Option<(u64, u64)>) {
+        if let Some(at) = self.at {
+            let refill = now.saturating_duration_since(at).as_secs_f64() * BUDGET_RATE as f64;
+            self.tokens = (self.tokens + refill).min(BUDGET_BURST as f64);
+        }
+        self.at = Some(now);
+        if self.tokens < 1.0 {
+            if allowed {
+                self.unwritten.0 += 1;
+            } else {
+                self.unwritten.1 += 1;
+            }
+            return (false, None);
+        }
+        self.tokens -= 1.0;
+        (true, self.drain())
+    }
+
+    fn drain(&mut self) -> Option<(u64, u64)> {
+        let counts = std::mem::take(&mut self.unwritten);
+        (counts != (0, 0)).then_some(counts)
     }
 }
 
@@ -332,6 +448,7 @@ impl Drop for SessionEgress {
         for t in &self.accepts {
             t.abort();
         }
+        self.ctx.flush();
     }
 }
 
@@ -1137,6 +1254,53 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::sync::mpsc;
+
+    #[test]
+    fn the_audit_budget_writes_a_burst_then_counts_then_writes_the_count() {
+        let mut b = Budget::new();
+        let t0 = Instant::now();
+        for i in 0..BUDGET_BURST {
+            assert_eq!(b.take(t0, i % 2 == 0), (true, None), "{i}");
+        }
+        // Over it: counted, allowed and denied apart.
+        assert_eq!(b.take(t0, true), (false, None));
+        assert_eq!(b.take(t0, false), (false, None));
+        assert_eq!(b.take(t0, false), (false, None));
+        // A tenth of a second later: five more may be written, the first
+        // with the count before it.
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(b.take(t1, false), (true, Some((1, 2))));
+        for _ in 0..4 {
+            assert_eq!(b.take(t1, false), (true, None));
+        }
+        assert_eq!(b.take(t1, true), (false, None));
+        // What is left is written when the session ends.
+        assert_eq!(b.drain(), Some((1, 0)));
+        assert_eq!(b.drain(), None);
+        // A long silence refills the burst, no more.
+        let t2 = t1 + Duration::from_secs(3600);
+        for _ in 0..BUDGET_BURST {
+            assert!(b.take(t2, true).0);
+        }
+        assert!(!b.take(t2, true).0);
+    }
+
+    #[test]
+    fn a_call_s_denials_are_bounded_and_counted() {
+        let mut d = Denials::default();
+        for i in 0..10_000 {
+            d.add(format!("h{}.test:80 (no rule)", i % 1000));
+        }
+        assert_eq!(d.noted.len(), MAX_NOTED);
+        assert_eq!(d.noted[0], "h0.test:80 (no rule)");
+        assert_eq!(d.more, 10_000 - 10 * MAX_NOTED as u64);
+        // The same destination again and again: noted once.
+        let mut d = Denials::default();
+        for _ in 0..100 {
+            d.add("a.test:80 (no rule)".into());
+        }
+        assert_eq!((d.noted.len(), d.more), (1, 0));
+    }
 
     /// Allows `localhost` and the addresses it resolves to; refuses every
     /// other name before resolving it, and every address without a name.

@@ -935,3 +935,67 @@ fn every_decision_is_an_audit_record() {
         hands::audit::Verdict::Holds { .. }
     ));
 }
+
+/// A session denied without end: its note names the first destinations and
+/// counts the rest, and its audit records stay within the session's budget,
+/// with every decision past it counted in a record of its own (the itemised
+/// denials and the counted ones add up to every attempt).
+#[test]
+fn attack_a_flood_of_denials_floods_neither_the_audit_log_nor_the_note() {
+    crate::require_sandbox!();
+    let net = Net::get();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    const N: usize = 3000;
+    let started = std::time::Instant::now();
+    let out = net.exec_audited(
+        &format!(
+            "python3 -c \"
+import socket
+for port in range(2000, 2000 + {N}):
+    s = socket.socket()
+    try:
+        s.connect(('198.51.100.11', port))
+    except OSError:
+        pass
+    s.close()
+\""
+        ),
+        &log,
+    );
+    // The session lived at most this long: the budget (500 at once, then 50
+    // a second) allowed at most this many records.
+    let allowed_records = 500 + 50 * started.elapsed().as_secs_f64().ceil() as usize + 1;
+    let t = text(&out);
+    let notes: Vec<&str> = t
+        .lines()
+        .filter(|l| l.starts_with("hands: egress denied"))
+        .collect();
+    assert_eq!(notes.len(), 17, "{t}");
+    assert!(
+        notes[16].ends_with(&format!("and {} more denials", N - 16)),
+        "{t}"
+    );
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["kind"] == "egress")
+        .collect();
+    let itemised = records.iter().filter(|r| r["decision"] == "denied").count();
+    let counted: u64 = records
+        .iter()
+        .filter(|r| r["decision"] == "not itemised")
+        .map(|r| r["denied"].as_u64().unwrap())
+        .sum();
+    assert!(
+        itemised <= allowed_records,
+        "{itemised} of {N} denials itemised, over the budget's {allowed_records}"
+    );
+    assert!(counted > 0, "nothing counted");
+    assert_eq!(itemised as u64 + counted, N as u64, "{records:?}");
+    assert!(matches!(
+        hands::audit::verify(std::slice::from_ref(&log)).unwrap(),
+        hands::audit::Verdict::Holds { .. }
+    ));
+}
