@@ -173,29 +173,15 @@ const EGRESS_ENV: &str = "demo-egress";
 /// A session of an `egress` environment: one request its policy allows, one it
 /// denies, and the note the model reads.
 async fn egress(bound: &crate::gateway::Bound, token: &str, port: u16) -> anyhow::Result<()> {
-    let mut api = ApiClient::new(bound.api, token);
-    let opened = api
-        .request(
-            "POST",
-            "/v1/sessions",
-            Some(&json!({"environment": EGRESS_ENV})),
-        )
-        .await?;
-    if opened.status != 201 {
-        bail!("opening a session: HTTP {}: {}", opened.status, opened.body);
-    }
-    let session = opened.body["session_id"]
-        .as_str()
-        .context("session_id")?
-        .to_string();
-    section(&format!(
-        "POST /v1/sessions -> {session} (environment {EGRESS_ENV}: egress to 127.0.0.1:{port} of the host only)"
-    ));
-    let mut s = Script {
+    let api = ApiClient::new(bound.api, token);
+    let mut s = Script::open(
         api,
-        session: session.clone(),
-        n: 100,
-    };
+        EGRESS_ENV,
+        &format!("egress to 127.0.0.1:{port} of the host only"),
+        100,
+    )
+    .await?;
+    let session = s.session.clone();
     // bash's /dev/tcp speaks to the session's HTTP proxy (127.0.0.1 inside
     // the session is the session's own loopback; the proxy is the worker's).
     let request = |url: &str, host: &str| {
@@ -275,6 +261,30 @@ struct Script {
 }
 
 impl Script {
+    /// Opens a session of `env` through the API and says so (with `about`,
+    /// if any); its tool_use ids count from `n`.
+    async fn open(mut api: ApiClient, env: &str, about: &str, n: usize) -> anyhow::Result<Script> {
+        let opened = api
+            .request("POST", "/v1/sessions", Some(&json!({"environment": env})))
+            .await?;
+        if opened.status != 201 {
+            bail!("opening a session: HTTP {}: {}", opened.status, opened.body);
+        }
+        let session = opened.body["session_id"]
+            .as_str()
+            .context("session_id")?
+            .to_string();
+        let about = if about.is_empty() {
+            String::new()
+        } else {
+            format!(": {about}")
+        };
+        section(&format!(
+            "POST /v1/sessions -> {session} (environment {env}{about})"
+        ));
+        Ok(Script { api, session, n })
+    }
+
     /// Posts one tool_use block; prints it and its tool_result.
     async fn call(&mut self, name: &str, input: Value, why: &str) -> anyhow::Result<Value> {
         self.n += 1;
@@ -337,25 +347,8 @@ async fn script(bound: &crate::gateway::Bound, token: &str, env: &str) -> anyhow
     section("GET /v1/tools (ready for the Messages API `tools` parameter)");
     note(&names.join(", "));
 
-    let opened = api
-        .request("POST", "/v1/sessions", Some(&json!({"environment": env})))
-        .await?;
-    if opened.status != 201 {
-        bail!("opening a session: HTTP {}: {}", opened.status, opened.body);
-    }
-    let session = opened.body["session_id"]
-        .as_str()
-        .context("session_id")?
-        .to_string();
-    section(&format!(
-        "POST /v1/sessions -> {session} (environment {env})"
-    ));
-
-    let mut s = Script {
-        api,
-        session: session.clone(),
-        n: 0,
-    };
+    let mut s = Script::open(api, env, "", 0).await?;
+    let session = s.session.clone();
     let r = s
         .call(
             "write",
