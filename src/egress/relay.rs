@@ -196,6 +196,8 @@ async fn splice_loop(
             match to.try_io(Interest::WRITABLE, || {
                 Ok(splice(r.as_fd(), None, to.as_fd(), None, left, flags)?)
             }) {
+                // A full pipe that moves nothing: never spin on it.
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(k) => {
                     left -= k;
                     moved.fetch_add(k as u64, Ordering::Relaxed);
@@ -230,6 +232,7 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         to.writable().await?;
         match to.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(k) => data = &data[k..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
