@@ -9,7 +9,7 @@
 //! whose framing two parsers could read differently is refused rather than
 //! guessed at: `Content-Length` together with `Transfer-Encoding`, two
 //! lengths, a transfer coding other than `chunked`, a header name with
-//! whitespace before its colon, a folded header line.
+//! whitespace before its colon, a folded header line, a bare CR or LF.
 
 /// How the request's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +25,11 @@ pub enum Body {
 pub fn request_body(head: &str) -> Result<Body, &'static str> {
     let mut length: Option<u64> = None;
     let mut chunked = false;
+    // A lone CR or LF ends a line for a lenient server and not here: a header
+    // hidden behind one would frame the request differently there.
+    if head.split("\r\n").any(|l| l.contains(['\r', '\n'])) {
+        return Err("a bare CR or LF in the head");
+    }
     for line in head.split("\r\n").skip(1) {
         if line.starts_with([' ', '\t']) {
             return Err("a folded header line");
@@ -243,6 +248,14 @@ mod tests {
             (
                 &["Transfer-Encoding chunked"][..],
                 "a header line without a colon",
+            ),
+            (
+                &["X-A: 1\nContent-Length: 5"][..],
+                "a bare CR or LF in the head",
+            ),
+            (
+                &["X-A: 1\rTransfer-Encoding: chunked"][..],
+                "a bare CR or LF in the head",
             ),
         ] {
             assert_eq!(body(headers), Err(why), "{headers:?}");

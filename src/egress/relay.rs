@@ -5,9 +5,10 @@
 //! pipe and pipe to socket, so a bulk transfer's pages move inside the kernel
 //! and never through the worker's memory or a user-space copy. A kernel that
 //! refuses to splice these sockets, or a worker out of descriptors for the
-//! pipe, gets the same loop with a copy through a buffer instead. When one side finishes sending, the other side's write half
-//! is shut down (so a client waiting for the server's end of a request sees
-//! it); the relay ends when both directions have, or at the first error.
+//! pipe, gets the same loop with a copy through a buffer instead. When one
+//! side finishes sending, the other side's write half is shut down (so a
+//! client waiting for the server's end of a request sees it); the relay ends
+//! when both directions have, or at the first error.
 //!
 //! Readiness comes from the runtime (`readable` / `writable` and `try_io`), so
 //! a relay costs no thread, and at most one pipe's worth (64 KiB) is in
@@ -126,15 +127,10 @@ async fn send_body(
         if buf.is_empty() {
             buf = vec![0u8; CHUNK];
         }
-        let k = loop {
-            client.readable().await?;
-            match client.try_read(&mut buf) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(k) => break k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        };
+        let k = read_some(client, &mut buf).await?;
+        if k == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
         bytes = &buf[..k];
     }
 }
@@ -142,13 +138,17 @@ async fn send_body(
 /// Reads and drops what `from` sends until it ends its side.
 async fn drain(from: &TcpStream) -> io::Result<()> {
     let mut buf = [0u8; 4096];
+    while read_some(from, &mut buf).await? > 0 {}
+    Ok(())
+}
+
+/// Reads what `from` has, waiting until it has something (0: its end).
+async fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         from.readable().await?;
-        match from.try_read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
+        match from.try_read(buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+            r => return r,
         }
     }
 }
@@ -175,6 +175,7 @@ async fn splice_loop(
     moved: &AtomicU64,
 ) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut spliced = false;
     loop {
         // The pipe is empty here, so 0 is the end of `from`'s stream.
         from.readable().await?;
@@ -184,12 +185,13 @@ async fn splice_loop(
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) && moved_none(moved) => {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) && !spliced => {
                 // Sockets this kernel will not splice: copy instead.
                 return copy_loop(from, to, moved).await;
             }
             Err(e) => return Err(e),
         };
+        spliced = true;
         let mut left = n;
         while left > 0 {
             to.writable().await?;
@@ -209,20 +211,13 @@ async fn splice_loop(
     }
 }
 
-fn moved_none(moved: &AtomicU64) -> bool {
-    moved.load(Ordering::Relaxed) == 0
-}
-
 async fn copy_loop(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
     loop {
-        from.readable().await?;
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
+        let n = read_some(from, &mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
         write_all(to, &buf[..n]).await?;
         moved.fetch_add(n as u64, Ordering::Relaxed);
     }

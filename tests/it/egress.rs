@@ -898,6 +898,23 @@ for s in held:
     assert!(t.contains("allowed.test /after-flood"), "{t}");
 }
 
+/// The egress records of an audit log.
+fn egress_records(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["kind"] == "egress")
+        .collect()
+}
+
+fn assert_chain_holds(log: &Path) {
+    assert!(matches!(
+        hands::audit::verify(&[log.to_path_buf()]).unwrap(),
+        hands::audit::Verdict::Holds { .. }
+    ));
+}
+
 #[test]
 fn every_decision_is_an_audit_record() {
     crate::require_sandbox!();
@@ -908,12 +925,7 @@ fn every_decision_is_an_audit_record() {
         &format!("{CURL} -o /dev/null http://allowed.test/; {CURL} -o /dev/null http://denied.test/; true"),
         &log,
     ));
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|r: &serde_json::Value| r["kind"] == "egress")
-        .collect();
+    let records = egress_records(&log);
     let allowed = records
         .iter()
         .find(|r| r["host"] == "allowed.test" && r["decision"] == "allowed")
@@ -930,10 +942,7 @@ fn every_decision_is_an_audit_record() {
         .find(|r| r["host"] == "denied.test" && r["decision"] == "denied")
         .unwrap_or_else(|| panic!("{records:?}"));
     assert_eq!(denied["rule"], "denied.test", "{denied}");
-    assert!(matches!(
-        hands::audit::verify(std::slice::from_ref(&log)).unwrap(),
-        hands::audit::Verdict::Holds { .. }
-    ));
+    assert_chain_holds(&log);
 }
 
 /// A session denied without end: its note names the first destinations and
@@ -976,12 +985,7 @@ for port in range(2000, 2000 + {N}):
         notes[16].ends_with(&format!("and {} more denials", N - 16)),
         "{t}"
     );
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|r: &serde_json::Value| r["kind"] == "egress")
-        .collect();
+    let records = egress_records(&log);
     let itemised = records.iter().filter(|r| r["decision"] == "denied").count();
     let counted: u64 = records
         .iter()
@@ -994,8 +998,5 @@ for port in range(2000, 2000 + {N}):
     );
     assert!(counted > 0, "nothing counted");
     assert_eq!(itemised as u64 + counted, N as u64, "{records:?}");
-    assert!(matches!(
-        hands::audit::verify(std::slice::from_ref(&log)).unwrap(),
-        hands::audit::Verdict::Holds { .. }
-    ));
+    assert_chain_holds(&log);
 }
