@@ -130,7 +130,15 @@ async fn demo(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Res
         let registry = registry.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            crate::worker::serve(&w_config, registry, |_| {}, None, shutdown).await
+            crate::worker::serve(
+                &w_config,
+                registry,
+                |_| {},
+                None,
+                Default::default(),
+                shutdown,
+            )
+            .await
         })
     };
 

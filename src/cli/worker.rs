@@ -82,6 +82,7 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
                 let _ = std::io::stdout().flush();
             },
             None,
+            Default::default(),
             shutdown,
         )
         .await;

@@ -13,6 +13,7 @@
 //! their callers, then the servers are dropped whatever they still hold.
 
 pub mod config;
+pub mod health;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,8 +145,10 @@ pub async fn serve(
     registry: Arc<Registry>,
     on_bound: impl FnOnce(std::net::SocketAddr),
     tunnel_states: Option<watch::Sender<Vec<crate::connectors::hands_v1::tunnel::SlotState>>>,
+    health: Arc<health::Health>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
+    use health::Part;
     // What every part below stops on: the caller's `stop`, or the connector's end.
     let (stop_all, shutdown) = watch::channel(false);
     let forward = async {
@@ -167,6 +170,19 @@ pub async fn serve(
     let routes = routes(config, registry).await?;
     let tunnel = match &config.tunnel {
         Some(t) => {
+            // Up while any of the tunnel's connections is.
+            health.expect(Part::Tunnel);
+            let states = tunnel_states.unwrap_or_else(|| watch::channel(Vec::new()).0);
+            let mut seen = states.subscribe();
+            let h = health.clone();
+            tokio::spawn(async move {
+                while seen.changed().await.is_ok() {
+                    let up = seen.borrow_and_update().iter().any(|s| {
+                        matches!(s, crate::connectors::hands_v1::tunnel::SlotState::Connected)
+                    });
+                    h.set(Part::Tunnel, up);
+                }
+            });
             let tls = Arc::new(
                 crate::net::tls::ClientTls::client(t.tls.clone()).map_err(WorkerError::Tls)?,
             );
@@ -175,11 +191,24 @@ pub async fn serve(
                 tls,
                 routes.clone(),
                 shutdown.clone(),
-                tunnel_states,
+                Some(states),
             ))
         }
         None => None,
     };
+    if config.listen.is_some() {
+        health.expect(Part::Listener);
+    }
+    let on_bound = {
+        let h = health.clone();
+        move |addr| {
+            h.set(Part::Listener, true);
+            on_bound(addr)
+        }
+    };
+    if config.anthropic.is_some() {
+        health.expect(Part::Queue);
+    }
     let debug = async {
         match config.listen {
             Some(addr) => {
@@ -206,6 +235,7 @@ pub async fn serve(
                 a.clone(),
                 config.worker_id.clone(),
                 cma_registry,
+                health.clone(),
                 shutdown.clone(),
             )
             .await

@@ -57,6 +57,7 @@ impl Worker {
                     let _ = bound_tx.send(a);
                 },
                 None,
+                Default::default(),
                 shutdown,
             )
             .await

@@ -249,9 +249,16 @@ async fn worker_with(
     let (states_tx, states) = watch::channel(Vec::new());
     let reg = registry.clone();
     let task = tokio::spawn(async move {
-        hands::worker::serve(&config, reg, |_| {}, Some(states_tx), shutdown)
-            .await
-            .expect("worker serves");
+        hands::worker::serve(
+            &config,
+            reg,
+            |_| {},
+            Some(states_tx),
+            Default::default(),
+            shutdown,
+        )
+        .await
+        .expect("worker serves");
     });
     Wk {
         states,

@@ -87,8 +87,10 @@ pub async fn run(
     cfg: AnthropicConfig,
     worker_id: String,
     registry: Arc<Registry>,
+    health: Arc<crate::worker::health::Health>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectorError> {
+    use crate::worker::health::Part;
     let env_key = cfg.key.load()?;
     let api = Api::new(&cfg.base_url)?;
     let slots = Arc::new(Semaphore::new(cfg.capacity));
@@ -133,10 +135,12 @@ pub async fn run(
         let item = match polled {
             Ok(Some(item)) => {
                 poll_failures = 0;
+                health.set(Part::Queue, true);
                 item
             }
             Ok(None) => {
                 poll_failures = 0;
+                health.set(Part::Queue, true);
                 drop(permit);
                 let wait = Duration::from_secs_f64(1.0 + 2.0 * super::http::unit());
                 tokio::select! {
@@ -152,6 +156,7 @@ pub async fn run(
             }
             Err(e) => {
                 poll_failures += 1;
+                health.set(Part::Queue, false);
                 let wait = backoff60(poll_failures);
                 tracing::warn!(error = %e, retry_in = ?wait, "poll failed");
                 drop(permit);

@@ -394,6 +394,7 @@ impl Served {
             cfg,
             "it-worker".into(),
             registry.clone(),
+            Default::default(),
             shutdown,
         ));
         Served {
