@@ -19,6 +19,17 @@ struct Cli {
     /// wins. `hands policy list` shows the result.
     #[arg(long, global = true, value_name = "DIR")]
     policy_dir: Vec<PathBuf>,
+    /// How log lines are written: `text` (under systemd, to the journal with
+    /// each record's fields) or `json` (one object per line on stderr).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "HANDS_LOG_FORMAT",
+        value_name = "FORMAT"
+    )]
+    log_format: hands::cli::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -95,7 +106,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemons mirror every audit record to their log (journald under
     // systemd) by default; one-shot commands keep stderr for their output.
-    hands::cli::init_logging(matches!(cli.command, Command::Worker(_)));
+    hands::cli::init_logging(matches!(cli.command, Command::Worker(_)), cli.log_format);
     let lookup = hands::cli::policy_lookup(&cli.policy_dir);
     if matches!(
         cli.command,

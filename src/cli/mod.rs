@@ -24,21 +24,80 @@ use crate::policy::Policy;
 use crate::sandbox::SandboxConfig;
 use crate::session::{Session, SessionOptions};
 
+/// How log lines are written (`--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines on stderr; under systemd, records sent to the
+    /// journal with their fields (`journalctl -o verbose` shows them).
+    #[default]
+    Text,
+    /// One JSON object per line on stderr (time, level, target, message and
+    /// every field), for log shippers.
+    Json,
+}
+
 /// Logs to stderr, filtered by `HANDS_LOG` (default `warn`; for a daemon,
-/// `warn,hands::audit=info`: the audit records are mirrored to its log).
-pub fn init_logging(daemon: bool) {
+/// `warn,hands::audit=info`: the audit records are mirrored to its log). In
+/// the text format, a process whose stderr is the journal (systemd sets
+/// `$JOURNAL_STREAM` to its device and inode) logs to the journal's own
+/// socket instead, so each field of a record (`session`, `call_id`, …) is a
+/// journal field and its level the entry's priority.
+pub fn init_logging(daemon: bool, format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let default = if daemon {
-        "warn,hands::audit=info"
+        "warn,hands::audit=info,hands::worker=info"
     } else {
         "warn"
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("HANDS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Json => {
+            let _ = registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(true)
+                        .with_span_list(false)
+                        .with_writer(std::io::stderr),
+                )
+                .try_init();
+        }
+        LogFormat::Text => {
+            let journal = stderr_is_journal()
+                .then(|| tracing_journald::layer().ok())
+                .flatten()
+                .map(|l| l.with_syslog_identifier("hands".into()));
+            if let Some(journal) = journal {
+                let _ = registry.with(journal).try_init();
+                return;
+            }
+            let _ = registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+                )
+                .try_init();
+        }
+    }
+}
+
+/// Whether stderr is the journal's stream for this process: `$JOURNAL_STREAM`
+/// (`DEVICE:INODE`) names stderr's own device and inode (a child whose stderr
+/// was redirected keeps the variable but not the stream).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(st) = nix::sys::stat::fstat(std::io::stderr().as_fd()) else {
+        return false;
+    };
+    v.to_str() == Some(&format!("{}:{}", st.st_dev, st.st_ino))
 }
 
 /// Where every command looks environments up: `--policy-dir` flags,

@@ -1,8 +1,11 @@
 //! `hands worker --config FILE`: the daemon. Dials its gateways when a
 //! `[tunnel]` is configured, and prints `listening on ADDR` on stdout once the
-//! debug listener is bound; SIGTERM or SIGINT stops it (tunnels end with
-//! GOAWAY; running calls get `shutdown_grace_secs`, then are cut short),
-//! closing every session and so killing everything they started.
+//! debug listener is bound. The first SIGTERM or SIGINT drains it (tunnels
+//! end with GOAWAY, no new session or call; running calls get
+//! `shutdown_grace_secs`, then are cut short), closing every session and so
+//! killing everything they started; a second one cuts running calls short at
+//! once. SIGHUP reloads (`crate::worker::reload`). A service manager hears
+//! readiness, status, watchdog pings and the stop (`crate::worker::notify`).
 //!
 //! Exit status: 0 after a stop by signal; [`EXIT_KEY_REFUSED`] when the
 //! Claude Managed Agents connector's environment key is missing or refused
@@ -11,10 +14,16 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
 
 use crate::policy::lookup::Lookup;
+use crate::session::registry::Registry;
+use crate::worker::health::Health;
+use crate::worker::notify::Notifier;
 
 /// EX_CONFIG of sysexits.h: the environment key could not be read, or the
 /// control plane refused it (401, 403 or 404 on poll).
@@ -30,6 +39,8 @@ pub struct Args {
 
 pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
     super::require_root("hands worker")?;
+    // Read (and removed from the environment) before any thread starts.
+    let notifier = Arc::new(Notifier::from_env());
     let config = crate::worker::Config::load(&args.config, lookup)?;
     anyhow::ensure!(
         config.listen.is_some() || config.tunnel.is_some() || config.anthropic.is_some(),
@@ -40,7 +51,7 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
     crate::util::return_large_buffers_to_the_kernel();
     for p in &config.policies {
         if let Some(source) = config.sources.get(&p.name) {
-            tracing::info!(environment = %p.name, %source, "offering environment");
+            tracing::info!(target: "hands::worker", environment = %p.name, %source, "offering environment");
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -63,16 +74,22 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         let workspaces = sandbox.workspaces.clone();
         crate::worker::prepare_workspaces(&config, &sandbox);
         let registry = crate::worker::registry(&config, sandbox)?;
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            stop.send_replace(true);
-        });
+        let health = Arc::new(Health::default());
+        let (stop, shutdown) = watch::channel(false);
+        // Installed before anything is served: a signal that comes early is
+        // still this process's to handle.
+        let signals = Signals::install()?;
+        let supervisor = Supervisor {
+            stop,
+            registry: registry.clone(),
+            health: health.clone(),
+            notifier: notifier.clone(),
+            config_path: args.config.clone(),
+            lookup: lookup.clone(),
+            running: config.clone(),
+        };
+        let signalled = tokio::spawn(supervisor.handle(signals));
+        let reporting = tokio::spawn(report(notifier.clone(), health.clone(), registry.clone()));
         let served = crate::worker::serve(
             &config,
             registry.clone(),
@@ -82,14 +99,19 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
                 let _ = std::io::stdout().flush();
             },
             None,
-            Default::default(),
+            health.clone(),
             shutdown,
         )
         .await;
+        // Stopping for whatever reason (a signal, or the connector gave up).
+        health.drain();
+        reporting.abort();
+        notifier.stopping(&format!("closing {} session(s)", registry.open_sessions()));
         registry.close_all();
         drop(registry);
         workspaces.shutdown(super::DRAIN);
         super::release_cgroups();
+        signalled.abort();
         Ok::<_, anyhow::Error>(served)
     })?;
     match served {
@@ -104,6 +126,179 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The signals a worker acts on.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        let on = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("installing the {name} handler"))
+        };
+        Ok(Signals {
+            term: on(SignalKind::terminate(), "SIGTERM")?,
+            int: on(SignalKind::interrupt(), "SIGINT")?,
+            hup: on(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+}
+
+/// What the worker does on a signal: the first SIGTERM or SIGINT drains, the
+/// next cuts running calls short at once; SIGHUP reloads.
+struct Supervisor {
+    stop: watch::Sender<bool>,
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+    notifier: Arc<Notifier>,
+    config_path: PathBuf,
+    lookup: Lookup,
+    /// The configuration in force (what a reload compares against).
+    running: crate::worker::Config,
+}
+
+impl Supervisor {
+    async fn handle(mut self, mut s: Signals) {
+        let mut stops = 0u32;
+        loop {
+            let name = tokio::select! {
+                _ = s.term.recv() => "SIGTERM",
+                _ = s.int.recv() => "SIGINT",
+                _ = s.hup.recv() => {
+                    self.reload();
+                    continue;
+                }
+            };
+            stops += 1;
+            if stops == 1 {
+                let running = self.registry.journals().running().len();
+                tracing::info!(
+                    target: "hands::worker",
+                    signal = name,
+                    running_calls = running,
+                    "draining: no new session or call is taken; running calls may finish \
+                     (send it again to cut them short now)"
+                );
+                self.health.drain();
+                self.notifier
+                    .stopping(&format!("draining: {running} call(s) running"));
+                self.stop.send_replace(true);
+            } else {
+                let cut = self.registry.journals().cut_short_now();
+                tracing::warn!(
+                    target: "hands::worker",
+                    signal = name,
+                    calls = cut.len(),
+                    "stopped again while draining: cutting short {} running call(s) now",
+                    cut.len()
+                );
+                self.notifier.stopping("cutting running calls short");
+            }
+        }
+    }
+
+    /// Reads the configuration and policies again; applies what can change
+    /// under running sessions and names what needs a restart. Nothing changes
+    /// when the new configuration is invalid.
+    fn reload(&mut self) {
+        if self.health.draining() {
+            tracing::warn!(target: "hands::worker", "SIGHUP ignored: the worker is draining");
+            return;
+        }
+        self.notifier.reloading();
+        let path = self.config_path.display().to_string();
+        match crate::worker::Config::load(&self.config_path, &self.lookup) {
+            Err(e) => tracing::error!(
+                target: "hands::worker",
+                config = %path,
+                "reload refused, nothing changed: {}",
+                crate::util::error_chain(&e)
+            ),
+            Ok(new) => {
+                let sources = new.sources.clone();
+                match crate::worker::reload::apply(&mut self.running, new, &self.registry) {
+                    Err(e) => tracing::error!(
+                        target: "hands::worker",
+                        config = %path,
+                        "reload refused, nothing changed: {e}"
+                    ),
+                    Ok(r) => {
+                        for name in r.added.iter().chain(&r.changed) {
+                            if let Some(source) = sources.get(name) {
+                                tracing::info!(target: "hands::worker", environment = %name, %source, "offering environment");
+                            }
+                        }
+                        let summary = r.summary();
+                        if r.needs_restart.is_empty() {
+                            tracing::info!(target: "hands::worker", config = %path, "reloaded: {summary}");
+                        } else {
+                            tracing::warn!(target: "hands::worker", config = %path, "reloaded: {summary}");
+                        }
+                    }
+                }
+            }
+        }
+        self.notifier.ready(&status(&self.health, &self.registry));
+    }
+}
+
+/// Keeps the service manager informed: `READY=1` once the worker is ready,
+/// `STATUS=` when it changes (checked every few seconds and on every change of
+/// readiness), `WATCHDOG=1` at half the watchdog interval. Does nothing
+/// without a service manager.
+async fn report(notifier: Arc<Notifier>, health: Arc<Health>, registry: Arc<Registry>) {
+    if !notifier.enabled() {
+        return;
+    }
+    let mut changed = health.subscribe();
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    let mut watchdog = notifier.watchdog().map(|d| tokio::time::interval(d / 2));
+    let (mut ready_sent, mut last) = (false, String::new());
+    loop {
+        let wd = async {
+            match watchdog.as_mut() {
+                Some(i) => {
+                    i.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = wd => {
+                notifier.watchdog_ping();
+                continue;
+            }
+            _ = changed.changed() => {}
+            _ = tick.tick() => {}
+        }
+        let now = status(&health, &registry);
+        if !ready_sent && health.ready() {
+            ready_sent = true;
+            tracing::info!(target: "hands::worker", "ready: {now}");
+            notifier.ready(&now);
+        } else if now != last {
+            notifier.status(&now);
+        }
+        last = now;
+    }
+}
+
+/// How often the status line is refreshed.
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `3 session(s) open of 16, 1 call(s) running; ready`.
+fn status(health: &Health, registry: &Registry) -> String {
+    format!(
+        "{} session(s) open of {}, {} call(s) running; {}",
+        registry.open_sessions(),
+        registry.capacity(),
+        registry.journals().running().len(),
+        health.describe()
+    )
 }
 
 /// Whether the connector stopped because of its environment key: it could

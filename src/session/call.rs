@@ -446,6 +446,14 @@ impl Session {
                         )),
                         Outcome::Shutdown,
                     ),
+                    Some(journal::CancelCause::StoppedAgain) => (
+                        ToolResult::err(format!(
+                            "tool {tool} cut short: the worker is shutting down (it was told \
+                             to stop a second time, so running calls are killed at once, with \
+                             every process they started)"
+                        )),
+                        Outcome::Shutdown,
+                    ),
                     Some(journal::CancelCause::Requested) | None => (
                         ToolResult::err(format!("tool {tool} cancelled")),
                         Outcome::Cancelled,

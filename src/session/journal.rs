@@ -51,6 +51,9 @@ pub enum CancelCause {
     /// The worker is shutting down and its grace period for running calls,
     /// this long, is over.
     Shutdown { grace: Duration },
+    /// The worker, draining, was told to stop a second time: running calls
+    /// are not given the rest of the grace.
+    StoppedAgain,
 }
 
 /// Why a finished call's result is no longer held.
@@ -510,9 +513,19 @@ impl JournalStore {
     /// them `grace`: each ends with [`Outcome::Shutdown`] and a result saying
     /// so. Returns the calls it stopped.
     pub fn cut_short(&self, grace: Duration) -> Vec<Arc<CallRecord>> {
+        self.cut_short_for(CancelCause::Shutdown { grace })
+    }
+
+    /// Stops every running call at once: the worker was told to stop while
+    /// it drained. Returns the calls it stopped.
+    pub fn cut_short_now(&self) -> Vec<Arc<CallRecord>> {
+        self.cut_short_for(CancelCause::StoppedAgain)
+    }
+
+    fn cut_short_for(&self, cause: CancelCause) -> Vec<Arc<CallRecord>> {
         let calls = self.running();
         for rec in &calls {
-            rec.cancel_for(CancelCause::Shutdown { grace });
+            rec.cancel_for(cause);
         }
         calls
     }

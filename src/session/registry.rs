@@ -111,8 +111,10 @@ const IDLE_CLOSED_MEMORY: usize = 4096;
 /// Open sessions of one worker.
 pub struct Registry {
     cfg: SandboxConfig,
-    policies: BTreeMap<String, Arc<Policy>>,
-    capacity: usize,
+    /// Replaced whole by a reload; open sessions keep the policy they were
+    /// opened with.
+    policies: std::sync::RwLock<BTreeMap<String, Arc<Policy>>>,
+    capacity: std::sync::atomic::AtomicUsize,
     /// This process's sessions: new at every start (see the module doc).
     instance_id: String,
     /// Client sessions idle this long are closed; `None`: never.
@@ -141,11 +143,13 @@ impl Registry {
     ) -> Registry {
         Registry {
             cfg,
-            policies: policies
-                .into_iter()
-                .map(|p| (p.name.clone(), Arc::new(p)))
-                .collect(),
-            capacity,
+            policies: std::sync::RwLock::new(
+                policies
+                    .into_iter()
+                    .map(|p| (p.name.clone(), Arc::new(p)))
+                    .collect(),
+            ),
+            capacity: capacity.into(),
             instance_id: new_instance_id(),
             idle_timeout: None,
             idle_closed: Default::default(),
@@ -214,13 +218,34 @@ impl Registry {
         self.cfg.workspaces.clone()
     }
 
-    /// The environments sessions can be opened in.
-    pub fn environments(&self) -> impl Iterator<Item = &Policy> {
-        self.policies.values().map(|p| p.as_ref())
+    /// The environments sessions can be opened in, in name order.
+    pub fn environments(&self) -> Vec<Arc<Policy>> {
+        self.policies_now().values().cloned().collect()
     }
 
     pub fn capacity(&self) -> usize {
+        self.capacity.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Replaces the environments new sessions are opened in (a reload); open
+    /// sessions keep the policy they were opened with.
+    pub fn set_environments(&self, policies: impl IntoIterator<Item = Policy>) {
+        let map = policies
+            .into_iter()
+            .map(|p| (p.name.clone(), Arc::new(p)))
+            .collect();
+        *self.policies.write().unwrap_or_else(|e| e.into_inner()) = map;
+    }
+
+    /// Sets the most sessions open at once (a reload); sessions already open
+    /// beyond it stay open, and new ones are refused until fewer are.
+    pub fn set_capacity(&self, capacity: usize) {
         self.capacity
+            .store(capacity, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn policies_now(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Policy>>> {
+        self.policies.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn open_sessions(&self) -> usize {
@@ -271,7 +296,7 @@ impl Registry {
             return Err(RegistryError::InvalidId(id.to_string()));
         }
         let policy = self
-            .policies
+            .policies_now()
             .get(environment)
             .cloned()
             .ok_or_else(|| RegistryError::UnknownEnvironment(environment.to_string()))?;
@@ -289,8 +314,9 @@ impl Registry {
                 e.session.activity().touch();
                 return Ok((e.session.clone(), false));
             }
-            if map.len() >= self.capacity {
-                return Err(RegistryError::AtCapacity(self.capacity));
+            let capacity = self.capacity();
+            if map.len() >= capacity {
+                return Err(RegistryError::AtCapacity(capacity));
             }
         }
         let session = Session::open(

@@ -304,7 +304,8 @@ impl Config {
         let anthropic = match raw.anthropic {
             None => None,
             Some(a) => {
-                let c = a.validate(base, raw.capacity, &invalid)?;
+                let mut c = a.validate(base, raw.capacity, &invalid)?;
+                c.drain_grace = shutdown_grace;
                 if !policies.iter().any(|p| p.name == c.environment) {
                     return Err(invalid(
                         "anthropic.environment",

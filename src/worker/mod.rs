@@ -4,16 +4,23 @@
 //! (so `grpcurl` works). While it serves, sessions left idle by their clients
 //! are closed (`[sessions] idle_timeout_secs`).
 //!
-//! Stopping ([`serve`] once `shutdown` turns true): the tunnels end with
-//! GOAWAY and the debug listener stops accepting, so no call starts; the
-//! calls still running get `shutdown_grace` to finish, and the worker logs
-//! which ones it waits for. Those still running then are cut short: killed
-//! with every process they started, their result saying so (outcome
-//! `SHUTDOWN`, never a normal result). The results get [`DELIVERY`] to reach
-//! their callers, then the servers are dropped whatever they still hold.
+//! Stopping ([`serve`] once `shutdown` turns true: the first SIGTERM, a
+//! drain): the tunnels end with GOAWAY, the debug listener stops accepting
+//! and the connector stops polling, so no session or call starts; the calls
+//! still running (the connector's calls in flight too) get `shutdown_grace`
+//! to finish, and the worker logs which ones it waits for. Those still
+//! running then are cut short: killed with every process they started, their
+//! result saying so (outcome `SHUTDOWN`, never a normal result). The results
+//! get [`DELIVERY`] to reach their callers, then the servers are dropped
+//! whatever they still hold.
+//!
+//! Around it: readiness ([`health`]), the service manager's notifications
+//! ([`notify`]) and SIGHUP ([`reload`]).
 
 pub mod config;
 pub mod health;
+pub mod notify;
+pub mod reload;
 
 use std::sync::Arc;
 use std::time::Duration;

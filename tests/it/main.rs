@@ -7,6 +7,7 @@ mod cli;
 mod cma;
 mod cma_differential;
 mod conformance;
+mod daemon;
 mod differential;
 mod egress;
 mod escapes;

@@ -188,7 +188,7 @@ pub(crate) struct Daemon {
 }
 
 impl Daemon {
-    fn start(dir: &Path, config: &str, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
+    pub(crate) fn start(dir: &Path, config: &str, args: &[&str], env: &[(&str, &Path)]) -> Daemon {
         Daemon::start_logging(dir, config, args, env, Some("info"))
     }
 
@@ -267,7 +267,7 @@ impl Daemon {
     }
 
     /// The worker's environments, by name: (pids, memory) of each.
-    async fn environments(&self) -> Vec<(String, u64)> {
+    pub(crate) async fn environments(&self) -> Vec<(String, u64)> {
         let info = self
             .client()
             .await
@@ -281,11 +281,34 @@ impl Daemon {
             .collect()
     }
 
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
     pub(crate) fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
 
-    fn terminate(&self) {
+    /// Sends `sig` to the worker process.
+    pub(crate) fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits up to `within` for the worker to exit.
+    pub(crate) fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub(crate) fn terminate(&self) {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -315,7 +338,7 @@ impl Drop for Daemon {
     }
 }
 
-const LISTEN: &str = "worker_id = \"w\"\ncapacity = 2\nlisten = \"127.0.0.1:0\"\n";
+pub(crate) const LISTEN: &str = "worker_id = \"w\"\ncapacity = 2\nlisten = \"127.0.0.1:0\"\n";
 
 /// A hardened policy of the operator's (here: `default` with another pids
 /// limit) is what the worker offers, from `$HANDS_POLICY_DIR` and from

@@ -102,6 +102,9 @@ pub struct AnthropicConfig {
     pub skill_limits: super::skills::SkillLimits,
     /// A session's kept workspace unused this long is removed.
     pub workspace_retention: Duration,
+    /// On a worker's stop, how long an item's call in flight may finish (not
+    /// in the table: the worker's `shutdown_grace_secs`).
+    pub drain_grace: Duration,
 }
 
 impl Raw {
@@ -178,6 +181,7 @@ impl Raw {
             stream_read_timeout: Duration::from_secs(self.stream_read_timeout_secs.max(1)),
             skill_limits: Default::default(),
             workspace_retention: Duration::from_secs(self.workspace_retention_secs.max(1)),
+            drain_grace: crate::worker::config::DEFAULT_SHUTDOWN_GRACE,
         })
     }
 }

@@ -25,6 +25,10 @@ pub enum EndReason {
     LeaseLost,
     /// No successful heartbeat for longer than the TTL.
     AssumedLost,
+    /// The worker drains: no further call is taken, the call in flight may
+    /// finish (its result is posted) within the worker's grace, and the
+    /// heartbeat keeps the lease meanwhile.
+    Draining,
 }
 
 impl EndReason {

@@ -324,7 +324,7 @@ impl Shared {
         let end = |reason: EndReason| {
             tracing::info!(work = %item.id, ?reason, "lease ended");
             lease_tx.send_if_modified(|r| {
-                if r.is_none() {
+                if matches!(r, None | Some(EndReason::Draining)) {
                     *r = Some(reason);
                     true
                 } else {
@@ -332,8 +332,10 @@ impl Shared {
                 }
             });
         };
+        // A draining item keeps its lease until its call in flight is done.
+        let over = |r: &Option<EndReason>| !matches!(r, None | Some(EndReason::Draining));
         loop {
-            if ended.borrow().is_some() {
+            if over(&ended.borrow()) {
                 return;
             }
             // Past the TTL since the last successful heartbeat, the lease is
@@ -370,7 +372,7 @@ impl Shared {
             ttl_tx.send_replace(Some(lease.ttl));
             tokio::select! {
                 _ = tokio::time::sleep(lease.interval) => {}
-                _ = ended.wait_for(|r| r.is_some()) => return,
+                _ = ended.wait_for(over) => return,
             }
         }
     }
@@ -544,6 +546,11 @@ impl Shared {
         };
         tokio::pin!(lost);
         let mut beating = true;
+        // The worker's stop drains the item: the runner takes no further
+        // call, the call in flight gets the grace to finish and post.
+        let drained = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(drained);
+        let mut draining = false;
         loop {
             tokio::select! {
                 // In this order: the first heartbeat goes out before the
@@ -555,7 +562,24 @@ impl Shared {
                 () = work.as_mut() => break,
                 // The lease is someone else's: abandon the call in flight.
                 () = &mut lost => break,
-                () = crate::util::stopped(&mut shutdown) => break,
+                () = crate::util::stopped(&mut shutdown), if !draining => {
+                    draining = true;
+                    tracing::info!(work = %item.id, grace_secs = self.cfg.drain_grace.as_secs(), "draining: the call in flight may finish");
+                    lease_tx.send_if_modified(|r| {
+                        if r.is_none() {
+                            *r = Some(EndReason::Draining);
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                    drained.as_mut().reset(tokio::time::Instant::now() + self.cfg.drain_grace);
+                }
+                // Past the grace: torn down, its call in flight killed.
+                () = &mut drained => {
+                    tracing::warn!(work = %item.id, "draining: the grace is over; tearing the item down");
+                    break;
+                }
             }
         }
         drop(work);

@@ -107,6 +107,7 @@ impl v1::sandbox_server::Sandbox for SandboxService {
         let environments = self
             .registry
             .environments()
+            .iter()
             .map(|p| v1::Environment {
                 name: p.name.clone(),
                 description: p.description.clone().unwrap_or_default(),

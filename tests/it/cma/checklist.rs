@@ -450,8 +450,9 @@ async fn checklist_37_shutting_down_mid_session_tears_down_and_force_stops() {
         processes(&["sleep", &secs]) == 2
     })
     .await;
-    // SIGTERM, in effect: the item is torn down (its processes killed with
-    // its sandbox session) and force-stopped.
+    // SIGTERM, in effect: the item drains, and once the grace (2 s here) is
+    // over with the call still running, it is torn down (its processes
+    // killed with its sandbox session) and force-stopped.
     s.stop.send_replace(true);
     let w = s
         .fake
@@ -467,6 +468,30 @@ async fn checklist_37_shutting_down_mid_session_tears_down_and_force_stops() {
         processes(&["sleep", &secs]) == 0
     })
     .await;
+}
+
+/// Issue 15: the worker's stop drains an item: no further call is taken,
+/// the call in flight finishes within the grace and its result is posted
+/// (the lease still heartbeated), then teardown and force-stop, as for a
+/// graceful stop asked by the server (#15).
+#[tokio::test(flavor = "multi_thread")]
+async fn checklist_37_a_draining_worker_posts_the_call_in_flight_then_force_stops() {
+    needs_fake!();
+    let s = Served::start(1, &[]).await;
+    let (sid, work) = s
+        .session(
+            json!([bash_use("toolu_1", "sleep 1; echo finished")]),
+            json!({"ttl_seconds": 4}),
+        )
+        .await;
+    s.work_state(&work, "active").await;
+    s.running("toolu_1").await;
+    s.stop.send_replace(true);
+    let w = s.work_state(&work, "stopped").await;
+    assert_eq!(text_of(&s.results(&sid, 1).await[0]), "finished");
+    let stop = w["stops"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(stop["force"], true, "{w}");
+    s.finish().await.unwrap();
 }
 
 /// §11 #9: the session fetch fails (500 past the client's retries) → the

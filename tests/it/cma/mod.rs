@@ -368,6 +368,7 @@ impl Served {
                 unpacked_bytes: 4 << 20,
             },
             workspace_retention: Duration::from_secs(7 * 24 * 3600),
+            drain_grace: Duration::from_secs(2),
         };
         let mut cfg = cfg;
         tweak(&mut cfg);
