@@ -177,10 +177,19 @@ def file_in_mounts(workload, path, kind):
 class EveryTarget(unittest.TestCase):
     """Run each check on every rendered target (the base and each overlay)."""
 
+    target = None
+
     def each(self):
+        # One failure per test, naming the target it was found in (a subTest
+        # cannot wrap the body of the caller's loop).
         for t in targets():
-            with self.subTest(target=t):
-                yield Render(t)
+            self.target = t
+            yield Render(t)
+        self.target = None
+
+    def _formatMessage(self, msg, standardMsg):
+        text = super()._formatMessage(msg, standardMsg)
+        return f"[{self.target}] {text}" if self.target else text
 
 
 class Pki(EveryTarget):
