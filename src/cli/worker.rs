@@ -1,6 +1,7 @@
 //! `hands worker --config FILE`: the daemon. Dials its gateways when a
 //! `[tunnel]` is configured, and prints `listening on ADDR` on stdout once the
-//! debug listener is bound; SIGTERM or SIGINT stops it (tunnels end with
+//! debug listener is bound (`metrics listening on ADDR` for the `[metrics]`
+//! listener, which starts first and stops last); SIGTERM or SIGINT stops it (tunnels end with
 //! GOAWAY; running calls get `shutdown_grace_secs`, then are cut short),
 //! closing every session and so killing everything they started.
 //!
@@ -63,6 +64,15 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         let workspaces = sandbox.workspaces.clone();
         crate::worker::prepare_workspaces(&config, &sandbox);
         let registry = crate::worker::registry(&config, sandbox)?;
+        // Up before the ways in (a probe is answered during a long tunnel
+        // dial), stopped after the sessions closed.
+        let health = std::sync::Arc::new(crate::worker::health::Health::default());
+        let probes = crate::worker::probes::Probes::start(&config, &registry, health.clone()).await?;
+        if let Some(p) = &probes {
+            println!("metrics listening on {}", p.local_addr());
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        }
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -82,7 +92,7 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
                 let _ = std::io::stdout().flush();
             },
             None,
-            Default::default(),
+            health,
             shutdown,
         )
         .await;
@@ -90,6 +100,9 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         drop(registry);
         workspaces.shutdown(super::DRAIN);
         super::release_cgroups();
+        if let Some(p) = probes {
+            p.stop().await;
+        }
         Ok::<_, anyhow::Error>(served)
     })?;
     match served {
