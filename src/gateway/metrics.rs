@@ -78,74 +78,74 @@ impl Default for Metrics {
         let r = &mut registry;
         r.register(
             "hands_gateway_workers_connected",
-            "Workers with at least one tunnel.",
+            "Workers with at least one tunnel",
             m.workers_connected.clone(),
         );
         r.register(
             "hands_gateway_tunnels_connected",
-            "Tunnel connections up.",
+            "Tunnel connections up",
             m.tunnels_connected.clone(),
         );
         r.register(
             "hands_gateway_worker_processes",
             "Worker processes with at least one tunnel; more than \
-             hands_gateway_workers_connected means processes share a worker identity.",
+             hands_gateway_workers_connected means processes share a worker identity",
             m.worker_processes.clone(),
         );
         r.register(
             "hands_gateway_api_connections",
-            "API connections open.",
+            "API connections open",
             m.api_connections.clone(),
         );
         r.register(
             "hands_gateway_tunnels_accepted",
-            "Worker tunnel connections registered.",
+            "Worker tunnel connections registered",
             m.tunnels_accepted.clone(),
         );
         r.register(
             "hands_gateway_tunnels_rejected",
-            "Worker tunnel connections refused, by reason (tls, identity, http2, info, limit).",
+            "Worker tunnel connections refused, by reason (tls, identity, http2, info, limit)",
             m.tunnels_rejected.clone(),
         );
         r.register(
             "hands_gateway_sessions_opened",
-            "Sessions opened through the API.",
+            "Sessions opened through the API",
             m.sessions_opened.clone(),
         );
         r.register(
             "hands_gateway_tool_calls",
             "Tool calls answered, by tool (the six tools, attach, other) and result \
-             (ok, is_error, error).",
+             (ok, is_error, error)",
             m.tool_calls.clone(),
         );
         r.register(
             "hands_gateway_call_resumes",
-            "Tool calls resumed after their tunnel connection was lost.",
+            "Tool calls resumed after their tunnel connection was lost",
             m.call_resumes.clone(),
         );
         r.register(
             "hands_gateway_http_unauthorized",
-            "API requests refused for a missing or wrong bearer token.",
+            "API requests refused for a missing or wrong bearer token",
             m.http_unauthorized.clone(),
         );
         r.register(
             "hands_gateway_api_connections_refused",
-            "API connections answered 503 and closed: api.max_connections were open.",
+            "API connections answered 503 and closed: api.max_connections were open",
             m.api_connections_refused.clone(),
         );
         r.register(
             "hands_gateway_api_connections_timed_out",
-            "API connections closed by a timer, by reason (header_read, idle, stalled_reader).",
+            "API connections closed by a timer, by reason (header_read, idle, stalled_reader)",
             m.api_connections_timed_out.clone(),
         );
         r.register(
             "hands_gateway_accept_errors",
-            "Failed accepts (e.g. EMFILE), by listener (api, tunnel); each pauses the listener.",
+            "Failed accepts (e.g. EMFILE), by listener (api, tunnel); each pauses the listener",
             m.accept_errors.clone(),
         );
         r.register(
             "hands_gateway_tool_call_duration_seconds",
-            "Tool call round trip through the tunnel, by tool.",
+            "Tool call round trip through the tunnel, by tool",
             m.call_durations.clone(),
         );
         Metrics { registry, ..m }

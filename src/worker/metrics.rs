@@ -140,82 +140,82 @@ impl WorkerMetrics {
         let r = &mut registry;
         r.register(
             "hands_worker_build",
-            "The worker's version (always 1).",
+            "The worker's version (always 1)",
             Info::new([("version", env!("CARGO_PKG_VERSION"))]),
         );
         r.register(
             "hands_worker_ready",
-            "1 while every configured way in is up and the worker is not draining (as /readyz).",
+            "1 while every configured way in is up and the worker is not draining (as /readyz)",
             m.ready.clone(),
         );
         let capacity_gauge = Gauge::<i64>::default();
         capacity_gauge.set(i64::try_from(capacity).unwrap_or(i64::MAX));
         r.register(
             "hands_worker_sessions_capacity",
-            "Most sessions open at once (capacity).",
+            "Most sessions open at once (capacity)",
             capacity_gauge,
         );
         r.register(
             "hands_worker_sessions_open",
-            "Sessions open now, by environment and connector.",
+            "Sessions open now, by environment and connector",
             m.sessions_open.clone(),
         );
         r.register(
             "hands_worker_sessions_opened",
-            "Sessions opened, by environment and connector.",
+            "Sessions opened, by environment and connector",
             m.sessions_opened.clone(),
         );
         r.register(
             "hands_worker_sessions_refused",
             "Session opens refused, by reason (at_capacity, unknown_environment, \
-             environment_mismatch, invalid_id, open_failed).",
+             environment_mismatch, invalid_id, open_failed)",
             m.sessions_refused.clone(),
         );
         r.register(
             "hands_worker_session_open_duration_seconds",
-            "Time to open a session's sandbox (workspace, cgroup, helper), by environment.",
+            "Time to open a session's sandbox (workspace, cgroup, helper), by environment",
             m.session_open_durations.clone(),
         );
         r.register(
             "hands_worker_calls",
             "Tool calls ended, by connector, tool (the six tools, exec, other) and outcome \
-             (completed, timed_out, cancelled, shutdown, denied).",
+             (completed, timed_out, cancelled, shutdown, denied)",
             m.calls.clone(),
         );
         r.register(
             "hands_worker_call_duration_seconds",
-            "Tool call duration in the worker, by tool.",
+            "Tool call duration in the worker, by tool",
             m.call_durations.clone(),
         );
         r.register(
             "hands_worker_tunnel_connected",
-            "Tunnel connections up to each gateway endpoint (0 or 1 with tunnel.connections = 1).",
+            "Tunnel connections up to each gateway endpoint (0 or 1 with tunnel.connections = 1)",
             m.tunnel_connected.clone(),
         );
         r.register(
             "hands_worker_tunnel_reconnects",
-            "Tunnel connections established again after one was lost or failed, by endpoint.",
+            "Tunnel connections established again after one was lost or failed, by endpoint",
             m.tunnel_reconnects.clone(),
         );
         r.register(
             "hands_worker_cma_items",
             "Claude Managed Agents work items ended, by reason (runner_done, heartbeat_stop, \
-             heartbeat_rejected, lease_lost, assumed_lost, not_a_session).",
+             heartbeat_rejected, lease_lost, assumed_lost, not_a_session)",
             m.cma_items.clone(),
         );
         r.register(
             "hands_worker_cma_heartbeat_failures",
-            "Claude Managed Agents heartbeats that failed (an error status or no answer).",
+            "Claude Managed Agents heartbeats that failed (an error status or no answer)",
             m.cma_heartbeat_failures.clone(),
         );
         r.register(
             "hands_worker_cma_result_post_retries",
-            "Claude Managed Agents tool results posted again after a failed post.",
+            "Claude Managed Agents tool results posted again after a failed post",
             m.cma_result_post_retries.clone(),
         );
         r.register(
             "hands_worker_egress_decisions",
-            "Egress connections and names decided, by environment and decision (allowed, denied).",
+            "Egress connections and names decided, by environment and decision (allowed, denied)",
             m.egress_decisions.clone(),
         );
         WorkerMetrics { registry, ..m }
