@@ -67,7 +67,8 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         // Up before the ways in (a probe is answered during a long tunnel
         // dial), stopped after the sessions closed.
         let health = std::sync::Arc::new(crate::worker::health::Health::default());
-        let probes = crate::worker::probes::Probes::start(&config, &registry, health.clone()).await?;
+        let probes =
+            crate::worker::probes::Probes::start(&config, &registry, health.clone()).await?;
         if let Some(p) = &probes {
             println!("metrics listening on {}", p.local_addr());
             use std::io::Write;

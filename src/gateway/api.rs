@@ -160,10 +160,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     let (workers, tunnels) = gw.workers.counts();
     gw.metrics.set_worker_processes(gw.workers.process_count());
     (
-        [(
-            http::header::CONTENT_TYPE,
-            super::metrics::CONTENT_TYPE,
-        )],
+        [(http::header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
         gw.metrics.render(workers, tunnels),
     )
 }

@@ -168,7 +168,9 @@ impl Metrics {
 
     /// A tunnel connection refused for `reason` (one of a fixed set).
     pub fn tunnel_rejected(&self, reason: TunnelRejection) {
-        self.tunnels_rejected.get_or_create(&[("reason", reason)]).inc();
+        self.tunnels_rejected
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 
     pub fn session_opened(&self) {
@@ -258,7 +260,10 @@ mod tests {
         assert!(text.contains("hands_gateway_tunnels_rejected_total{reason=\"tls\"} 1\n"));
         assert!(text.contains("hands_gateway_sessions_opened_total 0\n"));
         // Labelled counters print nothing before they count.
-        assert!(!text.contains("hands_gateway_accept_errors_total"), "{text}");
+        assert!(
+            !text.contains("hands_gateway_accept_errors_total"),
+            "{text}"
+        );
         assert!(text.contains(
             "hands_gateway_tool_call_duration_seconds_bucket{le=\"0.0025\",tool=\"bash\"} 0\n"
         ));
@@ -276,8 +281,13 @@ mod tests {
         m.call_answered("nosuchtool", "error", Duration::ZERO);
         m.call_answered("", "ok", Duration::ZERO);
         let text = m.render(0, 0);
-        assert!(!text.contains("evil") && !text.contains("nosuchtool"), "{text}");
-        assert!(text.contains("hands_gateway_tool_calls_total{tool=\"other\",result=\"error\"} 2\n"));
+        assert!(
+            !text.contains("evil") && !text.contains("nosuchtool"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hands_gateway_tool_calls_total{tool=\"other\",result=\"error\"} 2\n")
+        );
         assert!(text.contains("hands_gateway_tool_calls_total{tool=\"attach\",result=\"ok\"} 1\n"));
     }
 }

@@ -213,7 +213,12 @@ impl Drop for FinishOnDrop<'_> {
         session.audit.record("call", f);
         if let Some(m) = &session.metrics {
             let took = rec.started.elapsed();
-            m.call_ended(session.origin.connector, &rec.tool, Outcome::Cancelled, took);
+            m.call_ended(
+                session.origin.connector,
+                &rec.tool,
+                Outcome::Cancelled,
+                took,
+            );
         }
         let tool = crate::tools::path::py_repr(&rec.tool);
         rec.finish(

@@ -233,14 +233,12 @@ impl WorkerMetrics {
 
     /// A session opened in `environment` for `connector`, its sandbox in
     /// `took`; open while the returned guard is held.
-    pub fn session_opened(
-        &self,
-        environment: &str,
-        connector: Connector,
-        took: Duration,
-    ) -> Held {
+    pub fn session_opened(&self, environment: &str, connector: Connector, took: Duration) -> Held {
         let env = self.environment(environment);
-        let labels = ([("environment", env.clone())], [("connector", connector.name())]);
+        let labels = (
+            [("environment", env.clone())],
+            [("connector", connector.name())],
+        );
         self.sessions_opened.get_or_create(&labels).inc();
         self.session_open_durations
             .get_or_create(&[("environment", env)])
@@ -368,7 +366,14 @@ mod tests {
             assert_eq!(tool_label(t.name()), t.name());
         }
         assert_eq!(tool_label("exec"), "exec");
-        for hostile in ["", "Bash", "bash ", "rm -rf", "x\"}\n1", &"a".repeat(10_000)] {
+        for hostile in [
+            "",
+            "Bash",
+            "bash ",
+            "rm -rf",
+            "x\"}\n1",
+            &"a".repeat(10_000),
+        ] {
             assert_eq!(tool_label(hostile), OTHER, "{hostile:?}");
         }
     }

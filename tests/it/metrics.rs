@@ -240,7 +240,8 @@ async fn sessions_and_calls_through_the_debug_listener_move_the_worker_s_metrics
         ),
         Some(1.0)
     );
-    let opened = "hands_worker_sessions_opened_total{environment=\"default\",connector=\"hands.v1\"}";
+    let opened =
+        "hands_worker_sessions_opened_total{environment=\"default\",connector=\"hands.v1\"}";
     let open = "hands_worker_sessions_open{environment=\"default\",connector=\"hands.v1\"}";
     assert_eq!(sample(&before.body, opened), None);
 
@@ -394,7 +395,10 @@ async fn readyz_waits_for_the_tunnel_and_follows_it() {
         .expect("a dial fails")
         .unwrap();
     let got = get(m, "/readyz").await;
-    assert_eq!((got.status, got.body.as_str()), (503, "waiting for: tunnel"));
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (503, "waiting for: tunnel")
+    );
     assert_eq!(get(m, "/livez").await.status, 200);
     let text = get(m, "/metrics").await.body;
     assert_eq!(sample(&text, &connected), Some(0.0), "{text}");
