@@ -31,9 +31,6 @@ fn durations() -> Histogram {
     Histogram::new(BUCKETS)
 }
 
-/// Why a tunnel connection was refused (the `reason` label).
-pub type TunnelRejection = &'static str;
-
 pub struct Metrics {
     registry: Registry,
     workers_connected: Gauge,
@@ -167,7 +164,7 @@ impl Metrics {
     }
 
     /// A tunnel connection refused for `reason` (one of a fixed set).
-    pub fn tunnel_rejected(&self, reason: TunnelRejection) {
+    pub fn tunnel_rejected(&self, reason: &'static str) {
         self.tunnels_rejected
             .get_or_create(&[("reason", reason)])
             .inc();
