@@ -425,6 +425,17 @@ async fn readyz_waits_for_the_tunnel_and_follows_it() {
     gw.stop().await;
 }
 
+/// A child process killed when the test ends, passed or not (a failed
+/// assertion must not leave a worker running that holds the test's output).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn hands_worker_announces_the_metrics_listener_first_and_stops_cleanly() {
     require_sandbox!();
@@ -436,12 +447,15 @@ fn hands_worker_announces_the_metrics_listener_first_and_stops_cleanly() {
          [metrics]\nlisten = \"127.0.0.1:0\"\n",
     )
     .unwrap();
-    let mut child = Command::new(crate::util::hands_bin())
-        .args(["worker", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start hands worker");
+    let mut child = Killed(
+        Command::new(crate::util::hands_bin())
+            .args(["worker", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start hands worker"),
+    );
+    let child = &mut child.0;
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
