@@ -1,9 +1,10 @@
 //! `hands worker --config FILE`: the daemon. Dials its gateways when a
 //! `[tunnel]` is configured, and prints `listening on ADDR` on stdout once the
-//! debug listener is bound (`metrics listening on ADDR` for the `[metrics]`
-//! listener, which starts first and stops last); SIGTERM or SIGINT stops it (tunnels end with
+//! debug listener is bound; SIGTERM or SIGINT stops it (tunnels end with
 //! GOAWAY; running calls get `shutdown_grace_secs`, then are cut short),
-//! closing every session and so killing everything they started.
+//! closing every session and so killing everything they started. The
+//! `[metrics]` listener starts before everything else (`metrics listening on
+//! ADDR`) and stops after the sessions closed.
 //!
 //! Exit status: 0 after a stop by signal; [`EXIT_KEY_REFUSED`] when the
 //! Claude Managed Agents connector's environment key is missing or refused
