@@ -6,6 +6,8 @@
 //! killing everything they started; a second one cuts running calls short at
 //! once. SIGHUP reloads (`crate::worker::reload`). A service manager hears
 //! readiness, status, watchdog pings and the stop (`crate::worker::notify`).
+//! The `[metrics]` listener starts before the ways in (`metrics listening on
+//! ADDR`) and stops after the sessions closed.
 //!
 //! Exit status: 0 after a stop by signal; [`EXIT_KEY_REFUSED`] when the
 //! Claude Managed Agents connector's environment key is missing or refused
@@ -74,11 +76,22 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         let workspaces = sandbox.workspaces.clone();
         crate::worker::prepare_workspaces(&config, &sandbox);
         let registry = crate::worker::registry(&config, sandbox)?;
+        // What readiness waits for is known before anyone asks.
         let health = Arc::new(Health::default());
+        health.expect_configured(&config);
         let (stop, shutdown) = watch::channel(false);
         // Installed before anything is served: a signal that comes early is
         // still this process's to handle.
         let signals = Signals::install()?;
+        // Up before the ways in (a probe is answered during a long tunnel
+        // dial), stopped after the sessions closed.
+        let probes =
+            crate::worker::probes::Probes::start(&config, &registry, health.clone()).await?;
+        if let Some(p) = &probes {
+            println!("metrics listening on {}", p.local_addr());
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        }
         let supervisor = Supervisor {
             stop,
             registry: registry.clone(),
@@ -111,6 +124,9 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         drop(registry);
         workspaces.shutdown(super::DRAIN);
         super::release_cgroups();
+        if let Some(p) = probes {
+            p.stop().await;
+        }
         signalled.abort();
         Ok::<_, anyhow::Error>(served)
     })?;

@@ -162,6 +162,9 @@ pub struct Context {
     pub audit: Arc<Auditor>,
     /// The policy's resolvers; empty: the host's (getaddrinfo).
     pub resolvers: Vec<SocketAddr>,
+    /// The worker's metrics, which count every decision (by environment and
+    /// decision, never by host).
+    pub metrics: Option<Arc<crate::worker::metrics::WorkerMetrics>>,
     /// The call running in the session, whose result gets the denial note.
     call: Mutex<Option<String>>,
     /// Denied destinations since the running call began.
@@ -191,6 +194,7 @@ impl Context {
             gate,
             audit,
             resolvers: Vec::new(),
+            metrics: None,
             call: Mutex::new(None),
             denials: Mutex::new(Denials::default()),
             budget: Mutex::new(Budget::new()),
@@ -263,6 +267,10 @@ impl Context {
         v: &Verdict,
         (up, down): (u64, u64),
     ) {
+        // Counted whether or not the audit budget lets the record through.
+        if let Some(m) = &self.metrics {
+            m.egress_decided(&self.environment, v.allowed);
+        }
         let mut f = Map::new();
         f.insert("session".into(), self.session.clone().into());
         f.insert("sandbox".into(), self.sandbox.clone().into());

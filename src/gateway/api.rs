@@ -147,7 +147,7 @@ fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     if crate::util::constant_time_eq(given.as_bytes(), gw.token.as_bytes()) {
         Ok(())
     } else {
-        gw.metrics.inc("hands_gateway_http_unauthorized_total", &[]);
+        gw.metrics.unauthorized();
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "UNAUTHENTICATED",
@@ -160,10 +160,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     let (workers, tunnels) = gw.workers.counts();
     gw.metrics.set_worker_processes(gw.workers.process_count());
     (
-        [(
-            http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(http::header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
         gw.metrics.render(workers, tunnels),
     )
 }
@@ -318,7 +315,7 @@ async fn open_session(
         }
     }
     let r = opened?.into_inner();
-    gw.metrics.inc("hands_gateway_sessions_opened_total", &[]);
+    gw.metrics.session_opened();
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -651,7 +648,7 @@ async fn drive(
                 Err(s) => return Err(s.into()),
             }
         }
-        gw.metrics.inc("hands_gateway_call_resumes_total", &[]);
+        gw.metrics.call_resumed();
         tracing::info!(session = %spec.session_id, call = %spec.call_id, "tunnel lost mid-call; resuming");
         outage.get_or_insert_with(Instant::now);
         pause_before_retry(&outage, gw.reconnect_wait).await;
@@ -850,17 +847,12 @@ fn record<T>(gw: &Gateway, tool: &str, t0: Instant, result: &Result<T, ApiError>
 where
     T: ResultShape,
 {
-    let tool = if tool.is_empty() { "attach" } else { tool };
     let label = match result {
         Ok(v) if v.is_error() => "is_error",
         Ok(_) => "ok",
         Err(_) => "error",
     };
-    gw.metrics.inc(
-        "hands_gateway_tool_calls_total",
-        &[("tool", tool), ("result", label)],
-    );
-    gw.metrics.observe_call(tool, t0.elapsed());
+    gw.metrics.call_answered(tool, label, t0.elapsed());
 }
 
 trait ResultShape {

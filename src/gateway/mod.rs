@@ -186,19 +186,14 @@ pub async fn run(
                     let registered_gw = gw.clone();
                     let r =
                         workers::serve_tunnel(tcp, peer, tls, &cfg, &gw.workers, |id, instance| {
-                            registered_gw
-                                .metrics
-                                .inc("hands_gateway_tunnels_accepted_total", &[]);
+                            registered_gw.metrics.tunnel_accepted();
                             tracing::info!(worker = id, instance, %peer, "worker connected");
                         })
                         .await;
                     match r {
                         Ok(id) => tracing::info!(worker = id, %peer, "worker tunnel closed"),
                         Err(e) => {
-                            gw.metrics.inc(
-                                "hands_gateway_tunnels_rejected_total",
-                                &[("reason", e.label())],
-                            );
+                            gw.metrics.tunnel_rejected(e.label());
                             tracing::warn!(%peer, error = %e, "worker tunnel refused");
                         }
                     }

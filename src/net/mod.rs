@@ -1,8 +1,10 @@
-//! Outbound networking shared by the connectors: TLS configurations (the
-//! tunnel's mTLS both ends, the system roots of HTTPS APIs) and the dial
-//! through an HTTP CONNECT proxy, used by both the hands.v1 tunnel and the
-//! Claude Managed Agents client.
+//! Networking shared by the connectors and the daemons: TLS configurations
+//! (the tunnel's mTLS both ends, the system roots of HTTPS APIs), the dial
+//! through an HTTP CONNECT proxy (used by both the hands.v1 tunnel and the
+//! Claude Managed Agents client), and the bounded HTTP/1.1 server of the
+//! gateway's API and the worker's metrics listener ([`httpd`]).
 
+pub mod httpd;
 pub mod proxy;
 pub mod tls;
 

@@ -16,7 +16,9 @@
 //!   bash and exec, with every process of the session); the policy's call
 //!   timeout is enforced by the tools below;
 //! - **the audit record**: one per call, written before the result is
-//!   published, so no client sees a result the audit log does not hold.
+//!   published, so no client sees a result the audit log does not hold;
+//! - **the worker's metrics**: the call counted by tool and outcome, and its
+//!   duration, beside its audit record (`crate::worker::metrics`).
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -209,6 +211,15 @@ impl Drop for FinishOnDrop<'_> {
         f.insert("is_error".into(), true.into());
         f.insert("reason".into(), "its caller went away".into());
         session.audit.record("call", f);
+        if let Some(m) = &session.metrics {
+            let took = rec.started.elapsed();
+            m.call_ended(
+                session.origin.connector,
+                &rec.tool,
+                Outcome::Cancelled,
+                took,
+            );
+        }
         let tool = crate::tools::path::py_repr(&rec.tool);
         rec.finish(
             ToolResult::err(format!("tool {tool} cancelled")),
@@ -371,6 +382,9 @@ impl Session {
         f.insert("is_error".into(), true.into());
         f.insert("reason".into(), why.into());
         self.audit.record("call", f);
+        if let Some(m) = &self.metrics {
+            m.call_denied(self.origin.connector, tool);
+        }
     }
 
     fn audit_fields(&self, call_id: &str, tool: &str) -> Map<String, Value> {
@@ -472,10 +486,14 @@ impl Session {
         let mut f = self.audit_fields(&rec.call_id, &rec.tool);
         f.insert("outcome".into(), outcome.name().into());
         f.insert("is_error".into(), result.is_error.into());
-        let ms = (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+        let took = t0.elapsed();
+        let ms = (took.as_secs_f64() * 1e6).round() / 1e3;
         f.insert("duration_ms".into(), ms.into());
         f.insert("output_bytes".into(), content_bytes(&result).into());
         self.audit.record("call", f);
+        if let Some(m) = &self.metrics {
+            m.call_ended(self.origin.connector, &rec.tool, outcome, took);
+        }
         rec.finish(result, outcome);
         self.journal.retire(&rec.call_id);
     }

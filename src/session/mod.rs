@@ -82,6 +82,9 @@ pub struct SessionOptions {
     pub connector: Connector,
     /// Where its calls' audit records go; `None`: the process's log only.
     pub audit: Option<Arc<Auditor>>,
+    /// The worker's metrics its calls and egress decisions count in; `None`:
+    /// not counted (a command's own session).
+    pub metrics: Option<Arc<crate::worker::metrics::WorkerMetrics>>,
 }
 
 impl SessionOptions {
@@ -98,6 +101,7 @@ impl SessionOptions {
             origin: None,
             connector: Connector::Local,
             audit: None,
+            metrics: None,
         }
     }
 
@@ -138,6 +142,8 @@ pub struct Session {
     activity: Arc<activity::Activity>,
     origin: Origin,
     audit: Arc<Auditor>,
+    /// The worker's metrics, if it counts this session's calls.
+    metrics: Option<Arc<crate::worker::metrics::WorkerMetrics>>,
     /// The session's proxies and resolver (`network.mode = "egress"`).
     egress: Option<crate::egress::proxy::SessionEgress>,
     /// The limit counters as the last call's end saw them.
@@ -376,6 +382,7 @@ impl Session {
                     audit.clone(),
                 );
                 ctx.resolvers = rules.resolvers.clone();
+                ctx.metrics = opts.metrics.clone();
                 match crate::egress::proxy::SessionEgress::start(listeners, ctx) {
                     Ok(e) => Some(e),
                     Err(e) => {
@@ -411,6 +418,7 @@ impl Session {
             origin,
             limits_seen: Default::default(),
             audit,
+            metrics: opts.metrics,
             egress,
             closed: false,
         }))
@@ -457,6 +465,11 @@ impl Session {
             .as_ref()
             .map(|e| e.context().last_denied())
             .unwrap_or_default()
+    }
+
+    /// The worker's metrics this session counts in, if any.
+    pub fn metrics(&self) -> Option<&Arc<crate::worker::metrics::WorkerMetrics>> {
+        self.metrics.as_ref()
     }
 
     /// The session's call journal.

@@ -51,6 +51,20 @@ pub enum RegistryError {
     Open(#[from] SessionError),
 }
 
+impl RegistryError {
+    /// Why an open was refused, as the metrics label it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RegistryError::InvalidId(_) => "invalid_id",
+            RegistryError::UnknownEnvironment(_) => "unknown_environment",
+            RegistryError::EnvironmentMismatch { .. } => "environment_mismatch",
+            RegistryError::AtCapacity(_) => "at_capacity",
+            RegistryError::SessionNotFound(_) | RegistryError::ClosedIdle { .. } => "not_found",
+            RegistryError::Open(_) => "open_failed",
+        }
+    }
+}
+
 /// Whether `id` is a valid session or call id.
 pub fn valid_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
@@ -75,6 +89,9 @@ struct Entry {
     session: Arc<Session>,
     owner: Owner,
     opened_at: SystemTime,
+    /// Counts the session as open in the worker's metrics until the entry
+    /// is dropped, however the session is closed.
+    _counted: Option<crate::worker::metrics::Held>,
 }
 
 /// One open session, as [`Registry::list`] shows it.
@@ -133,6 +150,8 @@ pub struct Registry {
     journals: Arc<super::journal::JournalStore>,
     /// Where every session's calls are audited.
     audit: Arc<Auditor>,
+    /// The worker's metrics, which sessions and their calls count in.
+    metrics: Option<Arc<crate::worker::metrics::WorkerMetrics>>,
 }
 
 impl Registry {
@@ -157,6 +176,7 @@ impl Registry {
             opening: Mutex::new(()),
             journals: super::journal::JournalStore::new(Default::default()),
             audit: Auditor::log_only(crate::util::hostname()),
+            metrics: None,
         }
     }
 
@@ -169,6 +189,18 @@ impl Registry {
     /// Where this registry's sessions audit their calls.
     pub fn audit(&self) -> &Arc<Auditor> {
         &self.audit
+    }
+
+    /// This registry with its sessions, their calls and their egress decisions
+    /// counted in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::worker::metrics::WorkerMetrics>) -> Registry {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The worker's metrics, if this registry counts in any.
+    pub fn metrics(&self) -> Option<&Arc<crate::worker::metrics::WorkerMetrics>> {
+        self.metrics.as_ref()
     }
 
     /// This registry with the call journal's budget set to `limits`.
@@ -283,7 +315,27 @@ impl Registry {
             .await
     }
 
+    /// Opens as [`Registry::open_owned_counted`] does, counting a refusal in
+    /// the metrics.
     async fn open_owned(
+        &self,
+        id: &str,
+        environment: &str,
+        extra_dirs: Vec<crate::workspace::ExtraDir>,
+        owner: Owner,
+        kept: Option<String>,
+        origin: Origin,
+    ) -> Result<(Arc<Session>, bool), RegistryError> {
+        let r = self
+            .open_owned_counted(id, environment, extra_dirs, owner, kept, origin)
+            .await;
+        if let (Err(e), Some(m)) = (&r, &self.metrics) {
+            m.session_refused(e.reason());
+        }
+        r
+    }
+
+    async fn open_owned_counted(
         &self,
         id: &str,
         environment: &str,
@@ -319,6 +371,8 @@ impl Registry {
                 return Err(RegistryError::AtCapacity(capacity));
             }
         }
+        let connector = origin.connector;
+        let started = std::time::Instant::now();
         let session = Session::open(
             &self.cfg,
             SessionOptions {
@@ -331,9 +385,14 @@ impl Registry {
                 connector: origin.connector,
                 origin: Some(origin),
                 audit: Some(self.audit.clone()),
+                metrics: self.metrics.clone(),
             },
         )
         .await?;
+        let counted = self
+            .metrics
+            .as_ref()
+            .map(|m| m.session_opened(environment, connector, started.elapsed()));
         self.forget_idle_closed(id);
         self.map().insert(
             id.to_string(),
@@ -342,6 +401,7 @@ impl Registry {
                 session: session.clone(),
                 owner,
                 opened_at: SystemTime::now(),
+                _counted: counted,
             },
         );
         Ok((session, true))

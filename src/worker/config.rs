@@ -29,6 +29,9 @@
 //! max_bytes = "64MiB"               # rotated past this size (0: never); the chain carries over
 //! keep = 10                         # rotated files kept (audit.jsonl.1 … .10)
 //!
+//! [metrics]                         # Prometheus metrics and health probes
+//! listen = "0.0.0.0:9464"           # GET /metrics, /livez, /readyz; any address (no session data)
+//!
 //! [journal]                         # finished results kept so a resumed call gets them again
 //! session_bytes = "256MiB"          # held per session (results, output tails, call ids)
 //! worker_bytes = "1GiB"             # held over every session of the worker
@@ -84,6 +87,15 @@ struct RawConfig {
     sessions: Option<RawSessions>,
     #[serde(default)]
     audit: Option<RawAudit>,
+    #[serde(default)]
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    #[serde(default)]
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -214,6 +226,9 @@ pub struct Config {
     pub session_idle_timeout: Option<Duration>,
     /// The audit log (`[audit]`).
     pub audit: AuditSettings,
+    /// The metrics and health listener (`[metrics] listen`): `GET /metrics`,
+    /// `/livez`, `/readyz`; any address, as it serves no session data.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub use crate::configfile::ConfigError;
@@ -296,6 +311,21 @@ impl Config {
                 Some(addr)
             }
         };
+        let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
+            None => None,
+            Some(a) => {
+                let addr: SocketAddr = a
+                    .parse()
+                    .map_err(|e| invalid("metrics.listen", format!("{a:?}: {e}")))?;
+                if addr.port() != 0 && listen == Some(addr) {
+                    return Err(invalid(
+                        "metrics.listen",
+                        format!("{addr} is the debug listener's address (listen)"),
+                    ));
+                }
+                Some(addr)
+            }
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         let tunnel = match raw.tunnel {
             None => None,
@@ -370,6 +400,7 @@ impl Config {
             anthropic,
             journal,
             session_idle_timeout,
+            metrics_listen,
         })
     }
 }
@@ -538,6 +569,16 @@ mod tests {
     }
 
     #[test]
+    fn the_metrics_listener_may_bind_any_address_and_is_off_by_default() {
+        let c = parse("worker_id = \"w1\"").unwrap();
+        assert_eq!(c.metrics_listen, None);
+        let c = parse("worker_id = \"w1\"\n[metrics]\nlisten = \"0.0.0.0:9464\"").unwrap();
+        assert_eq!(c.metrics_listen, Some("0.0.0.0:9464".parse().unwrap()));
+        let c = parse("worker_id = \"w1\"\n[metrics]\n").unwrap();
+        assert_eq!(c.metrics_listen, None);
+    }
+
+    #[test]
     fn the_session_idle_timeout_is_configurable_and_zero_means_never() {
         let c = parse("worker_id = \"w1\"\n[sessions]\nidle_timeout_secs = 2").unwrap();
         assert_eq!(c.session_idle_timeout, Some(Duration::from_secs(2)));
@@ -599,6 +640,19 @@ mod tests {
                 "idle_timeout_secs",
             ),
             ("worker_id = \"w\"\n[sessions]\nidle = 1", "idle"),
+            (
+                "worker_id = \"w\"\n[metrics]\nlisten = \"nonsense\"",
+                "metrics.listen",
+            ),
+            (
+                "worker_id = \"w\"\n[metrics]\nlisten = \"0.0.0.0\"",
+                "metrics.listen",
+            ),
+            (
+                "worker_id = \"w\"\nlisten = \"127.0.0.1:7700\"\n[metrics]\nlisten = \"127.0.0.1:7700\"",
+                "metrics.listen",
+            ),
+            ("worker_id = \"w\"\n[metrics]\nlisen = \"0.0.0.0:9464\"", "lisen"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains("worker.toml") && e.contains(key), "{text}: {e}");

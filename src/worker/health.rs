@@ -69,6 +69,21 @@ impl Health {
         self.update(|s| s.wanted[part.index()] = true);
     }
 
+    /// Marks every way in `config` configures as expected, as [`super::serve`]
+    /// does when it starts them: a probe answered before then (the metrics
+    /// listener starts first) is not told `ready`.
+    pub fn expect_configured(&self, config: &super::Config) {
+        if config.listen.is_some() {
+            self.expect(Part::Listener);
+        }
+        if config.tunnel.is_some() {
+            self.expect(Part::Tunnel);
+        }
+        if config.anthropic.is_some() {
+            self.expect(Part::Queue);
+        }
+    }
+
     /// Reports whether `part` is up now.
     pub fn set(&self, part: Part, up: bool) {
         self.update(|s| s.up[part.index()] = up);

@@ -19,7 +19,9 @@
 
 pub mod config;
 pub mod health;
+pub mod metrics;
 pub mod notify;
+pub mod probes;
 pub mod reload;
 
 use std::sync::Arc;
@@ -49,6 +51,11 @@ pub enum WorkerError {
     Connector(crate::connectors::cma::worker::ConnectorError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error("metrics listener {addr}: {cause}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        cause: std::io::Error,
+    },
 }
 
 /// How long cut-short results (and finished ones) have to reach their callers
@@ -107,16 +114,22 @@ pub fn audit_file(config: &Config, sandbox: &SandboxConfig) -> std::path::PathBu
         .unwrap_or_else(|| crate::cli::default_audit_file(sandbox))
 }
 
-/// The registry a worker serves from, auditing to the configured log.
+/// The registry a worker serves from, auditing to the configured log and
+/// counting in the worker's metrics.
 pub fn registry(config: &Config, sandbox: SandboxConfig) -> Result<Arc<Registry>, WorkerError> {
     let file = audit_file(config, &sandbox);
     let log = crate::audit::AuditLog::open(&file, config.audit.max_bytes, config.audit.keep)?;
     let audit = crate::audit::Auditor::new(log, config.worker_id.clone());
+    let metrics = metrics::WorkerMetrics::new(
+        config.policies.iter().map(|p| p.name.as_str()),
+        config.capacity,
+    );
     Ok(Arc::new(
         Registry::new(sandbox, config.policies.iter().cloned(), config.capacity)
             .with_journal_limits(config.journal)
             .with_idle_timeout(config.session_idle_timeout)
-            .with_audit(audit),
+            .with_audit(audit)
+            .with_metrics(Arc::new(metrics)),
     ))
 }
 
@@ -174,6 +187,7 @@ pub async fn serve(
         "worker serving"
     );
     let idle = registry.clone().close_idle_until(shutdown.clone());
+    let metrics = registry.metrics().cloned();
     let routes = routes(config, registry).await?;
     let tunnel = match &config.tunnel {
         Some(t) => {
@@ -199,6 +213,7 @@ pub async fn serve(
                 routes.clone(),
                 shutdown.clone(),
                 Some(states),
+                metrics,
             ))
         }
         None => None,

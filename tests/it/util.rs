@@ -121,6 +121,7 @@ pub async fn try_open_cfg(
             origin: None,
             connector: hands::session::Connector::Local,
             audit: None,
+            metrics: None,
         },
     )
     .await

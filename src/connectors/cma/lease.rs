@@ -32,6 +32,18 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    /// The reason as the worker's metrics label it.
+    pub fn name(self) -> &'static str {
+        match self {
+            EndReason::RunnerDone => "runner_done",
+            EndReason::HeartbeatStop => "heartbeat_stop",
+            EndReason::HeartbeatRejected => "heartbeat_rejected",
+            EndReason::LeaseLost => "lease_lost",
+            EndReason::AssumedLost => "assumed_lost",
+            EndReason::Draining => "draining",
+        }
+    }
+
     /// Whether the item is force-stopped afterwards: not when the lease may
     /// belong to someone else.
     pub fn force_stop(self) -> bool {

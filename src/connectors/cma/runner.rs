@@ -634,6 +634,9 @@ impl Runner {
                         return false;
                     }
                     tracing::warn!(session = %self.session_id, error = %e, "posting the result failed; retrying");
+                    if let Some(m) = self.sandbox.metrics() {
+                        m.cma_result_post_retried();
+                    }
                     tokio::time::sleep(wait.min(left)).await;
                 }
             }

@@ -365,6 +365,11 @@ impl Shared {
                 },
                 Err(_) => Beat::Transient,
             };
+            if !matches!(beat, Beat::Ok(_)) {
+                if let Some(m) = self.registry.metrics() {
+                    m.cma_heartbeat_failed();
+                }
+            }
             if let Some(reason) = lease.record(beat, Instant::now()) {
                 end(reason);
                 return;
@@ -386,6 +391,9 @@ impl Shared {
         let cred = token.unwrap_or_else(|| self.env_key.clone());
         if item.kind != "session" {
             self.force_stop(&item, &cred).await;
+            if let Some(m) = self.registry.metrics() {
+                m.cma_item_ended("not_a_session");
+            }
             return;
         }
         let (lease_tx, lease_rx) = watch::channel(None::<EndReason>);
@@ -669,6 +677,9 @@ impl Shared {
         let reason = lease_rx.borrow().unwrap_or(EndReason::RunnerDone);
         if reason.force_stop() {
             self.force_stop(&item, &cred).await;
+        }
+        if let Some(m) = self.registry.metrics() {
+            m.cma_item_ended(reason.name());
         }
         tracing::info!(work = %item.id, ?reason, "work item done");
     }

@@ -99,14 +99,20 @@ pub enum SlotState {
 }
 
 /// Runs every connection slot until `shutdown` turns true. `routes` is the
-/// service to serve on each dialed connection.
+/// service to serve on each dialed connection; `metrics` counts the
+/// connections up and re-established per endpoint.
 pub async fn run(
     config: Arc<TunnelConfig>,
     tls: Arc<ClientTls>,
     routes: tonic::service::Routes,
     shutdown: watch::Receiver<bool>,
     states: Option<watch::Sender<Vec<SlotState>>>,
+    metrics: Option<Arc<crate::worker::metrics::WorkerMetrics>>,
 ) {
+    if let Some(m) = &metrics {
+        let names: Vec<String> = config.endpoints.iter().map(|e| e.to_string()).collect();
+        m.tunnel_endpoints(names.iter().map(String::as_str));
+    }
     let slots: Vec<Endpoint> = config
         .endpoints
         .iter()
@@ -120,6 +126,8 @@ pub async fn run(
     for (i, endpoint) in slots.into_iter().enumerate() {
         let slot = Slot {
             index: i,
+            label: Arc::from(endpoint.to_string()),
+            metrics: metrics.clone(),
             endpoint,
             config: config.clone(),
             tls: tls.clone(),
@@ -135,6 +143,9 @@ pub async fn run(
 struct Slot {
     index: usize,
     endpoint: Endpoint,
+    /// The endpoint as the metrics label it (configured, so bounded).
+    label: Arc<str>,
+    metrics: Option<Arc<crate::worker::metrics::WorkerMetrics>>,
     config: Arc<TunnelConfig>,
     tls: Arc<ClientTls>,
     routes: tonic::service::Routes,
@@ -151,6 +162,7 @@ impl Slot {
 
     async fn run(mut self) {
         let mut attempt = 0u32;
+        let mut connected_before = false;
         loop {
             if *self.shutdown.borrow() {
                 return;
@@ -161,7 +173,16 @@ impl Slot {
                 Ok(tls) => {
                     tracing::info!(endpoint = %self.endpoint, slot = self.index, "tunnel connected");
                     self.set(SlotState::Connected);
-                    match self.serve(tls).await {
+                    let up = self.metrics.as_ref().map(|m| {
+                        if connected_before {
+                            m.tunnel_reconnected(&self.label);
+                        }
+                        m.tunnel_up(&self.label)
+                    });
+                    connected_before = true;
+                    let served = self.serve(tls).await;
+                    drop(up);
+                    match served {
                         Ok(()) => {
                             tracing::info!(endpoint = %self.endpoint, slot = self.index, "tunnel closed");
                             "closed by the gateway".to_string()

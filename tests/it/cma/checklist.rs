@@ -170,7 +170,16 @@ async fn checklist_16_after_a_412_the_call_in_flight_is_killed_and_nothing_is_po
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let registry = s.registry.clone();
     s.finish().await.unwrap();
+    // The worker's metrics name why the item ended.
+    assert_eq!(
+        super::metric(
+            &registry,
+            "hands_worker_cma_items_total{reason=\"lease_lost\"}"
+        ),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -358,6 +367,9 @@ async fn checklist_20_and_29_a_stop_answered_409_is_tolerated_and_a_503_on_send_
         5,
         "4 refusals, then the post"
     );
+    // The client's own retries absorb some refusals; the runner posted again
+    // after each that reached it.
+    assert!(s.metric("hands_worker_cma_result_post_retries_total") >= 1.0);
     s.append(&sid, json!([end_turn()])).await;
     // The stop keeps answering 409: the client's three attempts, then silence.
     let reqs = s
@@ -958,5 +970,14 @@ async fn checklist_18_heartbeats_failing_past_the_ttl_end_in_an_assumed_loss() {
         "heartbeats after the TTL: {:?} (last success done at {ok_done})",
         late
     );
+    assert!(s.metric("hands_worker_cma_heartbeat_failures_total") >= 1.0);
+    let registry = s.registry.clone();
     s.finish().await.unwrap();
+    assert_eq!(
+        super::metric(
+            &registry,
+            "hands_worker_cma_items_total{reason=\"assumed_lost\"}"
+        ),
+        1.0
+    );
 }

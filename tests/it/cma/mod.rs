@@ -385,11 +385,14 @@ impl Served {
             sandbox.state_dir.clone(),
             sandbox.data_dir.clone(),
         ));
-        let registry = Arc::new(hands::session::registry::Registry::new(
-            sandbox,
-            policies,
+        let metrics = hands::worker::metrics::WorkerMetrics::new(
+            policies.iter().map(|p| p.name.as_str()),
             capacity + 1,
-        ));
+        );
+        let registry = Arc::new(
+            hands::session::registry::Registry::new(sandbox, policies, capacity + 1)
+                .with_metrics(Arc::new(metrics)),
+        );
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let connector = tokio::spawn(hands::connectors::cma::worker::run(
             cfg,
@@ -564,6 +567,12 @@ impl Served {
 
     /// Stops the connector (as SIGTERM would) and returns how it ended; every
     /// item's sandbox session must be closed by then.
+    /// The value of the worker metric `series` (name and labels as exposed),
+    /// 0 when it has not counted yet.
+    pub(crate) fn metric(&self, series: &str) -> f64 {
+        metric(&self.registry, series)
+    }
+
     pub(crate) async fn finish(self) -> Result<(), hands::connectors::cma::worker::ConnectorError> {
         self.stop.send_replace(true);
         let r = tokio::time::timeout(Duration::from_secs(15), self.connector)
@@ -577,6 +586,18 @@ impl Served {
         );
         r
     }
+}
+
+/// The value of the worker metric `series` of `registry`'s metrics, 0 when it
+/// has not counted yet.
+pub(crate) fn metric(registry: &hands::session::registry::Registry, series: &str) -> f64 {
+    let text = registry
+        .metrics()
+        .expect("the registry counts")
+        .render(true);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
 // ---- hands worker, as a process ----------------------------------------------
