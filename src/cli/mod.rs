@@ -141,9 +141,9 @@ const IN_SCOPE_VAR: &str = "HANDS_DELEGATED_SCOPE";
 /// hold its sessions' groups (a login session's scope, which is not given the cpu
 /// controller and is not delegated, or the root) runs itself again in a transient scope of its own
 /// with `Delegate=yes` (`systemd-run --scope`, which keeps the terminal, the
-/// environment and the exit status). A process of a `.service` unit is left as it
-/// is: a worker's unit needs `Delegate=yes` itself, and moving out of it would
-/// escape the unit's limits; it fails with that advice. Returns only when
+/// environment and the exit status). A process of a `.service` unit, or of a
+/// group systemd does not manage (a pod's container), is left as it is: moving
+/// out of it would escape its limits; it fails with the cgroup error's advice. Returns only when
 /// nothing is to be done (or it cannot be done).
 pub fn enter_delegated_scope() {
     use std::os::unix::process::CommandExt;
@@ -171,7 +171,10 @@ pub fn enter_delegated_scope() {
     let own = own
         .strip_suffix(&format!("/{}", crate::sandbox::cgroup::LEAF))
         .unwrap_or(own);
-    if own.ends_with(".service") {
+    // Only from the root or a scope (a login session's, or `systemd-run
+    // --scope`): a service unit's process, or one in a group systemd does not
+    // manage (a Kubernetes pod's container), would escape its limits.
+    if !(own.is_empty() || own == "/" || own.ends_with(".scope")) {
         return;
     }
     let Ok(exe) = std::env::current_exe() else {
