@@ -52,7 +52,7 @@ async fn start_call(
 
 /// The call's result, or `None` when the stream ended without one. Bounded
 /// (30 s) only so that a broken worker cannot hang the test.
-async fn finished(events: &mut tonic::Streaming<v1::CallEvent>) -> Option<v1::Finished> {
+pub(crate) async fn finished(events: &mut tonic::Streaming<v1::CallEvent>) -> Option<v1::Finished> {
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match events.message().await {
@@ -66,6 +66,13 @@ async fn finished(events: &mut tonic::Streaming<v1::CallEvent>) -> Option<v1::Fi
     })
     .await
     .expect("no result within 30 s")
+}
+
+/// The worker's exit status (`None`: still running 30 s on) and its log.
+async fn exit(mut w: Daemon) -> (Option<std::process::ExitStatus>, String) {
+    tokio::task::spawn_blocking(move || (w.wait(Duration::from_secs(30)), w.stderr()))
+        .await
+        .unwrap()
 }
 
 /// Waits until the worker's log contains `text` (bounded by 30 s).
@@ -85,7 +92,7 @@ fn log_says(w: &Daemon, text: &str) {
 async fn the_first_sigterm_drains_a_running_call_to_its_own_result() {
     require_sandbox!();
     let dir = tempfile::tempdir().unwrap();
-    let mut w = Daemon::start(
+    let w = Daemon::start(
         dir.path(),
         &format!("{LISTEN}shutdown_grace_secs = 60\n"),
         &[],
@@ -117,12 +124,7 @@ async fn the_first_sigterm_drains_a_running_call_to_its_own_result() {
         result.text_content()
     );
     assert_eq!(result.text_content().trim(), "finished");
-    let status = tokio::task::spawn_blocking(move || {
-        let s = w.wait(Duration::from_secs(30));
-        (s, w.stderr())
-    })
-    .await
-    .unwrap();
+    let status = exit(w).await;
     assert!(
         status.0.is_some_and(|s| s.success()),
         "the worker did not exit 0 after draining: {:?}\n{}",
@@ -137,7 +139,7 @@ async fn a_second_sigterm_cuts_running_calls_short_at_once() {
     let dir = tempfile::tempdir().unwrap();
     // A grace far longer than the test's bounds: only the second signal can
     // end the call in time.
-    let mut w = Daemon::start(
+    let w = Daemon::start(
         dir.path(),
         &format!("{LISTEN}shutdown_grace_secs = 600\n"),
         &[],
@@ -155,12 +157,7 @@ async fn a_second_sigterm_cuts_running_calls_short_at_once() {
     assert_eq!(f.outcome(), v1::Outcome::Shutdown, "{text}");
     assert!(result.is_error);
     assert!(text.contains("told to stop a second time"), "{text}");
-    let status = tokio::task::spawn_blocking(move || {
-        let s = w.wait(Duration::from_secs(30));
-        (s, w.stderr())
-    })
-    .await
-    .unwrap();
+    let status = exit(w).await;
     assert!(
         status.0.is_some_and(|s| s.success()),
         "{:?}\n{}",

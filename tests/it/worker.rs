@@ -462,7 +462,7 @@ fn an_invalid_policy_file_stops_the_worker_naming_file_and_key() {
 /// `shutdown_grace_secs`, then cuts the call short, and the caller gets a
 /// result saying so (outcome SHUTDOWN), not a normal one; the worker exits
 /// cleanly instead of waiting for the command's end (`sleep 60`; the test's
-/// own bounds, 15 s each, only keep a broken worker from hanging it).
+/// own bounds, 30 s for the result and 15 s for the exit, only keep a broken worker from hanging it).
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_waits_a_bounded_grace_then_cuts_calls_short_and_says_so() {
     require_sandbox!();
@@ -498,20 +498,9 @@ async fn sigterm_waits_a_bounded_grace_then_cuts_calls_short_and_says_so() {
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
     w.terminate();
-    let finished = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match events.message().await {
-                Ok(Some(v1::CallEvent {
-                    event: Some(v1::call_event::Event::Finished(f)),
-                })) => return Some(f),
-                Ok(Some(_)) => continue,
-                _ => return None,
-            }
-        }
-    })
-    .await
-    .expect("no answer within 15 s of SIGTERM")
-    .expect("the stream ended without a result");
+    let finished = super::daemon::finished(&mut events)
+        .await
+        .expect("the stream ended without a result");
     let result = hands::proto::result_of(&finished).unwrap();
     let text = result.text_content();
     assert_eq!(finished.outcome(), v1::Outcome::Shutdown, "{text}");
