@@ -462,7 +462,8 @@ fn an_invalid_policy_file_stops_the_worker_naming_file_and_key() {
 /// `shutdown_grace_secs`, then cuts the call short, and the caller gets a
 /// result saying so (outcome SHUTDOWN), not a normal one; the worker exits
 /// cleanly instead of waiting for the command's end (`sleep 60`; the test's
-/// own bounds, 30 s for the result and 15 s for the exit, only keep a broken worker from hanging it).
+/// own bounds, 30 s for the result and 15 s for the exit, only keep a broken
+/// worker from hanging it).
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_waits_a_bounded_grace_then_cuts_calls_short_and_says_so() {
     require_sandbox!();
