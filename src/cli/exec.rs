@@ -113,8 +113,12 @@ pub fn run(mut args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
             let _ = tokio::io::copy(&mut i, &mut stdin_w).await;
         });
         let (status, (), ()) = tokio::join!(run, relay_out, relay_err);
-        let mut notes =
-            crate::session::limit_notes(before, session.limit_events(), &session.policy().limits);
+        let mut notes = crate::session::limit_notes(
+            before,
+            session.limit_events(),
+            &session.policy().limits,
+            || session.outer_limits(),
+        );
         let env = session.policy().name.clone();
         notes.extend(
             session

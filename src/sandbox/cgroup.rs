@@ -468,9 +468,43 @@ pub struct LimitEvents {
     /// Processes the OOM killer killed because the group reached its memory
     /// limit (v1 `memory.oom_control` oom_kill, v2 `memory.events` oom_kill).
     pub oom_kills: u64,
+    /// Times the group's own memory limit was reached and an allocation was
+    /// about to fail (v2 `memory.events` oom); `None` where the kernel does not
+    /// tell (v1), so a kill cannot be told apart from one forced from above.
+    pub own_limit_ooms: Option<u64>,
     /// Forks refused because the group reached its pids limit (`pids.events`
-    /// max, v1 and v2).
+    /// max, v1 and v2). Before Linux 6.13 a fork refused by a limit above the
+    /// group (a unit's `TasksMax=`, a pod's) counts here too.
     pub pids_refused: u64,
+}
+
+/// The tightest limits set on the groups above a session's: the worker's own
+/// group, its unit's or pod's, their slices. Every session of the worker
+/// shares them, so a session can meet one before its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OuterLimits {
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+/// The smallest numeric value of `file` in the directories above `dir`, up to
+/// the first that has no such file (the hierarchy's root, or above it). "max"
+/// and v1's "unlimited" (close to `i64::MAX`) are no limit.
+fn tightest_above(dir: &Path, file: &str) -> Option<u64> {
+    let mut tightest: Option<u64> = None;
+    let mut at = dir.parent();
+    while let Some(d) = at {
+        let Ok(text) = std::fs::read_to_string(d.join(file)) else {
+            break;
+        };
+        if let Ok(v) = text.trim().parse::<u64>() {
+            if v < 1 << 62 {
+                tightest = Some(tightest.map_or(v, |t| t.min(v)));
+            }
+        }
+        at = d.parent();
+    }
+    tightest
 }
 
 /// The value of `key` in a flat-keyed cgroup file (`key value` lines), read
@@ -599,9 +633,24 @@ impl SessionCgroup {
             // Two first readers at once: either copy is the same file.
             Some(self.counters[i].get_or_init(|| f))
         };
+        let memory = file(0, self.memory_dir.join(memory_file));
         LimitEvents {
-            oom_kills: counter(file(0, self.memory_dir.join(memory_file)), "oom_kill"),
+            oom_kills: counter(memory, "oom_kill"),
+            own_limit_ooms: (self.version == CgroupVersion::V2).then(|| counter(memory, "oom")),
             pids_refused: counter(file(1, self.pids_dir.join("pids.events")), "max"),
+        }
+    }
+
+    /// The limits above this group, read now (an operator may change them
+    /// while the worker runs).
+    pub fn outer_limits(&self) -> OuterLimits {
+        let memory_file = match self.version {
+            CgroupVersion::V1 => "memory.limit_in_bytes",
+            CgroupVersion::V2 => "memory.max",
+        };
+        OuterLimits {
+            memory_bytes: tightest_above(&self.memory_dir, memory_file),
+            pids: tightest_above(&self.pids_dir, "pids.max"),
         }
     }
 }
@@ -722,7 +771,13 @@ mod tests {
         assert_eq!(read("cgroup.procs").trim(), "4242");
         assert_eq!(cgs.existing(), vec!["s7".to_string()]);
         // The limits' counters, as the kernel writes them.
-        assert_eq!(cg.limit_events(), LimitEvents::default());
+        assert_eq!(
+            cg.limit_events(),
+            LimitEvents {
+                own_limit_ooms: Some(0),
+                ..LimitEvents::default()
+            }
+        );
         std::fs::write(
             dir.join("memory.events"),
             "low 0\nhigh 0\nmax 12\noom 2\noom_kill 2\noom_group_kill 0\n",
@@ -733,7 +788,25 @@ mod tests {
             cg.limit_events(),
             LimitEvents {
                 oom_kills: 2,
+                own_limit_ooms: Some(2),
                 pids_refused: 5
+            }
+        );
+        // The limits above: the tightest numeric one, up to the first group
+        // without the file.
+        assert_eq!(cg.outer_limits(), OuterLimits::default());
+        for (dir, memory, pids) in [
+            (root.path().join("hands"), "max", "max"),
+            (root.path().to_path_buf(), "536870912", "200"),
+        ] {
+            std::fs::write(dir.join("memory.max"), memory).unwrap();
+            std::fs::write(dir.join("pids.max"), pids).unwrap();
+        }
+        assert_eq!(
+            cg.outer_limits(),
+            OuterLimits {
+                memory_bytes: Some(512 << 20),
+                pids: Some(200)
             }
         );
     }

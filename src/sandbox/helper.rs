@@ -147,16 +147,17 @@ fn stage<T, E: std::fmt::Display>(name: &'static str, r: Result<T, E>) -> StageR
 
 /// Confines the helper, in this order (each step needs the privileges that the
 /// next ones remove):
-/// 1. build the filesystem view and pivot into it (needs CAP_SYS_ADMIN);
+/// 1. umask 022, then build the filesystem view and pivot into it (needs
+///    CAP_SYS_ADMIN);
 /// 2. set the hostname and, unless the network mode is `none` (no interface at
 ///    all), bring `lo` up in the session's network namespace;
 /// 3. lock securebits so root can never regain capabilities by exec, and empty
 ///    the capability bounding set (needs CAP_SETPCAP);
 /// 4. drop supplementary groups, then gid, then uid to the session's ids — the
 ///    uid switch clears every capability; verify CapEff is 0;
-/// 5. no core dumps (RLIMIT_CORE 1, which pipe handlers honour too), not
-///    dumpable (its memory and /proc entries stay closed to the processes it
-///    starts), umask 022, cwd /workspace;
+/// 5. no core dumps (RLIMIT_CORE 1, which pipe handlers honour too), at most
+///    1024:524288 descriptors, not dumpable (its memory and /proc entries stay
+///    closed to the processes it starts), cwd /workspace;
 /// 6. no_new_privs;
 /// 7. landlock (fails closed unless the policy accepts each missing feature);
 /// 8. prepare what every child adds between fork and exec: a landlock domain of
@@ -168,6 +169,9 @@ fn confine(
     setup: &Setup,
     workspace: OwnedFd,
 ) -> StageResult<(ConfinementReport, Arc<sys::ChildConfinement>)> {
+    // Before the session root is built: its directories and files get their
+    // modes under this mask, whatever mask the worker was started with.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     let idmapped = stage("mounts", mounts::build(setup, workspace))?;
 
     stage("hostname", nix::unistd::sethostname("hands"))?;
@@ -201,8 +205,8 @@ fn confine(
     }
 
     stage("rlimit core", sys::disable_core_dumps())?;
+    stage("rlimit nofile", sys::session_nofile_limit())?;
     stage("dumpable", nix::sys::prctl::set_dumpable(false))?;
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     stage("chdir", nix::unistd::chdir(mounts::WORKSPACE))?;
 
     stage("no_new_privs", nix::sys::prctl::set_no_new_privs())?;

@@ -581,6 +581,19 @@ pub fn disable_core_dumps() -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
+/// The session's descriptor limit: what a systemd host gives its services,
+/// 1024 soft (programs built on `select(2)` break above it) and 524288 hard,
+/// never raising what the worker was given. Without it a session inherits the
+/// worker's own limit, which its unit sets to 1048576 for relayed connections.
+pub fn session_nofile_limit() -> io::Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    const SOFT: u64 = 1024;
+    const HARD: u64 = 524_288;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    let hard = hard.min(HARD);
+    setrlimit(Resource::RLIMIT_NOFILE, soft.min(SOFT).min(hard), hard).map_err(io::Error::from)
+}
+
 /// Restores the default disposition of the signals the Rust runtime handles
 /// (SIGSEGV and SIGBUS, for its stack-overflow message). The helper is the init
 /// of its pid namespace, and the kernel drops every signal sent to init from

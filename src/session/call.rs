@@ -579,10 +579,11 @@ impl Session {
             let before = *seen;
             seen.oom_kills = seen.oom_kills.max(now.oom_kills);
             seen.pids_refused = seen.pids_refused.max(now.pids_refused);
+            seen.own_limit_ooms = seen.own_limit_ooms.max(now.own_limit_ooms);
             before
         };
         let limits = &self.policy.limits;
-        for note in super::limit_notes(before, now, limits) {
+        for note in super::limit_notes(before, now, limits, || self.outer_limits()) {
             result.append_note(&note);
         }
         (result, outcome)

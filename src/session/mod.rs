@@ -483,6 +483,15 @@ impl Session {
         &self.activity
     }
 
+    /// The limits set above the session's group (none when it has no cgroup
+    /// any more).
+    pub fn outer_limits(&self) -> crate::sandbox::cgroup::OuterLimits {
+        self.cgroup
+            .as_ref()
+            .map(SessionCgroup::outer_limits)
+            .unwrap_or_default()
+    }
+
     /// The session's limit counters (zero when it has no cgroup any more).
     pub fn limit_events(&self) -> crate::sandbox::cgroup::LimitEvents {
         self.cgroup
@@ -532,25 +541,61 @@ impl Session {
 }
 
 /// What the session's limits did between two readings of its counters, in
-/// words for the model and the operator: processes killed at the memory limit,
-/// forks refused at the pids limit.
+/// words for the model and the operator: processes killed for want of memory,
+/// forks refused at a pids limit. Each names the limit that was met: the
+/// session's own, or one set above the worker (its unit's or pod's, shared by
+/// all its sessions), or both where the kernel cannot tell which.
 pub fn limit_notes(
     before: crate::sandbox::cgroup::LimitEvents,
     after: crate::sandbox::cgroup::LimitEvents,
     limits: &crate::policy::Limits,
+    outer: impl FnOnce() -> crate::sandbox::cgroup::OuterLimits,
 ) -> Vec<String> {
+    use crate::policy::units::format_size;
     let mut notes = Vec::new();
-    if after.oom_kills > before.oom_kills {
-        notes.push(format!(
-            "killed: the session's memory limit ({}) was reached",
-            crate::policy::units::format_size(limits.memory_bytes)
-        ));
+    let killed = after.oom_kills > before.oom_kills;
+    let refused = after.pids_refused > before.pids_refused;
+    if !killed && !refused {
+        return notes;
     }
-    if after.pids_refused > before.pids_refused {
-        notes.push(format!(
-            "processes refused: the session's pids limit ({}) was reached",
-            limits.pids
-        ));
+    let outer = outer();
+    let own_memory = format_size(limits.memory_bytes);
+    if killed {
+        let own_hit = match (before.own_limit_ooms, after.own_limit_ooms) {
+            (Some(b), Some(a)) => Some(a > b),
+            _ => None,
+        };
+        notes.push(match (own_hit, outer.memory_bytes) {
+            (Some(true), _) | (None, None) => {
+                format!("killed: the session's memory limit ({own_memory}) was reached")
+            }
+            (Some(false), Some(o)) => format!(
+                "killed: the worker's memory limit ({}, shared by all its sessions) was reached; \
+                 the session's own ({own_memory}) was not",
+                format_size(o)
+            ),
+            (Some(false), None) => format!(
+                "killed: the host ran out of memory; the session's limit ({own_memory}) was not reached"
+            ),
+            (None, Some(o)) => format!(
+                "killed: the session's memory limit ({own_memory}) or the worker's ({}, shared by \
+                 all its sessions) was reached",
+                format_size(o)
+            ),
+        });
+    }
+    if refused {
+        notes.push(match outer.pids {
+            None => format!(
+                "processes refused: the session's pids limit ({}) was reached",
+                limits.pids
+            ),
+            Some(o) => format!(
+                "processes refused: the session's pids limit ({}) or the worker's ({o}, shared by \
+                 all its sessions) was reached",
+                limits.pids
+            ),
+        });
     }
     notes
 }
@@ -613,5 +658,107 @@ impl Drop for Session {
         if let Err(e) = cleanup(self.cgroup.take(), ws, &self.workspaces) {
             tracing::warn!(session_id = %self.id, "cleanup after drop: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::cgroup::{LimitEvents, OuterLimits};
+
+    fn notes(before: LimitEvents, after: LimitEvents, outer: OuterLimits) -> Vec<String> {
+        let limits = crate::policy::PolicySet::builtin()
+            .get("default")
+            .expect("default policy")
+            .limits
+            .clone();
+        limit_notes(before, after, &limits, || outer)
+    }
+
+    const V2: LimitEvents = LimitEvents {
+        oom_kills: 0,
+        own_limit_ooms: Some(0),
+        pids_refused: 0,
+    };
+    const V1: LimitEvents = LimitEvents {
+        own_limit_ooms: None,
+        ..V2
+    };
+    const POD: OuterLimits = OuterLimits {
+        memory_bytes: Some(512 << 20),
+        pids: Some(200),
+    };
+
+    #[test]
+    fn nothing_happened_reads_no_outer_limit() {
+        let limits = crate::policy::PolicySet::builtin()
+            .get("default")
+            .unwrap()
+            .limits
+            .clone();
+        let notes = limit_notes(V2, V2, &limits, || panic!("read the outer limits"));
+        assert!(notes.is_empty());
+    }
+
+    #[test]
+    fn a_kill_at_the_sessions_own_limit_names_it() {
+        let after = LimitEvents {
+            oom_kills: 1,
+            own_limit_ooms: Some(1),
+            ..V2
+        };
+        assert_eq!(
+            notes(V2, after, POD),
+            ["killed: the session's memory limit (1 GiB) was reached"]
+        );
+        let after = LimitEvents { oom_kills: 1, ..V1 };
+        assert_eq!(
+            notes(V1, after, OuterLimits::default()),
+            ["killed: the session's memory limit (1 GiB) was reached"]
+        );
+    }
+
+    #[test]
+    fn a_kill_forced_from_above_names_the_workers_limit_or_the_host() {
+        let after = LimitEvents { oom_kills: 2, ..V2 };
+        assert_eq!(
+            notes(V2, after, POD),
+            [
+                "killed: the worker's memory limit (512 MiB, shared by all its sessions) was \
+              reached; the session's own (1 GiB) was not"
+            ]
+        );
+        assert_eq!(
+            notes(V2, after, OuterLimits::default()),
+            ["killed: the host ran out of memory; the session's limit (1 GiB) was not reached"]
+        );
+        // v1 cannot tell: both are named.
+        let after = LimitEvents { oom_kills: 1, ..V1 };
+        assert_eq!(
+            notes(V1, after, POD),
+            [
+                "killed: the session's memory limit (1 GiB) or the worker's (512 MiB, shared by \
+              all its sessions) was reached"
+            ]
+        );
+    }
+
+    #[test]
+    fn refused_forks_name_every_pids_limit_that_could_have_refused_them() {
+        let after = LimitEvents {
+            pids_refused: 3,
+            ..V2
+        };
+        assert_eq!(
+            notes(V2, after, OuterLimits::default()),
+            ["processes refused: the session's pids limit (512) was reached"]
+        );
+        assert_eq!(
+            notes(V2, after, POD),
+            [
+                "processes refused: the session's pids limit (512) or the worker's (200, shared \
+              by all its sessions) was reached"
+            ]
+        );
     }
 }

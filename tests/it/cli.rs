@@ -33,6 +33,53 @@ fn exec_streams_output_and_exits_with_the_commands_status() {
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
 }
 
+/// A session's file modes and descriptor limit are its own, not the
+/// worker's: started under `umask 077` (a hardened unit's) and with its soft
+/// descriptor limit raised to the hard one (the worker unit sets both to a
+/// million), strict's narrow `/etc` is still a directory the session can
+/// enter, files it makes are 0644, and it gets a service's usual 1024 soft
+/// descriptors (hard: at most 524288).
+#[test]
+fn a_session_takes_neither_the_workers_umask_nor_its_descriptor_limit() {
+    require_sandbox!();
+    let out = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "umask 077 && ulimit -Sn $(ulimit -Hn) && exec \"$0\" \"$@\"",
+            hands_bin(),
+            "exec",
+            "--env",
+            "strict",
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /etc/passwd >/dev/null && echo etc $(stat -c %a /etc) && \
+             touch /workspace/f && echo file $(stat -c %a /workspace/f) && \
+             echo umask $(umask) nofile $(ulimit -Sn):$(ulimit -Hn)",
+        ])
+        .output()
+        .expect("run hands under umask 077");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    assert!(
+        hard > 1024,
+        "this test needs a hard limit above 1024, not {hard}"
+    );
+    assert_eq!(
+        stdout,
+        format!(
+            "etc 755\nfile 644\numask 0022 nofile 1024:{}\n",
+            hard.min(524_288)
+        )
+    );
+}
+
 #[test]
 fn exec_relays_stdin() {
     require_sandbox!();
