@@ -50,6 +50,9 @@ enum Command {
     Exec(hands::cli::exec::Args),
     /// Run one tool call in a fresh session and print the result as JSON.
     Tool(hands::cli::tool::Args),
+    /// Serve the six tools to an MCP client on stdin and stdout, every call
+    /// confined in one session that lives as long as the connection.
+    Mcp(hands::cli::mcp::Args),
     /// Show the kernel features hands relies on and what it does about each.
     Doctor(hands::cli::doctor::Args),
     /// Measure sandboxed calls against baselines in one run (ratios).
@@ -114,6 +117,7 @@ fn main() -> ExitCode {
             | Command::Worker(_)
             | Command::Exec(_)
             | Command::Tool(_)
+            | Command::Mcp(_)
             | Command::Doctor(_)
             | Command::Bench(_)
     ) {
@@ -126,6 +130,7 @@ fn main() -> ExitCode {
         Command::Gateway(args) => hands::cli::gateway::run(args),
         Command::Exec(args) => hands::cli::exec::run(args, &lookup),
         Command::Tool(args) => hands::cli::tool::run(args, &lookup),
+        Command::Mcp(args) => hands::cli::mcp::run(args, &lookup),
         Command::Doctor(args) => hands::cli::doctor::run(args, &lookup),
         Command::Bench(args) => hands::cli::bench::run(args, &lookup),
         Command::Pki(PkiCommand::Init(args)) => hands::cli::pki::init(args),

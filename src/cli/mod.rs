@@ -9,6 +9,7 @@ pub mod demo;
 pub mod doctor;
 pub mod exec;
 pub mod gateway;
+pub mod mcp;
 pub mod pki;
 pub mod policy;
 pub mod tool;
@@ -243,6 +244,27 @@ pub async fn open_session(
     allow_root_workspace: bool,
     connector: crate::session::Connector,
 ) -> anyhow::Result<Arc<Session>> {
+    open_session_for(
+        env,
+        lookup,
+        workspace,
+        allow_root_workspace,
+        None,
+        connector,
+    )
+    .await
+}
+
+/// [`open_session`], for the user `owner` (whose directory a given workspace
+/// must be) when there is one.
+pub async fn open_session_for(
+    env: &str,
+    lookup: &Lookup,
+    workspace: Option<PathBuf>,
+    allow_root_workspace: bool,
+    owner: Option<u32>,
+    connector: crate::session::Connector,
+) -> anyhow::Result<Arc<Session>> {
     let policy: Policy = lookup.load()?.policy(env)?;
     let cfg = SandboxConfig::from_env().context("sandbox configuration")?;
     crate::session::sweep_orphans(&cfg);
@@ -262,6 +284,7 @@ pub async fn open_session(
     let mut opts = SessionOptions::new(Arc::new(policy));
     opts.workspace = workspace;
     opts.allow_root_workspace = allow_root_workspace;
+    opts.workspace_owner = owner;
     opts.audit = Some(audit);
     opts.connector = connector;
     let session = Session::open(&cfg, opts)

@@ -8,10 +8,13 @@
 //!   loopback debug listener;
 //! - [`cma`]: Claude Managed Agents' environment-worker contract: the worker
 //!   polls the work queue, leases items, follows each session's event stream
-//!   and posts results.
+//!   and posts results;
+//! - [`mcp`]: the Model Context Protocol, the six tools as an MCP server for
+//!   agents that speak it (`hands mcp` over stdio).
 //!
 //! Outbound networking they share (TLS configurations, the CONNECT-proxy
 //! dial) is `crate::net`.
 
 pub mod cma;
 pub mod hands_v1;
+pub mod mcp;

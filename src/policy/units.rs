@@ -88,7 +88,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub fn format_size(bytes: u64) -> String {
     SIZE_UNITS
         .iter()
-        .find(|&&(_, unit)| bytes != 0 && bytes % unit == 0)
+        .find(|&&(_, unit)| bytes != 0 && bytes.is_multiple_of(unit))
         .map(|(name, unit)| format!("{} {name}", bytes / unit))
         .unwrap_or_else(|| format!("{bytes} B"))
 }
@@ -97,9 +97,9 @@ pub fn format_size(bytes: u64) -> String {
 /// whole (`30m`), else seconds when whole (`120s`, `540s`), else milliseconds.
 pub fn format_duration(duration: Duration) -> String {
     let millis = duration.as_millis();
-    if millis >= 600_000 && millis % 60_000 == 0 {
+    if millis >= 600_000 && millis.is_multiple_of(60_000) {
         format!("{}m", millis / 60_000)
-    } else if millis % 1000 == 0 {
+    } else if millis.is_multiple_of(1000) {
         format!("{}s", millis / 1000)
     } else {
         format!("{millis}ms")

@@ -47,6 +47,8 @@ pub enum Connector {
     Tool,
     /// `hands exec`.
     Exec,
+    /// The MCP server (`hands mcp`).
+    Mcp,
     /// In-process callers: `hands bench`, `hands doctor`, tests.
     Local,
 }
@@ -58,6 +60,7 @@ impl Connector {
             Connector::ClaudeManagedAgents => "claude-managed-agents",
             Connector::Tool => "hands-tool",
             Connector::Exec => "hands-exec",
+            Connector::Mcp => "mcp",
             Connector::Local => "local",
         }
     }

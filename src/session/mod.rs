@@ -65,6 +65,9 @@ pub struct SessionOptions {
     /// A given workspace may be owned by root (every file the agent writes is
     /// then root's on the host). Off unless the operator asks for it.
     pub allow_root_workspace: bool,
+    /// A given workspace must be owned by this uid (a command run through
+    /// sudo works for the user who ran it, and only in their directories).
+    pub workspace_owner: Option<u32>,
     /// Workspace subdirectories created before the sandbox starts, shown
     /// elsewhere or read-only inside it (see [`ExtraDir`]).
     pub extra_dirs: Vec<ExtraDir>,
@@ -95,6 +98,7 @@ impl SessionOptions {
             policy,
             workspace: None,
             allow_root_workspace: false,
+            workspace_owner: None,
             extra_dirs: Vec::new(),
             journal: None,
             kept: None,
@@ -250,7 +254,7 @@ impl Session {
         let limits = &policy.limits;
         let workspaces = cfg.workspaces.clone();
         let workspace = match opts.workspace {
-            Some(p) => workspaces.given(&p, opts.allow_root_workspace)?,
+            Some(p) => workspaces.given(&p, opts.allow_root_workspace, opts.workspace_owner)?,
             None => {
                 let geometry = Geometry {
                     bytes: limits.disk_bytes,

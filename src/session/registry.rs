@@ -379,6 +379,7 @@ impl Registry {
                 policy,
                 workspace: None,
                 allow_root_workspace: false,
+                workspace_owner: None,
                 extra_dirs,
                 journal: Some(self.journals.clone()),
                 kept,

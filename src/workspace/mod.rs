@@ -249,7 +249,14 @@ impl Workspaces {
     /// Resolves a directory the operator gave (see the module doc). Relative
     /// paths are taken from the current directory, whose name the kernel gives
     /// without symlinks.
-    pub fn given(&self, path: &Path, allow_root_owned: bool) -> Result<Workspace, WorkspaceError> {
+    /// With `owner`, the directory must belong to that uid (checked on the
+    /// opened directory, so a path swapped meanwhile cannot slip through).
+    pub fn given(
+        &self,
+        path: &Path,
+        allow_root_owned: bool,
+        owner: Option<u32>,
+    ) -> Result<Workspace, WorkspaceError> {
         let refuse = |reason: String| WorkspaceError::Refused {
             path: path.to_path_buf(),
             reason,
@@ -299,6 +306,13 @@ impl Workspaces {
             }
         }
         let st = fstat(dir.as_fd()).map_err(|e| io_err(path, "stat")(nix_io(e)))?;
+        if let Some(owner) = owner.filter(|&o| o != st.st_uid) {
+            return Err(refuse(format!(
+                "it is owned by uid {}, not by uid {owner}, for whom this session works; every \
+                 file the agent writes there would be uid {}'s",
+                st.st_uid, st.st_uid
+            )));
+        }
         if st.st_uid == 0 && !allow_root_owned {
             return Err(refuse(
                 "it is owned by root, so every file the agent writes would be root's on the host; \

@@ -13,6 +13,7 @@ mod egress;
 mod escapes;
 mod isolation;
 mod limits;
+mod mcp;
 mod metrics;
 mod netpeer;
 mod pki;

@@ -115,6 +115,7 @@ pub async fn try_open_cfg(
             // The suite's fixtures are root's temporary directories; the refusal
             // itself is tested on its own.
             allow_root_workspace: true,
+            workspace_owner: None,
             extra_dirs: Vec::new(),
             journal: None,
             kept: None,

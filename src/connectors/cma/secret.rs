@@ -129,7 +129,7 @@ pub fn sessions_token(work_secret: &str) -> Option<Secret> {
         return None;
     }
     let mut padded = s.to_string();
-    while padded.len() % 4 != 0 {
+    while !padded.len().is_multiple_of(4) {
         padded.push('=');
     }
     let bytes = base64::engine::general_purpose::URL_SAFE

@@ -1,0 +1,571 @@
+//! The MCP face as MCP clients meet it: `hands mcp` over stdio driven by the
+//! official MCP Python SDK (`tests/mcp/client.py`, an independent client), and
+//! by raw JSON-RPC lines for what a well-behaved client never sends.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::require_sandbox;
+use crate::util::*;
+
+fn python_mcp_available() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import mcp, anyio"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("the MCP Python SDK (pip install mcp) is required under CI=true");
+        }
+        eprintln!("SKIP: the MCP Python SDK is not installed");
+    }
+    ok
+}
+
+/// Runs a scenario of `tests/mcp/client.py` and returns its report.
+fn scenario(name: &str, args: &[&str]) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp/client.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(name)
+        .arg(hands_bin())
+        .args(args)
+        .output()
+        .expect("run the MCP client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client.py {name}: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// A marker no other test's processes carry: a number of seconds to sleep.
+fn marker() -> String {
+    (40_000 + std::process::id() % 20_000).to_string()
+}
+
+fn text(r: &Value) -> &str {
+    r["text"].as_str().unwrap_or_default()
+}
+
+fn ok(r: &Value) -> bool {
+    r["is_error"] == false
+}
+
+#[test]
+fn mcp_sdk_lists_the_six_tools_with_the_toolsets_schemas() {
+    require_sandbox!();
+    if !python_mcp_available() {
+        return;
+    }
+    let r = scenario("tools", &[]);
+    assert_eq!(r["server"], "hands");
+    assert!(
+        text(&json!({"text": r["instructions"]})).contains("\"default\" environment"),
+        "{r}"
+    );
+    let defs: Vec<Value> =
+        serde_json::from_str(include_str!("../../src/tools/definitions.json")).unwrap();
+    let tools = r["tools"].as_array().unwrap();
+    assert_eq!(tools.len(), 6, "{r}");
+    for (t, d) in tools.iter().zip(&defs) {
+        assert_eq!(t["name"], d["name"]);
+        assert_eq!(t["description"], d["description"]);
+        assert_eq!(t["input_schema"], d["input_schema"], "{}", t["name"]);
+        let read_only = ["read", "glob", "grep"].contains(&t["name"].as_str().unwrap());
+        assert_eq!(t["read_only"], read_only, "{}", t["name"]);
+    }
+}
+
+#[test]
+fn mcp_sdk_calls_every_tool_confined() {
+    require_sandbox!();
+    if !python_mcp_available() {
+        return;
+    }
+    let r = scenario("every_tool", &[]);
+    assert!(ok(&r["bash"]), "{r}");
+    assert!(text(&r["bash"]).starts_with("uid=21"), "{r}");
+    assert!(text(&r["bash"]).ends_with("/workspace"), "{r}");
+    assert_eq!(r["bash_fails"], json!({"text": "no", "is_error": true}));
+    assert!(
+        ok(&r["write"]) && text(&r["write"]).contains("notes/a.txt"),
+        "{r}"
+    );
+    assert!(ok(&r["read"]) && text(&r["read"]).contains("beta"), "{r}");
+    assert!(ok(&r["edit"]), "{r}");
+    assert!(
+        text(&r["read_after_edit"]).contains("gamma")
+            && !text(&r["read_after_edit"]).contains("beta"),
+        "{r}"
+    );
+    assert_eq!(text(&r["glob"]), "/workspace/notes/a.txt", "{r}");
+    assert!(text(&r["grep"]).contains("a.txt:2:gamma"), "{r}");
+    // Confined: the file tools stay in the workspace, bash cannot read what
+    // the host keeps from other users.
+    assert!(!ok(&r["read_outside"]), "{r}");
+    assert!(text(&r["read_outside"]).contains("outside"), "{r}");
+    assert!(!ok(&r["bash_shadow"]), "{r}");
+    assert!(text(&r["bash_shadow"]).contains("Permission denied"), "{r}");
+    // An unknown tool is a protocol error naming the six; the server serves on.
+    let err = r["unknown_tool"]["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("unknown tool \"launch_missiles\"") && err.contains("bash, read, write"),
+        "{r}"
+    );
+    assert_eq!(
+        r["still_serving"],
+        json!({"text": "still here", "is_error": false})
+    );
+}
+
+#[test]
+fn mcp_bash_output_reaches_the_client_as_progress_while_it_runs() {
+    require_sandbox!();
+    if !python_mcp_available() {
+        return;
+    }
+    let r = scenario("progress", &[]);
+    assert_eq!(
+        r["result"],
+        json!({"text": "line1\nline2\nline3\nline4\ndone", "is_error": false})
+    );
+    let notes = r["notes"].as_array().unwrap();
+    // The lines come 0.4 s apart: more than one notification, each further
+    // on than the last, and together every byte of the output.
+    assert!(notes.len() >= 3, "{r}");
+    let progress: Vec<f64> = notes
+        .iter()
+        .map(|n| n["progress"].as_f64().unwrap())
+        .collect();
+    assert!(progress.windows(2).all(|w| w[0] < w[1]), "{progress:?}");
+    let streamed: String = notes
+        .iter()
+        .map(|n| n["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed.trim_end(), "line1\nline2\nline3\nline4\ndone");
+    assert_eq!(*progress.last().unwrap() as usize, streamed.len());
+}
+
+#[test]
+fn mcp_cancelled_call_is_killed_with_every_process_it_started() {
+    require_sandbox!();
+    if !python_mcp_available() {
+        return;
+    }
+    let m = marker();
+    let r = scenario("cancel", &[&m]);
+    // Both sleeps ran (seen from the host); after notifications/cancelled,
+    // none is left anywhere on the host.
+    assert_eq!(r["running_before"], 2, "{r}");
+    assert_eq!(r["running_after"], 0, "{r}");
+    assert!(r.get("long_call_returned").is_none(), "{r}");
+    // As hands.v1's Cancel: the shell went with the call; a restart brings a
+    // fresh one, with no sleep left in the session either.
+    assert!(text(&r["after_cancel"]).contains("restart required"), "{r}");
+    assert!(ok(&r["restart"]), "{r}");
+    assert_eq!(r["next"], json!({"text": "next\n0", "is_error": false}));
+}
+
+#[test]
+fn mcp_two_connections_are_two_isolated_sessions() {
+    require_sandbox!();
+    if !python_mcp_available() {
+        return;
+    }
+    let m = marker();
+    let r = scenario("isolation", &[&m]);
+    assert_ne!(text(&r["a_id"]), text(&r["b_id"]), "{r}");
+    assert!(ok(&r["a_write"]) && ok(&r["a_bg"]), "{r}");
+    // B sees neither A's files nor A's processes, and cannot signal them.
+    assert_eq!(text(&r["b_ls"]), ".\n..", "{r}");
+    assert!(!ok(&r["b_read"]), "{r}");
+    assert!(!text(&r["b_ps"]).contains(&format!("sleep {m}")), "{r}");
+    assert_eq!(text(&r["b_kill"]), "1", "{r}");
+    assert_eq!(r["a_still_running"], 1, "{r}");
+    // Closing the connections closed both sessions: A's background sleep too.
+    assert_eq!(r["left_after_close"], 0, "{r}");
+}
+
+/// `hands mcp` driven by raw JSON-RPC lines.
+struct Raw {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Raw {
+    fn start(extra_env: &[(&str, &Path)]) -> Raw {
+        Raw::start_with(&[], extra_env)
+    }
+
+    fn start_with(args: &[&str], extra_env: &[(&str, &Path)]) -> Raw {
+        let mut cmd = Command::new(hands_bin());
+        cmd.args(["mcp", "--env", "default"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+            if *k == "SUDO_UID" {
+                // Refused through sudo: its records go to the default log.
+                cmd.env_remove("HANDS_AUDIT_LOG");
+            }
+        }
+        let mut child = cmd.spawn().expect("start hands mcp");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut raw = Raw { child, lines };
+        raw.send_line(
+            &json!({"jsonrpc": "2.0", "id": "init", "method": "initialize", "params": {
+                "protocolVersion": "2025-11-25", "capabilities": {},
+                "clientInfo": {"name": "raw", "version": "1"}}})
+            .to_string(),
+        );
+        let init = raw.response(&json!("init"));
+        assert_eq!(init["result"]["serverInfo"]["name"], "hands", "{init}");
+        raw.send_line(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+        raw
+    }
+
+    fn send_line(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin open");
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// The next message with this id (`null` for errors the server could not
+    /// attach to a request).
+    fn response(&mut self, id: &Value) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!("no response with id {id} in 60 s"),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let mut err = String::new();
+                    let _ = std::io::Read::read_to_string(
+                        self.child.stderr.as_mut().unwrap(),
+                        &mut err,
+                    );
+                    panic!("hands mcp closed its stdout before answering {id}: {err}")
+                }
+            };
+            let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            if &v["id"] == id {
+                return v;
+            }
+        }
+    }
+
+    fn call(&mut self, id: &str, tool: &str, arguments: Value) -> Value {
+        self.send_line(
+            &json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                    "params": {"name": tool, "arguments": arguments}})
+            .to_string(),
+        );
+        self.response(&json!(id))
+    }
+
+    /// Closes stdin (the client hangs up) and waits for the exit.
+    fn hang_up(mut self) -> (std::process::ExitStatus, String) {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                let _ =
+                    std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err);
+                return (status, err);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hands mcp still runs 30 s after its client hung up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn result_text(v: &Value) -> String {
+    v["result"]["content"]
+        .as_array()
+        .map(|c| c.iter().filter_map(|b| b["text"].as_str()).collect())
+        .unwrap_or_default()
+}
+
+/// Processes on the host whose command line contains `pattern`.
+fn host_pids(pattern: &str) -> Vec<i32> {
+    let out = Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// The directories of a session process's groups on the host (`.../hands/sN`,
+/// one per v1 hierarchy or the one v2 group).
+fn session_groups(pid: i32) -> Vec<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            if !path.contains("/hands/s") {
+                return None;
+            }
+            let mount = match controllers {
+                "" => "/sys/fs/cgroup".to_string(),
+                c => format!("/sys/fs/cgroup/{c}"),
+            };
+            Some(std::path::PathBuf::from(format!("{mount}{path}")))
+        })
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+#[test]
+fn mcp_malformed_messages_get_clear_errors_and_the_server_serves_on() {
+    require_sandbox!();
+    let mut raw = Raw::start(&[]);
+    let expect_error = |raw: &mut Raw, line: &[u8], id: Value, code: i64, says: &str| {
+        let stdin = raw.child.stdin.as_mut().unwrap();
+        stdin.write_all(line).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+        let r = raw.response(&id);
+        assert_eq!(r["error"]["code"], code, "{r}");
+        let message = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{message:?} should say {says:?}");
+    };
+    expect_error(
+        &mut raw,
+        b"this is not json",
+        Value::Null,
+        -32700,
+        "not JSON",
+    );
+    expect_error(&mut raw, b"[1,2,3]", Value::Null, -32600, "JSON object");
+    expect_error(
+        &mut raw,
+        br#"{"jsonrpc":"2.0","id":"a1","method":"tools/call","params":{"name":"bash","arguments":"echo hi"}}"#,
+        json!("a1"),
+        -32602,
+        "params.arguments must be an object",
+    );
+    expect_error(
+        &mut raw,
+        br#"{"jsonrpc":"2.0","id":"a2","method":"tools/call","params":{"arguments":{}}}"#,
+        json!("a2"),
+        -32602,
+        "params.name",
+    );
+    expect_error(
+        &mut raw,
+        br#"{"jsonrpc":"2.0","id":"a3","method":"tools/call","params":{"name":"rm_rf","arguments":{}}}"#,
+        json!("a3"),
+        -32602,
+        "unknown tool \"rm_rf\"",
+    );
+    expect_error(
+        &mut raw,
+        br#"{"jsonrpc":"2.0","id":"a4","method":"no/such/method"}"#,
+        json!("a4"),
+        -32601,
+        "no/such/method",
+    );
+    // A message over the limit (the largest call input, 64 MiB, plus 1 MiB
+    // for the envelope) is read past, never held, and answered; the next one
+    // is served.
+    let huge = format!(
+        r#"{{"jsonrpc":"2.0","id":"big","method":"tools/call","params":{{"name":"write","arguments":{{"file_path":"x","content":"{}"}}}}}}"#,
+        "x".repeat(66 << 20)
+    );
+    expect_error(
+        &mut raw,
+        huge.as_bytes(),
+        Value::Null,
+        -32600,
+        "over the limit",
+    );
+    let r = raw.call("after", "bash", json!({"command": "echo serving"}));
+    assert_eq!(result_text(&r), "serving", "{r}");
+    assert_eq!(r["result"]["isError"], false, "{r}");
+    let (status, stderr) = raw.hang_up();
+    assert!(status.success(), "{status}: {stderr}");
+}
+
+#[test]
+fn mcp_a_client_that_hangs_up_closes_its_session_and_everything_in_it() {
+    require_sandbox!();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let m = marker();
+    let mut raw = Raw::start(&[("HANDS_AUDIT_LOG", &log)]);
+    let r = raw.call(
+        "bg",
+        "bash",
+        json!({"command": format!("(sleep {m} >/dev/null 2>&1 &); echo started")}),
+    );
+    assert_eq!(result_text(&r), "started", "{r}");
+    let pids = host_pids(&format!("sleep {m}"));
+    assert_eq!(pids.len(), 1, "{r}");
+    // The session's groups, as the host sees them.
+    let groups = session_groups(pids[0]);
+    assert!(!groups.is_empty(), "no session group for pid {}", pids[0]);
+    // A call still running when the client hangs up is cut short too.
+    raw.send_line(
+        &json!({"jsonrpc": "2.0", "id": "long", "method": "tools/call",
+                "params": {"name": "bash", "arguments": {"command": format!("sleep {m}1")}}})
+        .to_string(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while host_pids(&format!("sleep {m}1")).is_empty() {
+        assert!(Instant::now() < deadline, "the long call never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, stderr) = raw.hang_up();
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(
+        host_pids(&format!("sleep {m}")),
+        Vec::<i32>::new(),
+        "processes left after the hang-up"
+    );
+    assert_eq!(
+        host_pids(&format!("sleep {m}1")),
+        Vec::<i32>::new(),
+        "processes left after the hang-up"
+    );
+    for g in &groups {
+        assert!(
+            !g.exists(),
+            "session group {} left after the hang-up",
+            g.display()
+        );
+    }
+    // Every call is in the audit log as the MCP face's, with the client's id.
+    let records: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let bg = records
+        .iter()
+        .find(|r| r["call_id"] == "mcp-1-bg")
+        .unwrap_or_else(|| panic!("no record of mcp-1-bg: {records:?}"));
+    assert_eq!(bg["connector"], "mcp", "{bg}");
+    assert_eq!(bg["tool"], "bash", "{bg}");
+    assert_eq!(bg["outcome"], "completed", "{bg}");
+    let long = records
+        .iter()
+        .find(|r| r["call_id"] == "mcp-2-long")
+        .unwrap_or_else(|| panic!("no record of mcp-2-long: {records:?}"));
+    assert_ne!(long["outcome"], "completed", "{long}");
+}
+
+/// `hands mcp` started through sudo (`SUDO_UID`) works for that user only:
+/// their own directory as workspace, the operator's policies, none of hands'
+/// own paths or programs chosen by them. Each way past it is refused before
+/// anything is made.
+#[test]
+fn attack_mcp_through_sudo_reaches_no_more_than_the_users_own_files() {
+    require_sandbox!();
+    let theirs = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(theirs.path(), Some(4242), Some(4242)).unwrap();
+    let bobs = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(bobs.path(), Some(4343), Some(4343)).unwrap();
+    let refused = |extra: &[&str], env: &[(&str, &str)], says: &str| {
+        let mut cmd = Command::new(hands_bin());
+        cmd.args(["mcp", "--env", "default"])
+            .args(extra)
+            .env("SUDO_UID", "4242")
+            .env_remove("HANDS_AUDIT_LOG")
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?} {env:?}: {stderr}");
+        assert!(
+            stderr.contains(says),
+            "{extra:?} {env:?}: {stderr:?} should say {says:?}"
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "{extra:?}: no protocol output on a refusal"
+        );
+    };
+    let bob = bobs.path().to_str().unwrap();
+    refused(
+        &["--workspace", bob],
+        &[],
+        "owned by uid 4343, not by uid 4242",
+    );
+    refused(
+        &["--workspace", "/etc", "--allow-root-workspace"],
+        &[],
+        "--allow-root-workspace is refused",
+    );
+    refused(
+        &["--workspace", "/etc"],
+        &[],
+        "owned by uid 0, not by uid 4242",
+    );
+    refused(&["--policy-dir", bob], &[], "only the operator's policies");
+    refused(
+        &[],
+        &[("HANDS_POLICY_DIR", bob)],
+        "HANDS_POLICY_DIR must not be set",
+    );
+    refused(
+        &[],
+        &[("HANDS_HELPER_EXE", "/tmp/evil")],
+        "HANDS_HELPER_EXE must not be set",
+    );
+    refused(
+        &[],
+        &[("HANDS_AUDIT_LOG", "/etc/passwd")],
+        "HANDS_AUDIT_LOG must not be set",
+    );
+
+    // Their own directory is served, and what the agent writes there is theirs.
+    let dir = theirs.path().to_path_buf();
+    let mut cmd_env: Vec<(&str, &Path)> = Vec::new();
+    let uid = Path::new("4242");
+    cmd_env.push(("SUDO_UID", uid));
+    let mut raw = Raw::start_with(&["--workspace", dir.to_str().unwrap()], &cmd_env);
+    let r = raw.call(
+        "w",
+        "write",
+        json!({"file_path": "made.txt", "content": "hi\n"}),
+    );
+    assert_eq!(r["result"]["isError"], false, "{r}");
+    let (status, stderr) = raw.hang_up();
+    assert!(status.success(), "{status}: {stderr}");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir.join("made.txt")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (4242, 4242));
+}
