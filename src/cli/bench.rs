@@ -51,6 +51,10 @@ pub struct Args {
     /// against the same without hands.
     #[arg(long, conflicts_with = "tunnel")]
     egress: bool,
+    /// Measure the MCP face instead: bash and read through `hands mcp` over
+    /// stdio against the same calls in process.
+    #[arg(long, conflicts_with_all = ["tunnel", "egress"])]
+    mcp: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -200,6 +204,9 @@ pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result
     }
     if args.egress {
         return super::bench_egress::run(args.iterations, args.opens, args.json, lookup);
+    }
+    if args.mcp {
+        return super::bench_mcp::run(args.iterations, args.json, lookup);
     }
     let policy: Policy = lookup.load()?.policy("default")?;
     let policy = Arc::new(policy);

@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod bench;
 pub mod bench_egress;
+pub mod bench_mcp;
 pub mod bench_tunnel;
 pub mod conformance;
 pub mod demo;
