@@ -24,7 +24,13 @@ struct Client {
 impl Client {
     async fn start(ws: &std::path::Path) -> anyhow::Result<Client> {
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
-            .args(["mcp", "--env", "default", "--allow-root-workspace", "--workspace"])
+            .args([
+                "mcp",
+                "--env",
+                "default",
+                "--allow-root-workspace",
+                "--workspace",
+            ])
             .arg(ws)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -110,7 +116,9 @@ async fn measure(
     n: usize,
     lookup: &crate::policy::lookup::Lookup,
 ) -> anyhow::Result<(Vec<Row>, Value)> {
-    let scratch = tempfile::Builder::new().prefix("hands-bench-mcp-").tempdir()?;
+    let scratch = tempfile::Builder::new()
+        .prefix("hands-bench-mcp-")
+        .tempdir()?;
     let ws = scratch.path().join("ws");
     std::fs::create_dir(&ws)?;
     let line = "the quick brown fox jumps over the lazy dog, 0123456789\n";
@@ -149,8 +157,14 @@ async fn measure(
         ensure!(!r.is_error, "read in process: {}", r.text_content());
         let d3 = t.elapsed();
         if round == 0 {
-            let got = m["result"]["content"][0]["text"].as_str().unwrap_or_default();
-            ensure!(got.len() >= text.len(), "the MCP read returned {} bytes", got.len());
+            let got = m["result"]["content"][0]["text"]
+                .as_str()
+                .unwrap_or_default();
+            ensure!(
+                got.len() >= text.len(),
+                "the MCP read returned {} bytes",
+                got.len()
+            );
         }
         if keep {
             for (s, d) in v.iter_mut().zip([d0, d1, d2, d3]) {

@@ -569,3 +569,104 @@ fn attack_mcp_through_sudo_reaches_no_more_than_the_users_own_files() {
     let meta = std::fs::metadata(dir.join("made.txt")).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (4242, 4242));
 }
+
+/// The MCP Inspector (npm `@modelcontextprotocol/inspector`, CLI mode, with
+/// the Node 22 it asks for), installed by `.ci/run` into
+/// `$HANDS_TEST_MCP_INSPECTOR` (default `~/.cache/hands-npm/inspector-1.0.3`).
+fn inspector() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("HANDS_TEST_MCP_INSPECTOR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/hands-npm/inspector-1.0.3"))
+        })?;
+    if dir.join("node_modules/.bin/mcp-inspector").exists() {
+        return Some(dir);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "the MCP Inspector is required under CI=true (.ci/run installs it): none in {}",
+            dir.display()
+        );
+    }
+    eprintln!(
+        "SKIP: the MCP Inspector is not installed in {}",
+        dir.display()
+    );
+    None
+}
+
+/// One `mcp-inspector --cli` run against `hands mcp`; its JSON answer.
+fn inspect(dir: &Path, args: &[&str]) -> Value {
+    let bin = dir.join("node_modules/.bin");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(bin.join("mcp-inspector"))
+        .arg("--cli")
+        .args([hands_bin(), "mcp", "--env", "default"])
+        .args(args)
+        .env("PATH", path)
+        .output()
+        .expect("run the MCP Inspector");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "mcp-inspector {args:?}: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[test]
+fn mcp_inspector_cli_lists_and_calls_the_tools() {
+    require_sandbox!();
+    let Some(dir) = inspector() else { return };
+    let listed = inspect(&dir, &["--method", "tools/list"]);
+    let names: Vec<&str> = listed["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{listed}"))
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["bash", "read", "write", "edit", "glob", "grep"],
+        "{listed}"
+    );
+    let called = inspect(
+        &dir,
+        &[
+            "--method",
+            "tools/call",
+            "--tool-name",
+            "bash",
+            "--tool-arg",
+            "command=echo from-inspector; id -u",
+        ],
+    );
+    assert_eq!(called["isError"], false, "{called}");
+    let text = called["content"][0]["text"].as_str().unwrap_or_default();
+    assert!(text.starts_with("from-inspector\n21"), "{called}");
+    let refused = inspect(
+        &dir,
+        &[
+            "--method",
+            "tools/call",
+            "--tool-name",
+            "read",
+            "--tool-arg",
+            "file_path=/etc/shadow",
+        ],
+    );
+    assert_eq!(refused["isError"], true, "{refused}");
+    assert!(
+        refused["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("outside"),
+        "{refused}"
+    );
+}
