@@ -186,6 +186,16 @@ async fn each_face_s_call_appears_once_with_the_client_s_ids() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("exec-secret-output"));
+    // hands mcp: an MCP client's tools/call, request id "audit1".
+    let mut mcp = crate::mcp::Raw::start(&[("HANDS_AUDIT_LOG", &log)]);
+    let r = mcp.call(
+        "audit1",
+        "bash",
+        json!({"command": "echo mcp-secret-output"}),
+    );
+    assert!(r.to_string().contains("mcp-secret-output"), "{r}");
+    let (status, stderr) = mcp.hang_up();
+    assert!(status.success(), "{status}: {stderr}");
 
     let all = records(&log);
     let host = hands::util::hostname();
@@ -213,6 +223,7 @@ async fn each_face_s_call_appears_once_with_the_client_s_ids() {
         ),
         ("call-tool", "hands-tool", "", "bash", host.as_str()),
         ("call-exec", "hands-exec", "", "exec", host.as_str()),
+        ("mcp-1-audit1", "mcp", "", "bash", host.as_str()),
     ] {
         let r = only_record(&all, call_id);
         assert_eq!(r["kind"], "call", "{r}");

@@ -197,13 +197,13 @@ fn mcp_two_connections_are_two_isolated_sessions() {
 }
 
 /// `hands mcp` driven by raw JSON-RPC lines.
-struct Raw {
+pub(crate) struct Raw {
     child: Child,
     lines: mpsc::Receiver<String>,
 }
 
 impl Raw {
-    fn start(extra_env: &[(&str, &Path)]) -> Raw {
+    pub(crate) fn start(extra_env: &[(&str, &Path)]) -> Raw {
         Raw::start_with(&[], extra_env)
     }
 
@@ -277,7 +277,7 @@ impl Raw {
         }
     }
 
-    fn call(&mut self, id: &str, tool: &str, arguments: Value) -> Value {
+    pub(crate) fn call(&mut self, id: &str, tool: &str, arguments: Value) -> Value {
         self.send_line(
             &json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
                     "params": {"name": tool, "arguments": arguments}})
@@ -287,7 +287,7 @@ impl Raw {
     }
 
     /// Closes stdin (the client hangs up) and waits for the exit.
-    fn hang_up(mut self) -> (std::process::ExitStatus, String) {
+    pub(crate) fn hang_up(mut self) -> (std::process::ExitStatus, String) {
         drop(self.child.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
