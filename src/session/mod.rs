@@ -565,10 +565,11 @@ pub fn limit_notes(
     let outer = outer();
     let own_memory = format_size(limits.memory_bytes);
     if killed {
-        let own_hit = match (before.own_limit_ooms, after.own_limit_ooms) {
-            (Some(b), Some(a)) => Some(a > b),
-            _ => None,
-        };
+        // A first reading has nothing before it: the kernel's counter started
+        // at zero.
+        let own_hit = after
+            .own_limit_ooms
+            .map(|a| a > before.own_limit_ooms.unwrap_or(0));
         notes.push(match (own_hit, outer.memory_bytes) {
             (Some(true), _) | (None, None) => {
                 format!("killed: the session's memory limit ({own_memory}) was reached")
@@ -735,6 +736,24 @@ mod tests {
         assert_eq!(
             notes(V2, after, OuterLimits::default()),
             ["killed: the host ran out of memory; the session's limit (1 GiB) was not reached"]
+        );
+        // A session's first call compares with no reading at all (the worker
+        // keeps the last one it saw, empty at first): still cgroup v2.
+        assert_eq!(
+            notes(LimitEvents::default(), after, POD),
+            [
+                "killed: the worker's memory limit (512 MiB, shared by all its sessions) was \
+              reached; the session's own (1 GiB) was not"
+            ]
+        );
+        let own = LimitEvents {
+            oom_kills: 1,
+            own_limit_ooms: Some(1),
+            ..V2
+        };
+        assert_eq!(
+            notes(LimitEvents::default(), own, POD),
+            ["killed: the session's memory limit (1 GiB) was reached"]
         );
         // v1 cannot tell: both are named.
         let after = LimitEvents { oom_kills: 1, ..V1 };
