@@ -542,6 +542,27 @@ pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints a bench's rows and figures: JSON, or the table and one line per
+/// figure.
+pub(super) fn report(
+    rows: &[Row],
+    figures: &serde_json::Value,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"rows": rows, "figures": figures}))?
+        );
+    } else {
+        print_table(rows);
+        for (k, v) in figures.as_object().into_iter().flatten() {
+            println!("{k:<58} {v}");
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn print_table(rows: &[Row]) {
     let uname = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())

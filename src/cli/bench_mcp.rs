@@ -98,17 +98,7 @@ pub fn run(
 ) -> anyhow::Result<ExitCode> {
     let rt = super::runtime()?;
     let (rows, figures) = rt.block_on(measure(iterations, lookup))?;
-    if json_out {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"rows": rows, "figures": figures}))?
-        );
-    } else {
-        super::bench::print_table(&rows);
-        for (k, v) in figures.as_object().into_iter().flatten() {
-            println!("{k:<58} {v}");
-        }
-    }
+    super::bench::report(&rows, &figures, json_out)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -318,17 +318,7 @@ async fn bench(
     stop.send_replace(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), gateway).await;
     let (rows, extra) = result?;
-    if json_out {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"rows": rows, "figures": extra}))?
-        );
-    } else {
-        super::bench::print_table(&rows);
-        for (k, v) in extra.as_object().into_iter().flatten() {
-            println!("{k:<58} {v}");
-        }
-    }
+    super::bench::report(&rows, &extra, json_out)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -48,9 +48,12 @@ fn scenario(name: &str, args: &[&str]) -> Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
-/// A marker no other test's processes carry: a number of seconds to sleep.
-fn marker() -> String {
-    (40_000 + std::process::id() % 20_000).to_string()
+/// A marker no other test's processes carry: a number of seconds to sleep,
+/// five digits, distinct per test (`which`) and per run of the suite. Tests
+/// run in parallel and count the host's processes by it, so no two may share
+/// one (nor may one be a prefix of another's: all are five digits).
+fn marker(which: u32) -> String {
+    (40_000 + (std::process::id() % 10_000) * 4 + which).to_string()
 }
 
 fn text(r: &Value) -> &str {
@@ -70,7 +73,9 @@ fn mcp_sdk_lists_the_six_tools_with_the_toolsets_schemas() {
     let r = scenario("tools", &[]);
     assert_eq!(r["server"], "hands");
     assert!(
-        text(&json!({"text": r["instructions"]})).contains("\"default\" environment"),
+        r["instructions"]
+            .as_str()
+            .is_some_and(|i| i.contains("\"default\" environment")),
         "{r}"
     );
     let defs: Vec<Value> =
@@ -162,7 +167,7 @@ fn mcp_cancelled_call_is_killed_with_every_process_it_started() {
     if !python_mcp_available() {
         return;
     }
-    let m = marker();
+    let m = marker(1);
     let r = scenario("cancel", &[&m]);
     // Both sleeps ran (seen from the host); after notifications/cancelled,
     // none is left anywhere on the host.
@@ -182,7 +187,7 @@ fn mcp_two_connections_are_two_isolated_sessions() {
     if !python_mcp_available() {
         return;
     }
-    let m = marker();
+    let m = marker(2);
     let r = scenario("isolation", &[&m]);
     assert_ne!(text(&r["a_id"]), text(&r["b_id"]), "{r}");
     assert!(ok(&r["a_write"]) && ok(&r["a_bg"]), "{r}");
@@ -422,7 +427,7 @@ fn mcp_a_client_that_hangs_up_closes_its_session_and_everything_in_it() {
     require_sandbox!();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit.jsonl");
-    let m = marker();
+    let m = marker(3);
     let mut raw = Raw::start(&[("HANDS_AUDIT_LOG", &log)]);
     let r = raw.call(
         "bg",
