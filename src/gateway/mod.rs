@@ -212,6 +212,7 @@ pub async fn run(
             max_connections: budgets.api,
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
+            drain: crate::net::httpd::DRAIN,
         },
         gw.clone(),
         shutdown,

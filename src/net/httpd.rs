@@ -41,8 +41,8 @@ const REFUSING: usize = 32;
 /// server then waits for the client to close.
 const REFUSAL_LINGER: Duration = Duration::from_millis(250);
 
-/// How long in-flight requests may take to finish at shutdown.
-const DRAIN: Duration = Duration::from_secs(10);
+/// How long in-flight requests may take to finish at shutdown, usually.
+pub const DRAIN: Duration = Duration::from_secs(10);
 
 /// What a listener's owner learns of its connections. Every method defaults
 /// to doing nothing.
@@ -146,6 +146,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// At shutdown, how long requests in flight may take to finish.
+    pub drain: Duration,
 }
 
 /// The answer of a connection over the budget: `503 Service Unavailable`
@@ -165,6 +167,27 @@ pub async fn serve<O: Observer>(
     limits: Limits,
     refusal: Refusal,
     observer: Arc<O>,
+    stop: watch::Receiver<bool>,
+) {
+    serve_with(
+        listener, what, router, limits, refusal, None, observer, stop,
+    )
+    .await
+}
+
+/// Serves as [`serve`] does, over TLS when `tls` is given: the handshake must
+/// end within the header timeout (it counts as the first request's head), and
+/// a connection over the budget is closed unanswered (a plain-text 503 means
+/// nothing to a TLS client).
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_with<O: Observer>(
+    listener: TcpListener,
+    what: &'static str,
+    router: axum::Router,
+    limits: Limits,
+    refusal: Refusal,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    observer: Arc<O>,
     mut stop: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -177,24 +200,45 @@ pub async fn serve<O: Observer>(
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let (router, observer, stop) = (router.clone(), observer.clone(), stop.clone());
+                let tls = tls.clone();
                 conns.spawn(async move {
                     observer.connection_opened();
-                    serve_connection(tcp, router, limits, &*observer, stop).await;
+                    match tls {
+                        None => serve_connection(tcp, router, limits, &*observer, stop).await,
+                        Some(tls) => {
+                            let shake =
+                                tokio::time::timeout(limits.header_read_timeout, tls.accept(tcp));
+                            match shake.await {
+                                Ok(Ok(stream)) => {
+                                    serve_connection(stream, router, limits, &*observer, stop)
+                                        .await
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::debug!(listener = what, error = %e, "TLS handshake failed")
+                                }
+                                Err(_) => observer.connection_timed_out("tls_handshake"),
+                            }
+                        }
+                    }
                     observer.connection_closed();
                     drop(permit);
                 });
             }
             Err(_) => {
                 observer.connection_refused();
-                refuse(tcp, &refusing, &refusal);
+                if tls.is_none() {
+                    refuse(tcp, &refusing, &refusal);
+                }
             }
         }
         while conns.try_join_next().is_some() {}
     }
     // Every connection saw `stop` too: idle ones are closed, requests in
-    // flight finish (their connections then close) or are cut after DRAIN.
-    let drained =
-        tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} }).await;
+    // flight finish (their connections then close) or are cut after the drain.
+    let drained = tokio::time::timeout(limits.drain, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
     if drained.is_err() {
         tracing::warn!(
             listener = what,
@@ -409,12 +453,12 @@ impl http_body::Body for TrackedBody {
 
 /// A connection's socket, reporting reads and blocked writes to its
 /// [`Activity`].
-struct Watched {
-    tcp: TcpStream,
+struct Watched<S> {
+    tcp: S,
     activity: Arc<Activity>,
 }
 
-impl Watched {
+impl<S> Watched<S> {
     fn wrote(&self, r: &Poll<io::Result<usize>>) {
         match r {
             Poll::Pending => {
@@ -438,7 +482,7 @@ impl Watched {
     }
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -459,7 +503,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -497,8 +541,8 @@ impl AsyncWrite for Watched {
 
 /// Serves one connection until it ends, its watchdog expires, or `stop`
 /// (then requests in flight finish and the connection closes).
-async fn serve_connection(
-    tcp: TcpStream,
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    tcp: S,
     router: axum::Router,
     limits: Limits,
     observer: &dyn Observer,
@@ -563,6 +607,7 @@ mod tests {
             max_connections: 1,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            drain: DRAIN,
         }
     }
 

@@ -29,6 +29,16 @@
 //! max_bytes = "64MiB"               # rotated past this size (0: never); the chain carries over
 //! keep = 10                         # rotated files kept (audit.jsonl.1 … .10)
 //!
+//! [mcp]                             # MCP over streamable HTTP (the six tools for MCP clients)
+//! listen = "127.0.0.1:7310"         # loopback; any other address needs tls_* and token_file or client_ca
+//! idle_timeout_secs = 1800          # an MCP session with no call running is closed after this; 0 = never
+//! token_file = "/etc/hands/mcp-token"   # bearer token every request must carry
+//! tls_cert = "/etc/hands/pki/mcp.pem"   # serve HTTPS with this certificate and key
+//! tls_key = "/etc/hands/pki/mcp-key.pem"
+//! client_ca = "/etc/hands/pki/mcp-clients.pem"  # require client certificates chaining to it
+//! [mcp.endpoints]                   # path → environment (default: /mcp/<name> for each environment)
+//! "/mcp" = "default"
+//!
 //! [metrics]                         # Prometheus metrics and health probes
 //! listen = "0.0.0.0:9464"           # GET /metrics, /livez, /readyz; any address (no session data)
 //!
@@ -89,6 +99,8 @@ struct RawConfig {
     audit: Option<RawAudit>,
     #[serde(default)]
     metrics: Option<RawMetrics>,
+    #[serde(default)]
+    mcp: Option<crate::connectors::mcp::http::Raw>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +241,8 @@ pub struct Config {
     /// The metrics and health listener (`[metrics] listen`): `GET /metrics`,
     /// `/livez`, `/readyz`; any address, as it serves no session data.
     pub metrics_listen: Option<SocketAddr>,
+    /// The MCP face over streamable HTTP (`[mcp]`).
+    pub mcp: Option<crate::connectors::mcp::http::HttpConfig>,
 }
 
 pub use crate::configfile::ConfigError;
@@ -345,6 +359,10 @@ impl Config {
                 Some(c)
             }
         };
+        let mcp = match raw.mcp {
+            None => None,
+            Some(m) => Some(m.validate(base, &names, &invalid)?),
+        };
         let journal = journal_limits(raw.journal, &invalid)?;
         let session_idle_timeout = match raw.sessions.and_then(|s| s.idle_timeout_secs) {
             None => Some(DEFAULT_IDLE_TIMEOUT),
@@ -401,6 +419,7 @@ impl Config {
             journal,
             session_idle_timeout,
             metrics_listen,
+            mcp,
         })
     }
 }

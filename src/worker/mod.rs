@@ -1,7 +1,8 @@
 //! The worker daemon: one session registry, and the ways brains reach it: the
-//! outbound mTLS tunnel (`crate::tunnel`) and the loopback debug listener. Both
-//! serve the same routes: `hands.v1.Sandbox` with gRPC health and reflection
-//! (so `grpcurl` works). While it serves, sessions left idle by their clients
+//! outbound mTLS tunnel (`crate::tunnel`) and the loopback debug listener, which
+//! serve the same routes (`hands.v1.Sandbox` with gRPC health and reflection,
+//! so `grpcurl` works); the MCP listener (`[mcp]`, streamable HTTP); and the
+//! Claude Managed Agents connector. While it serves, sessions left idle by their clients
 //! are closed (`[sessions] idle_timeout_secs`).
 //!
 //! Stopping ([`serve`] once `shutdown` turns true: the first SIGTERM, a
@@ -51,6 +52,8 @@ pub enum WorkerError {
     Connector(crate::connectors::cma::worker::ConnectorError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Mcp(#[from] crate::connectors::mcp::http::HttpError),
     #[error("metrics listener {addr}: {cause}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -188,6 +191,7 @@ pub async fn serve(
     );
     let idle = registry.clone().close_idle_until(shutdown.clone());
     let metrics = registry.metrics().cloned();
+    let mcp_registry = registry.clone();
     let routes = routes(config, registry).await?;
     let tunnel = match &config.tunnel {
         Some(t) => {
@@ -251,6 +255,20 @@ pub async fn serve(
             t.await
         }
     };
+    let mcp = async {
+        match &config.mcp {
+            Some(m) => crate::connectors::mcp::http::serve(
+                m.clone(),
+                mcp_registry,
+                config.shutdown_grace,
+                |_| {},
+                shutdown.clone(),
+            )
+            .await
+            .map_err(WorkerError::from),
+            None => Ok(()),
+        }
+    };
     let anthropic = async {
         match &config.anthropic {
             Some(a) => crate::connectors::cma::worker::run(
@@ -275,8 +293,8 @@ pub async fn serve(
     // teardown (memory flush), which this does not cut.
     let hands_v1 = async {
         let servers = async {
-            let (debug, ()) = tokio::join!(debug, tunnel);
-            debug
+            let (debug, (), mcp) = tokio::join!(debug, tunnel, mcp);
+            debug.and(mcp)
         };
         tokio::select! {
             r = servers => r,

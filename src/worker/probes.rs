@@ -37,6 +37,7 @@ const LIMITS: crate::net::httpd::Limits = crate::net::httpd::Limits {
     max_connections: MAX_CONNECTIONS,
     header_read_timeout: Duration::from_secs(10),
     idle_timeout: Duration::from_secs(30),
+    drain: crate::net::httpd::DRAIN,
 };
 
 /// A running metrics and health listener.

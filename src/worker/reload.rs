@@ -96,7 +96,7 @@ pub fn apply(
     // Compared by their full, validated values.
     let same =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
-    let keys: [(&'static str, bool); 8] = [
+    let keys: [(&'static str, bool); 9] = [
         ("worker_id", running.worker_id == new.worker_id),
         ("listen", running.listen == new.listen),
         (
@@ -111,6 +111,8 @@ pub fn apply(
             running.session_idle_timeout == new.session_idle_timeout,
         ),
         ("audit", same(&running.audit, &new.audit)),
+        // Compared with its token (its Debug hides it).
+        ("mcp", running.mcp == new.mcp),
     ];
     r.needs_restart = keys.iter().filter(|(_, s)| !s).map(|(k, _)| *k).collect();
     registry.set_environments(new.policies.iter().cloned());

@@ -28,14 +28,22 @@ fn python_mcp_available() -> bool {
     ok
 }
 
-/// Runs a scenario of `tests/mcp/client.py` and returns its report.
+/// Runs a scenario of `tests/mcp/client.py` against `hands mcp` over stdio
+/// and returns its report.
 fn scenario(name: &str, args: &[&str]) -> Value {
+    scenario_at(hands_bin(), &[], name, args)
+}
+
+/// Runs a scenario of `tests/mcp/client.py` against `target` (the hands
+/// binary, or a base URL of MCP endpoints) with `env` (`MCP_TOKEN`, …).
+fn scenario_at(target: &str, env: &[(&str, &str)], name: &str, args: &[&str]) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp/client.py");
     let out = Command::new("python3")
         .arg(&script)
         .arg(name)
-        .arg(hands_bin())
+        .arg(target)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run the MCP client");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -684,4 +692,473 @@ fn mcp_inspector_cli_lists_and_calls_the_tools() {
             .contains("outside"),
         "{refused}"
     );
+}
+
+// ---- over streamable HTTP: the worker's [mcp] listener ----
+
+/// A free loopback port (bound, then released for the worker to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A worker serving MCP over streamable HTTP on a port of its own, with
+/// `mcp` (more keys of `[mcp]`) and `default` and `strict` offered.
+struct HttpWorker {
+    daemon: crate::worker::Daemon,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl HttpWorker {
+    fn start(mcp: &str) -> HttpWorker {
+        let dir = tempfile::tempdir().unwrap();
+        HttpWorker::start_in(dir, mcp)
+    }
+
+    fn start_in(dir: tempfile::TempDir, mcp: &str) -> HttpWorker {
+        let port = free_port();
+        let config = format!(
+            "{}environments = [\"default\", \"strict\"]\n[mcp]\nlisten = \"127.0.0.1:{port}\"\n{mcp}\n",
+            crate::worker::LISTEN
+        );
+        let daemon = crate::worker::Daemon::start(dir.path(), &config, &[], &[]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !daemon.stderr().contains("mcp: listening") {
+            assert!(
+                Instant::now() < deadline,
+                "the MCP listener did not start:\n{}",
+                daemon.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        HttpWorker {
+            daemon,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn base(&self, scheme: &str) -> String {
+        let host = if scheme == "https" {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
+        format!("{scheme}://{host}:{}/mcp", self.port)
+    }
+}
+
+/// One HTTP request with curl (an independent client): status and body.
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "-", "-w", "\n%{http_code}", "--max-time", "30"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+const JSON_RPC: [&str; 4] = [
+    "-H",
+    "content-type: application/json",
+    "-H",
+    "accept: application/json, text/event-stream",
+];
+
+fn init_body() -> String {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "curl", "version": "1"}}})
+    .to_string()
+}
+
+#[test]
+fn mcp_http_sdk_lists_tools_and_calls_every_tool_confined() {
+    require_sandbox!();
+    if !python_mcp_available() {
+        return;
+    }
+    let w = HttpWorker::start("");
+    let base = w.base("http");
+    let r = scenario_at(&base, &[], "tools", &[]);
+    let names: Vec<&str> = r["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["bash", "read", "write", "edit", "glob", "grep"],
+        "{r}"
+    );
+    assert!(
+        r["instructions"].as_str().unwrap().contains("\"default\""),
+        "{r}"
+    );
+    // The path chose the environment; nothing the client sends can.
+    let strict = scenario_at(&base, &[], "tools", &["strict"]);
+    assert!(
+        strict["instructions"]
+            .as_str()
+            .unwrap()
+            .contains("\"strict\""),
+        "{strict}"
+    );
+    let r = scenario_at(&base, &[], "every_tool", &[]);
+    assert!(
+        ok(&r["bash"]) && text(&r["bash"]).contains("/workspace"),
+        "{r}"
+    );
+    assert!(!text(&r["bash"]).contains("uid=0\n"), "{r}");
+    assert!(!ok(&r["bash_fails"]), "{r}");
+    assert_eq!(text(&r["read_after_edit"]), "alpha\ngamma\n", "{r}");
+    assert!(!ok(&r["read_outside"]), "{r}");
+    assert!(!ok(&r["bash_shadow"]), "{r}");
+    assert!(
+        r["unknown_tool"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown tool")),
+        "{r}"
+    );
+    assert!(ok(&r["still_serving"]), "{r}");
+    // Each call is in the worker's audit log under the connector `mcp`.
+    let audit = w.daemon.stderr();
+    assert!(audit.contains(r#""connector":"mcp""#), "{audit}");
+}
+
+#[test]
+fn mcp_http_bash_output_streams_as_progress() {
+    require_sandbox!();
+    if !python_mcp_available() {
+        return;
+    }
+    let w = HttpWorker::start("");
+    let r = scenario_at(&w.base("http"), &[], "progress", &[]);
+    let notes = r["notes"].as_array().unwrap();
+    assert!(notes.len() >= 3, "{r}");
+    let streamed: String = notes
+        .iter()
+        .map(|n| n["message"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        streamed.trim_end(),
+        "line1\nline2\nline3\nline4\ndone",
+        "{r}"
+    );
+}
+
+#[test]
+fn mcp_http_cancelled_call_is_killed_with_every_process_it_started() {
+    require_sandbox!();
+    if !python_mcp_available() {
+        return;
+    }
+    let w = HttpWorker::start("");
+    let m = marker(5);
+    let r = scenario_at(&w.base("http"), &[], "cancel", &[&m]);
+    assert_eq!(r["running_before"], 2, "{r}");
+    assert_eq!(r["running_after"], 0, "{r}");
+    assert!(text(&r["after_cancel"]).contains("restart required"), "{r}");
+    assert_eq!(r["next"], json!({"text": "next\n0", "is_error": false}));
+}
+
+#[test]
+fn mcp_http_two_sessions_are_isolated_and_end_with_their_clients() {
+    require_sandbox!();
+    if !python_mcp_available() {
+        return;
+    }
+    let w = HttpWorker::start("");
+    let m = marker(6);
+    let r = scenario_at(&w.base("http"), &[], "isolation", &[&m]);
+    assert_ne!(text(&r["a_id"]), text(&r["b_id"]), "{r}");
+    assert_eq!(text(&r["b_ls"]), ".\n..", "{r}");
+    assert!(!ok(&r["b_read"]), "{r}");
+    assert_eq!(text(&r["b_kill"]), "1", "{r}");
+    assert_eq!(r["a_still_running"], 1, "{r}");
+    // The clients' DELETEs closed both sessions, A's background sleep too.
+    assert_eq!(r["left_after_close"], 0, "{r}");
+    assert!(w.daemon.stderr().contains("mcp: session closed"));
+}
+
+/// Opens an MCP session with curl: its `Mcp-Session-Id`.
+fn curl_session(url: &str, extra: &[&str]) -> String {
+    let body = init_body();
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "30",
+            "-X",
+            "POST",
+        ])
+        .args(JSON_RPC)
+        .args(extra)
+        .args(["--data", &body, url])
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_string();
+    head.lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("mcp-session-id:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no session id: {head}"))
+}
+
+fn curl_call(url: &str, session: &str, extra: &[&str], command: &str) -> (u16, String) {
+    let sid = format!("mcp-session-id: {session}");
+    let body = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "bash", "arguments": {"command": command}}})
+    .to_string();
+    let mut args: Vec<&str> = vec!["-X", "POST"];
+    args.extend(JSON_RPC);
+    args.extend(["-H", "mcp-protocol-version: 2025-11-25", "-H", &sid]);
+    args.extend(extra);
+    args.extend(["--data", &body, url]);
+    curl(&args)
+}
+
+#[test]
+fn mcp_http_an_abandoned_session_is_closed_after_the_idle_timeout() {
+    require_sandbox!();
+    let w = HttpWorker::start("idle_timeout_secs = 2");
+    let url = format!("{}/default", w.base("http"));
+    let m = marker(7);
+    let sid = curl_session(&url, &[]);
+    let (code, body) = curl_call(
+        &url,
+        &sid,
+        &[],
+        &format!("(sleep {m} >/dev/null 2>&1 &); echo up"),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("up"), "{body}");
+    assert_eq!(host_pids(&format!("sleep {m}")).len(), 1);
+    // A call running past the timeout keeps its session…
+    let (code, body) = curl_call(&url, &sid, &[], "sleep 3; echo kept");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("kept"), "{body}");
+    // …and with nothing running and no request, it is closed: its processes go.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !host_pids(&format!("sleep {m}")).is_empty() {
+        assert!(Instant::now() < deadline, "{}", w.daemon.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(w.daemon.stderr().contains("closing an idle session"));
+    // The client learns the session is gone (404, as MCP asks).
+    let (code, _) = curl_call(&url, &sid, &[], "echo again");
+    assert_eq!(code, 404);
+}
+
+#[test]
+fn mcp_http_delete_closes_the_session_and_everything_in_it() {
+    require_sandbox!();
+    let w = HttpWorker::start("");
+    let url = format!("{}/default", w.base("http"));
+    let m = marker(8);
+    let sid = curl_session(&url, &[]);
+    let (code, body) = curl_call(
+        &url,
+        &sid,
+        &[],
+        &format!("(sleep {m} >/dev/null 2>&1 &); echo up"),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(host_pids(&format!("sleep {m}")).len(), 1);
+    let (code, body) = curl(&[
+        "-X",
+        "DELETE",
+        "-H",
+        &format!("mcp-session-id: {sid}"),
+        &url,
+    ]);
+    assert_eq!(code, 204, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !host_pids(&format!("sleep {m}")).is_empty() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, _) = curl_call(&url, &sid, &[], "echo again");
+    assert_eq!(code, 404);
+}
+
+#[test]
+fn mcp_http_bad_requests_get_clear_errors_and_the_listener_serves_on() {
+    require_sandbox!();
+    let w = HttpWorker::start("");
+    let url = format!("{}/default", w.base("http"));
+    let post = |extra: &[&str], body: &str| {
+        let mut args: Vec<&str> = vec!["-X", "POST"];
+        args.extend(JSON_RPC);
+        args.extend(extra);
+        args.extend(["--data-binary", body, &url]);
+        curl(&args)
+    };
+    // Not JSON.
+    let (code, body) = post(&[], "{not json");
+    assert!((400..500).contains(&code), "{code} {body}");
+    // A call without a session.
+    let (code, body) = post(
+        &[],
+        r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"bash","arguments":{"command":"id"}}}"#,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_lowercase().contains("session"), "{body}");
+    // An unknown path: the paths served are named.
+    let (code, body) = curl(&[&format!("http://127.0.0.1:{}/elsewhere", w.port)]);
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("/mcp/default"), "{body}");
+    // A Host that is not loopback (DNS rebinding from a browser).
+    let (code, _) = post(&["-H", "host: attacker.example"], &init_body());
+    assert_eq!(code, 403);
+    // A body over the limit is refused unread past the limit.
+    let big = tempfile::NamedTempFile::new().unwrap();
+    big.as_file().set_len(70 << 20).unwrap();
+    let at = format!("@{}", big.path().display());
+    let (code, _) = post(&[], &at);
+    assert_eq!(code, 413);
+    // An unknown tool in a session: a JSON-RPC error naming the six.
+    let sid = curl_session(&url, &[]);
+    let sid_h = format!("mcp-session-id: {sid}");
+    let (code, body) = post(
+        &["-H", &sid_h, "-H", "mcp-protocol-version: 2025-11-25"],
+        r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"launch","arguments":{}}}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("-32602") && body.contains("bash, read"),
+        "{body}"
+    );
+    // And the session serves on.
+    let (code, body) = curl_call(&url, &sid, &[], "echo still");
+    assert_eq!(code, 200);
+    assert!(body.contains("still"), "{body}");
+}
+
+#[test]
+fn attack_mcp_http_without_the_bearer_token_reaches_nothing() {
+    require_sandbox!();
+    let dir = tempfile::tempdir().unwrap();
+    let token = "t0ken-of-the-operator-0123456789";
+    std::fs::write(dir.path().join("mcp-token"), format!("{token}\n")).unwrap();
+    let w = HttpWorker::start_in(dir, "token_file = \"mcp-token\"");
+    let url = format!("{}/default", w.base("http"));
+    let body = init_body();
+    for auth in [
+        None,
+        Some("Bearer wrong-token-wrong-token-00".to_string()),
+        Some(format!("Bearer {token}x")),
+        Some(format!("Basic {token}")),
+    ] {
+        let header = auth.as_ref().map(|a| format!("authorization: {a}"));
+        let mut args: Vec<&str> = vec!["-X", "POST"];
+        args.extend(JSON_RPC);
+        if let Some(h) = &header {
+            args.extend(["-H", h.as_str()]);
+        }
+        args.extend(["--data", &body, &url]);
+        let (code, text) = curl(&args);
+        assert_eq!(code, 401, "{auth:?}: {text}");
+        assert!(text.contains("bearer token"), "{text}");
+    }
+    // No session was opened for any of them; the right token works.
+    assert!(!w.daemon.stderr().contains("mcp: session opened"));
+    let auth = format!("authorization: Bearer {token}");
+    let sid = curl_session(&url, &["-H", &auth]);
+    let (code, text) = curl_call(&url, &sid, &["-H", &auth], "echo in");
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("in"), "{text}");
+    // A session id without the token is refused too.
+    let (code, _) = curl_call(&url, &sid, &[], "echo stolen id");
+    assert_eq!(code, 401);
+    if python_mcp_available() {
+        let r = scenario_at(&w.base("http"), &[("MCP_TOKEN", token)], "tools", &[]);
+        assert_eq!(r["tools"].as_array().unwrap().len(), 6, "{r}");
+    }
+}
+
+#[test]
+fn attack_mcp_https_without_a_client_certificate_of_the_ca_reaches_nothing() {
+    require_sandbox!();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = hands::pki::Ca::new(1).unwrap();
+    let server = ca.gateway(&["localhost".into()], 1).unwrap();
+    let client = ca.worker("agent", 1).unwrap();
+    let foreign = hands::pki::Ca::new(1).unwrap();
+    let stranger = foreign.worker("agent", 1).unwrap();
+    let p = |n: &str| dir.path().join(n);
+    for (name, pem) in [
+        ("ca.pem", &ca.issued.cert_pem),
+        ("server.pem", &server.cert_pem),
+        ("server-key.pem", &server.key_pem),
+        ("client.pem", &client.cert_pem),
+        ("client-key.pem", &client.key_pem),
+        ("stranger.pem", &stranger.cert_pem),
+        ("stranger-key.pem", &stranger.key_pem),
+    ] {
+        std::fs::write(p(name), pem).unwrap();
+    }
+    let paths: Vec<String> = [
+        "ca.pem",
+        "client.pem",
+        "client-key.pem",
+        "stranger.pem",
+        "stranger-key.pem",
+    ]
+    .iter()
+    .map(|n| p(n).display().to_string())
+    .collect();
+    let w = HttpWorker::start_in(
+        dir,
+        "tls_cert = \"server.pem\"\ntls_key = \"server-key.pem\"\nclient_ca = \"ca.pem\"",
+    );
+    let url = format!("{}/default", w.base("https"));
+    let body = init_body();
+    let attempt = |cert: Option<(&str, &str)>| {
+        let mut args: Vec<&str> = vec!["--cacert", &paths[0], "-X", "POST"];
+        args.extend(JSON_RPC);
+        if let Some((c, k)) = cert {
+            args.extend(["--cert", c, "--key", k]);
+        }
+        args.extend(["--data", &body, &url]);
+        curl(&args)
+    };
+    // No certificate, or one of another CA: the handshake fails, nothing is served.
+    assert_eq!(attempt(None).0, 0);
+    assert_eq!(attempt(Some((&paths[3], &paths[4]))).0, 0);
+    // Plain HTTP to the TLS port gets nothing either.
+    let (code, _) = curl(&[
+        "-X",
+        "POST",
+        "--data",
+        &body,
+        &format!("{}/default", w.base("http")),
+    ]);
+    assert_ne!(code, 200);
+    assert!(!w.daemon.stderr().contains("mcp: session opened"));
+    // The CA's client certificate is served.
+    let (code, text) = attempt(Some((&paths[1], &paths[2])));
+    assert_eq!(code, 200, "{text}");
+    if python_mcp_available() {
+        let env = [
+            ("MCP_CA", paths[0].as_str()),
+            ("MCP_CLIENT_CERT", paths[1].as_str()),
+            ("MCP_CLIENT_KEY", paths[2].as_str()),
+        ];
+        let r = scenario_at(&w.base("https"), &env, "every_tool", &[]);
+        assert!(ok(&r["bash"]), "{r}");
+    }
 }

@@ -1,13 +1,21 @@
 """An independent MCP client for hands' MCP face: the official MCP Python SDK
 (`mcp` from PyPI), nothing of hands'. Each scenario drives `hands mcp` over
-stdio and prints one JSON report on stdout; tests/it/mcp.rs judges it.
+stdio, or an MCP endpoint over streamable HTTP, and prints one JSON report on
+stdout; tests/it/mcp.rs judges it.
 
     client.py SCENARIO HANDS [ARGS...]
+
+HANDS is the hands binary (stdio: `hands mcp --env ENV`) or a base URL
+(streamable HTTP: ENV's endpoint is BASE/ENV). Over HTTP, $MCP_TOKEN is sent
+as a bearer token, $MCP_CA verifies the server's certificate and
+$MCP_CLIENT_CERT/$MCP_CLIENT_KEY are presented as the client's.
 
 Scenarios: tools, every_tool, progress, cancel, isolation.
 """
 
 import json
+import os
+import ssl
 import subprocess
 import sys
 
@@ -28,14 +36,36 @@ def outcome(result):
     return {"text": text(result), "is_error": bool(result.is_error)}
 
 
+def http_client():
+    import httpx2
+
+    headers = {}
+    if os.environ.get("MCP_TOKEN"):
+        headers["Authorization"] = "Bearer " + os.environ["MCP_TOKEN"]
+    verify = True
+    if os.environ.get("MCP_CA"):
+        verify = ssl.create_default_context(cafile=os.environ["MCP_CA"])
+        if os.environ.get("MCP_CLIENT_CERT"):
+            verify.load_cert_chain(os.environ["MCP_CLIENT_CERT"], os.environ["MCP_CLIENT_KEY"])
+    return httpx2.AsyncClient(headers=headers, verify=verify, timeout=httpx2.Timeout(30, read=300))
+
+
 async def connect(hands, body, env="default"):
+    if hands.startswith(("http://", "https://")):
+        from mcp.client.streamable_http import streamable_http_client
+
+        async with http_client() as client:
+            async with streamable_http_client(f"{hands}/{env}", http_client=client) as (r, w, *_):
+                async with ClientSession(r, w) as s:
+                    init = await s.initialize()
+                    return await body(s, init)
     async with stdio_client(server(hands, env)) as (r, w):
         async with ClientSession(r, w) as s:
             init = await s.initialize()
             return await body(s, init)
 
 
-async def tools(hands):
+async def tools(hands, env="default"):
     async def body(s, init):
         listed = await s.list_tools()
         return {
@@ -52,7 +82,7 @@ async def tools(hands):
             ],
         }
 
-    return await connect(hands, body)
+    return await connect(hands, body, env)
 
 
 async def every_tool(hands):

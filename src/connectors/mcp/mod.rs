@@ -20,13 +20,16 @@
 //!   the session as hands.v1's `Cancel` does, which kills every process the
 //!   call started.
 //!
-//! The transports (stdio for `hands mcp`, [`serve_lines`]) are chosen by the
-//! caller; the face itself holds nothing but its session.
+//! The transports are chosen by the caller: stdio for `hands mcp`
+//! ([`serve_lines`]), with its session opened before the connection; and
+//! streamable HTTP on the worker ([`http`]), where the face opens its session
+//! when the client initializes.
 
+pub mod http;
 pub mod stdio;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rmcp::handler::server::ServerHandler;
 use rmcp::model::{
@@ -46,6 +49,11 @@ pub const TOOL_NAMES: [&str; 6] = ["bash", "read", "write", "edit", "glob", "gre
 
 /// How much of a bash call's output one progress notification carries at most.
 const PROGRESS_CHUNK: usize = 16 * 1024;
+
+/// The calls one session runs at once; one more is refused (an agent runs a
+/// few in parallel; thousands would be a client holding the worker's
+/// memory).
+pub const MAX_CALLS_IN_FLIGHT: usize = 32;
 
 /// The six tools as MCP lists them: name, description and input schema from
 /// the definitions every face shares, with MCP's behaviour hints.
@@ -75,21 +83,38 @@ pub fn tools() -> Vec<Tool> {
 /// One MCP connection's server: its session, and the count that makes each
 /// call's id unique within it.
 pub struct McpFace {
-    session: Arc<Session>,
+    session: OnceLock<Arc<Session>>,
+    /// Opens the session at `initialize` (streamable HTTP).
+    opener: Option<Arc<http::Endpoint>>,
     env: String,
     tools: Arc<Vec<Tool>>,
     calls: AtomicU64,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl McpFace {
     /// The face of `session` (of environment `env`, named in the instructions
     /// the client receives).
     pub fn new(session: Arc<Session>, env: impl Into<String>) -> McpFace {
+        let face = McpFace::empty(None, env.into());
+        let _ = face.session.set(session);
+        face
+    }
+
+    /// A face whose session `endpoint` opens when the client initializes.
+    pub fn lazy(endpoint: Arc<http::Endpoint>) -> McpFace {
+        let env = endpoint.env().to_string();
+        McpFace::empty(Some(endpoint), env)
+    }
+
+    fn empty(opener: Option<Arc<http::Endpoint>>, env: String) -> McpFace {
         McpFace {
-            session,
-            env: env.into(),
+            session: OnceLock::new(),
+            opener,
+            env,
             tools: Arc::new(tools()),
             calls: AtomicU64::new(0),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT)),
         }
     }
 
@@ -122,6 +147,28 @@ impl ServerHandler for McpFace {
             ))
     }
 
+    async fn initialize(
+        &self,
+        request: rmcp::model::InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::InitializeResult, ErrorData> {
+        if let Some(endpoint) = &self.opener {
+            let Some(id) = context.extensions.get::<http::McpSessionId>() else {
+                return Err(ErrorData::internal_error(
+                    "the transport gave this connection no MCP session",
+                    None,
+                ));
+            };
+            let session = endpoint.open(&id.0).await.map_err(|e| {
+                tracing::warn!(error = %e, env = %self.env, "mcp: no session for a client");
+                ErrorData::internal_error(format!("no sandbox session: {e}"), None)
+            })?;
+            let _ = self.session.set(session);
+        }
+        context.peer.set_peer_info(request.clone());
+        self.negotiate_initialize(&request)
+    }
+
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
@@ -147,9 +194,24 @@ impl ServerHandler for McpFace {
         }
         let input = serde_json::to_string(&request.arguments.unwrap_or_default())
             .map_err(|e| ErrorData::invalid_params(format!("arguments: {e}"), None))?;
+        let Some(session) = self.session.get() else {
+            return Err(ErrorData::invalid_request(
+                "hands runs tools in a sandbox that lasts from one call to the next: initialize \
+                 an MCP session first (protocol 2025-11-25 or earlier) and send its Mcp-Session-Id",
+                None,
+            ));
+        };
+        let Ok(_slot) = self.in_flight.clone().try_acquire_owned() else {
+            return Err(ErrorData::invalid_request(
+                format!(
+                    "{MAX_CALLS_IN_FLIGHT} calls are already running in this session; wait for \
+                     one to finish"
+                ),
+                None,
+            ));
+        };
         let call_id = self.call_id(&context.id);
-        let submitted = self
-            .session
+        let submitted = session
             .submit(CallSpec::new(&call_id, tool, input))
             .map_err(|e| ErrorData::invalid_params(format!("{tool}: {e}"), None))?;
         let rec = submitted.record;
