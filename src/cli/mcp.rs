@@ -12,6 +12,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 
@@ -97,7 +98,8 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
             crate::session::Connector::Mcp,
         )
         .await?;
-        let face = McpFace::new(session.clone(), &args.env);
+        let sandbox = crate::connectors::mcp::LocalSandbox::new(session.clone(), None);
+        let face = McpFace::new(Arc::new(sandbox), &args.env);
         let served = serve(face).await;
         let workspaces = session.workspaces();
         session.close().await.context("closing the session")?;

@@ -26,7 +26,7 @@
 //! On loopback, `Host` must name loopback too (no DNS rebinding from a
 //! browser).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,11 +45,12 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::configfile::ConfigError;
+use futures_util::future::BoxFuture;
+
 use crate::session::call::{Connector, Origin};
 use crate::session::registry::Registry;
-use crate::session::Session;
 
-use super::McpFace;
+use super::{LocalSandbox, McpFace, Sandbox};
 
 /// The largest request body: the largest tool input a session takes, and
 /// room for the JSON-RPC around it (the same bound as a stdio line).
@@ -286,68 +287,125 @@ impl Raw {
     }
 }
 
-/// Opens the hands session of an MCP session at one endpoint.
-pub struct Endpoint {
+/// Where an endpoint's sessions come from: this worker's registry
+/// ([`LocalBackend`]), or a gateway's workers.
+pub trait Backend: Send + Sync + 'static {
+    /// The environment the endpoint's sessions run in.
+    fn env(&self) -> &str;
+    /// Opens the session of MCP session `mcp`.
+    fn open<'a>(&'a self, mcp: &'a str) -> BoxFuture<'a, Result<Arc<dyn Sandbox>, String>>;
+}
+
+/// Sessions of this worker's registry, one environment.
+pub struct LocalBackend {
     registry: Arc<Registry>,
     env: String,
 }
 
-impl Endpoint {
-    /// Opens the hands session of MCP session `mcp` (refused when the worker
-    /// is at capacity, or when the id is somehow taken).
-    pub async fn open(&self, mcp: &str) -> Result<Arc<Session>, String> {
-        let id = hands_session_id(mcp);
-        let origin = Origin {
-            connector: Connector::Mcp,
-            session: id.clone(),
-        };
-        let (session, opened) = self
-            .registry
-            .open_in(&id, &self.env, origin, Vec::new(), None)
-            .await
-            .map_err(|e| e.to_string())?;
-        if !opened {
-            return Err(format!("session {id} is already open"));
+impl LocalBackend {
+    pub fn new(registry: Arc<Registry>, env: impl Into<String>) -> LocalBackend {
+        LocalBackend {
+            registry,
+            env: env.into(),
         }
-        tracing::info!(session_id = %id, env = %self.env, "mcp: session opened");
-        Ok(session)
+    }
+}
+
+impl Backend for LocalBackend {
+    fn env(&self) -> &str {
+        &self.env
     }
 
-    pub fn env(&self) -> &str {
-        &self.env
+    fn open<'a>(&'a self, mcp: &'a str) -> BoxFuture<'a, Result<Arc<dyn Sandbox>, String>> {
+        Box::pin(async move {
+            let id = hands_session_id(mcp);
+            let origin = Origin {
+                connector: Connector::Mcp,
+                session: id.clone(),
+            };
+            let (session, opened) = self
+                .registry
+                .open_in(&id, &self.env, origin, Vec::new(), None)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !opened {
+                return Err(format!("session {id} is already open"));
+            }
+            let sandbox: Arc<dyn Sandbox> = Arc::new(LocalSandbox::new(
+                session,
+                Some((self.registry.clone(), id)),
+            ));
+            Ok(sandbox)
+        })
     }
 }
 
 /// The MCP sessions of one endpoint: the SDK's in-memory session manager,
-/// with the hands session of each opened by the face's `initialize` (which
-/// learns the session's id from here) and closed with it.
+/// with the sandbox session of each, opened by the face's `initialize` (which
+/// learns the MCP session's id from here) and closed with it.
 pub struct Sessions {
     inner: LocalSessionManager,
-    registry: Arc<Registry>,
+    backend: Arc<dyn Backend>,
+    open: std::sync::Mutex<HashMap<String, Arc<dyn Sandbox>>>,
 }
 
 impl Sessions {
-    fn new(registry: Arc<Registry>) -> Sessions {
+    pub fn new(backend: Arc<dyn Backend>) -> Sessions {
         let mut inner = LocalSessionManager::default();
-        // Idleness is judged here, by the hands session (a call running for
+        // Idleness is judged here, by the sandbox session (a call running for
         // an hour keeps it), not by the SDK's timer of protocol events.
         inner.session_config = {
             let mut c = SessionConfig::default();
             c.keep_alive = None;
             c
         };
-        Sessions { inner, registry }
+        Sessions {
+            inner,
+            backend,
+            open: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn env(&self) -> &str {
+        self.backend.env()
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<dyn Sandbox>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens the sandbox session of MCP session `mcp`.
+    pub async fn open(&self, mcp: &str) -> Result<Arc<dyn Sandbox>, String> {
+        let sandbox = self.backend.open(mcp).await?;
+        tracing::info!(session_id = %sandbox.id(), env = %self.env(), "mcp: session opened");
+        self.map().insert(mcp.to_string(), sandbox.clone());
+        Ok(sandbox)
     }
 
     fn touch(&self, id: &SessionId) {
-        // Marks the session used; a session closed meanwhile is the
-        // request's to find out.
-        let _ = self.registry.get(&hands_session_id(id));
+        if let Some(s) = self.map().get(id.as_ref()) {
+            s.touch();
+        }
     }
 
-    /// The MCP sessions open now.
-    async fn ids(&self) -> Vec<SessionId> {
-        self.inner.sessions.read().await.keys().cloned().collect()
+    /// The MCP sessions open now, with their sandboxes.
+    fn sessions(&self) -> Vec<(SessionId, Arc<dyn Sandbox>)> {
+        self.map()
+            .iter()
+            .map(|(id, s)| (SessionId::from(id.as_str()), s.clone()))
+            .collect()
+    }
+
+    /// Closes every session (the listener stops).
+    pub async fn close_all(&self) {
+        let ids: Vec<SessionId> = self.inner.sessions.read().await.keys().cloned().collect();
+        for id in ids {
+            let _ = self.close_session(&id).await;
+        }
+        let left: Vec<Arc<dyn Sandbox>> = self.map().drain().map(|(_, s)| s).collect();
+        for s in left {
+            s.close().await;
+        }
     }
 }
 
@@ -378,18 +436,13 @@ impl SessionManager for Sessions {
 
     async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
         let r = self.inner.close_session(id).await;
-        let registry = self.registry.clone();
-        let hands = hands_session_id(id);
-        // Killing the session's processes may block for a moment.
-        let closed = tokio::task::spawn_blocking(move || registry.close(&hands))
-            .await
-            .unwrap_or(false);
-        if closed {
-            tracing::info!(session_id = %hands_session_id(id), "mcp: session closed");
+        let sandbox = self.map().remove(id.as_ref());
+        if let Some(s) = sandbox {
+            s.close().await;
+            tracing::info!(session_id = %s.id(), "mcp: session closed");
         }
         r
     }
-
     async fn create_stream(
         &self,
         id: &SessionId,
@@ -503,22 +556,9 @@ fn router(
     let mut router = axum::Router::new();
     let mut managers = Vec::new();
     for (path, env) in &cfg.endpoints {
-        let sessions = Arc::new(Sessions::new(registry.clone()));
-        managers.push(sessions.clone());
-        let endpoint = Arc::new(Endpoint {
-            registry: registry.clone(),
-            env: env.clone(),
-        });
-        let config = StreamableHttpServerConfig::default()
-            .with_allowed_hosts(cfg.allowed_hosts.clone())
-            .with_max_request_body_bytes(MAX_BODY)
-            .with_sse_keep_alive(Some(Duration::from_secs(15)))
-            .with_cancellation_token(stop.child_token());
-        let service = StreamableHttpService::new(
-            move || Ok(McpFace::lazy(endpoint.clone())),
-            sessions,
-            config,
-        );
+        let backend = Arc::new(LocalBackend::new(registry.clone(), env.clone()));
+        let (service, sessions) = endpoint_service(backend, cfg.allowed_hosts.clone(), stop);
+        managers.push(sessions);
         router = router.route_service(path, service);
     }
     let paths: Vec<String> = cfg.endpoints.keys().cloned().collect();
@@ -545,12 +585,37 @@ fn router(
     (router, managers)
 }
 
-/// Closes the MCP sessions whose hands sessions have been idle (no call
-/// running) for `timeout`, until `stop`.
-async fn close_idle(
-    managers: Vec<Arc<Sessions>>,
-    registry: Arc<Registry>,
+/// One MCP endpoint over `backend`'s sessions: the SDK's streamable HTTP
+/// service (`Host` checked against `allowed_hosts`, empty: any; bodies up to
+/// [`MAX_BODY`]; every session ended when `stop` is cancelled), and its
+/// sessions.
+pub fn endpoint_service(
+    backend: Arc<dyn Backend>,
+    allowed_hosts: Vec<String>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> (StreamableHttpService<McpFace, Sessions>, Arc<Sessions>) {
+    let sessions = Arc::new(Sessions::new(backend));
+    let config = StreamableHttpServerConfig::default()
+        .with_allowed_hosts(allowed_hosts)
+        .with_max_request_body_bytes(MAX_BODY)
+        .with_sse_keep_alive(Some(Duration::from_secs(15)))
+        .with_cancellation_token(stop.child_token());
+    let opener = sessions.clone();
+    let service = StreamableHttpService::new(
+        move || Ok(McpFace::lazy(opener.clone())),
+        sessions.clone(),
+        config,
+    );
+    (service, sessions)
+}
+
+/// Closes the MCP sessions whose sandbox sessions have been idle (no call
+/// running, no request naming them) for `timeout`, in the endpoints `managers`
+/// yields, until `stop`. `key` names the setting in the log.
+pub async fn close_idle(
+    managers: impl Fn() -> Vec<Arc<Sessions>>,
     timeout: Duration,
+    key: &'static str,
     mut stop: watch::Receiver<bool>,
 ) {
     let pause = (timeout / 10).clamp(Duration::from_millis(50), Duration::from_secs(5));
@@ -559,19 +624,16 @@ async fn close_idle(
             () = tokio::time::sleep(pause) => {}
             () = crate::util::stopped(&mut stop) => return,
         }
-        let views = registry.list();
-        for m in &managers {
-            for id in m.ids().await {
-                let hands = hands_session_id(&id);
-                let Some(v) = views.iter().find(|v| v.id == hands) else {
-                    continue;
-                };
-                if v.activity.running == 0 && v.activity.idle >= timeout {
+        for m in managers() {
+            for (id, sandbox) in m.sessions() {
+                let a = sandbox.activity();
+                if a.running == 0 && a.idle >= timeout {
                     tracing::info!(
-                        session_id = %hands,
-                        idle_secs = v.activity.idle.as_secs(),
-                        calls = v.activity.calls,
-                        "mcp: closing an idle session (mcp.idle_timeout_secs)"
+                        session_id = %sandbox.id(),
+                        idle_secs = a.idle.as_secs(),
+                        calls = a.calls,
+                        setting = key,
+                        "mcp: closing an idle session"
                     );
                     let _ = m.close_session(&id).await;
                 }
@@ -632,10 +694,11 @@ pub async fn serve(
     let sessions_stop = tokio_util::sync::CancellationToken::new();
     let (router, managers) = router(&cfg, &registry, &sessions_stop);
     let sweep = cfg.idle_timeout.map(|t| {
+        let managers = managers.clone();
         tokio::spawn(close_idle(
-            managers.clone(),
-            registry.clone(),
+            move || managers.clone(),
             t,
+            "mcp.idle_timeout_secs",
             stop.clone(),
         ))
     });
@@ -668,9 +731,7 @@ pub async fn serve(
     // Every MCP session ends with the listener, and its hands session with it.
     sessions_stop.cancel();
     for m in &managers {
-        for id in m.ids().await {
-            let _ = m.close_session(&id).await;
-        }
+        m.close_all().await;
     }
     Ok(())
 }

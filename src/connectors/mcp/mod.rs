@@ -1,10 +1,12 @@
 //! The MCP face: hands' six tools (bash, read, write, edit, glob, grep) served
 //! as a Model Context Protocol server, on the official Rust SDK (`rmcp`).
 //!
-//! One MCP connection is one hands session: every `tools/call` goes through the
-//! one call pipeline (`Session::submit`), so it is confined, journaled and
-//! audited as a call from any other face, under the connector name `mcp`. What
-//! this module adds is the protocol's side only:
+//! One MCP connection is one hands session ([`Sandbox`]): on the worker, every
+//! `tools/call` goes through the one call pipeline (`Session::submit`), so it
+//! is confined, journaled and audited as a call from any other face, under the
+//! connector name `mcp`; on the gateway, it is a hands.v1 call through the
+//! tunnel to a session on a worker (`crate::gateway::mcp`). What this module
+//! adds is the protocol's side only:
 //!
 //! - `tools/list`: the tools' names, descriptions and input schemas, the same
 //!   as every other face offers (`tools/definitions.json`), with MCP's hints
@@ -39,8 +41,14 @@ use rmcp::model::{
 };
 use rmcp::service::{Peer, RequestContext, RoleServer};
 
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::session::activity::Snapshot;
 use crate::session::call::{finished, CallSpec};
 use crate::session::journal::{CallRecord, CallState};
+use crate::session::registry::Registry;
 use crate::session::Session;
 use crate::tools::{ContentBlock, ToolResult};
 
@@ -80,12 +88,126 @@ pub fn tools() -> Vec<Tool> {
         .collect()
 }
 
+/// One tool call as a [`Sandbox`] runs it.
+pub struct SandboxCall {
+    /// Unique in the session.
+    pub call_id: String,
+    pub tool: String,
+    /// The tool's input, raw JSON.
+    pub input: String,
+    /// Receives the call's output while it runs, when given; closed once
+    /// every byte produced before the call finished went out.
+    pub output: Option<mpsc::Sender<Vec<u8>>>,
+    /// Cancelled when the client gives up on the call: the call, and every
+    /// process it started, is then killed.
+    pub cancel: CancellationToken,
+}
+
+/// Why a call has no result.
+#[derive(Debug)]
+pub enum CallError {
+    /// The session refused it (its input, its id): the client's to fix.
+    Refused(String),
+    /// It could not run or finish (the session closed, the worker gone).
+    Failed(String),
+}
+
+/// The session one MCP connection drives: a session of this process's
+/// registry ([`LocalSandbox`]), or one on a worker behind a gateway.
+pub trait Sandbox: Send + Sync + 'static {
+    /// The session's id (in logs and the audit log).
+    fn id(&self) -> &str;
+    /// Runs a call to its result.
+    fn call(&self, call: SandboxCall) -> BoxFuture<'static, Result<Arc<ToolResult>, CallError>>;
+    /// Whether calls run, and how long it has been idle.
+    fn activity(&self) -> Snapshot;
+    /// Marks the session used (a request named it).
+    fn touch(&self);
+    /// Ends the session: its processes killed, its workspace removed.
+    fn close(&self) -> BoxFuture<'static, ()>;
+}
+
+/// A session of this process: calls through `Session::submit`.
+pub struct LocalSandbox {
+    session: Arc<Session>,
+    /// The registry it was opened in, which closes it, and its id there;
+    /// none for a session its opener closes itself (`hands mcp`).
+    registry: Option<(Arc<Registry>, String)>,
+}
+
+impl LocalSandbox {
+    pub fn new(session: Arc<Session>, registry: Option<(Arc<Registry>, String)>) -> LocalSandbox {
+        LocalSandbox { session, registry }
+    }
+}
+
+impl Sandbox for LocalSandbox {
+    fn id(&self) -> &str {
+        match &self.registry {
+            Some((_, id)) => id,
+            None => self.session.id(),
+        }
+    }
+
+    fn call(&self, call: SandboxCall) -> BoxFuture<'static, Result<Arc<ToolResult>, CallError>> {
+        let session = self.session.clone();
+        Box::pin(async move {
+            let SandboxCall {
+                call_id,
+                tool,
+                input,
+                output,
+                cancel,
+            } = call;
+            let submitted = session
+                .submit(CallSpec::new(&call_id, &tool, input))
+                .map_err(|e| CallError::Refused(format!("{tool}: {e}")))?;
+            let rec = submitted.record;
+            let progress = output.map(|tx| tokio::spawn(stream_output(rec.clone(), tx)));
+            let outcome = tokio::select! {
+                r = finished(&rec) => r,
+                () = cancel.cancelled() => {
+                    // The client gave up on the call: stop it (and every
+                    // process it started) rather than let it run on unseen.
+                    rec.cancel();
+                    finished(&rec).await
+                }
+            };
+            if let Some(task) = progress {
+                // It ends by itself once the call finished and its output is out.
+                let _ = task.await;
+            }
+            let (result, _) =
+                outcome.map_err(|e| CallError::Failed(format!("call {call_id}: {e}")))?;
+            Ok(result)
+        })
+    }
+
+    fn activity(&self) -> Snapshot {
+        self.session.activity().snapshot()
+    }
+
+    fn touch(&self) {
+        self.session.activity().touch();
+    }
+
+    fn close(&self) -> BoxFuture<'static, ()> {
+        let registry = self.registry.clone();
+        Box::pin(async move {
+            if let Some((registry, id)) = registry {
+                // Killing the session's processes may block for a moment.
+                let _ = tokio::task::spawn_blocking(move || registry.close(&id)).await;
+            }
+        })
+    }
+}
+
 /// One MCP connection's server: its session, and the count that makes each
 /// call's id unique within it.
 pub struct McpFace {
-    session: OnceLock<Arc<Session>>,
+    session: OnceLock<Arc<dyn Sandbox>>,
     /// Opens the session at `initialize` (streamable HTTP).
-    opener: Option<Arc<http::Endpoint>>,
+    opener: Option<Arc<http::Sessions>>,
     env: String,
     tools: Arc<Vec<Tool>>,
     calls: AtomicU64,
@@ -95,19 +217,19 @@ pub struct McpFace {
 impl McpFace {
     /// The face of `session` (of environment `env`, named in the instructions
     /// the client receives).
-    pub fn new(session: Arc<Session>, env: impl Into<String>) -> McpFace {
+    pub fn new(session: Arc<dyn Sandbox>, env: impl Into<String>) -> McpFace {
         let face = McpFace::empty(None, env.into());
         let _ = face.session.set(session);
         face
     }
 
-    /// A face whose session `endpoint` opens when the client initializes.
-    pub fn lazy(endpoint: Arc<http::Endpoint>) -> McpFace {
-        let env = endpoint.env().to_string();
-        McpFace::empty(Some(endpoint), env)
+    /// A face whose session `sessions` opens when the client initializes.
+    pub fn lazy(sessions: Arc<http::Sessions>) -> McpFace {
+        let env = sessions.env().to_string();
+        McpFace::empty(Some(sessions), env)
     }
 
-    fn empty(opener: Option<Arc<http::Endpoint>>, env: String) -> McpFace {
+    fn empty(opener: Option<Arc<http::Sessions>>, env: String) -> McpFace {
         McpFace {
             session: OnceLock::new(),
             opener,
@@ -152,14 +274,14 @@ impl ServerHandler for McpFace {
         request: rmcp::model::InitializeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<rmcp::model::InitializeResult, ErrorData> {
-        if let Some(endpoint) = &self.opener {
+        if let Some(sessions) = &self.opener {
             let Some(id) = context.extensions.get::<http::McpSessionId>() else {
                 return Err(ErrorData::internal_error(
                     "the transport gave this connection no MCP session",
                     None,
                 ));
             };
-            let session = endpoint.open(&id.0).await.map_err(|e| {
+            let session = sessions.open(&id.0).await.map_err(|e| {
                 tracing::warn!(error = %e, env = %self.env, "mcp: no session for a client");
                 ErrorData::internal_error(format!("no sandbox session: {e}"), None)
             })?;
@@ -211,30 +333,36 @@ impl ServerHandler for McpFace {
             ));
         };
         let call_id = self.call_id(&context.id);
-        let submitted = session
-            .submit(CallSpec::new(&call_id, tool, input))
-            .map_err(|e| ErrorData::invalid_params(format!("{tool}: {e}"), None))?;
-        let rec = submitted.record;
         let progress = context
             .meta
             .get_progress_token()
             .filter(|_| tool == "bash")
-            .map(|token| tokio::spawn(stream_progress(rec.clone(), context.peer.clone(), token)));
-        let outcome = tokio::select! {
-            r = finished(&rec) => r,
-            () = context.ct.cancelled() => {
-                // The client gave up on the call: stop it (and every process it
-                // started) rather than let it run on unseen.
-                rec.cancel();
-                finished(&rec).await
-            }
+            .map(|token| {
+                let (tx, rx) = mpsc::channel(16);
+                let task = tokio::spawn(send_progress(rx, context.peer.clone(), token));
+                (tx, task)
+            });
+        let (output, task) = match progress {
+            Some((tx, task)) => (Some(tx), Some(task)),
+            None => (None, None),
         };
-        if let Some(task) = progress {
-            // It ends by itself once the call finished and its output is out.
+        let result = session
+            .call(SandboxCall {
+                call_id,
+                tool: tool.to_string(),
+                input,
+                output,
+                cancel: context.ct.clone(),
+            })
+            .await;
+        if let Some(task) = task {
+            // It ends once the call's output is out (the sender is gone).
             let _ = task.await;
         }
-        let (result, _) =
-            outcome.map_err(|e| ErrorData::internal_error(format!("call {call_id}: {e}"), None))?;
+        let result = result.map_err(|e| match e {
+            CallError::Refused(m) => ErrorData::invalid_params(m, None),
+            CallError::Failed(m) => ErrorData::internal_error(m, None),
+        })?;
         Ok(to_mcp(&result).into())
     }
 }
@@ -261,9 +389,9 @@ where
     face.serve((sdk_in, sdk_out)).await
 }
 
-/// Sends the call's output to the client as progress notifications until the
-/// call finished and every byte produced before that went out.
-async fn stream_progress(rec: Arc<CallRecord>, peer: Peer<RoleServer>, token: ProgressToken) {
+/// Sends a call's output to `out` until the call finished and every byte
+/// produced before that went out (or `out` is closed).
+async fn stream_output(rec: Arc<CallRecord>, out: mpsc::Sender<Vec<u8>>) {
     let mut state = rec.subscribe();
     let mut sent: u64 = 0;
     loop {
@@ -281,14 +409,32 @@ async fn stream_progress(rec: Arc<CallRecord>, peer: Peer<RoleServer>, token: Pr
                 break;
             }
             sent += bytes.len() as u64;
-            let note = ProgressNotificationParam::new(token.clone(), sent as f64)
-                .with_message(String::from_utf8_lossy(&bytes));
-            if peer.notify_progress(note).await.is_err() {
-                return; // the client is gone
+            if out.send(bytes).await.is_err() {
+                return; // nobody listens any more
             }
         }
         if done || state.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Sends each piece of output to the client as a progress notification:
+/// `progress` counts the bytes so far, `message` carries the piece.
+async fn send_progress(
+    mut pieces: mpsc::Receiver<Vec<u8>>,
+    peer: Peer<RoleServer>,
+    token: ProgressToken,
+) {
+    let mut sent: u64 = 0;
+    while let Some(bytes) = pieces.recv().await {
+        for piece in bytes.chunks(PROGRESS_CHUNK) {
+            sent += piece.len() as u64;
+            let note = ProgressNotificationParam::new(token.clone(), sent as f64)
+                .with_message(String::from_utf8_lossy(piece));
+            if peer.notify_progress(note).await.is_err() {
+                return; // the client is gone
+            }
         }
     }
 }
