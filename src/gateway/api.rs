@@ -12,6 +12,7 @@
 //! | `POST /v1/sessions/{id}/tool_use` `{id, name, input}` | runs a `tool_use` block, answers its `tool_result` block; with `Accept: text/event-stream`, an SSE stream of `started`, `output`, then `tool_result` |
 //! | `GET /v1/sessions/{id}/calls/{call_id}?from_offset=N` | re-attaches to a call (same answers as above) |
 //! | `POST /v1/sessions/{id}/calls/{call_id}/cancel` | cancels a running call |
+//! | `POST`/`GET`/`DELETE /v1/environments/{env}/mcp` | the six tools as an MCP server (streamable HTTP), one session on a worker per MCP session (`super::mcp`) |
 //! | `GET /metrics`, `GET /healthz` | Prometheus metrics and liveness, no token |
 //!
 //! A session id is `WORKER_ID:TAG-RANDOM`, so any gateway replica routes it to
@@ -128,6 +129,10 @@ pub fn router(gw: Arc<Gateway>) -> axum::Router {
         .route("/v1/sessions", post(open_session).get(list_sessions))
         .route("/v1/sessions/{session_id}", delete(close_session))
         .route("/v1/sessions/{session_id}/tool_use", post(tool_use))
+        .route(
+            "/v1/environments/{environment}/mcp",
+            axum::routing::any(super::mcp::endpoint),
+        )
         .route("/v1/sessions/{session_id}/calls/{call_id}", get(attach))
         .route(
             "/v1/sessions/{session_id}/calls/{call_id}/cancel",
@@ -138,7 +143,7 @@ pub fn router(gw: Arc<Gateway>) -> axum::Router {
         .with_state(gw)
 }
 
-fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -273,25 +278,43 @@ async fn open_session(
     } else {
         serde_json::from_value(parse_json(&body)?).map_err(|e| bad_request(e.to_string()))?
     };
-    let conn = gw
-        .workers
-        .choose(&body.environment, body.worker_id.as_deref())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "NO_WORKER",
-                match &body.worker_id {
-                    Some(w) => format!(
-                        "worker {w:?} is not connected or does not offer environment {:?}",
-                        body.environment
-                    ),
-                    None => format!(
-                        "no connected worker offers environment {:?}",
-                        body.environment
-                    ),
-                },
-            )
-        })?;
+    let opened = open_on_worker(&gw, &body.environment, body.worker_id.as_deref()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "session_id": opened.session_id,
+            "worker_id": opened.worker_id,
+            "environment": opened.environment,
+        })),
+    ))
+}
+
+/// A session a worker opened.
+pub(super) struct Opened {
+    pub(super) session_id: String,
+    pub(super) worker_id: String,
+    pub(super) environment: String,
+}
+
+/// Opens a session in `environment` on `worker` (any connected one offering
+/// it when `None`: the least loaded).
+pub(super) async fn open_on_worker(
+    gw: &Gateway,
+    environment: &str,
+    worker: Option<&str>,
+) -> Result<Opened, ApiError> {
+    let conn = gw.workers.choose(environment, worker).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NO_WORKER",
+            match worker {
+                Some(w) => format!(
+                    "worker {w:?} is not connected or does not offer environment {environment:?}"
+                ),
+                None => format!("no connected worker offers environment {environment:?}"),
+            },
+        )
+    })?;
     let worker_id = conn.worker_id.clone();
     let session_id = super::new_session_id(&worker_id, &conn.instance)
         .ok_or_else(|| bad_request(format!("worker id {worker_id:?} is too long to route")))?;
@@ -299,7 +322,7 @@ async fn open_session(
     let opened = client
         .open_session(v1::OpenSessionRequest {
             session_id: session_id.clone(),
-            environment: body.environment.clone(),
+            environment: environment.to_string(),
         })
         .await;
     // Fresher counts for the next choice, after an open and after an
@@ -316,14 +339,11 @@ async fn open_session(
     }
     let r = opened?.into_inner();
     gw.metrics.session_opened();
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({
-            "session_id": r.session_id,
-            "worker_id": r.worker_id,
-            "environment": r.environment,
-        })),
-    ))
+    Ok(Opened {
+        session_id: r.session_id,
+        worker_id: r.worker_id,
+        environment: r.environment,
+    })
 }
 
 fn unavailable(worker_id: &str) -> ApiError {
@@ -382,7 +402,14 @@ async fn close_session(
     if let Some(worker) = &q.worker_id {
         return close_on_worker(&gw, worker, session_id).await;
     }
-    let route = route_of(&session_id)?;
+    let closed = close_routed(&gw, &session_id).await?;
+    Ok(Json(json!({ "session_id": session_id, "closed": closed })))
+}
+
+/// Closes a session the gateway made, on the process its id routes to.
+/// Whether it was open there.
+pub(super) async fn close_routed(gw: &Gateway, session_id: &str) -> Result<bool, ApiError> {
+    let route = route_of(session_id)?;
     let conn = match gw
         .workers
         .route(route.worker, route.instance, gw.reconnect_wait)
@@ -390,13 +417,10 @@ async fn close_session(
     {
         Ok(c) => c,
         // The process that held it is gone, and the session with it.
-        Err(RouteError::Replaced { .. }) => {
-            return Ok(Json(json!({ "session_id": session_id, "closed": false })));
-        }
-        Err(e) => return Err(route_error(&session_id, e)),
+        Err(RouteError::Replaced { .. }) => return Ok(false),
+        Err(e) => return Err(route_error(session_id, e)),
     };
-    let closed = close_on(&gw, &conn, &session_id).await?;
-    Ok(Json(json!({ "session_id": session_id, "closed": closed })))
+    close_on(gw, &conn, session_id).await
 }
 
 /// Closes `session_id` on one worker process, then refreshes what the registry
@@ -515,36 +539,46 @@ async fn cancel(
     Path((session_id, call_id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&gw, &headers)?;
-    let conn = session_conn(&gw, &session_id, gw.reconnect_wait).await?;
+    let cancelled = cancel_call(&gw, &session_id, &call_id).await?;
+    Ok(Json(json!({ "cancelled": cancelled })))
+}
+
+/// Cancels a running call: whether it was running.
+pub(super) async fn cancel_call(
+    gw: &Gateway,
+    session_id: &str,
+    call_id: &str,
+) -> Result<bool, ApiError> {
+    let conn = session_conn(gw, session_id, gw.reconnect_wait).await?;
     let r = conn
         .client
         .clone()
         .cancel(v1::CancelRequest {
-            session_id,
-            call_id,
+            session_id: session_id.to_string(),
+            call_id: call_id.to_string(),
         })
         .await?
         .into_inner();
-    Ok(Json(json!({ "cancelled": r.cancelled })))
+    Ok(r.cancelled)
 }
 
 /// An event for an SSE consumer.
-enum Progress {
+pub(super) enum Progress {
     Started { executed_now: bool },
     Output { offset: u64, data: Vec<u8> },
 }
 
-struct CallSpec {
-    session_id: String,
-    call_id: String,
-    tool: String,
-    input_json: String,
+pub(super) struct CallSpec {
+    pub(super) session_id: String,
+    pub(super) call_id: String,
+    pub(super) tool: String,
+    pub(super) input_json: String,
 }
 
 /// Runs (or resumes) a call to its `Finished`, surviving tunnel loss for up
 /// to `reconnect_wait` at a time. With `sink`, output is streamed and a
 /// resume continues from the last offset delivered, so nothing is sent twice.
-async fn drive(
+pub(super) async fn drive(
     gw: &Gateway,
     spec: &CallSpec,
     attach_from: Option<u64>,

@@ -17,6 +17,7 @@
 //! max_connections = 1024              # API connections at once; more are answered 503 and closed
 //! header_read_timeout_secs = 10       # a request's head must arrive within this
 //! idle_timeout_secs = 60              # a kept-alive connection may wait this long for its next request
+//! mcp_idle_timeout_secs = 1800        # an MCP session (/v1/environments/ENV/mcp) idle this long is closed; 0 = never
 //! ```
 //!
 //! Unknown keys are rejected. Relative paths are relative to the file. The
@@ -74,6 +75,8 @@ struct RawApi {
     header_read_timeout_secs: u64,
     #[serde(default = "default_idle_timeout")]
     idle_timeout_secs: u64,
+    #[serde(default)]
+    mcp_idle_timeout_secs: Option<u64>,
 }
 
 fn default_keepalive() -> u64 {
@@ -109,6 +112,9 @@ pub struct Config {
     /// How long a connection may sit between requests, and how long a client
     /// may leave a response unread or a request body unsent.
     pub idle_timeout: Duration,
+    /// An MCP session with no call running and no request is closed after
+    /// this (`api.mcp_idle_timeout_secs`); `None`: never.
+    pub mcp_idle_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Config {
@@ -124,6 +130,7 @@ impl std::fmt::Debug for Config {
             .field("api_max_connections", &self.api_max_connections)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("mcp_idle_timeout", &self.mcp_idle_timeout)
             .finish()
     }
 }
@@ -203,6 +210,17 @@ impl Config {
                 format!("a bearer token of at least 16 characters is required (token_file, or ${TOKEN_ENV})"),
             ));
         }
+        let mcp_idle_timeout = match raw.api.mcp_idle_timeout_secs {
+            None => Some(crate::worker::config::DEFAULT_IDLE_TIMEOUT),
+            Some(0) => None,
+            Some(s) if s <= 7 * 24 * 3600 => Some(Duration::from_secs(s)),
+            Some(_) => {
+                return Err(invalid(
+                    "api.mcp_idle_timeout_secs",
+                    "must be between 0 (never) and 604800 (a week)".into(),
+                ))
+            }
+        };
         Ok(Config {
             tunnel_listen,
             tls: TlsFiles {
@@ -219,6 +237,7 @@ impl Config {
             api_max_connections: raw.api.max_connections,
             header_read_timeout: Duration::from_secs(raw.api.header_read_timeout_secs),
             idle_timeout: Duration::from_secs(raw.api.idle_timeout_secs),
+            mcp_idle_timeout,
         })
     }
 }

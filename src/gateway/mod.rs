@@ -15,6 +15,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod listen;
+pub mod mcp;
 pub mod metrics;
 pub mod workers;
 
@@ -34,6 +35,8 @@ pub struct Gateway {
     reconnect_wait: Duration,
     /// The longest pause in a request body being received.
     body_idle_timeout: Duration,
+    /// The MCP endpoints, one per environment asked for.
+    pub mcp: mcp::McpEndpoints,
 }
 
 /// Where a running gateway listens.
@@ -160,8 +163,10 @@ pub async fn run(
         token: config.token.clone(),
         reconnect_wait: config.reconnect_wait,
         body_idle_timeout: config.idle_timeout,
+        mcp: mcp::McpEndpoints::default(),
     });
     on_bound(bound, gw.clone());
+    let shutdown_mcp = shutdown.clone();
 
     let accept_cfg = Arc::new(workers::AcceptConfig {
         allowed: config.allowed_workers.clone(),
@@ -217,7 +222,25 @@ pub async fn run(
         gw.clone(),
         shutdown,
     );
-    tokio::join!(accept, api);
+    let mcp_idle = async {
+        if let Some(timeout) = config.mcp_idle_timeout {
+            let gw = gw.clone();
+            crate::connectors::mcp::http::close_idle(
+                move || gw.mcp.sessions(),
+                timeout,
+                "api.mcp_idle_timeout_secs",
+                shutdown_mcp.clone(),
+            )
+            .await;
+        }
+    };
+    let mcp_close = async {
+        let mut stop = shutdown_mcp.clone();
+        crate::util::stopped(&mut stop).await;
+        // While the tunnels may still carry the closes (best effort).
+        gw.mcp.close_all().await;
+    };
+    tokio::join!(accept, api, mcp_idle, mcp_close);
     Ok(())
 }
 

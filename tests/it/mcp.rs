@@ -1162,3 +1162,196 @@ fn attack_mcp_https_without_a_client_certificate_of_the_ca_reaches_nothing() {
         assert!(ok(&r["bash"]), "{r}");
     }
 }
+
+// ---- through the gateway: /v1/environments/{env}/mcp, the worker dialing out ----
+
+/// A gateway and one worker connected to it (in this process), and the
+/// template URL of the gateway's MCP endpoints.
+async fn through_gateway() -> (crate::tunnel::Gw, crate::tunnel::Wk, String) {
+    let pki = crate::tunnel::Pki::new();
+    let gw = crate::tunnel::api_gateway(&pki, "mcp_idle_timeout_secs = 3").await;
+    let (wk, _) = crate::tunnel::one_worker(&pki, &gw, "mcp-worker").await;
+    let url = format!("http://{}/v1/environments/{{env}}/mcp", gw.bound.api);
+    (gw, wk, url)
+}
+
+/// [`scenario_at`] off the runtime's threads (the gateway and worker run on
+/// them).
+async fn scenario_async(url: &str, env: &[(&str, &str)], name: &str, args: &[&str]) -> Value {
+    let url = url.to_string();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let name = name.to_string();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        scenario_at(&url, &env, &name, &args)
+    })
+    .await
+    .unwrap()
+}
+
+const GATEWAY_TOKEN: [(&str, &str); 1] = [("MCP_TOKEN", crate::tunnel::TOKEN)];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_gateway_sdk_lists_and_calls_every_tool_on_a_worker_that_only_dials_out() {
+    require_sandbox!();
+    if !python_mcp_available() {
+        return;
+    }
+    let (gw, wk, url) = through_gateway().await;
+    let r = scenario_async(&url, &GATEWAY_TOKEN, "tools", &[]).await;
+    assert_eq!(r["tools"].as_array().unwrap().len(), 6, "{r}");
+    let r = scenario_async(&url, &GATEWAY_TOKEN, "every_tool", &[]).await;
+    assert!(
+        ok(&r["bash"]) && text(&r["bash"]).contains("/workspace"),
+        "{r}"
+    );
+    assert_eq!(text(&r["read_after_edit"]), "alpha\ngamma\n", "{r}");
+    assert!(!ok(&r["read_outside"]), "{r}");
+    assert!(!ok(&r["bash_shadow"]), "{r}");
+    assert!(
+        r["unknown_tool"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown tool")),
+        "{r}"
+    );
+    assert!(ok(&r["still_serving"]), "{r}");
+    // The client's DELETE closed the session on the worker.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while wk_sessions(&wk) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker still holds the session"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wk.stop().await;
+    gw.stop().await;
+}
+
+fn wk_sessions(wk: &crate::tunnel::Wk) -> usize {
+    wk.registry().open_sessions()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_gateway_streams_progress_and_cancels_through_the_tunnel() {
+    require_sandbox!();
+    if !python_mcp_available() {
+        return;
+    }
+    let (gw, wk, url) = through_gateway().await;
+    let r = scenario_async(&url, &GATEWAY_TOKEN, "progress", &[]).await;
+    let streamed: String = r["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["message"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        streamed.trim_end(),
+        "line1\nline2\nline3\nline4\ndone",
+        "{r}"
+    );
+    assert!(r["notes"].as_array().unwrap().len() >= 3, "{r}");
+    let m = marker(9);
+    let r = scenario_async(&url, &GATEWAY_TOKEN, "cancel", &[&m]).await;
+    assert_eq!(r["running_before"], 2, "{r}");
+    assert_eq!(r["running_after"], 0, "{r}");
+    assert!(text(&r["after_cancel"]).contains("restart required"), "{r}");
+    assert_eq!(r["next"], json!({"text": "next\n0", "is_error": false}));
+    wk.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_gateway_sessions_are_isolated_and_an_abandoned_one_is_closed() {
+    require_sandbox!();
+    if !python_mcp_available() {
+        return;
+    }
+    let (gw, wk, url) = through_gateway().await;
+    let m = marker(10);
+    let r = scenario_async(&url, &GATEWAY_TOKEN, "isolation", &[&m]).await;
+    assert_ne!(text(&r["a_id"]), text(&r["b_id"]), "{r}");
+    assert_eq!(text(&r["b_ls"]), ".\n..", "{r}");
+    assert!(!ok(&r["b_read"]), "{r}");
+    assert_eq!(text(&r["b_kill"]), "1", "{r}");
+    assert_eq!(r["left_after_close"], 0, "{r}");
+    // A client that drops without DELETE: closed after the gateway's idle
+    // timeout (3 s here), on the worker too.
+    let api = gw.bound.api.to_string();
+    let m = marker(11);
+    let sid = tokio::task::spawn_blocking(move || {
+        let url = format!("http://{api}/v1/environments/default/mcp");
+        let auth = format!("authorization: Bearer {}", crate::tunnel::TOKEN);
+        let sid = curl_session(&url, &["-H", &auth]);
+        let (code, body) = curl_call(
+            &url,
+            &sid,
+            &["-H", &auth],
+            &format!("(sleep {m} >/dev/null 2>&1 &); echo up"),
+        );
+        assert_eq!(code, 200, "{body}");
+        sid
+    })
+    .await
+    .unwrap();
+    assert!(!sid.is_empty());
+    assert_eq!(host_pids(&format!("sleep {}", marker(11))).len(), 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !host_pids(&format!("sleep {}", marker(11))).is_empty() || wk_sessions(&wk) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned session was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wk.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attack_mcp_gateway_without_the_token_or_for_an_unserved_environment_reaches_nothing() {
+    require_sandbox!();
+    let (gw, wk, _) = through_gateway().await;
+    let api = gw.bound.api.to_string();
+    tokio::task::spawn_blocking(move || {
+        let url = format!("http://{api}/v1/environments/default/mcp");
+        let body = init_body();
+        for auth in [
+            None,
+            Some("authorization: Bearer not-the-gateway-token-at-all"),
+        ] {
+            let mut args: Vec<&str> = vec!["-X", "POST"];
+            args.extend(JSON_RPC);
+            if let Some(a) = auth {
+                args.extend(["-H", a]);
+            }
+            args.extend(["--data", &body, &url]);
+            let (code, text) = curl(&args);
+            assert_eq!(code, 401, "{auth:?}: {text}");
+        }
+        // An environment no worker offers: nothing is made for it.
+        let auth = format!("authorization: Bearer {}", crate::tunnel::TOKEN);
+        let mut args: Vec<&str> = vec!["-X", "POST", "-H", &auth];
+        args.extend(JSON_RPC);
+        let elsewhere = format!("http://{api}/v1/environments/strict/mcp");
+        args.extend(["--data", &body, &elsewhere]);
+        let (code, text) = curl(&args);
+        assert_eq!(code, 404, "{text}");
+        assert!(text.contains("NO_WORKER"), "{text}");
+        // The right token still works.
+        let sid = curl_session(&url, &["-H", &auth]);
+        let (code, text) = curl_call(&url, &sid, &["-H", &auth], "echo served");
+        assert_eq!(code, 200, "{text}");
+        assert!(text.contains("served"), "{text}");
+    })
+    .await
+    .unwrap();
+    wk.stop().await;
+    gw.stop().await;
+}

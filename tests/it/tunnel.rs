@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::require_sandbox;
 
-const TOKEN: &str = "tunnel-test-token-0123456789";
+pub(crate) const TOKEN: &str = "tunnel-test-token-0123456789";
 
 /// Writes a certificate and key as NAME.pem and NAME-key.pem.
 fn put(dir: &Path, name: &str, issued: &Issued) -> (PathBuf, PathBuf) {
@@ -96,7 +96,7 @@ pub(crate) async fn gateway(pki: &Pki, cert: &(PathBuf, PathBuf), listen: &str, 
 }
 
 /// A gateway on loopback with these `[api]` settings.
-async fn api_gateway(pki: &Pki, api_extra: &str) -> Gw {
+pub(crate) async fn api_gateway(pki: &Pki, api_extra: &str) -> Gw {
     gateway_with(
         pki,
         &pki.gateway("gateway", 30),
@@ -108,7 +108,7 @@ async fn api_gateway(pki: &Pki, api_extra: &str) -> Gw {
 }
 
 /// A worker `id` connected to `gw`, and an API client that has seen it.
-async fn one_worker(pki: &Pki, gw: &Gw, id: &str) -> (Wk, ApiClient) {
+pub(crate) async fn one_worker(pki: &Pki, gw: &Gw, id: &str) -> (Wk, ApiClient) {
     let wk = worker(&pki.ca_pem, id, &pki.worker(id, 30), &[gw.bound.tunnel], "").await;
     let mut api = gw.api();
     wait_workers(&mut api, 1).await;
@@ -150,7 +150,7 @@ async fn gateway_with(
     }
 }
 
-struct Wk {
+pub(crate) struct Wk {
     states: watch::Receiver<Vec<SlotState>>,
     stop: watch::Sender<bool>,
     registry: Arc<Registry>,
@@ -190,7 +190,10 @@ impl Wk {
             let _ = tokio::time::timeout(Duration::from_millis(200), self.states.changed()).await;
         }
     }
-    async fn stop(self) {
+    pub(crate) fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+    pub(crate) async fn stop(self) {
         self.stop.send_replace(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
         self.registry.close_all();

@@ -6,7 +6,8 @@ stdout; tests/it/mcp.rs judges it.
     client.py SCENARIO HANDS [ARGS...]
 
 HANDS is the hands binary (stdio: `hands mcp --env ENV`) or a base URL
-(streamable HTTP: ENV's endpoint is BASE/ENV). Over HTTP, $MCP_TOKEN is sent
+(streamable HTTP: ENV's endpoint is BASE/ENV, or the URL with `{env}`
+replaced). Over HTTP, $MCP_TOKEN is sent
 as a bearer token, $MCP_CA verifies the server's certificate and
 $MCP_CLIENT_CERT/$MCP_CLIENT_KEY are presented as the client's.
 
@@ -55,7 +56,8 @@ async def connect(hands, body, env="default"):
         from mcp.client.streamable_http import streamable_http_client
 
         async with http_client() as client:
-            async with streamable_http_client(f"{hands}/{env}", http_client=client) as (r, w, *_):
+            url = hands.replace("{env}", env) if "{env}" in hands else f"{hands}/{env}"
+            async with streamable_http_client(url, http_client=client) as (r, w, *_):
                 async with ClientSession(r, w) as s:
                     init = await s.initialize()
                     return await body(s, init)
