@@ -36,10 +36,13 @@ const MAX_ENDPOINTS: usize = 256;
 
 type Service = StreamableHttpService<McpFace, Sessions>;
 
+/// The endpoints served, by environment.
+type Served = HashMap<String, (Arc<Service>, Arc<Sessions>)>;
+
 /// The gateway's MCP endpoints, made as environments are first asked for.
 pub struct McpEndpoints {
     stop: tokio_util::sync::CancellationToken,
-    served: Mutex<HashMap<String, (Arc<Service>, Arc<Sessions>)>>,
+    served: Mutex<Served>,
 }
 
 impl Default for McpEndpoints {
@@ -52,7 +55,7 @@ impl Default for McpEndpoints {
 }
 
 impl McpEndpoints {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<Service>, Arc<Sessions>)>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, Served> {
         self.served.lock().unwrap_or_else(|p| p.into_inner())
     }
 
