@@ -1,6 +1,7 @@
 //! `hands conformance`: the named protocol cases against a worker's gRPC
 //! service (`--grpc ADDR`, e.g. a debug listener) or a gateway's HTTP API
-//! (`--gateway URL`). Exit 0 when every case passed or failed as expected, 1
+//! (`--gateway URL`); or the MCP cases against an MCP endpoint over
+//! streamable HTTP (`--mcp URL`). Exit 0 when every case passed or failed as expected, 1
 //! otherwise (including a listed expected failure that passed).
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -15,12 +16,18 @@ use crate::conformance::{self, target};
 #[derive(clap::Args)]
 pub struct Args {
     /// A hands.v1.Sandbox gRPC endpoint (host:port, plaintext: a debug listener).
-    #[arg(long, conflicts_with = "gateway", required_unless_present_any = ["gateway", "list"])]
+    #[arg(long, conflicts_with_all = ["gateway", "mcp"], required_unless_present_any = ["gateway", "mcp", "list"])]
     grpc: Option<String>,
     /// A gateway's HTTP API (http://host:port).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mcp")]
     gateway: Option<String>,
-    /// The gateway's bearer token (else $HANDS_GATEWAY_TOKEN).
+    /// An MCP endpoint over streamable HTTP (http://host:port/path): a
+    /// worker's [mcp] endpoint, a gateway's /v1/environments/ENV/mcp, or any
+    /// other sandbox's. Runs the MCP cases.
+    #[arg(long)]
+    mcp: Option<String>,
+    /// The bearer token: the gateway's (else $HANDS_GATEWAY_TOKEN), or the MCP
+    /// endpoint's (else $HANDS_MCP_TOKEN, else none).
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// The environment sessions are opened in.
@@ -73,9 +80,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 if c.grpc_only { "  (gRPC only)" } else { "" }
             );
         }
+        for c in conformance::mcp::all() {
+            println!("{}  (MCP)", c.name);
+        }
         return Ok(ExitCode::SUCCESS);
     }
-    let known: Vec<&str> = conformance::cases::all().iter().map(|c| c.name).collect();
+    let known: Vec<&str> = if args.mcp.is_some() {
+        conformance::mcp::all().iter().map(|c| c.name).collect()
+    } else {
+        conformance::cases::all().iter().map(|c| c.name).collect()
+    };
     if let Some(bad) = args.cases.iter().find(|c| !known.contains(&c.as_str())) {
         bail!("--case {bad:?}: no such case (see --list)");
     }
@@ -111,6 +125,29 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     let report = rt.block_on(async {
+        if let Some(url) = &args.mcp {
+            let token = match &args.token_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("{}", p.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => std::env::var("HANDS_MCP_TOKEN").ok(),
+            };
+            let t = conformance::mcp::McpTarget::new(url, token).map_err(anyhow::Error::msg)?;
+            let addr = resolve(
+                url.trim_start_matches("http://")
+                    .split('/')
+                    .next()
+                    .unwrap_or_default(),
+            )?;
+            // Fail fast (exit 2) when nothing answers.
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connecting to {addr}"))?;
+            return Ok(conformance::mcp::run(&t, &format!("mcp {url}"), &opts).await);
+        }
         if let Some(g) = &args.grpc {
             let addr = resolve(g)?;
             let mut t = target::Grpc::connect(addr)

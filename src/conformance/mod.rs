@@ -1,12 +1,14 @@
 //! `hands conformance`: named cases, in the style of the gRPC interop test
 //! descriptions, run against a worker's `hands.v1.Sandbox` (gRPC) or a
-//! gateway's HTTP API. Procedures and assertions: `tests/conformance/README.md`.
+//! gateway's HTTP API; and MCP cases ([`mcp`]) against any MCP face of a
+//! sandbox. Procedures and assertions: `tests/conformance/README.md`.
 //!
 //! A run reports each case as pass, fail, xfail (failed, and listed in the
 //! expected-failures file), xpass (listed there but passed: a stale baseline,
 //! which fails the run) or skip (not applicable to this kind of target).
 
 pub mod cases;
+pub mod mcp;
 pub mod target;
 
 use std::collections::BTreeSet;
@@ -122,7 +124,11 @@ impl Report {
 /// Parses an expected-failures file: one case name per line, `#` comments.
 /// Unknown names are an error (a typo would otherwise hide a failure).
 pub fn parse_expected_failures(text: &str) -> Result<BTreeSet<String>, String> {
-    let known: BTreeSet<&str> = cases::all().iter().map(|c| c.name).collect();
+    let known: BTreeSet<&str> = cases::all()
+        .iter()
+        .map(|c| c.name)
+        .chain(mcp::all().iter().map(|c| c.name))
+        .collect();
     let mut set = BTreeSet::new();
     for (i, line) in text.lines().enumerate() {
         let name = line.split('#').next().unwrap_or("").trim();
@@ -218,12 +224,16 @@ mod tests {
     fn every_case_is_documented_and_names_are_unique() {
         let doc = include_str!("../../tests/conformance/README.md");
         let mut seen = BTreeSet::new();
-        for c in cases::all() {
-            assert!(seen.insert(c.name), "duplicate case {}", c.name);
+        let names = cases::all()
+            .iter()
+            .map(|c| c.name)
+            .chain(mcp::all().iter().map(|c| c.name))
+            .collect::<Vec<_>>();
+        for name in names {
+            assert!(seen.insert(name), "duplicate case {name}");
             assert!(
-                doc.contains(&format!("### `{}`", c.name)),
-                "case {} is not documented in tests/conformance/README.md",
-                c.name
+                doc.contains(&format!("### `{name}`")),
+                "case {name} is not documented in tests/conformance/README.md"
             );
         }
     }

@@ -14,6 +14,7 @@ mod escapes;
 mod isolation;
 mod limits;
 mod mcp;
+mod mcp_conformance;
 mod metrics;
 mod netpeer;
 mod pki;

@@ -707,14 +707,14 @@ fn free_port() -> u16 {
 
 /// A worker serving MCP over streamable HTTP on a port of its own, with
 /// `mcp` (more keys of `[mcp]`) and `default` and `strict` offered.
-struct HttpWorker {
+pub(crate) struct HttpWorker {
     daemon: crate::worker::Daemon,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
 impl HttpWorker {
-    fn start(mcp: &str) -> HttpWorker {
+    pub(crate) fn start(mcp: &str) -> HttpWorker {
         let dir = tempfile::tempdir().unwrap();
         HttpWorker::start_in(dir, mcp)
     }
@@ -742,7 +742,7 @@ impl HttpWorker {
         }
     }
 
-    fn base(&self, scheme: &str) -> String {
+    pub(crate) fn base(&self, scheme: &str) -> String {
         let host = if scheme == "https" {
             "localhost"
         } else {
@@ -1167,7 +1167,7 @@ fn attack_mcp_https_without_a_client_certificate_of_the_ca_reaches_nothing() {
 
 /// A gateway and one worker connected to it (in this process), and the
 /// template URL of the gateway's MCP endpoints.
-async fn through_gateway() -> (crate::tunnel::Gw, crate::tunnel::Wk, String) {
+pub(crate) async fn through_gateway() -> (crate::tunnel::Gw, crate::tunnel::Wk, String) {
     let pki = crate::tunnel::Pki::new();
     let gw = crate::tunnel::api_gateway(&pki, "mcp_idle_timeout_secs = 3").await;
     let (wk, _) = crate::tunnel::one_worker(&pki, &gw, "mcp-worker").await;
