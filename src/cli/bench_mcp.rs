@@ -1,7 +1,9 @@
 //! `hands bench --mcp`: the MCP face's round trip. A `hands mcp` process
 //! driven over its stdin and stdout with JSON-RPC lines, as an MCP client
-//! drives it, against the same calls in a session of the bench's own process;
-//! interleaved, one of each per round, so drift lands on all alike.
+//! drives it; the worker's streamable HTTP endpoint (served in the bench's
+//! process, on loopback) driven by the conformance client; against the same
+//! calls in a session of the bench's own process. Interleaved, one of each
+//! per round, so drift lands on all alike.
 
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
@@ -126,9 +128,38 @@ async fn measure(
     let mut mcp = Client::start(&ws).await?;
     let start_ms = started.elapsed().as_secs_f64() * 1000.0;
 
+    // The worker's MCP endpoint, on loopback.
+    let registry = Arc::new(crate::session::registry::Registry::new(
+        cfg.clone(),
+        lookup.load()?.iter().map(|e| e.policy.clone()),
+        4,
+    ));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let backend = Arc::new(crate::connectors::mcp::http::LocalBackend::new(
+        registry.clone(),
+        "default",
+    ));
+    let (service, _sessions) =
+        crate::connectors::mcp::http::endpoint_service(backend, Vec::new(), &stop);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let router = axum::Router::new().route_service("/mcp", service);
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let target = crate::conformance::mcp::McpTarget::new(&format!("http://{addr}/mcp"), None)
+        .map_err(anyhow::Error::msg)?;
+    let started = Instant::now();
+    let http = target.session().await.map_err(anyhow::Error::msg)?;
+    let http_start_ms = started.elapsed().as_secs_f64() * 1000.0;
+    http.text(
+        "write",
+        json!({"file_path": "file20k.txt", "content": text.clone()}),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+
     let bash_in = json!({"command": "/bin/true"});
     let read_in = json!({"file_path": "file20k.txt"});
-    let mut v: [Vec<Duration>; 4] = Default::default();
+    let mut v: [Vec<Duration>; 6] = Default::default();
     let warm = (n / 10).max(3);
     for round in 0..warm + n {
         let keep = round >= warm;
@@ -146,7 +177,23 @@ async fn measure(
         let r = local.call("read", &read_in).await;
         ensure!(!r.is_error, "read in process: {}", r.text_content());
         let d3 = t.elapsed();
+        let t = Instant::now();
+        http.text("bash", bash_in.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let d4 = t.elapsed();
+        let t = Instant::now();
+        let h = http
+            .text("read", read_in.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let d5 = t.elapsed();
         if round == 0 {
+            ensure!(
+                h.len() >= text.len(),
+                "the MCP read over HTTP returned {} bytes",
+                h.len()
+            );
             let got = m["result"]["content"][0]["text"]
                 .as_str()
                 .unwrap_or_default();
@@ -157,27 +204,36 @@ async fn measure(
             );
         }
         if keep {
-            for (s, d) in v.iter_mut().zip([d0, d1, d2, d3]) {
+            for (s, d) in v.iter_mut().zip([d0, d1, d2, d3, d4, d5]) {
                 s.push(d);
             }
         }
     }
-    let [mcp_bash, in_bash, mcp_read, in_read] = v;
+    let [mcp_bash, in_bash, mcp_read, in_read, http_bash, http_read] = v;
+    let http_bash = Series::new("bash /bin/true, MCP over streamable HTTP", http_bash);
+    let http_read = Series::new("read 20 KiB, MCP over streamable HTTP", http_read);
     let mcp_bash = Series::new("bash /bin/true, MCP over stdio (hands mcp)", mcp_bash);
     let in_bash = Series::new("bash /bin/true, in process (sandboxed session)", in_bash);
     let mcp_read = Series::new("read 20 KiB, MCP over stdio (hands mcp)", mcp_read);
     let in_read = Series::new("read 20 KiB, in process (sandboxed session)", in_read);
     let rows = vec![
         mcp_bash.row(Some(&in_bash)),
+        http_bash.row(Some(&in_bash)),
         in_bash.row(None),
         mcp_read.row(Some(&in_read)),
+        http_read.row(Some(&in_read)),
         in_read.row(None),
     ];
+    let _ = http.delete().await;
+    stop.cancel();
+    server.abort();
+    registry.close_all();
     drop(mcp.stdin);
     let _ = tokio::time::timeout(Duration::from_secs(10), mcp.child.wait()).await;
     local.close().await?;
     let figures = json!({
         "hands mcp start to initialized, session open included (ms)": (start_ms * 10.0).round() / 10.0,
+        "streamable HTTP initialize, session open included (ms)": (http_start_ms * 10.0).round() / 10.0,
     });
     Ok((rows, figures))
 }
