@@ -144,7 +144,26 @@ async fn measure(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let router = axum::Router::new().route_service("/mcp", service);
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    // Served as the worker's [mcp] listener serves it.
+    let (stop_server, server_stopped) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(crate::net::httpd::serve_with(
+        listener,
+        "mcp",
+        router,
+        crate::net::httpd::Limits {
+            max_connections: 16,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            drain: Duration::from_secs(1),
+        },
+        crate::net::httpd::Refusal {
+            content_type: "text/plain",
+            body: String::new(),
+        },
+        None,
+        Arc::new(crate::net::httpd::Unobserved),
+        server_stopped,
+    ));
     let target = crate::conformance::mcp::McpTarget::new(&format!("http://{addr}/mcp"), None)
         .map_err(anyhow::Error::msg)?;
     let started = Instant::now();
@@ -226,7 +245,8 @@ async fn measure(
     ];
     let _ = http.delete().await;
     stop.cancel();
-    server.abort();
+    stop_server.send_replace(true);
+    let _ = server.await;
     registry.close_all();
     drop(mcp.stdin);
     let _ = tokio::time::timeout(Duration::from_secs(10), mcp.child.wait()).await;

@@ -45,8 +45,11 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
     let notifier = Arc::new(Notifier::from_env());
     let config = crate::worker::Config::load(&args.config, lookup)?;
     anyhow::ensure!(
-        config.listen.is_some() || config.tunnel.is_some() || config.anthropic.is_some(),
-        "{}: nothing to serve: set `listen`, a [tunnel] or an [anthropic] table",
+        config.listen.is_some()
+            || config.tunnel.is_some()
+            || config.anthropic.is_some()
+            || config.mcp.is_some(),
+        "{}: nothing to serve: set `listen`, a [tunnel], an [anthropic] or an [mcp] table",
         args.config.display()
     );
     let sandbox = crate::sandbox::SandboxConfig::from_env().context("sandbox configuration")?;

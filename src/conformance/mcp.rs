@@ -69,7 +69,10 @@ impl McpTarget {
         if uri.scheme_str() != Some("http") {
             return Err(format!("{url:?}: an http:// URL"));
         }
-        let http = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let mut connector = HttpConnector::new();
+        // Requests are small and answered in pieces (SSE): no Nagle delay.
+        connector.set_nodelay(true);
+        let http = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
         Ok(McpTarget {
             http,
             uri,

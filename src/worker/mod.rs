@@ -6,8 +6,8 @@
 //! are closed (`[sessions] idle_timeout_secs`).
 //!
 //! Stopping ([`serve`] once `shutdown` turns true: the first SIGTERM, a
-//! drain): the tunnels end with GOAWAY, the debug listener stops accepting
-//! and the connector stops polling, so no session or call starts; the calls
+//! drain): the tunnels end with GOAWAY, the debug and MCP listeners stop
+//! accepting and the connector stops polling, so no session or call starts; the calls
 //! still running (the connector's calls in flight too) get `shutdown_grace`
 //! to finish, and the worker logs which ones it waits for. Those still
 //! running then are cut short: killed with every process they started, their

@@ -620,6 +620,12 @@ fn inspector() -> Option<std::path::PathBuf> {
 
 /// One `mcp-inspector --cli` run against `hands mcp`; its JSON answer.
 fn inspect(dir: &Path, args: &[&str]) -> Value {
+    inspect_target(dir, &[hands_bin(), "mcp", "--env", "default"], args)
+}
+
+/// One `mcp-inspector --cli` run against `target` (a command, or a URL and
+/// `--transport http`); its JSON answer.
+fn inspect_target(dir: &Path, target: &[&str], args: &[&str]) -> Value {
     let bin = dir.join("node_modules/.bin");
     let path = format!(
         "{}:{}",
@@ -628,7 +634,7 @@ fn inspect(dir: &Path, args: &[&str]) -> Value {
     );
     let out = Command::new(bin.join("mcp-inspector"))
         .arg("--cli")
-        .args([hands_bin(), "mcp", "--env", "default"])
+        .args(target)
         .args(args)
         .env("PATH", path)
         .output()
@@ -1024,6 +1030,22 @@ fn mcp_http_bad_requests_get_clear_errors_and_the_listener_serves_on() {
     // A Host that is not loopback (DNS rebinding from a browser).
     let (code, _) = post(&["-H", "host: attacker.example"], &init_body());
     assert_eq!(code, 403);
+    // A request a web page made (it carries an Origin), even to 127.0.0.1.
+    let (code, _) = post(&["-H", "origin: http://attacker.example"], &init_body());
+    assert_eq!(code, 403);
+    // A body a page could send without asking (text/plain) is not taken.
+    let (code, _) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "content-type: text/plain",
+        "-H",
+        "accept: application/json, text/event-stream",
+        "--data",
+        &init_body(),
+        &url,
+    ]);
+    assert_eq!(code, 415);
     // A body over the limit is refused unread past the limit.
     let big = tempfile::NamedTempFile::new().unwrap();
     big.as_file().set_len(70 << 20).unwrap();
@@ -1046,6 +1068,32 @@ fn mcp_http_bad_requests_get_clear_errors_and_the_listener_serves_on() {
     let (code, body) = curl_call(&url, &sid, &[], "echo still");
     assert_eq!(code, 200);
     assert!(body.contains("still"), "{body}");
+    // Its id means nothing at another endpoint (another environment).
+    let strict = format!("{}/strict", w.base("http"));
+    let (code, _) = curl_call(&strict, &sid, &[], "echo elsewhere");
+    assert_eq!(code, 404);
+    // At the worker's capacity (2 here), one more session is refused with
+    // the reason, and nothing is held for it: after a DELETE there is room.
+    let second = curl_session(&url, &[]);
+    let body = init_body();
+    let mut args: Vec<&str> = vec!["-X", "POST"];
+    args.extend(JSON_RPC);
+    args.extend(["--data", &body, &url]);
+    for _ in 0..5 {
+        let (_, text) = curl(&args);
+        assert!(text.contains("capacity"), "{text}");
+    }
+    let (code, _) = curl(&[
+        "-X",
+        "DELETE",
+        "-H",
+        &format!("mcp-session-id: {second}"),
+        &url,
+    ]);
+    assert_eq!(code, 204);
+    let third = curl_session(&url, &[]);
+    let (code, body) = curl_call(&url, &third, &[], "echo room");
+    assert_eq!(code, 200, "{body}");
 }
 
 #[test]
@@ -1354,4 +1402,41 @@ async fn attack_mcp_gateway_without_the_token_or_for_an_unserved_environment_rea
     .unwrap();
     wk.stop().await;
     gw.stop().await;
+}
+
+#[test]
+fn mcp_inspector_cli_lists_and_calls_the_tools_over_http() {
+    require_sandbox!();
+    let Some(dir) = inspector() else { return };
+    let w = HttpWorker::start("");
+    let url = format!("{}/default", w.base("http"));
+    let target = [url.as_str(), "--transport", "http"];
+    let listed = inspect_target(&dir, &target, &["--method", "tools/list"]);
+    let names: Vec<&str> = listed["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{listed}"))
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["bash", "read", "write", "edit", "glob", "grep"],
+        "{listed}"
+    );
+    let called = inspect_target(
+        &dir,
+        &target,
+        &[
+            "--method",
+            "tools/call",
+            "--tool-name",
+            "bash",
+            "--tool-arg",
+            "command=echo over-http; id -u",
+        ],
+    );
+    assert_eq!(called["isError"], false, "{called}");
+    let text = called["content"][0]["text"].as_str().unwrap_or_default();
+    assert!(text.starts_with("over-http\n"), "{called}");
+    assert_ne!(text.lines().nth(1), Some("0"), "{called}");
 }

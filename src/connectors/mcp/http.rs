@@ -24,7 +24,8 @@
 //! Only loopback is served without more: a non-loopback address needs TLS and
 //! client authentication (a bearer token, client certificates, or both).
 //! On loopback, `Host` must name loopback too (no DNS rebinding from a
-//! browser).
+//! browser), and a request carrying an `Origin` (one a web page made) is
+//! refused everywhere.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -595,7 +596,10 @@ pub fn endpoint_service(
     stop: &tokio_util::sync::CancellationToken,
 ) -> (StreamableHttpService<McpFace, Sessions>, Arc<Sessions>) {
     let sessions = Arc::new(Sessions::new(backend));
+    // Clients of a sandbox are programs, not web pages: a request a browser
+    // sent for a page (it carries an Origin) is refused.
     let config = StreamableHttpServerConfig::default()
+        .enforce_origin_validation()
         .with_allowed_hosts(allowed_hosts)
         .with_max_request_body_bytes(MAX_BODY)
         .with_sse_keep_alive(Some(Duration::from_secs(15)))
