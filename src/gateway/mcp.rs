@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use super::api::{self, ApiError, Progress};
 use super::Gateway;
-use crate::connectors::mcp::http::{endpoint_service, Backend, Sessions};
+use crate::connectors::mcp::http::{deleted_is_no_content, endpoint_service, Backend, Sessions};
 use crate::connectors::mcp::{CallError, McpFace, Sandbox, SandboxCall};
 use crate::session::activity::{Activity, Snapshot};
 use crate::tools::ToolResult;
@@ -117,8 +117,9 @@ pub async fn endpoint(
     if let Err(e) = api::authorize(&gw, request.headers()) {
         return e.into_response();
     }
+    let delete = request.method() == http::Method::DELETE;
     match gw.mcp.service(&gw, &env) {
-        Ok(service) => service.handle(request).await.into_response(),
+        Ok(service) => deleted_is_no_content(delete, service.handle(request).await.into_response()),
         Err(e) => e.into_response(),
     }
 }

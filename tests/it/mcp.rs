@@ -1392,11 +1392,16 @@ async fn attack_mcp_gateway_without_the_token_or_for_an_unserved_environment_rea
         let (code, text) = curl(&args);
         assert_eq!(code, 404, "{text}");
         assert!(text.contains("NO_WORKER"), "{text}");
-        // The right token still works.
+        // The right token still works, and DELETE ends the session (204).
         let sid = curl_session(&url, &["-H", &auth]);
         let (code, text) = curl_call(&url, &sid, &["-H", &auth], "echo served");
         assert_eq!(code, 200, "{text}");
         assert!(text.contains("served"), "{text}");
+        let sid_h = format!("mcp-session-id: {sid}");
+        let (code, _) = curl(&["-X", "DELETE", "-H", &auth, "-H", &sid_h, &url]);
+        assert_eq!(code, 204);
+        let (code, _) = curl_call(&url, &sid, &["-H", &auth], "echo gone");
+        assert_eq!(code, 404);
     })
     .await
     .unwrap();

@@ -537,9 +537,13 @@ async fn guard(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Respons
         }
     }
     let delete = req.method() == http::Method::DELETE;
-    let mut response = next.run(req).await;
-    // The SDK answers a closed session's DELETE with 202 and no body; MCP
-    // clients (the Python SDK's among them) take 200 or 204 as success.
+    let response = next.run(req).await;
+    deleted_is_no_content(delete, response)
+}
+
+/// The SDK answers a closed session's `DELETE` with 202 and no body; MCP
+/// clients (the Python SDK's among them) take 200 or 204 as success: 204.
+pub fn deleted_is_no_content(delete: bool, mut response: Response) -> Response {
     if delete && response.status() == http::StatusCode::ACCEPTED {
         *response.status_mut() = http::StatusCode::NO_CONTENT;
         *response.body_mut() = axum::body::Body::empty();
