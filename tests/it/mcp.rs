@@ -1445,3 +1445,38 @@ fn mcp_inspector_cli_lists_and_calls_the_tools_over_http() {
     assert!(text.starts_with("over-http\n"), "{called}");
     assert_ne!(text.lines().nth(1), Some("0"), "{called}");
 }
+
+/// A cancel is a notification, so a client may send its restart right behind
+/// it, before the cancelled call's processes are killed. The kill must not
+/// land on the shell the restart started.
+#[test]
+fn mcp_a_restart_sent_right_after_a_cancel_is_not_overtaken_by_the_kill() {
+    require_sandbox!();
+    for round in 0..5 {
+        let mut raw = Raw::start(&[]);
+        let long = format!("long-{round}");
+        raw.send_line(
+            &json!({"jsonrpc": "2.0", "id": long, "method": "tools/call",
+                "params": {"name": "bash", "arguments": {"command": "sleep 600"}}})
+            .to_string(),
+        );
+        // Started (as a client sees it: a moment later), then cancelled, and
+        // the restart and the next call sent at once behind the cancel.
+        std::thread::sleep(Duration::from_millis(300));
+        raw.send_line(
+            &json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                "params": {"requestId": long, "reason": "test"}})
+            .to_string(),
+        );
+        raw.send_line(
+            &json!({"jsonrpc": "2.0", "id": "restart", "method": "tools/call",
+                "params": {"name": "bash", "arguments": {"restart": true}}})
+            .to_string(),
+        );
+        let restarted = raw.response(&json!("restart"));
+        assert_eq!(restarted["result"]["isError"], false, "{restarted}");
+        let next = raw.call("next", "bash", json!({"command": "echo alive"}));
+        assert_eq!(result_text(&next), "alive", "round {round}: {next}");
+        let _ = raw.hang_up();
+    }
+}

@@ -30,6 +30,7 @@
 pub mod http;
 pub mod stdio;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -212,7 +213,36 @@ pub struct McpFace {
     tools: Arc<Vec<Tool>>,
     calls: AtomicU64,
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// The calls running, by their number: what cancels each, and whether it
+    /// has ended.
+    running: Arc<std::sync::Mutex<HashMap<u64, Running>>>,
 }
+
+/// A call of the face while it runs.
+struct Running {
+    cancel: CancellationToken,
+    ended: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Marks a call ended however its handler ends (finished, or dropped).
+struct Ended {
+    n: u64,
+    tx: tokio::sync::watch::Sender<bool>,
+    running: Arc<std::sync::Mutex<HashMap<u64, Running>>>,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.tx.send_replace(true);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.n);
+    }
+}
+
+/// How long a call waits for calls cancelled before it to end.
+const CANCELLED_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl McpFace {
     /// The face of `session` (of environment `env`, named in the instructions
@@ -237,20 +267,22 @@ impl McpFace {
             tools: Arc::new(tools()),
             calls: AtomicU64::new(0),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT)),
+            running: Arc::new(std::sync::Mutex::new(HashMap::new())),
         }
     }
 
-    /// The call's id in the journal and the audit log: unique in the session
+    /// The call's number in the face, and its id in the journal and the
+    /// audit log: unique in the session
     /// (MCP has no retries by id, so a client reusing a request id must not get
     /// an earlier result back), with the client's request id in it where it is
     /// made of the characters ids allow.
-    fn call_id(&self, request: &rmcp::model::RequestId) -> String {
+    fn call_id(&self, request: &rmcp::model::RequestId) -> (u64, String) {
         let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
         let with_request = format!("mcp-{n}-{request}");
         if crate::session::registry::valid_id(&with_request) {
-            with_request
+            (n, with_request)
         } else {
-            format!("mcp-{n}")
+            (n, format!("mcp-{n}"))
         }
     }
 }
@@ -332,7 +364,38 @@ impl ServerHandler for McpFace {
                 None,
             ));
         };
-        let call_id = self.call_id(&context.id);
+        // A cancel is a notification: the client may send its next call (a
+        // restart, say) before the cancelled call's processes are killed. The
+        // calls it cancelled end first, so that a kill never lands after, on
+        // the shell the next call started.
+        let cancelled: Vec<tokio::sync::watch::Receiver<bool>> = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|r| r.cancel.is_cancelled())
+            .map(|r| r.ended.clone())
+            .collect();
+        for mut ended in cancelled {
+            let _ = tokio::time::timeout(CANCELLED_WAIT, ended.wait_for(|e| *e)).await;
+        }
+        let (n, call_id) = self.call_id(&context.id);
+        let (tx, ended) = tokio::sync::watch::channel(false);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                n,
+                Running {
+                    cancel: context.ct.clone(),
+                    ended,
+                },
+            );
+        let _ended = Ended {
+            n,
+            tx,
+            running: self.running.clone(),
+        };
         let progress = context
             .meta
             .get_progress_token()
