@@ -605,7 +605,11 @@ case!(mcp_cancelled_call_is_killed, |t| {
     }
     // A shell killed with its call may need a restart (the agent toolset's
     // contract); then nothing of the call may be left.
-    let _ = s.call("bash", json!({"restart": true})).await?;
+    let restarted = s.call("bash", json!({"restart": true})).await?;
+    need!(
+        !restarted.is_error,
+        "the restart after the cancel failed: {restarted:?}"
+    );
     let left = s
         .text(
             "bash",

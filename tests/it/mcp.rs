@@ -1448,35 +1448,66 @@ fn mcp_inspector_cli_lists_and_calls_the_tools_over_http() {
 
 /// A cancel is a notification, so a client may send its restart right behind
 /// it, before the cancelled call's processes are killed. The kill must not
-/// land on the shell the restart started.
-#[test]
-fn mcp_a_restart_sent_right_after_a_cancel_is_not_overtaken_by_the_kill() {
+/// land on the shell the restart started (over HTTP the two requests race).
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_a_restart_sent_right_after_a_cancel_is_not_overtaken_by_the_kill() {
     require_sandbox!();
-    for round in 0..5 {
-        let mut raw = Raw::start(&[]);
-        let long = format!("long-{round}");
-        raw.send_line(
-            &json!({"jsonrpc": "2.0", "id": long, "method": "tools/call",
-                "params": {"name": "bash", "arguments": {"command": "sleep 600"}}})
-            .to_string(),
-        );
-        // Started (as a client sees it: a moment later), then cancelled, and
-        // the restart and the next call sent at once behind the cancel.
-        std::thread::sleep(Duration::from_millis(300));
-        raw.send_line(
-            &json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
-                "params": {"requestId": long, "reason": "test"}})
-            .to_string(),
-        );
-        raw.send_line(
-            &json!({"jsonrpc": "2.0", "id": "restart", "method": "tools/call",
-                "params": {"name": "bash", "arguments": {"restart": true}}})
-            .to_string(),
-        );
-        let restarted = raw.response(&json!("restart"));
-        assert_eq!(restarted["result"]["isError"], false, "{restarted}");
-        let next = raw.call("next", "bash", json!({"command": "echo alive"}));
-        assert_eq!(result_text(&next), "alive", "round {round}: {next}");
-        let _ = raw.hang_up();
+    let policies = hands::policy::PolicySet::builtin()
+        .iter()
+        .cloned()
+        .collect::<Vec<_>>();
+    let registry = std::sync::Arc::new(hands::session::registry::Registry::new(
+        config(),
+        policies,
+        4,
+    ));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let backend = std::sync::Arc::new(hands::connectors::mcp::http::LocalBackend::new(
+        registry.clone(),
+        "default",
+    ));
+    let (service, _sessions) =
+        hands::connectors::mcp::http::endpoint_service(backend, Vec::new(), &stop);
+    let router = axum::Router::new().route_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let target =
+        hands::conformance::mcp::McpTarget::new(&format!("http://{addr}/mcp"), None).unwrap();
+    let s = target.session().await.unwrap();
+    for round in 0..10u64 {
+        let id = 100 + round;
+        let (tx, mut started) = tokio::sync::mpsc::channel::<()>(1);
+        let runner = s.clone();
+        let long = tokio::spawn(async move {
+            runner
+                .call_as(
+                    id,
+                    "bash",
+                    json!({"command": "echo up; sleep 600"}),
+                    true,
+                    move |_| {
+                        let _ = tx.try_send(());
+                    },
+                )
+                .await
+        });
+        started.recv().await.expect("the long call started");
+        // The cancel, and at once the restart and the next call: no wait for
+        // the cancelled call's answer.
+        s.notify(
+            "notifications/cancelled",
+            json!({"requestId": id, "reason": "test"}),
+        )
+        .await
+        .unwrap();
+        let restarted = s.call("bash", json!({"restart": true})).await.unwrap();
+        assert!(!restarted.is_error, "round {round}: {restarted:?}");
+        let next = s.text("bash", json!({"command": "echo alive"})).await;
+        assert_eq!(next.as_deref(), Ok("alive"), "round {round}");
+        let _ = tokio::time::timeout(Duration::from_secs(10), long).await;
     }
+    let _ = s.delete().await;
+    stop.cancel();
+    registry.close_all();
 }
