@@ -443,12 +443,22 @@ impl Session {
                 },
                 None => rec.cancelled().await,
             }
+            if rec.tool == "bash" {
+                // Before `run` is dropped and lets go of the shell.
+                self.bash_abort
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         };
         let (result, outcome) = tokio::select! {
             r = run => r,
             () = stop => {
                 match rec.tool.as_str() {
-                    "bash" => self.bash.lock().await.abort(&self.helper).await,
+                    "bash" => {
+                        let mut bash = self.bash.lock().await;
+                        if self.bash_abort.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            bash.abort(&self.helper).await;
+                        }
+                    }
                     "exec" => { let _ = self.helper.kill_all().await; }
                     _ => {}
                 }
@@ -622,6 +632,13 @@ impl Session {
                 };
                 let input: Value = serde_json::from_str(input).unwrap_or(Value::Null);
                 let mut bash = self.bash.lock().await;
+                if self
+                    .bash_abort
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    // A stopped call's kill, not yet done: first.
+                    bash.abort(&self.helper).await;
+                }
                 let r = bash
                     .call(&self.helper, &input, &bash_limits, &self.env, sink)
                     .await;

@@ -138,6 +138,12 @@ pub struct Session {
     _slot: slot::Slot,
     /// One shell per session; bash calls run one at a time, like the SDK's.
     bash: Mutex<BashSession>,
+    /// A stopped bash call (cancelled, or past its deadline) left its shell
+    /// to be killed: whoever takes the shell next kills it first. Set before
+    /// the stopped call lets go of the shell, so a call waiting for the shell
+    /// (a restart sent right behind a cancel) can never run first and then
+    /// have its fresh shell killed.
+    bash_abort: std::sync::atomic::AtomicBool,
     env: Vec<(String, String)>,
     /// Calls by id: at-most-once execution, resumable delivery.
     journal: journal::Journal,
@@ -413,6 +419,7 @@ impl Session {
             cgroup: Some(cgroup),
             _slot: slot,
             bash: Mutex::new(BashSession::default()),
+            bash_abort: std::sync::atomic::AtomicBool::new(false),
             env,
             journal: match &opts.journal {
                 Some(store) => store.journal(),

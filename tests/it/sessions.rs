@@ -486,3 +486,42 @@ async fn a_connectors_sessions_are_not_closed_for_idleness() {
     assert!(w.registry.close("cma-session"));
     w.stop().await;
 }
+
+/// A restart already waiting for the shell when the call before it is
+/// cancelled (a client sends its restart right behind its cancel) runs after
+/// the cancelled call's kill, never before: its fresh shell is not killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_waiting_behind_a_cancelled_call_is_not_overtaken_by_its_kill() {
+    require_sandbox!();
+    use hands::session::call::{finished, CallSpec};
+    let s = crate::util::open(None).await;
+    for round in 0..5 {
+        let long = s
+            .submit(CallSpec::new(
+                format!("long-{round}"),
+                "bash",
+                r#"{"command": "sleep 600"}"#,
+            ))
+            .unwrap()
+            .record;
+        // The restart waits for the shell the long call holds.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let restart = s
+            .submit(CallSpec::new(
+                format!("restart-{round}"),
+                "bash",
+                r#"{"restart": true}"#,
+            ))
+            .unwrap()
+            .record;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(long.cancel(), "the long call was running");
+        let (r, _) = finished(&restart).await.unwrap();
+        assert!(!r.is_error, "round {round}: {}", r.text_content());
+        let (r, _) = finished(&long).await.unwrap();
+        assert!(r.is_error, "round {round}: the long call was cancelled");
+        let next = crate::util::sh(&s, "echo alive").await;
+        assert_eq!(next.trim(), "alive", "round {round}");
+    }
+    crate::util::close_and_drain(s).await;
+}
