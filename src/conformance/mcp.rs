@@ -20,7 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use serde_json::{json, Value};
 
-use super::{CaseReport, Report, Status};
+use super::Report;
 
 /// The protocol revision the client speaks.
 const PROTOCOL: &str = "2025-11-25";
@@ -749,22 +749,7 @@ pub async fn run(target: &McpTarget, name: &str, opts: &super::Options) -> Repor
             Err(_) => Err(format!("no answer within {:?}", opts.case_timeout)),
         };
         target.close_opened().await;
-        let expected = opts.expected_failures.contains(case.name);
-        let (status, detail) = match (result, expected) {
-            (Ok(()), false) => (Status::Pass, String::new()),
-            (Ok(()), true) => (
-                Status::Xpass,
-                "listed as an expected failure but passed: update the baseline".into(),
-            ),
-            (Err(e), false) => (Status::Fail, e),
-            (Err(e), true) => (Status::Xfail, e),
-        };
-        reports.push(CaseReport {
-            name: case.name.into(),
-            status,
-            detail,
-            millis: t0.elapsed().as_millis() as u64,
-        });
+        reports.push(super::case_report(case.name, result, opts, t0));
     }
     Report {
         target: name.to_string(),

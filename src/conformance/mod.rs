@@ -192,27 +192,38 @@ pub async fn run(target: &mut dyn Target, name: &str, opts: &Options) -> Report 
         for sid in ctx.take_sessions() {
             let _ = tokio::time::timeout(Duration::from_secs(10), target.close(&sid)).await;
         }
-        let expected = opts.expected_failures.contains(case.name);
-        let (status, detail) = match (result, expected) {
-            (Err(e), _) if e.starts_with(SKIP) => (Status::Skip, e[SKIP.len()..].to_string()),
-            (Ok(()), false) => (Status::Pass, String::new()),
-            (Ok(()), true) => (
-                Status::Xpass,
-                "listed as an expected failure but passed: update the baseline".into(),
-            ),
-            (Err(e), false) => (Status::Fail, e),
-            (Err(e), true) => (Status::Xfail, e),
-        };
-        reports.push(CaseReport {
-            name: case.name.into(),
-            status,
-            detail,
-            millis: t0.elapsed().as_millis() as u64,
-        });
+        reports.push(case_report(case.name, result, opts, t0));
     }
     Report {
         target: name.to_string(),
         cases: reports,
+    }
+}
+
+/// A case's report from its result: skip (an error starting with [`SKIP`]),
+/// pass, fail, or, when the baseline lists it, xfail or xpass.
+pub fn case_report(
+    name: &str,
+    result: Result<(), String>,
+    opts: &Options,
+    started: Instant,
+) -> CaseReport {
+    let expected = opts.expected_failures.contains(name);
+    let (status, detail) = match (result, expected) {
+        (Err(e), _) if e.starts_with(SKIP) => (Status::Skip, e[SKIP.len()..].to_string()),
+        (Ok(()), false) => (Status::Pass, String::new()),
+        (Ok(()), true) => (
+            Status::Xpass,
+            "listed as an expected failure but passed: update the baseline".into(),
+        ),
+        (Err(e), false) => (Status::Fail, e),
+        (Err(e), true) => (Status::Xfail, e),
+    };
+    CaseReport {
+        name: name.into(),
+        status,
+        detail,
+        millis: started.elapsed().as_millis() as u64,
     }
 }
 
