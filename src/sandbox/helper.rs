@@ -253,6 +253,28 @@ fn confine(
 struct Children {
     procs: Mutex<HashMap<i32, bool /* kill_all_on_exit */>>,
     spawned: Condvar,
+    /// Signalled each time the reaper has dealt with one of `procs`' exits.
+    reaped: Condvar,
+}
+
+/// Waits until the reaper has dealt with the exit of every process the helper
+/// started (they are dead: `kill_all` saw none alive), so that no exit's
+/// kill-the-rest is still to come. Without this, a shell killed by a restart
+/// could be reaped only after the restart's fresh shell was spawned, and its
+/// kill-the-rest would land on the fresh shell.
+fn all_reaped(children: &Children, deadline: Instant) -> bool {
+    let mut procs = lock(&children.procs);
+    while !procs.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        procs = match children.reaped.wait_timeout(procs, left) {
+            Ok((g, _)) => g,
+            Err(p) => p.into_inner().0,
+        };
+    }
+    true
 }
 
 fn serve(
@@ -264,6 +286,7 @@ fn serve(
     let children = Arc::new(Children {
         procs: Mutex::new(HashMap::new()),
         spawned: Condvar::new(),
+        reaped: Condvar::new(),
     });
     {
         let children = children.clone();
@@ -344,7 +367,8 @@ fn serve(
                 let _ = proto::write_frame(&mut *w, &msg);
             }
             Request::KillAll { id } => {
-                let ok = kill_all(Duration::from_secs(5));
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let ok = kill_all(Duration::from_secs(5)) && all_reaped(&children, deadline);
                 send(&writer, &Response::Killed { id, ok });
             }
         }
@@ -496,11 +520,14 @@ fn reap_forever(children: &Children, writer: &Writer) {
                     _ => continue,
                 };
                 let flag = procs.remove(&pid.as_raw());
+                if flag == Some(true) {
+                    // Still holding `procs`: no spawn can slip in between
+                    // this exit and the kill of what it left behind.
+                    kill_all(Duration::from_secs(5));
+                }
+                children.reaped.notify_all();
                 drop(procs);
-                if let Some(kill_rest) = flag {
-                    if kill_rest {
-                        kill_all(Duration::from_secs(5));
-                    }
+                if flag.is_some() {
                     send(
                         writer,
                         &Response::Exited {

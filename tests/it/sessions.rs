@@ -525,3 +525,22 @@ async fn a_restart_waiting_behind_a_cancelled_call_is_not_overtaken_by_its_kill(
     }
     crate::util::close_and_drain(s).await;
 }
+
+/// A shell that exits makes the helper kill what it left behind. When a
+/// restart kills a live shell, that exit's kill must be over before the fresh
+/// shell exists, or it lands on the fresh shell (seen as "restart required"
+/// right after a successful restart).
+#[tokio::test]
+async fn a_restart_of_a_live_shell_keeps_its_fresh_shell() {
+    require_sandbox!();
+    let s = crate::util::open(None).await;
+    for round in 0..100 {
+        let r = crate::util::sh(&s, "sleep 0.001 & echo up").await;
+        assert_eq!(r.trim(), "up", "round {round}");
+        let r = crate::util::tool(&s, "bash", serde_json::json!({"restart": true})).await;
+        assert!(!r.is_error, "round {round}: {}", r.text_content());
+        let next = crate::util::sh(&s, "echo alive").await;
+        assert_eq!(next.trim(), "alive", "round {round}");
+    }
+    crate::util::close_and_drain(s).await;
+}
