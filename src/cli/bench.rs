@@ -226,47 +226,57 @@ pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result
     // drift on a shared machine lands on all of them alike.
     let ctx = FsContext::new(std::fs::canonicalize(&ws)?);
     let read_in = json!({"file_path": "file20k.txt"});
-    let [bash_s, bare, shell_proto, read_s, inproc, raw_read] = rt.block_on(async {
-        let s = open(&cfg, &policy, &ws).await?;
-        let mut host = HostShell::start()?;
-        let bash_in = json!({"command": "/bin/true"});
-        let mut v: [Vec<Duration>; 6] = Default::default();
-        let warm = (n / 10).max(3);
-        for round in 0..warm + n {
-            let keep = round >= warm;
-            let t = Instant::now();
-            let r = s.call("bash", &bash_in).await;
-            ensure!(!r.is_error, "bash failed: {}", r.text_content());
-            let d0 = t.elapsed();
-            let t = Instant::now();
-            run_status(&mut Command::new("/bin/true"))?;
-            let d1 = t.elapsed();
-            let t = Instant::now();
-            host.once().await?;
-            let d2 = t.elapsed();
-            let t = Instant::now();
-            let r = s.call("read", &read_in).await;
-            ensure!(
-                !r.is_error && r.text_content().len() == 20 * 1024,
-                "read failed"
-            );
-            let d3 = t.elapsed();
-            let t = Instant::now();
-            let r = crate::tools::fs::run(Tool::Read, &read_in, &ctx);
-            ensure!(!r.is_error, "in-process read failed");
-            let d4 = t.elapsed();
-            let t = Instant::now();
-            std::fs::read_to_string(ws.join("file20k.txt"))?;
-            let d5 = t.elapsed();
-            if keep {
-                for (series, d) in v.iter_mut().zip([d0, d1, d2, d3, d4, d5]) {
-                    series.push(d);
+    let [bash_s, bare, shell_proto, read_s, inproc, raw_read, colon_s, colon_host] =
+        rt.block_on(async {
+            let s = open(&cfg, &policy, &ws).await?;
+            let mut host = HostShell::start()?;
+            let bash_in = json!({"command": "/bin/true"});
+            let colon_in = json!({"command": ":"});
+            let mut v: [Vec<Duration>; 8] = Default::default();
+            let warm = (n / 10).max(3);
+            for round in 0..warm + n {
+                let keep = round >= warm;
+                let t = Instant::now();
+                let r = s.call("bash", &bash_in).await;
+                ensure!(!r.is_error, "bash failed: {}", r.text_content());
+                let d0 = t.elapsed();
+                let t = Instant::now();
+                run_status(&mut Command::new("/bin/true"))?;
+                let d1 = t.elapsed();
+                let t = Instant::now();
+                host.once("/bin/true").await?;
+                let d2 = t.elapsed();
+                let t = Instant::now();
+                let r = s.call("read", &read_in).await;
+                ensure!(
+                    !r.is_error && r.text_content().len() == 20 * 1024,
+                    "read failed"
+                );
+                let d3 = t.elapsed();
+                let t = Instant::now();
+                let r = crate::tools::fs::run(Tool::Read, &read_in, &ctx);
+                ensure!(!r.is_error, "in-process read failed");
+                let d4 = t.elapsed();
+                let t = Instant::now();
+                std::fs::read_to_string(ws.join("file20k.txt"))?;
+                let d5 = t.elapsed();
+                // The shell protocol alone: a builtin, so no fork.
+                let t = Instant::now();
+                let r = s.call("bash", &colon_in).await;
+                ensure!(!r.is_error, "bash failed: {}", r.text_content());
+                let d6 = t.elapsed();
+                let t = Instant::now();
+                host.once(":").await?;
+                let d7 = t.elapsed();
+                if keep {
+                    for (series, d) in v.iter_mut().zip([d0, d1, d2, d3, d4, d5, d6, d7]) {
+                        series.push(d);
+                    }
                 }
             }
-        }
-        s.close().await?;
-        Ok::<_, anyhow::Error>(v)
-    })?;
+            s.close().await?;
+            Ok::<_, anyhow::Error>(v)
+        })?;
     let bash_s = Series::new("bash /bin/true, sandboxed call", bash_s);
     let bare = Series::new("bare fork/exec /bin/true", bare);
     let shell_proto = Series::new(
@@ -279,6 +289,14 @@ pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result
         inproc,
     );
     let raw_read = Series::new("read 20 KiB, std::fs::read_to_string", raw_read);
+    let colon_s = Series::new(
+        "bash : (a builtin: the protocol, no fork), sandboxed call",
+        colon_s,
+    );
+    let colon_host = Series::new(
+        "bash : (a builtin), same shell protocol, unconfined bash on the host",
+        colon_host,
+    );
 
     let bwrap = which("bwrap").map(|b| {
         time_n(n, || {
@@ -337,6 +355,8 @@ pub fn run(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Result
     rows.push(bare.row(None));
     rows.push(shell_proto.row(Some(&bare)));
     rows.push(bash_s.row(Some(&shell_proto)));
+    rows.push(colon_s.row(Some(&colon_host)));
+    rows.push(colon_host.row(None));
     if let Some(b) = &bwrap {
         rows.push(b.row(Some(&bare)));
         rows.push(bash_s.row(Some(b)));
@@ -621,9 +641,9 @@ impl HostShell {
         })
     }
 
-    async fn once(&mut self) -> anyhow::Result<()> {
+    async fn once(&mut self, command: &str) -> anyhow::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (wrapped, sentinel) = crate::tools::bash::wrap("/bin/true");
+        let (wrapped, sentinel) = crate::tools::bash::wrap(command);
         self.stdin.write_all(wrapped.as_bytes()).await?;
         let mut buf = Vec::new();
         loop {
