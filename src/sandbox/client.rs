@@ -73,14 +73,54 @@ struct Outgoing {
     fds: Vec<OwnedFd>,
 }
 
+/// The way frames go out to the helper. A frame is never left half written
+/// by a caller that gives up (a cancelled call, a dropped future): either its
+/// caller writes it whole in one non-blocking `sendmsg`, without awaiting, or
+/// it goes to the writer task, which writes each frame to its end. The caller
+/// writes only while the task has nothing queued or half written (so frames
+/// keep their order); that saves the common call a hop to the writer task.
+struct Out {
+    half: Arc<OwnedWriteHalf>,
+    queue: mpsc::UnboundedSender<Outgoing>,
+    /// True while the writer task owns the channel: a frame queued or partly
+    /// written. Changed only with this lock held, as is every enqueue.
+    task_owns: Arc<Mutex<bool>>,
+}
+
+impl Out {
+    /// Sends `out`; an error means the channel is gone (the helper died).
+    fn send(&self, out: Outgoing) -> Result<(), ()> {
+        let mut owns = lock(&self.task_owns);
+        let rest = if *owns {
+            out
+        } else {
+            let stream: &tokio::net::UnixStream = (*self.half).as_ref();
+            let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(|f| f.as_fd()).collect();
+            let sent = stream.try_io(Interest::WRITABLE, || {
+                sys::send_with_fds(stream_fd(stream), &out.frame, &fds)
+            });
+            drop(fds);
+            match sent {
+                Ok(n) if n == out.frame.len() => return Ok(()),
+                // The fds went with the first byte.
+                Ok(n) => Outgoing {
+                    frame: out.frame[n..].to_vec(),
+                    fds: Vec::new(),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => out,
+                Err(_) => return Err(()),
+            }
+        };
+        *owns = true;
+        self.queue.send(rest).map_err(drop)
+    }
+}
+
 /// A running session helper.
 pub struct HelperClient {
     pid: i32,
     pidfd: OwnedFd,
-    /// Frames go out through one task that writes each to its end, so a caller
-    /// that gives up halfway (a cancelled call, a dropped future) can never leave
-    /// half a frame on the channel.
-    writer: mpsc::UnboundedSender<Outgoing>,
+    writer: Out,
     /// Shared with the reader task, which is the only one removing routes.
     routes: Arc<Mutex<Routes>>,
     next_id: AtomicU64,
@@ -162,9 +202,15 @@ impl HelperClient {
         let mut read_half = tokio::io::BufReader::with_capacity(32 << 10, read_half);
         let routes: Arc<Mutex<Routes>> = Arc::default();
         let dead = Arc::new(AtomicBool::new(false));
-        let (writer, outgoing) = mpsc::unbounded_channel();
+        let (queue, outgoing) = mpsc::unbounded_channel();
+        let writer = Out {
+            half: Arc::new(write_half),
+            queue,
+            task_owns: Arc::default(),
+        };
         let writer_task = tokio::spawn(write_forever(
-            write_half,
+            writer.half.clone(),
+            writer.task_owns.clone(),
             outgoing,
             routes.clone(),
             dead.clone(),
@@ -281,9 +327,9 @@ impl HelperClient {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Sends `req` and waits for its answer. The frame is handed whole to the
-    /// writer task before the first await, so dropping this future at any point
-    /// leaves the channel framed.
+    /// Sends `req` and waits for its answer. The frame is written whole, or
+    /// handed to the writer task, before the first await ([`Out`]), so
+    /// dropping this future at any point leaves the channel framed.
     async fn request(
         &self,
         id: u64,
@@ -448,7 +494,8 @@ impl Drop for CancelOnDrop<'_> {
 /// channel fails the helper is gone: mark the client dead and fail every waiting
 /// caller.
 async fn write_forever(
-    w: OwnedWriteHalf,
+    w: Arc<OwnedWriteHalf>,
+    task_owns: Arc<Mutex<bool>>,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     routes: Arc<Mutex<Routes>>,
     dead: Arc<AtomicBool>,
@@ -457,6 +504,12 @@ async fn write_forever(
         let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(|f| f.as_fd()).collect();
         if write_frame(&w, &out.frame, &fds).await.is_err() {
             break;
+        }
+        // Nothing more queued (checked under the lock every enqueue takes):
+        // callers may write again.
+        let mut owns = lock(&task_owns);
+        if outgoing.is_empty() {
+            *owns = false;
         }
     }
     dead.store(true, Ordering::Relaxed);

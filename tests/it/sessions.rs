@@ -544,3 +544,62 @@ async fn a_restart_of_a_live_shell_keeps_its_fresh_shell() {
     }
     crate::util::close_and_drain(s).await;
 }
+
+/// Frames to the helper are written by their callers when the channel is
+/// free and by the writer task otherwise (a frame too large for one send, or
+/// one queued behind it). Large writes racing small reads, and calls dropped
+/// midway, must leave every frame whole and in order.
+#[tokio::test]
+async fn large_and_small_calls_racing_on_the_helper_channel_keep_their_frames_whole() {
+    require_sandbox!();
+    use hands::session::call::{finished, CallSpec};
+    let s = crate::util::open(None).await;
+    crate::util::tool(
+        &s,
+        "write",
+        serde_json::json!({"file_path": "small.txt", "content": "small\n"}),
+    )
+    .await;
+    let big: String = "0123456789abcdef".repeat(512 * 1024); // 8 MiB
+    let mut calls = Vec::new();
+    for round in 0..4 {
+        let input = serde_json::json!({"file_path": format!("big{round}.txt"), "content": big});
+        calls.push((
+            "big",
+            s.submit(CallSpec::new(
+                format!("big-{round}"),
+                "write",
+                input.to_string(),
+            ))
+            .unwrap()
+            .record,
+        ));
+        for i in 0..50 {
+            calls.push((
+                "small",
+                s.submit(CallSpec::new(
+                    format!("small-{round}-{i}"),
+                    "read",
+                    r#"{"file_path": "small.txt"}"#,
+                ))
+                .unwrap()
+                .record,
+            ));
+        }
+        // A read given up at once: its cancel frame races the others.
+        let dropped = crate::util::tool(&s, "read", serde_json::json!({"file_path": "small.txt"}));
+        drop(tokio::time::timeout(Duration::from_micros(1), dropped).await);
+    }
+    for (kind, rec) in calls {
+        let (r, _) = finished(&rec).await.unwrap();
+        assert!(!r.is_error, "{kind}: {}", r.text_content());
+        if kind == "small" {
+            assert!(r.text_content().contains("small"), "{}", r.text_content());
+        }
+    }
+    for round in 0..4 {
+        let n = crate::util::sh(&s, &format!("wc -c < big{round}.txt")).await;
+        assert_eq!(n.trim(), (8 * 1024 * 1024).to_string());
+    }
+    crate::util::close_and_drain(s).await;
+}
