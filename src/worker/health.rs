@@ -1,6 +1,7 @@
 //! What the worker says about itself to whoever supervises it: whether it is
 //! ready (every configured way in is up: the debug listener bound, a tunnel
-//! connected to a gateway, the Claude Managed Agents work queue answering), and
+//! connected to a gateway, the Claude Managed Agents work queue answering, the
+//! MCP listener bound), and
 //! whether it is draining. systemd learns it through `sd_notify`
 //! ([`super::notify`]), Kubernetes through the readiness probe; both read this
 //! one state.
@@ -22,10 +23,12 @@ pub enum Part {
     Tunnel,
     /// The Claude Managed Agents work queue answered the last poll.
     Queue,
+    /// The MCP listener (`[mcp]`) is bound.
+    Mcp,
 }
 
 impl Part {
-    const ALL: [Part; 3] = [Part::Listener, Part::Tunnel, Part::Queue];
+    const ALL: [Part; 4] = [Part::Listener, Part::Tunnel, Part::Queue, Part::Mcp];
 
     fn index(self) -> usize {
         self as usize
@@ -36,14 +39,15 @@ impl Part {
             Part::Listener => "listener",
             Part::Tunnel => "tunnel",
             Part::Queue => "work queue",
+            Part::Mcp => "mcp listener",
         }
     }
 }
 
 #[derive(Clone, Copy, Default)]
 struct State {
-    wanted: [bool; 3],
-    up: [bool; 3],
+    wanted: [bool; 4],
+    up: [bool; 4],
     draining: bool,
 }
 
@@ -81,6 +85,9 @@ impl Health {
         }
         if config.anthropic.is_some() {
             self.expect(Part::Queue);
+        }
+        if config.mcp.is_some() {
+            self.expect(Part::Mcp);
         }
     }
 

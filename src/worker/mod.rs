@@ -235,6 +235,9 @@ pub async fn serve(
     if config.anthropic.is_some() {
         health.expect(Part::Queue);
     }
+    if config.mcp.is_some() {
+        health.expect(Part::Mcp);
+    }
     let debug = async {
         match config.listen {
             Some(addr) => {
@@ -261,7 +264,10 @@ pub async fn serve(
                 m.clone(),
                 mcp_registry,
                 config.shutdown_grace,
-                |_| {},
+                {
+                    let h = health.clone();
+                    move |_| h.set(Part::Mcp, true)
+                },
                 shutdown.clone(),
             )
             .await

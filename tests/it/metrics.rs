@@ -350,6 +350,36 @@ async fn sessions_and_calls_through_the_debug_listener_move_the_worker_s_metrics
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_the_mcp_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        dir.path(),
+        "worker_id = \"w-metrics-mcp\"\nenvironments = [\"default\"]\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n[mcp]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let worker = Worker::start(
+        config,
+        None,
+        async |metrics| {
+            // Up before the MCP listener: alive, not ready.
+            let got = get(metrics, "/readyz").await;
+            assert_eq!(
+                (got.status, got.body.as_str()),
+                (503, "waiting for: mcp listener")
+            );
+        },
+        |_| {},
+    )
+    .await;
+    let m = worker.metrics();
+    let got = until(m, "/readyz", "an MCP-only worker", |g| g.status == 200).await;
+    assert_eq!(got.body, "ready");
+    let text = get(m, "/metrics").await.body;
+    assert_eq!(sample(&text, "hands_worker_ready"), Some(1.0), "{text}");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_waits_for_the_tunnel_and_follows_it() {
     let pki = crate::tunnel::Pki::new();
     let wcert = pki.worker("w-metrics-tunnel", 30);
