@@ -21,11 +21,22 @@ pub struct Args {
     /// A gateway's HTTP API (http://host:port).
     #[arg(long, conflicts_with = "mcp")]
     gateway: Option<String>,
-    /// An MCP endpoint over streamable HTTP (http://host:port/path): a
-    /// worker's [mcp] endpoint, a gateway's /v1/environments/ENV/mcp, or any
+    /// An MCP endpoint over streamable HTTP (http:// or https://host:port/path):
+    /// a worker's [mcp] endpoint, a gateway's /v1/environments/ENV/mcp, or any
     /// other sandbox's. Runs the MCP cases.
     #[arg(long)]
     mcp: Option<String>,
+    /// For an https:// --mcp endpoint: the CA certificates (PEM) to trust
+    /// instead of the system's.
+    #[arg(long, requires = "mcp")]
+    ca: Option<PathBuf>,
+    /// For an https:// --mcp endpoint that asks for one: the client
+    /// certificate (PEM, with its chain) to present; with --key.
+    #[arg(long, requires_all = ["mcp", "key"])]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
     /// The bearer token: the gateway's (else $HANDS_GATEWAY_TOKEN), or the MCP
     /// endpoint's (else $HANDS_MCP_TOKEN, else none).
     #[arg(long)]
@@ -135,13 +146,29 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 ),
                 None => std::env::var("HANDS_MCP_TOKEN").ok(),
             };
-            let t = conformance::mcp::McpTarget::new(url, token).map_err(anyhow::Error::msg)?;
-            let addr = resolve(
-                url.trim_start_matches("http://")
-                    .split('/')
-                    .next()
-                    .unwrap_or_default(),
-            )?;
+            let tls = if url.starts_with("https://") {
+                let identity = args.cert.as_deref().zip(args.key.as_deref());
+                Some(crate::net::tls::https_client_config(
+                    args.ca.as_deref(),
+                    identity,
+                )?)
+            } else {
+                if args.ca.is_some() || args.cert.is_some() {
+                    bail!("--ca and --cert are for an https:// --mcp endpoint");
+                }
+                None
+            };
+            let t = conformance::mcp::McpTarget::with_tls(url, token, tls)
+                .map_err(anyhow::Error::msg)?;
+            let uri: http::Uri = url.parse().with_context(|| format!("{url:?}"))?;
+            let port = uri
+                .port_u16()
+                .unwrap_or(if uri.scheme_str() == Some("https") {
+                    443
+                } else {
+                    80
+                });
+            let addr = resolve(&format!("{}:{port}", uri.host().unwrap_or_default()))?;
             // Fail fast (exit 2) when nothing answers.
             tokio::net::TcpStream::connect(addr)
                 .await

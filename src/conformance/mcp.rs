@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::net::client::Connector;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use serde_json::{json, Value};
 
@@ -33,7 +33,7 @@ fn definitions() -> Vec<Value> {
 
 /// An MCP endpoint: its URL and bearer token.
 pub struct McpTarget {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<Connector, Full<Bytes>>,
     uri: http::Uri,
     token: Option<String>,
     /// Sessions a case opened, ended after it.
@@ -43,7 +43,7 @@ pub struct McpTarget {
 /// One MCP session (after `initialize`).
 #[derive(Clone)]
 pub struct McpSession {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<Connector, Full<Bytes>>,
     uri: http::Uri,
     token: Option<String>,
     id: Option<String>,
@@ -65,13 +65,27 @@ pub struct Answer {
 impl McpTarget {
     /// `url`: `http://host:port/path`.
     pub fn new(url: &str, token: Option<String>) -> Result<McpTarget, String> {
+        McpTarget::with_tls(url, token, None)
+    }
+
+    /// `url`: `http://host:port/path`, or `https://` with `tls` (the CA to
+    /// trust, a client certificate: [`crate::net::tls::https_client_config`]).
+    pub fn with_tls(
+        url: &str,
+        token: Option<String>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<McpTarget, String> {
         let uri: http::Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(format!("{url:?}: an http:// URL"));
+        match (uri.scheme_str(), &tls) {
+            (Some("http"), _) | (Some("https"), Some(_)) => {}
+            (Some("https"), None) => {
+                return Err(format!("{url:?}: https:// needs a TLS configuration"))
+            }
+            _ => return Err(format!("{url:?}: an http:// or https:// URL")),
         }
-        let mut connector = HttpConnector::new();
-        // Requests are small and answered in pieces (SSE): no Nagle delay.
-        connector.set_nodelay(true);
+        // Requests are small and answered in pieces (SSE): the dial turns
+        // Nagle off.
+        let connector = Connector::new(tls, Duration::from_secs(10));
         let http = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
         Ok(McpTarget {
             http,

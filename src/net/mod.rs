@@ -1,9 +1,11 @@
 //! Networking shared by the connectors and the daemons: TLS configurations
 //! (the tunnel's mTLS both ends, the system roots of HTTPS APIs), the dial
 //! through an HTTP CONNECT proxy (used by both the hands.v1 tunnel and the
-//! Claude Managed Agents client), and the bounded HTTP/1.1 server of the
-//! gateway's API and the worker's metrics listener ([`httpd`]).
+//! Claude Managed Agents client), the HTTP client connector over it
+//! ([`client`]), and the bounded HTTP/1.1 server of the gateway's API and the
+//! worker's metrics listener ([`httpd`]).
 
+pub mod client;
 pub mod httpd;
 pub mod proxy;
 pub mod tls;

@@ -20,9 +20,8 @@ use std::time::SystemTime;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-/// A client configuration for public HTTPS APIs: TLS 1.2 and 1.3, the
-/// system's root certificates, ALPN `alpn`.
-pub fn system_roots_client(alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+/// The system's root certificates (a warning when there are none).
+fn system_roots() -> rustls::RootCertStore {
     let mut roots = rustls::RootCertStore::empty();
     let found = rustls_native_certs::load_native_certs();
     for cert in found.certs {
@@ -31,6 +30,13 @@ pub fn system_roots_client(alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, rus
     if roots.is_empty() {
         tracing::warn!("no system root certificates found; https:// connections will fail");
     }
+    roots
+}
+
+/// A client configuration for public HTTPS APIs: TLS 1.2 and 1.3, the
+/// system's root certificates, ALPN `alpn`.
+pub fn system_roots_client(alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let roots = system_roots();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -113,6 +119,28 @@ fn roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A client configuration for an operator's HTTPS endpoint (HTTP/1.1): TLS
+/// 1.2 and 1.3, trusting only the certificates in `ca` (else the system's
+/// roots), presenting `identity` (certificate chain, key) when given.
+pub fn https_client_config(
+    ca: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = match ca {
+        Some(ca) => roots(ca)?,
+        None => system_roots(),
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// The worker's end: trusts only `files.ca`, presents `files.cert`.

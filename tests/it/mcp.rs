@@ -725,7 +725,7 @@ impl HttpWorker {
         HttpWorker::start_in(dir, mcp)
     }
 
-    fn start_in(dir: tempfile::TempDir, mcp: &str) -> HttpWorker {
+    pub(crate) fn start_in(dir: tempfile::TempDir, mcp: &str) -> HttpWorker {
         let port = free_port();
         let config = format!(
             "{}environments = [\"default\", \"strict\"]\n[mcp]\nlisten = \"127.0.0.1:{port}\"\n{mcp}\n",
@@ -1138,27 +1138,34 @@ fn attack_mcp_http_without_the_bearer_token_reaches_nothing() {
     }
 }
 
-#[test]
-fn attack_mcp_https_without_a_client_certificate_of_the_ca_reaches_nothing() {
-    require_sandbox!();
-    let dir = tempfile::tempdir().unwrap();
+/// Writes, in `dir`, a fresh CA (`ca.pem`), a server certificate for
+/// `localhost` of it (`server.pem`, `server-key.pem`) and a client certificate
+/// of it (`client.pem`, `client-key.pem`).
+pub(crate) fn write_tls_files(dir: &Path) {
     let ca = hands::pki::Ca::new(1).unwrap();
     let server = ca.gateway(&["localhost".into()], 1).unwrap();
     let client = ca.worker("agent", 1).unwrap();
-    let foreign = hands::pki::Ca::new(1).unwrap();
-    let stranger = foreign.worker("agent", 1).unwrap();
-    let p = |n: &str| dir.path().join(n);
     for (name, pem) in [
         ("ca.pem", &ca.issued.cert_pem),
         ("server.pem", &server.cert_pem),
         ("server-key.pem", &server.key_pem),
         ("client.pem", &client.cert_pem),
         ("client-key.pem", &client.key_pem),
-        ("stranger.pem", &stranger.cert_pem),
-        ("stranger-key.pem", &stranger.key_pem),
     ] {
-        std::fs::write(p(name), pem).unwrap();
+        std::fs::write(dir.join(name), pem).unwrap();
     }
+}
+
+#[test]
+fn attack_mcp_https_without_a_client_certificate_of_the_ca_reaches_nothing() {
+    require_sandbox!();
+    let dir = tempfile::tempdir().unwrap();
+    write_tls_files(dir.path());
+    let foreign = hands::pki::Ca::new(1).unwrap();
+    let stranger = foreign.worker("agent", 1).unwrap();
+    let p = |n: &str| dir.path().join(n);
+    std::fs::write(p("stranger.pem"), &stranger.cert_pem).unwrap();
+    std::fs::write(p("stranger-key.pem"), &stranger.key_pem).unwrap();
     let paths: Vec<String> = [
         "ca.pem",
         "client.pem",

@@ -337,3 +337,62 @@ fn the_conformance_command_passes_against_a_workers_mcp_listener() {
         "{text}"
     );
 }
+
+/// `hands conformance --mcp https://…` against a worker's [mcp] listener that
+/// takes TLS, client certificates of its CA and a bearer token: with the CA,
+/// the client's certificate and the token every case passes; without the
+/// certificate nothing does.
+#[test]
+fn the_conformance_command_speaks_https_with_a_client_certificate_and_a_token() {
+    require_sandbox!();
+    let dir = tempfile::tempdir().unwrap();
+    crate::mcp::write_tls_files(dir.path());
+    let p = |n: &str| dir.path().join(n);
+    std::fs::write(p("token"), "conformance-token-0123456789").unwrap();
+    let (ca_pem, cert, key, token) = (
+        p("ca.pem"),
+        p("client.pem"),
+        p("client-key.pem"),
+        p("token"),
+    );
+    let w = crate::mcp::HttpWorker::start_in(
+        dir,
+        "tls_cert = \"server.pem\"\ntls_key = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\
+         token_file = \"token\"",
+    );
+    let url = format!("{}/default", w.base("https"));
+    let run = |extra: &[&std::path::Path]| {
+        let mut cmd = std::process::Command::new(hands_bin());
+        cmd.args([
+            "conformance",
+            "--case-timeout-secs",
+            "30",
+            "--mcp",
+            &url,
+            "--ca",
+        ])
+        .arg(&ca_pem)
+        .arg("--token-file")
+        .arg(&token);
+        if let [c, k] = extra {
+            cmd.arg("--cert").arg(c).arg("--key").arg(k);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let n = conformance::mcp::all().len();
+    let (code, text) = run(&[&cert, &key]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("{n} passed, 0 failed")), "{text}");
+    // Without the client certificate the handshake is refused: no case passes.
+    let (code, text) = run(&[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains(&format!("0 passed, {n} failed")), "{text}");
+}
