@@ -603,3 +603,28 @@ async fn large_and_small_calls_racing_on_the_helper_channel_keep_their_frames_wh
     }
     crate::util::close_and_drain(s).await;
 }
+
+/// A session that keeps forking (a loop of background sleeps, up to its pids
+/// limit) when it is restarted: the restart kills every one of them, waits
+/// for their exits to be dealt with, and its fresh shell is the only process
+/// left and serves.
+#[tokio::test]
+async fn attack_a_fork_loop_cannot_keep_a_restart_from_its_fresh_shell() {
+    require_sandbox!();
+    let s = crate::util::open(None).await;
+    for round in 0..3 {
+        crate::util::sh(
+            &s,
+            "( while :; do sleep 600 & done ) >/dev/null 2>&1 & sleep 0.3; echo started",
+        )
+        .await;
+        let r = crate::util::tool(&s, "bash", serde_json::json!({"restart": true})).await;
+        assert!(!r.is_error, "round {round}: {}", r.text_content());
+        let ps = crate::util::sh(&s, "ls /proc | grep -c '^[0-9]'").await;
+        // The helper, the shell, and the shell's own subshell for this command
+        // and its `ls` and `grep`: nothing of the loop survives.
+        let n: usize = ps.trim().parse().unwrap();
+        assert!(n <= 5, "round {round}: {n} processes left");
+    }
+    crate::util::close_and_drain(s).await;
+}
