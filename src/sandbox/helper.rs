@@ -368,7 +368,9 @@ fn serve(
             }
             Request::KillAll { id } => {
                 let deadline = Instant::now() + Duration::from_secs(5);
-                let ok = kill_all(Duration::from_secs(5)) && all_reaped(&children, deadline);
+                let ok = kill_all(Duration::from_secs(5))
+                    && all_reaped(&children, deadline)
+                    && none_left(deadline);
                 send(&writer, &Response::Killed { id, ok });
             }
         }
@@ -552,8 +554,29 @@ fn reap_forever(children: &Children, writer: &Writer) {
     }
 }
 
+/// Waits until the namespace holds no process but the helper, zombies
+/// included: the reaper has collected every orphan the kill left, so the
+/// session's pids limit is free again for what starts next.
+fn none_left(deadline: Instant) -> bool {
+    loop {
+        if processes(true).is_empty() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Live (not zombie) processes of the namespace other than the helper.
 fn live_processes() -> Vec<i32> {
+    processes(false)
+}
+
+/// Processes of the namespace other than the helper; zombies only with
+/// `zombies`.
+fn processes(zombies: bool) -> Vec<i32> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
@@ -571,7 +594,8 @@ fn live_processes() -> Vec<i32> {
             .rsplit(')')
             .next()
             .and_then(|s| s.trim_start().chars().next());
-        if !matches!(state, Some('Z') | Some('X') | None) {
+        let dead = matches!(state, Some('Z') | Some('X') | None);
+        if !dead || (zombies && state == Some('Z')) {
             out.push(pid);
         }
     }
