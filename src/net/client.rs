@@ -101,9 +101,9 @@ impl Connector {
     }
 
     /// `https://` with TLS 1.2+ and the system's root certificates.
-    pub fn system_roots(timeout: Duration) -> Result<Connector, rustls::Error> {
+    pub fn system_roots(timeout: Duration) -> Result<Connector, super::tls::TlsError> {
         Ok(Connector::new(
-            Some(super::tls::system_roots_client(b"http/1.1")?),
+            Some(super::tls::https_client_config(None, None)?),
             timeout,
         ))
     }

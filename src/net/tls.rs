@@ -33,19 +33,6 @@ fn system_roots() -> rustls::RootCertStore {
     roots
 }
 
-/// A client configuration for public HTTPS APIs: TLS 1.2 and 1.3, the
-/// system's root certificates, ALPN `alpn`.
-pub fn system_roots_client(alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let roots = system_roots();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    Ok(Arc::new(config))
-}
-
 /// ALPN for the tunnel: HTTP/2 only.
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -121,9 +108,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A client configuration for an operator's HTTPS endpoint (HTTP/1.1): TLS
-/// 1.2 and 1.3, trusting only the certificates in `ca` (else the system's
-/// roots), presenting `identity` (certificate chain, key) when given.
+/// A client configuration for HTTPS (HTTP/1.1): TLS 1.2 and 1.3, trusting only
+/// the certificates in `ca` (else the system's roots, as for public APIs),
+/// presenting `identity` (certificate chain, key) when given.
 pub fn https_client_config(
     ca: Option<&Path>,
     identity: Option<(&Path, &Path)>,

@@ -253,28 +253,6 @@ fn confine(
 struct Children {
     procs: Mutex<HashMap<i32, bool /* kill_all_on_exit */>>,
     spawned: Condvar,
-    /// Signalled each time the reaper has dealt with one of `procs`' exits.
-    reaped: Condvar,
-}
-
-/// Waits until the reaper has dealt with the exit of every process the helper
-/// started (they are dead: `kill_all` saw none alive), so that no exit's
-/// kill-the-rest is still to come. Without this, a shell killed by a restart
-/// could be reaped only after the restart's fresh shell was spawned, and its
-/// kill-the-rest would land on the fresh shell.
-fn all_reaped(children: &Children, deadline: Instant) -> bool {
-    let mut procs = lock(&children.procs);
-    while !procs.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        procs = match children.reaped.wait_timeout(procs, left) {
-            Ok((g, _)) => g,
-            Err(p) => p.into_inner().0,
-        };
-    }
-    true
 }
 
 fn serve(
@@ -286,7 +264,6 @@ fn serve(
     let children = Arc::new(Children {
         procs: Mutex::new(HashMap::new()),
         spawned: Condvar::new(),
-        reaped: Condvar::new(),
     });
     {
         let children = children.clone();
@@ -368,9 +345,7 @@ fn serve(
             }
             Request::KillAll { id } => {
                 let deadline = Instant::now() + Duration::from_secs(5);
-                let ok = kill_all(Duration::from_secs(5))
-                    && all_reaped(&children, deadline)
-                    && none_left(deadline);
+                let ok = kill_all(Duration::from_secs(5)) && none_left(deadline);
                 send(&writer, &Response::Killed { id, ok });
             }
         }
@@ -527,7 +502,6 @@ fn reap_forever(children: &Children, writer: &Writer) {
                     // this exit and the kill of what it left behind.
                     kill_all(Duration::from_secs(5));
                 }
-                children.reaped.notify_all();
                 drop(procs);
                 if flag.is_some() {
                     send(
@@ -555,8 +529,12 @@ fn reap_forever(children: &Children, writer: &Writer) {
 }
 
 /// Waits until the namespace holds no process but the helper, zombies
-/// included: the reaper has collected every orphan the kill left, so the
-/// session's pids limit is free again for what starts next.
+/// included: the reaper has collected every exit the kill caused, so the
+/// session's pids limit is free again for what starts next. A killed shell's
+/// kill-the-rest runs with the children table held from its reaping on, so
+/// once its zombie is gone no spawn can precede that kill: without this wait,
+/// a shell killed by a restart could be reaped after the restart's fresh shell
+/// was spawned, and its kill-the-rest would land on the fresh shell.
 fn none_left(deadline: Instant) -> bool {
     loop {
         if processes(true).is_empty() {
