@@ -106,6 +106,11 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(hands::sandbox::helper::ARG)) {
         hands::sandbox::helper::main();
     }
+    if std::env::args_os().nth(1).as_deref()
+        == Some(OsStr::new(hands::cli::bench_tunnel::FLOOR_ARG))
+    {
+        return hands::cli::bench_tunnel::floor_main();
+    }
     let cli = Cli::parse();
     // The daemons mirror every audit record to their log (journald under
     // systemd) by default; one-shot commands keep stderr for their output.

@@ -9,7 +9,10 @@
 //!
 //! Baselines: a bare fork/exec of `/bin/true` for bash, and for read an
 //! unconfined read tool served by a tonic server on loopback (the same gRPC
-//! stack with no sandbox). Throughput: reads/s at 1 and 64 concurrent calls.
+//! stack with no sandbox). Floors: the same unconfined read served by another
+//! process ([`FLOOR_ARG`]), straight over gRPC and through the gateway and a
+//! tunnel of its own: what any worker that is a process of its own pays before
+//! it confines anything. Throughput: reads/s at 1 and 64 concurrent calls.
 //! Memory: the worker's RSS idle and per idle session (the sessions' helpers
 //! are their own processes and are reported apart).
 
@@ -84,9 +87,117 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// The unconfined baseline: `read` run in process by a tonic service.
+/// The unconfined baseline: `read` run in process by a tonic service. As the
+/// floor process it also tells the gateway who it is and opens sessions (of
+/// nothing: every session reads the same directory).
 struct UnconfinedRead {
     ctx: crate::tools::fs::FsContext,
+    /// The floor's worker id and process id; `None` for the baseline.
+    identity: Option<(String, String)>,
+}
+
+/// The floor process's worker id, and the one environment it offers.
+const FLOOR: &str = "bench-floor";
+
+/// Hidden subcommand: the floor process (`__bench-floor DIR TUNNEL DIRECT`)
+/// serves the unconfined read tool through a tunnel to the gateway at `TUNNEL` with
+/// `DIR/pki`'s `bench-floor` certificate, and over plaintext gRPC on `DIRECT`;
+/// it reads `DIR/ws`, and runs until it is killed. On its stdin and stdout it
+/// answers each byte with 20 KiB: the bare round trip between two
+/// processes, the least a tool run in a process of its own can cost.
+pub const FLOOR_ARG: &str = "__bench-floor";
+
+/// Bytes of each answer of the floor's round trip: the read's 20 KiB.
+const PONG: usize = 20 * 1024;
+
+/// The floor process (see [`FLOOR_ARG`]).
+pub fn floor_main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let [dir, tunnel, direct] = args.as_slice() else {
+        eprintln!("usage: hands {FLOOR_ARG} DIR TUNNEL_ADDR DIRECT_ADDR");
+        return ExitCode::from(2);
+    };
+    std::thread::spawn(|| {
+        use std::io::{Read, Write};
+        let (mut input, mut output) = (std::io::stdin().lock(), std::io::stdout().lock());
+        let answer = vec![b'x'; PONG];
+        let mut byte = [0u8; 1];
+        while input.read_exact(&mut byte).is_ok() {
+            if output
+                .write_all(&answer)
+                .and_then(|()| output.flush())
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let served = (|| -> anyhow::Result<()> {
+        let dir = std::path::Path::new(dir);
+        let tunnel: SocketAddr = tunnel.parse().context("the tunnel address")?;
+        let direct: SocketAddr = direct.parse().context("the direct address")?;
+        // It serves reads with no authentication: never beyond this host.
+        ensure!(
+            direct.ip().is_loopback(),
+            "the direct address must be a loopback address"
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        rt.block_on(floor(dir, tunnel, direct))
+    })();
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hands {FLOOR_ARG}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn floor(
+    dir: &std::path::Path,
+    tunnel: SocketAddr,
+    direct: SocketAddr,
+) -> anyhow::Result<()> {
+    use crate::connectors::hands_v1::tunnel as t;
+    let svc = || UnconfinedRead {
+        ctx: crate::tools::fs::FsContext::new(dir.join("ws")),
+        identity: Some((FLOOR.into(), format!("floor-{}", std::process::id()))),
+    };
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(v1::sandbox_server::SandboxServer::new(svc()));
+    let [cert_name, key_name] = crate::pki::worker_files(FLOOR);
+    let config = t::TunnelConfig {
+        endpoints: vec![t::Endpoint {
+            host: tunnel.ip().to_string(),
+            port: tunnel.port(),
+        }],
+        server_name: Some("localhost".into()),
+        tls: crate::net::tls::TlsFiles {
+            ca: dir.join("pki/ca.pem"),
+            cert: dir.join("pki").join(cert_name),
+            key: dir.join("pki").join(key_name),
+        },
+        connections: 1,
+        proxy: t::ProxyChoice::Direct,
+        keepalive: Duration::from_secs(15),
+        connect_timeout: Duration::from_secs(10),
+        backoff: t::Backoff::default(),
+    };
+    let tls = Arc::new(crate::net::tls::ClientTls::client(config.tls.clone())?);
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let listener = tokio::net::TcpListener::bind(direct).await?;
+    let served = tonic::transport::Server::builder()
+        .add_service(v1::sandbox_server::SandboxServer::new(svc()))
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        );
+    tokio::select! {
+        () = t::run(Arc::new(config), tls, routes.routes(), shutdown, None, None) => Ok(()),
+        r = served => Ok(r?),
+    }
 }
 
 type Events =
@@ -98,19 +209,48 @@ impl v1::sandbox_server::Sandbox for UnconfinedRead {
         &self,
         _: tonic::Request<v1::InfoRequest>,
     ) -> Result<tonic::Response<v1::InfoResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("baseline"))
+        let Some((worker_id, instance_id)) = &self.identity else {
+            return Err(tonic::Status::unimplemented("baseline"));
+        };
+        Ok(tonic::Response::new(v1::InfoResponse {
+            worker_id: worker_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocols: vec!["hands.v1".into()],
+            environments: vec![v1::Environment {
+                name: FLOOR.into(),
+                tools: vec!["read".into()],
+                ..Default::default()
+            }],
+            capacity: 1024,
+            instance_id: instance_id.clone(),
+            ..Default::default()
+        }))
     }
     async fn open_session(
         &self,
-        _: tonic::Request<v1::OpenSessionRequest>,
+        req: tonic::Request<v1::OpenSessionRequest>,
     ) -> Result<tonic::Response<v1::OpenSessionResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("baseline"))
+        let Some((worker_id, _)) = &self.identity else {
+            return Err(tonic::Status::unimplemented("baseline"));
+        };
+        let r = req.into_inner();
+        Ok(tonic::Response::new(v1::OpenSessionResponse {
+            session_id: r.session_id,
+            created: true,
+            environment: r.environment,
+            worker_id: worker_id.clone(),
+        }))
     }
     async fn close_session(
         &self,
         _: tonic::Request<v1::CloseSessionRequest>,
     ) -> Result<tonic::Response<v1::CloseSessionResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("baseline"))
+        match self.identity {
+            Some(_) => Ok(tonic::Response::new(v1::CloseSessionResponse {
+                closed: true,
+            })),
+            None => Err(tonic::Status::unimplemented("baseline")),
+        }
     }
     async fn list_sessions(
         &self,
@@ -210,11 +350,15 @@ async fn api_call(
 }
 
 async fn open_session(api: &mut ApiClient) -> anyhow::Result<String> {
+    open_session_in(api, "default").await
+}
+
+async fn open_session_in(api: &mut ApiClient, environment: &str) -> anyhow::Result<String> {
     let a = api
         .request(
             "POST",
             "/v1/sessions",
-            Some(&json!({"environment": "default"})),
+            Some(&json!({ "environment": environment })),
         )
         .await?;
     ensure!(a.status == 201, "open: {}", a.body);
@@ -265,6 +409,7 @@ async fn bench(
         ..Default::default()
     })?;
     crate::pki::write(&d.join("pki"), &pki, false)?;
+    crate::pki::issue_worker(&d.join("pki"), FLOOR, 1)?;
     std::fs::write(d.join("token"), TOKEN)?;
     std::fs::write(
         d.join("gateway.toml"),
@@ -309,12 +454,37 @@ async fn bench(
         .spawn()
         .context("starting the worker")?;
     let worker_pid = worker.id();
-    let result = measure(n, &bound, debug, worker_pid, d, lookup).await;
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(worker_pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = worker.wait();
+    // The floor, its own process too.
+    let floor_direct = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut floor = Command::new(&exe)
+        .arg(FLOOR_ARG)
+        .arg(d)
+        .arg(bound.tunnel.to_string())
+        .arg(floor_direct.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(d.join("floor.log")).context("the floor's log")?)
+        .spawn()
+        .context("starting the floor process")?;
+    let floor_pid = floor.id();
+    let pong = floor.stdin.take().zip(floor.stdout.take());
+    let result = match pong {
+        Some(pong) => {
+            let at = Floor {
+                direct: floor_direct,
+                pong,
+            };
+            measure(n, &bound, debug, at, worker_pid, d, lookup).await
+        }
+        None => Err(anyhow::anyhow!("the floor's stdio")),
+    };
+    for (child, pid) in [(&mut worker, worker_pid), (&mut floor, floor_pid)] {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = child.wait();
+    }
     stop.send_replace(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), gateway).await;
     let (rows, extra) = result?;
@@ -322,10 +492,30 @@ async fn bench(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The floor process, as [`measure`] reaches it.
+struct Floor {
+    /// Its plaintext gRPC listener.
+    direct: SocketAddr,
+    /// Its stdin and stdout, for the bare round trip.
+    pong: (std::process::ChildStdin, std::process::ChildStdout),
+}
+
+impl Floor {
+    /// One bare round trip: a byte out, [`PONG`] bytes back (blocking: nothing
+    /// else of the bench runs meanwhile).
+    fn round_trip(&mut self, buf: &mut [u8]) -> anyhow::Result<()> {
+        use std::io::{Read, Write};
+        self.pong.0.write_all(b"?")?;
+        self.pong.1.read_exact(buf)?;
+        Ok(())
+    }
+}
+
 async fn measure(
     n: usize,
     bound: &crate::gateway::Bound,
     debug: SocketAddr,
+    mut floor_at: Floor,
     worker_pid: u32,
     d: &std::path::Path,
     lookup: &crate::policy::lookup::Lookup,
@@ -334,11 +524,11 @@ async fn measure(
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let a = api.request("GET", "/v1/workers", None).await?;
-        if a.body["workers"].as_array().is_some_and(|w| !w.is_empty()) {
+        if a.body["workers"].as_array().is_some_and(|w| w.len() == 2) {
             break;
         }
         if Instant::now() > deadline {
-            bail!("the worker did not connect");
+            bail!("the worker and the floor did not both connect: {}", a.body);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -411,6 +601,7 @@ async fn measure(
     let baseline_addr = baseline_listener.local_addr()?;
     let svc = UnconfinedRead {
         ctx: crate::tools::fs::FsContext::new(std::fs::canonicalize(&ws)?),
+        identity: None,
     };
     tokio::spawn(
         tonic::transport::Server::builder()
@@ -425,6 +616,13 @@ async fn measure(
             .connect()
             .await?,
     );
+    // The floor reads the same directory, from its own process.
+    let mut floor = SandboxClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", floor_at.direct))?
+            .connect()
+            .await?,
+    );
+    let floor_sid = open_session_in(&mut api, FLOOR).await?;
 
     let bash_in = json!({"command": "/bin/true"});
     let read_in = json!({"file_path": "file20k.txt"});
@@ -437,7 +635,8 @@ async fn measure(
     };
 
     // Interleaved rounds: one of each operation per round.
-    let mut s: Vec<Vec<Duration>> = vec![Vec::new(); 8];
+    let mut pong = vec![0u8; PONG];
+    let mut s: Vec<Vec<Duration>> = vec![Vec::new(); 11];
     for round in 0..(n + n / 10) {
         let mut t = Instant::now();
         let lap = |i: usize, t: &mut Instant, s: &mut Vec<Vec<Duration>>| {
@@ -465,6 +664,12 @@ async fn measure(
         lap(6, &mut t, &mut s);
         api_call(&mut api, &sid, &id(), "read", &read_in).await?;
         lap(7, &mut t, &mut s);
+        grpc_call(&mut floor, "-", &id(), "read", &read_s).await?;
+        lap(8, &mut t, &mut s);
+        api_call(&mut api, &floor_sid, &id(), "read", &read_in).await?;
+        lap(9, &mut t, &mut s);
+        floor_at.round_trip(&mut pong)?;
+        lap(10, &mut t, &mut s);
     }
     let names = [
         "bare fork/exec /bin/true",
@@ -475,6 +680,9 @@ async fn measure(
         "read 20 KiB, unconfined, over gRPC (baseline)",
         "read 20 KiB, gRPC (debug listener)",
         "read 20 KiB, gateway API -> tunnel -> worker",
+        "read 20 KiB, unconfined, gRPC to another process (floor)",
+        "read 20 KiB, unconfined, gateway API -> tunnel -> another process (floor)",
+        "bare round trip to another process, 1 byte out, 20 KiB back (pipes)",
     ];
     let series: Vec<Series> = names
         .iter()
@@ -490,6 +698,12 @@ async fn measure(
         series[6].row(Some(&series[5])),
         series[4].row(Some(&series[5])),
         series[5].row(None),
+        series[9].row(Some(&series[5])),
+        series[8].row(Some(&series[5])),
+        series[10].row(Some(&series[5])),
+        // What the sandbox itself adds, against the floor of each way in.
+        series[7].row(Some(&series[9])),
+        series[6].row(Some(&series[8])),
     ];
 
     // Throughput: reads/s, 1 and 64 concurrent callers, 8 sessions.

@@ -514,13 +514,16 @@ fn reap_forever(children: &Children, writer: &Writer) {
                 }
             }
             Err(nix::errno::Errno::ECHILD) => {
-                // Nothing to reap until the next spawn; a spawn recorded since
-                // waitpid looked means there is something to wait for now.
+                // Nothing to reap until the next spawn: with no child, the
+                // session has no process that could leave an orphan, and every
+                // spawn records its pid and notifies under this lock, so none
+                // is missed. An idle session's reaper sleeps until then (the
+                // timeout is a backstop, not a poll).
                 let guard = lock(&children.procs);
                 if guard.is_empty() {
                     let _ = children
                         .spawned
-                        .wait_timeout(guard, Duration::from_millis(200));
+                        .wait_timeout(guard, Duration::from_secs(60));
                 }
             }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),

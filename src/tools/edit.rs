@@ -66,7 +66,7 @@ fn edit_resolved(
         Ok(file) => file,
         Err(errno) => return Ok(os_error("edit", fp, errno)),
     };
-    let bytes = match read_capped(&mut file, cap) {
+    let bytes = match read_capped(&mut file, cap, size) {
         Ok(bytes) => bytes,
         Err(err) => return Ok(os_error("edit", fp, errno_of(&err))),
     };

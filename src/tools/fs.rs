@@ -90,9 +90,16 @@ pub(crate) fn errno_of(err: &std::io::Error) -> Errno {
 }
 
 /// Read at most `cap + 1` bytes: enough to see that a file grew past a cap checked on
-/// its stat without ever holding more than the cap allows.
-pub(crate) fn read_capped(file: &mut std::fs::File, cap: u64) -> std::io::Result<Vec<u8>> {
-    let mut data = Vec::new();
+/// its stat without ever holding more than the cap allows. `size` is the size
+/// the stat gave: the buffer starts that large, so a file read whole takes two
+/// reads (its bytes, then the end), not one per doubling from 32 bytes.
+pub(crate) fn read_capped(
+    file: &mut std::fs::File,
+    cap: u64,
+    size: u64,
+) -> std::io::Result<Vec<u8>> {
+    let hint = usize::try_from(size.min(cap).saturating_add(1)).unwrap_or(0);
+    let mut data = Vec::with_capacity(hint);
     file.take(cap.saturating_add(1)).read_to_end(&mut data)?;
     Ok(data)
 }
@@ -115,5 +122,32 @@ pub(crate) mod testutil {
     pub fn call(tool: Tool, ctx: &FsContext, input: Value) -> (bool, String) {
         let r = super::run(tool, &input, ctx);
         (r.is_error, r.text_content())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_capped;
+    use std::io::Write;
+
+    /// The stat's size is only where the buffer starts: a file that grew or
+    /// shrank since is read as it is now, and never past the cap plus one.
+    #[test]
+    fn read_capped_reads_the_file_as_it_is_whatever_the_stat_said() {
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        for size in [0, 1, 4096, 10_000, 1 << 40] {
+            let mut r = f.try_clone().unwrap();
+            std::io::Seek::rewind(&mut r).unwrap();
+            assert_eq!(
+                read_capped(&mut r, 1 << 20, size).unwrap(),
+                data,
+                "size {size}"
+            );
+            std::io::Seek::rewind(&mut r).unwrap();
+            let capped = read_capped(&mut r, 100, size).unwrap();
+            assert_eq!(capped, data[..101], "size {size}");
+        }
     }
 }

@@ -502,9 +502,10 @@ fn search_file(
         error: Some(format!("{}: {err}\n", shown.display())),
     };
     let mut printer = Printer::new(display, options, explicit, budget);
-    let small = explicit && file.metadata().is_ok_and(|m| m.len() <= SLICE_MAX_BYTES);
+    let len = file.metadata().map_or(u64::MAX, |m| m.len());
+    let small = explicit && len <= SLICE_MAX_BYTES;
     let searched = if small {
-        match super::fs::read_capped(&mut file, SLICE_MAX_BYTES) {
+        match super::fs::read_capped(&mut file, SLICE_MAX_BYTES, len) {
             Ok(bytes) => searcher.search_slice(matcher, &bytes, &mut printer),
             Err(err) => Err(err),
         }

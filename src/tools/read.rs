@@ -112,7 +112,7 @@ fn read_resolved(
         Ok(file) => file,
         Err(errno) => return Ok(os_error("read", fp, errno)),
     };
-    let bytes = match read_capped(&mut file, cap) {
+    let bytes = match read_capped(&mut file, cap, size) {
         Ok(bytes) => bytes,
         Err(err) => return Ok(os_error("read", fp, errno_of(&err))),
     };
@@ -207,7 +207,7 @@ fn read_binary(
         Ok(file) => file,
         Err(errno) => return os_error("read", fp, errno),
     };
-    let bytes = match read_capped(&mut file, limit) {
+    let bytes = match read_capped(&mut file, limit, size) {
         Ok(bytes) => bytes,
         Err(err) => return os_error("read", fp, errno_of(&err)),
     };

@@ -759,3 +759,51 @@ fn the_repository_and_the_binary_document_themselves() {
         );
     }
 }
+
+/// `hands bench --tunnel` runs end to end: the worker and the floor process
+/// (an unconfined read server of its own) both dial the gateway, and every row
+/// the README's figures come from is reported, each against its baseline. No
+/// timing is asserted: only that each figure was measured.
+#[test]
+fn bench_tunnel_measures_every_row_against_its_baseline_and_floor() {
+    require_sandbox!();
+    let out = hands(&["bench", "--tunnel", "--iterations", "20", "--json"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "hands bench --tunnel: {err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    let rows = v["rows"].as_array().expect("rows");
+    let row = |name: &str, baseline: Option<&str>| {
+        let r = rows
+            .iter()
+            .find(|r| r["name"] == name && r["baseline"].as_str() == baseline)
+            .unwrap_or_else(|| panic!("no row {name:?} against {baseline:?} in {v}"));
+        assert!(r["p50_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{r}");
+    };
+    let baseline = "read 20 KiB, unconfined, over gRPC (baseline)";
+    let floor_tunnel = "read 20 KiB, unconfined, gateway API -> tunnel -> another process (floor)";
+    let floor_grpc = "read 20 KiB, unconfined, gRPC to another process (floor)";
+    row(baseline, None);
+    row(
+        "read 20 KiB, gateway API -> tunnel -> worker",
+        Some(baseline),
+    );
+    row("read 20 KiB, gRPC (debug listener)", Some(baseline));
+    row(floor_tunnel, Some(baseline));
+    row(floor_grpc, Some(baseline));
+    row(
+        "bare round trip to another process, 1 byte out, 20 KiB back (pipes)",
+        Some(baseline),
+    );
+    row(
+        "read 20 KiB, gateway API -> tunnel -> worker",
+        Some(floor_tunnel),
+    );
+    row("read 20 KiB, gRPC (debug listener)", Some(floor_grpc));
+    for figure in [
+        "reads/s at 64 concurrent, gateway API -> tunnel",
+        "worker CPU us per read at 64 concurrent, gRPC direct",
+    ] {
+        assert!(v["figures"][figure].as_f64().is_some(), "{figure}: {v}");
+    }
+}

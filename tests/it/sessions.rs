@@ -628,3 +628,61 @@ async fn attack_a_fork_loop_cannot_keep_a_restart_from_its_fresh_shell() {
     }
     crate::util::close_and_drain(s).await;
 }
+
+/// Context switches of every thread of process `pid` so far.
+fn context_switches(pid: i32) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let status =
+            std::fs::read_to_string(task.expect("task").path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if let Some(n) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += n.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// An idle session costs the host nothing: with no process of its own, every
+/// thread of its helper sleeps until the next call. (The reaper used to wake
+/// five times a second to look for children it could not have: for a worker
+/// holding its full capacity of idle sessions, hundreds of wakeups a second.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_session_helper_sleeps_until_its_next_call() {
+    require_sandbox!();
+    let s = crate::util::open(None).await;
+    // It has served a file call, and a process that has ended.
+    let r = s
+        .call(
+            "write",
+            &serde_json::json!({"file_path": "a.txt", "content": "a\n"}),
+        )
+        .await;
+    assert!(!r.is_error, "{r:?}");
+    let null = || std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    let status = s
+        .exec(
+            "idle-1",
+            vec!["/bin/true".into()],
+            [null(), null(), null()],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, Some(0));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = context_switches(s.helper_pid());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let woke = context_switches(s.helper_pid()) - before;
+    assert!(woke <= 1, "the idle helper woke {woke} times in 2 s");
+    // And it still answers.
+    let r = s
+        .call("read", &serde_json::json!({"file_path": "a.txt"}))
+        .await;
+    assert!(!r.is_error, "{r:?}");
+    crate::util::close_and_drain(s).await;
+}
