@@ -144,10 +144,14 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl HelperClient {
     /// Starts the helper for `setup` inside `cgroup`:
-    /// 1. socketpair; clone the helper into new mount, pid, network, ipc and uts
-    ///    namespaces, exec'ing `cfg.helper_exe __sandbox-helper` with an empty
-    ///    environment and the socket as fd 3 (its `argv[0]` is `hands`, so the
-    ///    host path of the binary is not in the session's `/proc/1/cmdline`);
+    /// 1. two socketpairs, one each way; clone the helper into new mount, pid,
+    ///    network, ipc and uts namespaces, exec'ing `cfg.helper_exe
+    ///    __sandbox-helper` with an empty environment, its requests as fd 3 and
+    ///    its answers as fd 4 (its `argv[0]` is `hands`, so the host path of the
+    ///    binary is not in the session's `/proc/1/cmdline`). One socket each way,
+    ///    because a unix socket wakes a reader asleep on it whenever room frees
+    ///    up for its own writes: on one socket, each answer the worker read woke
+    ///    the helper's reading thread for nothing;
     /// 2. move it into the session cgroup before it does anything (it blocks on
     ///    the setup frame);
     /// 3. send the setup with a detached clone of the workspace's mount (taken
@@ -160,7 +164,9 @@ impl HelperClient {
         workspace: BorrowedFd<'_>,
         cgroup: &SessionCgroup,
     ) -> Result<HelperClient, SandboxError> {
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(host("socketpair"))?;
+        let pair = || std::os::unix::net::UnixStream::pair().map_err(host("socketpair"));
+        let (requests, their_requests) = pair()?;
+        let (answers, their_answers) = pair()?;
         let exe = CString::new(cfg.helper_exe.as_os_str().as_bytes())
             .map_err(|e| host("helper path")(std::io::Error::other(e)))?;
         let stage = CString::new(helper::ARG)
@@ -171,9 +177,15 @@ impl HelperClient {
             | libc::CLONE_NEWNET
             | libc::CLONE_NEWIPC
             | libc::CLONE_NEWUTS;
-        let pid = sys::clone_exec_helper(flags, &exe, &argv, theirs.as_fd())
-            .map_err(host("cloning the session helper"))?;
-        drop(theirs);
+        let pid = sys::clone_exec_helper(
+            flags,
+            &exe,
+            &argv,
+            their_requests.as_fd(),
+            their_answers.as_fd(),
+        )
+        .map_err(host("cloning the session helper"))?;
+        drop((their_requests, their_answers));
         let pidfd = match sys::pidfd_open(pid) {
             Ok(fd) => fd,
             Err(e) => {
@@ -194,9 +206,14 @@ impl HelperClient {
             return Err(e.into());
         }
 
-        ours.set_nonblocking(true).map_err(host("socket"))?;
-        let stream = tokio::net::UnixStream::from_std(ours).map_err(host("socket"))?;
-        let (read_half, write_half) = stream.into_split();
+        let stream = |s: std::os::unix::net::UnixStream| {
+            s.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(s)
+        };
+        // Nothing is read from the requests socket, nor written to the answers
+        // one (dropping that write half shuts down a direction never used).
+        let (_, write_half) = stream(requests).map_err(host("socket"))?.into_split();
+        let (read_half, _) = stream(answers).map_err(host("socket"))?.into_split();
         // A frame of up to 32 KiB (most results) arrives in one read; the
         // buffer is per session, so it stays small.
         let mut read_half = tokio::io::BufReader::with_capacity(32 << 10, read_half);

@@ -105,10 +105,14 @@ fn run() -> io::Result<()> {
     // First, before anything of the session runs: with no handler left, no
     // signal from inside the namespace reaches its init (see sys).
     sys::default_fault_signals()?;
-    let sock = sys::take_inherited_fd(3)?;
-    let writer: Writer = Arc::new(Mutex::new(UnixStream::from(sock.try_clone()?)));
+    // Requests come on fd 3, answers go on fd 4: one socket each way, so the
+    // reading thread, asleep on the first, is never woken when the worker reads
+    // an answer and frees room on the second.
+    let requests = sys::take_inherited_fd(3)?;
+    let answers = sys::take_inherited_fd(4)?;
+    let writer: Writer = Arc::new(Mutex::new(UnixStream::from(answers)));
     let mut reader = FdReader {
-        sock,
+        sock: requests,
         buf: Vec::new(),
         pos: 0,
         fds: VecDeque::new(),

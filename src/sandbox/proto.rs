@@ -1,5 +1,5 @@
 //! The channel between the worker and a session's helper: length-prefixed JSON
-//! frames over a unix stream socketpair, with pipe fds passed by SCM_RIGHTS.
+//! frames over unix stream socketpairs (one each way), with pipe fds passed by SCM_RIGHTS.
 //!
 //! The helper is confined but runs code the agent can influence, so the worker
 //! treats every frame from it as untrusted input: bounded size, strict parse, and

@@ -32,8 +32,8 @@ fn cvt_int(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// Clones the calling process into new namespaces (`flags`, CLONE_NEW*) and execs
-/// `exe` with `argv` and an empty environment in the child, with `sock` as fd 3,
-/// stdin and stdout on /dev/null, stderr kept (the helper's diagnostics), and
+/// `exe` with `argv` and an empty environment in the child, with `requests` as
+/// fd 3 and `answers` as fd 4, stdin and stdout on /dev/null, stderr kept (the helper's diagnostics), and
 /// every other fd closed: nothing the worker holds, or inherited without
 /// close-on-exec, reaches the session. The child starts a new session (setsid),
 /// so the worker's controlling terminal, if any, is not the sandbox's: `/dev/tty`
@@ -46,13 +46,14 @@ pub fn clone_exec_helper(
     flags: libc::c_int,
     exe: &CStr,
     argv: &[CString],
-    sock: BorrowedFd<'_>,
+    requests: BorrowedFd<'_>,
+    answers: BorrowedFd<'_>,
 ) -> io::Result<libc::pid_t> {
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
     let exe_ptr = exe.as_ptr();
-    let sock_fd = sock.as_raw_fd();
+    let (requests_fd, answers_fd) = (requests.as_raw_fd(), answers.as_raw_fd());
     let argv_ptr = argv_ptrs.as_ptr();
     let env_ptr = envp.as_ptr();
     let devnull_ptr = c"/dev/null".as_ptr();
@@ -62,17 +63,22 @@ pub fn clone_exec_helper(
         // address space; only async-signal-safe libc calls follow, on pointers that
         // were built before the clone and stay valid in the copy.
         unsafe {
-            if sock_fd == 3 {
-                let fl = libc::fcntl(3, libc::F_GETFD);
-                libc::fcntl(3, libc::F_SETFD, fl & !libc::FD_CLOEXEC);
-            } else if libc::dup2(sock_fd, 3) < 0 {
+            // Both above 4 first, so placing one at 3 or 4 cannot close the
+            // other; dup2 to another number clears close-on-exec on the copy.
+            let requests = libc::fcntl(requests_fd, libc::F_DUPFD, 5);
+            let answers = libc::fcntl(answers_fd, libc::F_DUPFD, 5);
+            if requests < 0
+                || answers < 0
+                || libc::dup2(requests, 3) < 0
+                || libc::dup2(answers, 4) < 0
+            {
                 libc::_exit(126);
             }
             let null = libc::open(devnull_ptr, libc::O_RDWR);
             if null < 0 || libc::dup2(null, 0) < 0 || libc::dup2(null, 1) < 0 {
                 libc::_exit(126);
             }
-            if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) < 0 {
+            if libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) < 0 {
                 libc::_exit(126);
             }
             if libc::setsid() < 0 {
@@ -490,8 +496,8 @@ pub fn send_with_fds(
     .map_err(io::Error::from)
 }
 
-/// Takes ownership of an fd inherited across exec (the helper's socket, fd 3)
-/// and marks it close-on-exec. Fails unless `fd` is open.
+/// Takes ownership of an fd inherited across exec (the helper's sockets, fds 3
+/// and 4) and marks it close-on-exec. Fails unless `fd` is open.
 pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: F_GETFD only queries the fd table.
     cvt_int(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;

@@ -686,3 +686,46 @@ async fn an_idle_session_helper_sleeps_until_its_next_call() {
     assert!(!r.is_error, "{r:?}");
     crate::util::close_and_drain(s).await;
 }
+
+/// Voluntary context switches of thread `tid` of process `pid` so far: how often
+/// it went to sleep.
+fn sleeps(pid: i32, tid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("voluntary_ctxt_switches")
+}
+
+/// The helper's reading thread (its main thread) sleeps once per file call:
+/// requests and answers travel on two sockets, so the worker reading an answer
+/// (which frees room on the answer's socket) does not wake the thread waiting
+/// for the next request. On one socket it woke for nothing after every call.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_helper_sleeps_once_per_file_call() {
+    require_sandbox!();
+    let s = crate::util::open(None).await;
+    let r = s
+        .call(
+            "write",
+            &serde_json::json!({"file_path": "a.txt", "content": "a\n"}),
+        )
+        .await;
+    assert!(!r.is_error, "{r:?}");
+    let helper = s.helper_pid();
+    let calls = 200;
+    let before = sleeps(helper, helper);
+    for _ in 0..calls {
+        let r = s
+            .call("read", &serde_json::json!({"file_path": "a.txt"}))
+            .await;
+        assert!(!r.is_error, "{r:?}");
+    }
+    let slept = sleeps(helper, helper) - before;
+    assert!(
+        slept <= calls + calls / 10,
+        "the helper's reading thread slept {slept} times for {calls} calls"
+    );
+    crate::util::close_and_drain(s).await;
+}
