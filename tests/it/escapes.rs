@@ -1423,6 +1423,53 @@ async fn the_session_cannot_disable_its_helper() {
     s.close().await.unwrap();
 }
 
+/// The helper's channel to the worker (requests on its fd 3, answers on its fd
+/// 4) is the one thing in the session that speaks to the worker: a process of
+/// the session that held either socket could forge answers or read other
+/// calls' requests. The helper runs as the session's uid, but nothing of the
+/// session can take its descriptors: not through `/proc/1/fd`, not with
+/// `pidfd_getfd`, not by inheriting them.
+#[tokio::test(flavor = "multi_thread")]
+async fn attack_the_session_cannot_take_the_helpers_channel_sockets() {
+    require_sandbox!();
+    let s = open(None).await;
+    let (_, out) = py(
+        &s,
+        &syscall_probe(
+            r#"
+for fd in (3, 4):
+    pidfd = os.pidfd_open(1)
+    report(libc.syscall(438, pidfd, fd, 0))  # pidfd_getfd(1, fd)
+    try:
+        os.open('/proc/1/fd/%d' % fd, os.O_RDWR)
+        print('OPENED', fd)
+    except OSError as e:
+        print('REFUSED', errno.errorcode[e.errno])
+try:
+    print('LISTED', os.listdir('/proc/1/fd'))
+except OSError as e:
+    print('REFUSED', errno.errorcode[e.errno])
+for fd in range(3, 64):
+    try:
+        print('HELD', fd, os.readlink('/proc/self/fd/%d' % fd))
+    except OSError:
+        pass
+"#,
+        ),
+    )
+    .await;
+    assert_eq!(out.matches("DENIED EPERM").count(), 2, "{out}");
+    assert_eq!(out.matches("REFUSED").count(), 3, "{out}");
+    for taken in ["ALLOWED", "OPENED", "LISTED", "socket:["] {
+        assert!(!out.contains(taken), "{taken}: {out}");
+    }
+    // The channel still works.
+    let r = tool(&s, "write", json!({"file_path": "ok.txt", "content": "ok"})).await;
+    assert!(!r.is_error, "{r:?}");
+    assert_eq!(sh(&s, "cat ok.txt").await, "ok");
+    s.close().await.unwrap();
+}
+
 /// A call cancelled while its large request is still being written to the
 /// helper must leave the channel framed: the next calls work.
 #[tokio::test(flavor = "multi_thread")]
