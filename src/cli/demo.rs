@@ -134,6 +134,7 @@ async fn demo(args: Args, lookup: &crate::policy::lookup::Lookup) -> anyhow::Res
                 &w_config,
                 registry,
                 |_| {},
+                |_| {},
                 None,
                 Default::default(),
                 shutdown,

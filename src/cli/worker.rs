@@ -91,9 +91,7 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         let probes =
             crate::worker::probes::Probes::start(&config, &registry, health.clone()).await?;
         if let Some(p) = &probes {
-            println!("metrics listening on {}", p.local_addr());
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
+            announce(format_args!("metrics listening on {}", p.local_addr()));
         }
         let supervisor = Supervisor {
             stop,
@@ -109,11 +107,8 @@ pub fn run(args: Args, lookup: &Lookup) -> anyhow::Result<ExitCode> {
         let served = crate::worker::serve(
             &config,
             registry.clone(),
-            |addr| {
-                println!("listening on {addr}");
-                use std::io::Write;
-                let _ = std::io::stdout().flush();
-            },
+            |addr| announce(format_args!("listening on {addr}")),
+            |addr| announce(format_args!("mcp listening on {addr}")),
             None,
             health.clone(),
             shutdown,
@@ -330,4 +325,14 @@ fn key_problem(e: &crate::connectors::cma::worker::ConnectorError) -> bool {
         // (401, 403, 404); a bad base URL has no status.
         ConnectorError::Api(api) => api.status().is_some(),
     }
+}
+
+/// One line on stdout, flushed: a bound listener's address, for scripts and
+/// supervisors (port 0 picks one). Nobody reading stdout is no error: a closed
+/// pipe must not take the worker down.
+fn announce(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }

@@ -162,11 +162,13 @@ pub async fn routes(
 /// or until the connector gives up (its environment key refused): then the
 /// rest stops too, so that a worker never runs on half-dead, and the
 /// connector's error is returned. `on_bound` learns the debug listener's
-/// bound address (the configured port may be 0).
+/// bound address and `on_mcp_bound` the MCP listener's (the configured port
+/// may be 0).
 pub async fn serve(
     config: &Config,
     registry: Arc<Registry>,
     on_bound: impl FnOnce(std::net::SocketAddr),
+    on_mcp_bound: impl FnOnce(std::net::SocketAddr),
     tunnel_states: Option<watch::Sender<Vec<crate::connectors::hands_v1::tunnel::SlotState>>>,
     health: Arc<health::Health>,
     mut stop: watch::Receiver<bool>,
@@ -266,7 +268,10 @@ pub async fn serve(
                 config.shutdown_grace,
                 {
                     let h = health.clone();
-                    move |_| h.set(Part::Mcp, true)
+                    move |addr| {
+                        h.set(Part::Mcp, true);
+                        on_mcp_bound(addr)
+                    }
                 },
                 shutdown.clone(),
             )

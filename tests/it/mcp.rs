@@ -702,16 +702,8 @@ fn mcp_inspector_cli_lists_and_calls_the_tools() {
 
 // ---- over streamable HTTP: the worker's [mcp] listener ----
 
-/// A free loopback port (bound, then released for the worker to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A worker serving MCP over streamable HTTP on a port of its own, with
+/// A worker serving MCP over streamable HTTP on a port of its own (port 0: the
+/// worker announces the one it bound on stdout, `mcp listening on ADDR`), with
 /// `mcp` (more keys of `[mcp]`) and `default` and `strict` offered.
 pub(crate) struct HttpWorker {
     daemon: crate::worker::Daemon,
@@ -726,21 +718,18 @@ impl HttpWorker {
     }
 
     pub(crate) fn start_in(dir: tempfile::TempDir, mcp: &str) -> HttpWorker {
-        let port = free_port();
         let config = format!(
-            "{}environments = [\"default\", \"strict\"]\n[mcp]\nlisten = \"127.0.0.1:{port}\"\n{mcp}\n",
+            "{}environments = [\"default\", \"strict\"]\n[mcp]\nlisten = \"127.0.0.1:0\"\n{mcp}\n",
             crate::worker::LISTEN
         );
         let daemon = crate::worker::Daemon::start(dir.path(), &config, &[], &[]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !daemon.stderr().contains("mcp: listening") {
-            assert!(
-                Instant::now() < deadline,
-                "the MCP listener did not start:\n{}",
-                daemon.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let addr = daemon
+            .announced("mcp listening on ", Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("the MCP listener did not start:\n{}", daemon.stderr()));
+        let port = addr
+            .parse::<std::net::SocketAddr>()
+            .unwrap_or_else(|e| panic!("mcp listening on {addr:?}: {e}"))
+            .port();
         HttpWorker {
             daemon,
             port,

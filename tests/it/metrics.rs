@@ -127,7 +127,7 @@ impl Worker {
         let (stop, shutdown) = watch::channel(false);
         let reg = registry.clone();
         let task = tokio::spawn(async move {
-            hands::worker::serve(&config, reg, on_bound, states, health, shutdown)
+            hands::worker::serve(&config, reg, on_bound, |_| {}, states, health, shutdown)
                 .await
                 .expect("worker serves");
         });

@@ -56,6 +56,7 @@ impl Worker {
                 move |a| {
                     let _ = bound_tx.send(a);
                 },
+                |_| {},
                 None,
                 Default::default(),
                 shutdown,

@@ -256,6 +256,7 @@ async fn worker_with(
             &config,
             reg,
             |_| {},
+            |_| {},
             Some(states_tx),
             Default::default(),
             shutdown,

@@ -185,6 +185,8 @@ pub(crate) struct Daemon {
     child: std::process::Child,
     addr: String,
     stderr: Arc<Mutex<String>>,
+    /// Every line of its stdout so far (its listeners' addresses).
+    stdout: Arc<Mutex<String>>,
 }
 
 impl Daemon {
@@ -237,10 +239,31 @@ impl Daemon {
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
+        // Its listeners announce themselves in the order they are bound (the
+        // MCP listener's line may come first); the rest is kept as it comes.
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        loop {
+            line.clear();
+            if out.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            stdout.lock().unwrap().push_str(&line);
+            if line.starts_with("listening on ") {
+                break;
+            }
+        }
+        {
+            let sink = stdout.clone();
+            std::thread::spawn(move || {
+                let mut rest = String::new();
+                while out.read_line(&mut rest).unwrap_or(0) > 0 {
+                    sink.lock().unwrap().push_str(&rest);
+                    rest.clear();
+                }
+            });
+        }
         let addr = match line.trim().strip_prefix("listening on ") {
             Some(a) => a.to_string(),
             None => {
@@ -257,6 +280,24 @@ impl Daemon {
             child,
             addr,
             stderr,
+            stdout,
+        }
+    }
+
+    /// The address a listener announced on stdout as `PREFIX ADDR`, once it has.
+    pub(crate) fn announced(&self, prefix: &str, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let found = self
+                .stdout
+                .lock()
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix).map(|a| a.trim().to_string()));
+            if found.is_some() || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
