@@ -630,22 +630,46 @@ async fn attack_a_fork_loop_cannot_keep_a_restart_from_its_fresh_shell() {
     crate::util::close_and_drain(s).await;
 }
 
-/// Context switches of every thread of process `pid` so far.
+/// The `key:` counter of a thread's `/proc/.../status` text.
+fn status_count(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
+/// Context switches of every thread of process `pid` so far (a thread that
+/// ended meanwhile counts for nothing).
 fn context_switches(pid: i32) -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
-        let status =
-            std::fs::read_to_string(task.expect("task").path().join("status")).unwrap_or_default();
-        for line in status.lines() {
-            if let Some(n) = line
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
-                total += n.trim().parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    total
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("status")).ok())
+        .map(|st| {
+            status_count(&st, "voluntary_ctxt_switches")
+                + status_count(&st, "nonvoluntary_ctxt_switches")
+        })
+        .sum()
+}
+
+/// Voluntary context switches of thread `tid` of process `pid` so far: how often
+/// it went to sleep.
+fn sleeps(pid: i32, tid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    status_count(&status, "voluntary_ctxt_switches")
+}
+
+/// A session that has written `a.txt` (its helper has served a file call).
+async fn session_with_a_file() -> Arc<hands::session::Session> {
+    let s = crate::util::open(None).await;
+    let r = s
+        .call(
+            "write",
+            &serde_json::json!({"file_path": "a.txt", "content": "a\n"}),
+        )
+        .await;
+    assert!(!r.is_error, "{r:?}");
+    s
 }
 
 /// An idle session costs the host nothing: with no process of its own, every
@@ -655,15 +679,8 @@ fn context_switches(pid: i32) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_session_helper_sleeps_until_its_next_call() {
     require_sandbox!();
-    let s = crate::util::open(None).await;
     // It has served a file call, and a process that has ended.
-    let r = s
-        .call(
-            "write",
-            &serde_json::json!({"file_path": "a.txt", "content": "a\n"}),
-        )
-        .await;
-    assert!(!r.is_error, "{r:?}");
+    let s = session_with_a_file().await;
     let null = || std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
     let status = s
         .exec(
@@ -688,17 +705,6 @@ async fn an_idle_session_helper_sleeps_until_its_next_call() {
     crate::util::close_and_drain(s).await;
 }
 
-/// Voluntary context switches of thread `tid` of process `pid` so far: how often
-/// it went to sleep.
-fn sleeps(pid: i32, tid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("voluntary_ctxt_switches")
-}
-
 /// The helper's reading thread (its main thread) sleeps once per file call:
 /// requests and answers travel on two sockets, so the worker reading an answer
 /// (which frees room on the answer's socket) does not wake the thread waiting
@@ -706,14 +712,7 @@ fn sleeps(pid: i32, tid: i32) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_helper_sleeps_once_per_file_call() {
     require_sandbox!();
-    let s = crate::util::open(None).await;
-    let r = s
-        .call(
-            "write",
-            &serde_json::json!({"file_path": "a.txt", "content": "a\n"}),
-        )
-        .await;
-    assert!(!r.is_error, "{r:?}");
+    let s = session_with_a_file().await;
     let helper = s.helper_pid();
     let calls = 200;
     let before = sleeps(helper, helper);
